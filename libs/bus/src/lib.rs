@@ -1,0 +1,209 @@
+//! berth's JetStream topology and the helpers every process uses to publish and consume.
+//!
+//! Streams (all created idempotently by [`Bus::connect`]):
+//! - `BERTH_CMD`: `berth.cmd.instance.*`, one message per subject (the newest evicts the
+//!   older), so it always holds each instance's latest intent; direct get enabled so an
+//!   analyzer can ask "is there a newer command?" cheaply.
+//! - `BERTH_DLQ`: `berth.dlq.cmd.>`, undecodable or invalid commands with the reason.
+//! - `BERTH_AGENT`: `berth.agent.*`, assignments, one work-queue consumer per worker.
+//! - `BERTH_STATUS`: `berth.status.*`, agent reports, one work-queue consumer shared by the
+//!   analyzers.
+//! - `BERTH_EVENTS`: `berth.events.instance.*`, state changes, kept for a day.
+
+mod error;
+mod topology;
+
+pub use error::BusError;
+pub use topology::{
+    AGENT_STREAM, CMD_CONSUMER, CMD_STREAM, DLQ_STREAM, EVENTS_STREAM, STATUS_CONSUMER,
+    STATUS_STREAM,
+};
+
+use async_nats::{
+    HeaderMap,
+    jetstream::{self, consumer::PullConsumer, stream::Stream},
+};
+use berth_proto::{AgentMsg, Command, InstanceEvent, StatusMsg, subjects};
+use bytes::Bytes;
+
+/// Header of a dead letter: why it was rejected.
+pub const DLQ_REASON: &str = "Berth-Reason";
+/// Header of a dead letter: the subject it was published to.
+pub const DLQ_SUBJECT: &str = "Berth-Subject";
+/// Header of a dead letter: its sequence in `BERTH_CMD`.
+pub const DLQ_SEQ: &str = "Berth-Seq";
+
+/// A connection to NATS with the berth streams provisioned.
+#[derive(Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    cmd_stream: Stream<()>,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus").finish_non_exhaustive()
+    }
+}
+
+impl Bus {
+    /// Connects (retrying until the server answers, and reconnecting forever after) and makes
+    /// sure every stream exists with berth's configuration.
+    pub async fn connect(url: &str, name: &str) -> Result<Bus, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .connect(url)
+            .await
+            .map_err(|e| BusError::Connect(format!("{url}: {e}")))?;
+        let js = jetstream::new(client.clone());
+        topology::provision(&js).await?;
+        let cmd_stream = js
+            .get_stream_no_info(CMD_STREAM)
+            .await
+            .map_err(|e| BusError::Provision(e.to_string()))?;
+        Ok(Bus {
+            client,
+            js,
+            cmd_stream,
+        })
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// The analyzers' shared durable consumer of commands.
+    pub async fn command_consumer(&self) -> Result<PullConsumer, BusError> {
+        topology::command_consumer(&self.js).await
+    }
+
+    /// The analyzers' shared durable consumer of agent reports.
+    pub async fn status_consumer(&self) -> Result<PullConsumer, BusError> {
+        topology::status_consumer(&self.js).await
+    }
+
+    /// One worker's durable consumer of assignments.
+    pub async fn agent_consumer(&self, worker_id: &str) -> Result<PullConsumer, BusError> {
+        topology::agent_consumer(&self.js, worker_id).await
+    }
+
+    /// Publishes a command and waits for JetStream to store it; returns its sequence.
+    pub async fn publish_command(&self, instance_id: &str, cmd: &Command) -> Result<u64, BusError> {
+        let payload = cmd.encode()?;
+        self.publish_raw_command(instance_id, payload.into(), None).await
+    }
+
+    /// Publishes raw command bytes (any client could); `expected_last` makes JetStream refuse
+    /// the message if the subject's newest sequence is not that one, so a republish can never
+    /// override a newer user command.
+    pub async fn publish_raw_command(
+        &self,
+        instance_id: &str,
+        payload: Bytes,
+        expected_last: Option<u64>,
+    ) -> Result<u64, BusError> {
+        let subject = subjects::cmd_subject(instance_id)?;
+        let mut headers = HeaderMap::new();
+        if let Some(seq) = expected_last {
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                seq.to_string().as_str(),
+            );
+        }
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .map_err(|e| BusError::Publish(e.to_string()))?
+            .await
+            .map_err(|e| BusError::Publish(e.to_string()))?;
+        Ok(ack.sequence)
+    }
+
+    /// The sequence of the newest command for `instance_id`, if any: a cheap direct get.
+    pub async fn last_command_seq(&self, instance_id: &str) -> Result<Option<u64>, BusError> {
+        let subject = subjects::cmd_subject(instance_id)?;
+        match self.cmd_stream.direct_get_last_for_subject(subject).await {
+            Ok(msg) => Ok(Some(msg.sequence)),
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BusError::Request(e.to_string())),
+        }
+    }
+
+    /// Stores a rejected command with its reason, original subject and sequence.
+    pub async fn dead_letter(
+        &self,
+        instance_id: Option<&str>,
+        original_subject: &str,
+        seq: u64,
+        payload: Bytes,
+        reason: &str,
+    ) -> Result<(), BusError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(DLQ_REASON, sanitize_header(reason).as_str());
+        headers.insert(DLQ_SUBJECT, sanitize_header(original_subject).as_str());
+        headers.insert(DLQ_SEQ, seq.to_string().as_str());
+        self.js
+            .publish_with_headers(subjects::dlq_subject(instance_id), headers, payload)
+            .await
+            .map_err(|e| BusError::Publish(e.to_string()))?
+            .await
+            .map_err(|e| BusError::Publish(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Sends an assignment to a worker's agent and waits until JetStream stored it.
+    pub async fn publish_agent(&self, worker_id: &str, msg: &AgentMsg) -> Result<(), BusError> {
+        self.publish_durable(subjects::agent_subject(worker_id)?, berth_proto::encode(msg)?)
+            .await
+    }
+
+    /// Sends an agent report and waits until JetStream stored it.
+    pub async fn publish_status(&self, worker_id: &str, msg: &StatusMsg) -> Result<(), BusError> {
+        self.publish_durable(subjects::status_subject(worker_id)?, berth_proto::encode(msg)?)
+            .await
+    }
+
+    /// Publishes a state-change event. Waits for the store ack so events keep their order.
+    pub async fn publish_event(&self, event: &InstanceEvent) -> Result<(), BusError> {
+        self.publish_durable(
+            subjects::event_subject(&event.instance_id)?,
+            berth_proto::encode(event)?,
+        )
+        .await
+    }
+
+    async fn publish_durable(&self, subject: String, payload: Vec<u8>) -> Result<(), BusError> {
+        self.js
+            .publish(subject, payload.into())
+            .await
+            .map_err(|e| BusError::Publish(e.to_string()))?
+            .await
+            .map_err(|e| BusError::Publish(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Header values cannot hold line breaks; keep reasons on one line and bounded.
+fn sanitize_header(value: &str) -> String {
+    let one_line: String = value
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    one_line.chars().take(1024).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn header_values_stay_on_one_line() {
+        assert_eq!(super::sanitize_header("a\r\nb"), "a  b");
+        assert_eq!(super::sanitize_header(&"x".repeat(5000)).len(), 1024);
+    }
+}

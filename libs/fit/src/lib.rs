@@ -1,0 +1,63 @@
+//! Placement: given a snapshot of the cluster's free VRAM and an instance's needs, choose a
+//! worker and GPUs, or explain what was short.
+//!
+//! Pure and deterministic: no I/O, no async, no clock. The same snapshot and request give the
+//! same answer, which keeps it fast to test and to benchmark.
+
+mod explain;
+mod place;
+
+pub use explain::explain_no_fit;
+pub use place::{Placement, Policy, place};
+
+use std::collections::BTreeMap;
+
+/// One GPU as the fit sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gpu {
+    /// Index on its worker.
+    pub index: u32,
+    pub name: String,
+    /// VRAM berth may still reserve: total − system-reserved − already reserved.
+    pub free_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Worker {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    /// False for workers that are unreachable or draining: never chosen.
+    pub schedulable: bool,
+    pub gpus: Vec<Gpu>,
+}
+
+/// What an instance needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub vram_per_gpu: u64,
+    pub gpus: usize,
+    /// Labels a worker must carry, all of them.
+    pub selector: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FitError {
+    /// Nothing fits; the message names what each worker was short of.
+    #[error("{0}")]
+    NoFit(String),
+    /// The caller's cancellation check fired between candidates.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl Worker {
+    pub fn matches(&self, selector: &BTreeMap<String, String>) -> bool {
+        selector
+            .iter()
+            .all(|(k, v)| self.labels.get(k).is_some_and(|have| have == v))
+    }
+}
+
+pub(crate) fn gib(bytes: u64) -> String {
+    bytesize::ByteSize::b(bytes).display().iec().to_string()
+}

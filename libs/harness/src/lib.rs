@@ -1,0 +1,67 @@
+//! Private NATS and PostgreSQL servers on free loopback ports, for the tests, `berth up` and
+//! `berth bench`. Each server lives in a directory of its own and is stopped when its handle
+//! is dropped, also when a test panics.
+//!
+//! PostgreSQL refuses to run as root; when this process is root, the cluster is owned by and
+//! run as the `postgres` user (`ops/setup.sh` makes sure it exists).
+
+mod binaries;
+mod nats;
+mod postgres;
+mod process;
+
+pub use binaries::{find_nats_server, find_pg_bin, workspace_root};
+pub use nats::NatsServer;
+pub use postgres::{Durability, PgServer};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("{what} not found: {hint}")]
+    Missing { what: &'static str, hint: String },
+    #[error("{what} failed: {detail}")]
+    Failed { what: String, detail: String },
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl HarnessError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        HarnessError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// A NATS server and a PostgreSQL cluster in one temporary directory, removed on drop.
+#[derive(Debug)]
+pub struct TestServers {
+    pub nats: NatsServer,
+    pub pg: PgServer,
+    // Dropped last: the servers stop before their files go.
+    _dir: tempfile::TempDir,
+}
+
+impl TestServers {
+    /// Starts both servers under a fresh `/tmp/berth-test-*` directory (tuned for speed:
+    /// no fsync).
+    pub fn start() -> Result<TestServers, HarnessError> {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-test-")
+            .tempdir()
+            .map_err(|e| HarnessError::io(std::env::temp_dir(), e))?;
+        postgres::open_for_service_user(dir.path())?;
+        let nats = NatsServer::start(&dir.path().join("nats"))?;
+        let pg = PgServer::start(&dir.path().join("pg"), postgres::Durability::Fast)?;
+        Ok(TestServers {
+            nats,
+            pg,
+            _dir: dir,
+        })
+    }
+}

@@ -1,0 +1,113 @@
+//! A private NATS server with JetStream.
+
+use crate::{
+    HarnessError, binaries,
+    process::{free_port, port_open, stop_child, wait_until},
+};
+use nix::sys::signal::Signal;
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl NatsServer {
+    /// Starts `nats-server` with JetStream storing under `dir`, on a free loopback port.
+    pub fn start(dir: &Path) -> Result<NatsServer, HarnessError> {
+        std::fs::create_dir_all(dir).map_err(|e| HarnessError::io(dir, e))?;
+        let mut server = NatsServer {
+            child: None,
+            dir: dir.to_path_buf(),
+            port: 0,
+        };
+        let mut last = None;
+        // A free port can be taken by someone else before we bind it: try a few.
+        for _ in 0..5 {
+            server.port = free_port()?;
+            match server.spawn() {
+                Ok(()) => return Ok(server),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(HarnessError::Failed {
+            what: "nats-server".into(),
+            detail: "no attempt made".into(),
+        }))
+    }
+
+    /// Starts `nats-server` on a given port (for `berth up`, whose port is configured).
+    pub fn start_on(dir: &Path, port: u16) -> Result<NatsServer, HarnessError> {
+        std::fs::create_dir_all(dir).map_err(|e| HarnessError::io(dir, e))?;
+        let mut server = NatsServer {
+            child: None,
+            dir: dir.to_path_buf(),
+            port,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> Result<(), HarnessError> {
+        let bin = binaries::find_nats_server()?;
+        let log_path = self.dir.join("nats.log");
+        let log = File::create(&log_path).map_err(|e| HarnessError::io(&log_path, e))?;
+        let log2 = log.try_clone().map_err(|e| HarnessError::io(&log_path, e))?;
+        let mut child = Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.dir.join("jetstream"))
+            .args(["--server_name", "berth-local"])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| HarnessError::io(&bin, e))?;
+        let port = self.port;
+        if let Err(e) = wait_until("nats-server", &mut child, Duration::from_secs(20), || {
+            port_open(port)
+        }) {
+            stop_child(&mut child, Signal::SIGKILL, Duration::ZERO);
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(HarnessError::Failed {
+                what: "nats-server".into(),
+                detail: format!("{e}; log:\n{log}"),
+            });
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops the server (its JetStream data stays on disk).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, Signal::SIGTERM, Duration::from_secs(10));
+        }
+    }
+
+    /// Starts it again on the same port and data, after [`NatsServer::stop`].
+    pub fn restart(&mut self) -> Result<(), HarnessError> {
+        self.stop();
+        self.spawn()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

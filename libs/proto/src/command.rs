@@ -1,0 +1,252 @@
+//! Start and stop commands: what a client publishes to `berth.cmd.instance.<id>`.
+//!
+//! Decoding is strict about what matters and lenient about the rest: unknown fields are
+//! ignored and optional fields default, but a missing `op`, an unknown `op`, a missing
+//! required field or an implausible value each get their own typed error, which the analyzer
+//! turns into a dead letter with that reason.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Largest command payload the analyzer accepts; anything bigger is dead-lettered.
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+/// Largest VRAM claim per GPU (2 TiB): far above any GPU made, so a bigger value is a mistake.
+pub const MAX_VRAM_PER_GPU: i64 = 2 << 40;
+/// Most GPUs one instance may ask for.
+pub const MAX_GPUS: i64 = 64;
+/// Most selector entries and the longest model name.
+pub const MAX_SELECTOR_ENTRIES: usize = 32;
+pub const MAX_MODEL_LEN: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    Start(StartSpec),
+    Stop(StopSpec),
+}
+
+/// What to run and what it needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartSpec {
+    /// Model name, informational for now (the model reference of the fit issue goes beside it).
+    #[serde(default)]
+    pub model: String,
+    /// VRAM to reserve on each GPU, in bytes.
+    pub vram_bytes: i64,
+    /// Number of GPUs, all on one worker.
+    #[serde(default = "one")]
+    pub gpus: i64,
+    /// Worker labels that must all match (`zone = "a"`).
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+}
+
+fn one() -> i64 {
+    1
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopSpec {
+    /// Free text kept with the instance, for people reading `berth ps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    #[error("payload is {len} bytes; commands are limited to {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("payload is not a MessagePack map: {0}")]
+    Undecodable(String),
+    #[error("command has no \"op\" field (expected \"start\" or \"stop\")")]
+    MissingOp,
+    #[error("unknown op {0:?} (expected \"start\" or \"stop\")")]
+    UnknownOp(String),
+    #[error("invalid {op} command: {detail}")]
+    BadFields { op: &'static str, detail: String },
+    #[error("invalid start command: {0}")]
+    Invalid(String),
+}
+
+/// Just the tag, to tell "not a map" from "a map with a bad op" before the full decode.
+#[derive(Deserialize)]
+struct Envelope {
+    op: Option<Tag>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Tag {
+    Text(String),
+    Other(serde::de::IgnoredAny),
+}
+
+impl Command {
+    pub fn encode(&self) -> Result<Vec<u8>, crate::CodecError> {
+        crate::encode(self)
+    }
+
+    /// Decodes and validates a command payload.
+    pub fn decode(bytes: &[u8]) -> Result<Command, CommandError> {
+        if bytes.len() > MAX_COMMAND_BYTES {
+            return Err(CommandError::TooLarge {
+                len: bytes.len(),
+                max: MAX_COMMAND_BYTES,
+            });
+        }
+        let envelope: Envelope = rmp_serde::from_slice(bytes)
+            .map_err(|e| CommandError::Undecodable(e.to_string()))?;
+        let op = envelope.op.ok_or(CommandError::MissingOp)?;
+        let op_name = match op {
+            Tag::Text(t) if t == "start" => "start",
+            Tag::Text(t) if t == "stop" => "stop",
+            Tag::Text(other) => return Err(CommandError::UnknownOp(other)),
+            Tag::Other(_) => return Err(CommandError::UnknownOp("<not a string>".into())),
+        };
+        let cmd: Command = rmp_serde::from_slice(bytes).map_err(|e| CommandError::BadFields {
+            op: op_name,
+            detail: e.to_string(),
+        })?;
+        if let Command::Start(spec) = &cmd {
+            spec.validate().map_err(CommandError::Invalid)?;
+        }
+        Ok(cmd)
+    }
+}
+
+impl StartSpec {
+    /// Checks the values a decoder cannot: ranges and sizes.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.vram_bytes <= 0 {
+            return Err(format!(
+                "vram_bytes must be positive, got {}",
+                self.vram_bytes
+            ));
+        }
+        if self.vram_bytes > MAX_VRAM_PER_GPU {
+            return Err(format!(
+                "vram_bytes {} is more than any GPU has (limit {} per GPU)",
+                self.vram_bytes,
+                bytesize::ByteSize::b(MAX_VRAM_PER_GPU.unsigned_abs()).display().iec()
+            ));
+        }
+        if !(1..=MAX_GPUS).contains(&self.gpus) {
+            return Err(format!(
+                "gpus must be between 1 and {MAX_GPUS}, got {}",
+                self.gpus
+            ));
+        }
+        if self.model.len() > MAX_MODEL_LEN {
+            return Err(format!(
+                "model name is {} bytes long; at most {MAX_MODEL_LEN}",
+                self.model.len()
+            ));
+        }
+        if self.selector.len() > MAX_SELECTOR_ENTRIES {
+            return Err(format!(
+                "selector has {} entries; at most {MAX_SELECTOR_ENTRIES}",
+                self.selector.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// VRAM per GPU as an unsigned count, valid after [`StartSpec::validate`].
+    pub fn vram_per_gpu(&self) -> u64 {
+        self.vram_bytes.max(0).unsigned_abs()
+    }
+
+    /// GPU count as an unsigned count, valid after [`StartSpec::validate`].
+    pub fn gpu_count(&self) -> usize {
+        usize::try_from(self.gpus).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Serialize;
+
+    #[derive(Serialize)]
+    struct AnyMap<'a> {
+        op: &'a str,
+        vram_bytes: i64,
+        extra_field: &'a str,
+    }
+
+    fn start(vram: i64, gpus: i64) -> Command {
+        Command::Start(StartSpec {
+            model: "m".into(),
+            vram_bytes: vram,
+            gpus,
+            selector: BTreeMap::from([("zone".into(), "a".into())]),
+        })
+    }
+
+    #[test]
+    fn round_trips_start_and_stop() {
+        for cmd in [start(1 << 30, 2), Command::Stop(StopSpec::default())] {
+            let bytes = cmd.encode().unwrap();
+            assert_eq!(Command::decode(&bytes).unwrap(), cmd);
+        }
+    }
+
+    #[test]
+    fn ignores_unknown_fields_and_defaults_optional_ones() {
+        let bytes = crate::encode(&AnyMap {
+            op: "start",
+            vram_bytes: 1024,
+            extra_field: "from a newer client",
+        })
+        .unwrap();
+        let Command::Start(spec) = Command::decode(&bytes).unwrap() else {
+            panic!("expected a start");
+        };
+        assert_eq!((spec.gpus, spec.model.as_str()), (1, ""));
+        assert!(spec.selector.is_empty());
+    }
+
+    #[test]
+    fn typed_errors_for_bad_input() {
+        assert!(matches!(
+            Command::decode(b"\xc1garbage"),
+            Err(CommandError::Undecodable(_))
+        ));
+        assert!(matches!(
+            Command::decode(&crate::encode(&BTreeMap::from([("x", 1)])).unwrap()),
+            Err(CommandError::MissingOp)
+        ));
+        assert_eq!(
+            Command::decode(&crate::encode(&BTreeMap::from([("op", "explode")])).unwrap()),
+            Err(CommandError::UnknownOp("explode".into()))
+        );
+        assert!(matches!(
+            Command::decode(&crate::encode(&BTreeMap::from([("op", "start")])).unwrap()),
+            Err(CommandError::BadFields { op: "start", .. })
+        ));
+        assert!(matches!(
+            Command::decode(&vec![0u8; MAX_COMMAND_BYTES + 1]),
+            Err(CommandError::TooLarge { .. })
+        ));
+        for (vram, gpus) in [(-1, 1), (0, 1), (MAX_VRAM_PER_GPU + 1, 1), (1, 0), (1, 65)] {
+            let bytes = start(vram, gpus).encode().unwrap();
+            assert!(
+                matches!(Command::decode(&bytes), Err(CommandError::Invalid(_))),
+                "vram {vram} gpus {gpus} should be invalid"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = Command::decode(&bytes);
+        }
+
+        #[test]
+        fn valid_starts_round_trip(vram in 1..=MAX_VRAM_PER_GPU, gpus in 1..=MAX_GPUS) {
+            let cmd = start(vram, gpus);
+            proptest::prop_assert_eq!(Command::decode(&cmd.encode().unwrap()).unwrap(), cmd);
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! State-change events, on `berth.events.instance.<id>`, one per committed transition.
+
+use crate::InstanceState;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceEvent {
+    pub instance_id: String,
+    pub state: InstanceState,
+    pub version: i64,
+    /// Stream sequence of the command this state belongs to.
+    pub cmd_seq: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Milliseconds since the Unix epoch, from the process that committed the change.
+    pub at_ms: i64,
+}

@@ -1,0 +1,284 @@
+//! Applying commands: a command takes effect only if its stream sequence is newer than the
+//! instance's `cmd_seq`; each applied command bumps the instance's version.
+
+use crate::{
+    StoreError, Store, Transition,
+    models::{AllocationRow, InstanceRow},
+    schema::{allocations, instances},
+};
+use berth_proto::InstanceState;
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, };
+
+/// What applying a start did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartApplied {
+    /// A newer command was already applied: nothing changed.
+    Stale { current_seq: i64 },
+    /// Intent recorded: the instance is `analyzing` at `version`. `release_on` lists workers
+    /// still holding an older placement of this instance: they must be told to stop it.
+    Analyzing {
+        transition: Transition,
+        release_on: Vec<String>,
+    },
+    /// This very command was applied and placed before (a redelivery after a crash): the
+    /// assignment may not have reached the agent, so send it again.
+    AlreadyPlaced {
+        version: i64,
+        worker_id: String,
+        gpus: Vec<u32>,
+    },
+}
+
+/// What applying a stop did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopApplied {
+    Stale { current_seq: i64 },
+    /// Nothing was placed: the instance is `stopped` at once.
+    Stopped(Transition),
+    /// GPUs are held on these workers: the instance is `stopping` until their agents confirm.
+    Stopping {
+        transition: Transition,
+        workers: Vec<String>,
+    },
+}
+
+/// States in which a redelivered command (same sequence) is worked on again, because the
+/// analyzer that applied it may have died before finishing.
+const REDO_STATES: [&str; 1] = ["analyzing"];
+
+impl Store {
+    /// Records a start command with sequence `seq` for `id`.
+    pub async fn apply_start(
+        &self,
+        id: &str,
+        seq: i64,
+        spec: serde_json::Value,
+    ) -> Result<StartApplied, StoreError> {
+        let mut conn = self.conn().await?;
+        let id = id.to_owned();
+        (*conn).transaction::<_, StoreError, _>(async |conn| {
+                let Some(row) = lock_or_create(conn, &id, seq, "running", "analyzing", Some(&spec)).await? else {
+                    return Ok(StartApplied::Analyzing {
+                        transition: analyzing(&id, seq, 1),
+                        release_on: Vec::new(),
+                    });
+                };
+                if row.cmd_seq == seq && row.state == InstanceState::Scheduled.as_str() {
+                    return already_placed(conn, &row).await;
+                }
+                if !(row.cmd_seq < seq || (row.cmd_seq == seq && REDO_STATES.contains(&row.state.as_str()))) {
+                    return Ok(StartApplied::Stale { current_seq: row.cmd_seq });
+                }
+                let version = row.version + 1;
+                diesel::update(instances::table.find(&id))
+                    .set((
+                        instances::spec.eq(Some(&spec)),
+                        instances::desired.eq("running"),
+                        instances::state.eq(InstanceState::Analyzing.as_str()),
+                        instances::reason.eq(None::<String>),
+                        instances::cmd_seq.eq(seq),
+                        instances::version.eq(version),
+                        instances::worker_id.eq(None::<String>),
+                        instances::updated_at.eq(diesel::dsl::now),
+                    ))
+                    .execute(conn)
+                    .await?;
+                Ok(StartApplied::Analyzing {
+                    transition: analyzing(&id, seq, version),
+                    release_on: holding_workers(conn, &id).await?,
+                })
+        })
+        .await
+    }
+
+    /// Records a stop command with sequence `seq` for `id`, with an optional reason.
+    pub async fn apply_stop(
+        &self,
+        id: &str,
+        seq: i64,
+        reason: Option<String>,
+    ) -> Result<StopApplied, StoreError> {
+        let mut conn = self.conn().await?;
+        let id = id.to_owned();
+        (*conn).transaction::<_, StoreError, _>(async |conn| {
+                let Some(row) = lock_or_create(conn, &id, seq, "stopped", "stopped", None).await? else {
+                    return Ok(StopApplied::Stopped(Transition {
+                        instance_id: id.clone(),
+                        state: InstanceState::Stopped,
+                        version: 1,
+                        cmd_seq: seq,
+                        worker_id: None,
+                        gpus: Vec::new(),
+                        reason,
+                    }));
+                };
+                let redo = row.cmd_seq == seq && row.state == InstanceState::Stopping.as_str();
+                if !(row.cmd_seq < seq || redo) {
+                    return Ok(StopApplied::Stale { current_seq: row.cmd_seq });
+                }
+                let workers = holding_workers(conn, &id).await?;
+                let state = if workers.is_empty() {
+                    InstanceState::Stopped
+                } else {
+                    InstanceState::Stopping
+                };
+                let version = if redo { row.version } else { row.version + 1 };
+                diesel::update(instances::table.find(&id))
+                    .set((
+                        instances::desired.eq("stopped"),
+                        instances::state.eq(state.as_str()),
+                        instances::reason.eq(&reason),
+                        instances::cmd_seq.eq(seq),
+                        instances::version.eq(version),
+                        instances::updated_at.eq(diesel::dsl::now),
+                    ))
+                    .execute(conn)
+                    .await?;
+                let transition = Transition {
+                    instance_id: id.clone(),
+                    state,
+                    version,
+                    cmd_seq: seq,
+                    worker_id: row.worker_id,
+                    gpus: Vec::new(),
+                    reason,
+                };
+                Ok(if workers.is_empty() {
+                    StopApplied::Stopped(transition)
+                } else {
+                    StopApplied::Stopping { transition, workers }
+                })
+        })
+        .await
+    }
+
+    /// Marks `id` as `error` because its command with sequence `seq` was invalid. Returns
+    /// `None` when a newer command was already applied. Whatever the instance held before
+    /// stays held (and stays visible) until a stop releases it.
+    pub async fn apply_invalid(
+        &self,
+        id: &str,
+        seq: i64,
+        reason: &str,
+    ) -> Result<Option<Transition>, StoreError> {
+        let mut conn = self.conn().await?;
+        let id = id.to_owned();
+        let reason = reason.to_owned();
+        (*conn).transaction::<_, StoreError, _>(async |conn| {
+                let version = match lock_or_create(conn, &id, seq, "stopped", "error", None).await? {
+                    None => {
+                        diesel::update(instances::table.find(&id))
+                            .set(instances::reason.eq(&reason))
+                            .execute(conn)
+                            .await?;
+                        1
+                    }
+                    Some(row) if row.cmd_seq < seq => {
+                        diesel::update(instances::table.find(&id))
+                            .set((
+                                instances::state.eq(InstanceState::Error.as_str()),
+                                instances::reason.eq(&reason),
+                                instances::cmd_seq.eq(seq),
+                                instances::version.eq(row.version + 1),
+                                instances::updated_at.eq(diesel::dsl::now),
+                            ))
+                            .execute(conn)
+                            .await?;
+                        row.version + 1
+                    }
+                    Some(_) => return Ok(None),
+                };
+                Ok(Some(Transition {
+                    instance_id: id.clone(),
+                    state: InstanceState::Error,
+                    version,
+                    cmd_seq: seq,
+                    worker_id: None,
+                    gpus: Vec::new(),
+                    reason: Some(reason),
+                }))
+        })
+        .await
+    }
+}
+
+fn analyzing(id: &str, seq: i64, version: i64) -> Transition {
+    Transition {
+        instance_id: id.to_owned(),
+        state: InstanceState::Analyzing,
+        version,
+        cmd_seq: seq,
+        worker_id: None,
+        gpus: Vec::new(),
+        reason: None,
+    }
+}
+
+/// Creates the instance in `state` at version 1 if it does not exist (returns `None`), or
+/// locks its row and returns it. Either way the caller holds the row until commit.
+async fn lock_or_create(
+    conn: &mut AsyncPgConnection,
+    id: &str,
+    seq: i64,
+    desired: &str,
+    state: &str,
+    spec: Option<&serde_json::Value>,
+) -> Result<Option<InstanceRow>, StoreError> {
+    let inserted = diesel::insert_into(instances::table)
+        .values((
+            instances::id.eq(id),
+            instances::spec.eq(spec),
+            instances::desired.eq(desired),
+            instances::state.eq(state),
+            instances::cmd_seq.eq(seq),
+            instances::version.eq(1_i64),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?;
+    if inserted == 1 {
+        return Ok(None);
+    }
+    let row = instances::table
+        .find(id)
+        .select(InstanceRow::as_select())
+        .for_update()
+        .first(conn)
+        .await?;
+    Ok(Some(row))
+}
+
+/// Workers holding GPUs for `id`, from any version. Runs after the row lock, so it sees every
+/// placement committed for the instance.
+async fn holding_workers(conn: &mut AsyncPgConnection, id: &str) -> Result<Vec<String>, StoreError> {
+    Ok(allocations::table
+        .filter(allocations::instance_id.eq(id))
+        .select(allocations::worker_id)
+        .distinct()
+        .order(allocations::worker_id)
+        .load(conn)
+        .await?)
+}
+
+async fn already_placed(
+    conn: &mut AsyncPgConnection,
+    row: &InstanceRow,
+) -> Result<StartApplied, StoreError> {
+    let allocs: Vec<AllocationRow> = allocations::table
+        .filter(allocations::instance_id.eq(&row.id))
+        .filter(allocations::version.eq(row.version))
+        .select(AllocationRow::as_select())
+        .order(allocations::gpu_idx)
+        .load(conn)
+        .await?;
+    let worker_id = row
+        .worker_id
+        .clone()
+        .ok_or_else(|| StoreError::Corrupt(format!("scheduled instance {} has no worker", row.id)))?;
+    Ok(StartApplied::AlreadyPlaced {
+        version: row.version,
+        worker_id,
+        gpus: allocs.iter().map(|a| a.gpu_idx.unsigned_abs()).collect(),
+    })
+}

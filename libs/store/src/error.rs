@@ -1,0 +1,40 @@
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot get a database connection: {0}")]
+    Pool(String),
+    #[error("database error: {0}")]
+    Db(#[from] DieselError),
+    #[error("migrations failed: {0}")]
+    Migration(String),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Errors worth retrying: lost connections, serialization failures and deadlocks.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Pool(_) => true,
+            StoreError::Db(DieselError::DatabaseError(kind, info)) => match kind {
+                DatabaseErrorKind::SerializationFailure
+                | DatabaseErrorKind::ClosedConnection
+                | DatabaseErrorKind::UnableToSendCommand => true,
+                // 40P01 deadlock_detected, 57P01 admin_shutdown, 08xxx connection exceptions
+                _ => {
+                    let msg = info.message();
+                    msg.contains("deadlock") || msg.contains("terminating connection")
+                }
+            },
+            StoreError::Db(DieselError::BrokenTransactionManager) => true,
+            _ => false,
+        }
+    }
+}
+
+impl From<diesel_async::pooled_connection::deadpool::PoolError> for StoreError {
+    fn from(e: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
+        StoreError::Pool(e.to_string())
+    }
+}

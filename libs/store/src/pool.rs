@@ -1,0 +1,78 @@
+//! Connections and migrations.
+
+use crate::StoreError;
+use diesel_async::{
+    AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl,
+    pooled_connection::{
+        AsyncDieselConnectionManager,
+        deadpool::{Object, Pool},
+    },
+};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+/// The SQL under `migrations/`, compiled into every binary.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations");
+
+/// Arbitrary constant: the advisory lock that serializes concurrent migration runs.
+const MIGRATION_LOCK: i64 = 0x6265_7274_685f_6d67; // "berth_mg"
+
+/// A pool of connections to berth's database.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool<AsyncPgConnection>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("status", &self.pool.status())
+            .finish()
+    }
+}
+
+impl Store {
+    /// A pool of at most `max_size` connections; connections are made lazily.
+    pub fn connect(url: &str, max_size: usize) -> Result<Store, StoreError> {
+        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
+        let pool = Pool::builder(manager)
+            .max_size(max_size.max(1))
+            .build()
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        Ok(Store { pool })
+    }
+
+    pub(crate) async fn conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+
+    pub fn max_size(&self) -> usize {
+        self.pool.status().max_size
+    }
+}
+
+/// Applies pending migrations. Safe when several processes start at once: they take turns on
+/// an advisory lock, and each one after the first finds nothing to do.
+pub async fn migrate(url: &str) -> Result<usize, StoreError> {
+    let mut conn = AsyncPgConnection::establish(url)
+        .await
+        .map_err(|e| StoreError::Migration(format!("cannot connect to {url}: {e}")))?;
+    diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
+        .execute(&mut conn)
+        .await?;
+    // The harness drives diesel's sync migration code on a blocking thread.
+    let (conn, applied) = tokio::task::spawn_blocking(move || {
+        let mut harness = AsyncMigrationHarness::new(conn);
+        let applied = harness
+            .run_pending_migrations(MIGRATIONS)
+            .map(|v| v.len())
+            .map_err(|e| StoreError::Migration(e.to_string()));
+        (harness.into_inner(), applied)
+    })
+    .await
+    .map_err(|e| StoreError::Migration(format!("migration task failed: {e}")))?;
+    let mut conn = conn;
+    diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
+        .execute(&mut conn)
+        .await?;
+    applied
+}

@@ -1,0 +1,211 @@
+//! What agents tell us: registrations, heartbeats and instance status.
+
+use crate::{
+    Store, StoreError, Transition,
+    models::{AllocationRow, InstanceRow},
+    schema::{allocations, gpus, instances, workers},
+};
+use berth_proto::{GpuInfo, InstanceState, status::ReportedState};
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, };
+use std::collections::BTreeMap;
+
+impl Store {
+    /// Records a worker and its GPUs (insert or update; reservations are kept).
+    pub async fn register_worker(
+        &self,
+        worker_id: &str,
+        labels: &BTreeMap<String, String>,
+        gpu_list: &[GpuInfo],
+    ) -> Result<(), StoreError> {
+        let labels = serde_json::to_value(labels)
+            .map_err(|e| StoreError::Corrupt(format!("labels: {e}")))?;
+        let mut conn = self.conn().await?;
+        (*conn).transaction::<_, StoreError, _>(async |conn| {
+                diesel::insert_into(workers::table)
+                    .values((
+                        workers::id.eq(worker_id),
+                        workers::labels.eq(&labels),
+                        workers::schedulable.eq(true),
+                    ))
+                    .on_conflict(workers::id)
+                    .do_update()
+                    .set((
+                        workers::labels.eq(&labels),
+                        workers::schedulable.eq(true),
+                        workers::last_heartbeat.eq(diesel::dsl::now),
+                    ))
+                    .execute(conn)
+                    .await?;
+                for g in gpu_list {
+                    let idx = i32::try_from(g.index)
+                        .map_err(|_| StoreError::Corrupt(format!("GPU index {}", g.index)))?;
+                    diesel::insert_into(gpus::table)
+                        .values((
+                            gpus::worker_id.eq(worker_id),
+                            gpus::idx.eq(idx),
+                            gpus::name.eq(&g.name),
+                            gpus::uuid.eq(&g.uuid),
+                            gpus::total_bytes.eq(g.total_bytes),
+                            gpus::system_reserved_bytes.eq(g.system_reserved_bytes),
+                        ))
+                        .on_conflict((gpus::worker_id, gpus::idx))
+                        .do_update()
+                        .set((
+                            gpus::name.eq(excluded(gpus::name)),
+                            gpus::uuid.eq(excluded(gpus::uuid)),
+                            gpus::total_bytes.eq(excluded(gpus::total_bytes)),
+                            gpus::system_reserved_bytes.eq(excluded(gpus::system_reserved_bytes)),
+                        ))
+                        .execute(conn)
+                        .await?;
+                }
+                Ok(())
+        })
+        .await
+    }
+
+    /// Notes that `worker_id` is alive. Returns false for a worker that never registered.
+    pub async fn heartbeat(&self, worker_id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let n = diesel::update(workers::table.find(worker_id))
+            .set(workers::last_heartbeat.eq(diesel::dsl::now))
+            .execute(&mut conn)
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Applies an agent's report about `id`. Reports name the version they were given and
+    /// move the instance only along the lifecycle (a late `starting` after `running` is
+    /// ignored), so reordered or old reports are harmless. `stopped` and `error` release the
+    /// reporting worker's allocations of older versions (`stopped`) or up to this version
+    /// (`error`). Returns the transitions made.
+    pub async fn apply_report(
+        &self,
+        worker_id: &str,
+        id: &str,
+        version: i64,
+        reported: ReportedState,
+        reason: Option<&str>,
+    ) -> Result<Vec<Transition>, StoreError> {
+        let mut conn = self.conn().await?;
+        (*conn).transaction::<_, StoreError, _>(async |conn| {
+                let Some(row) = instances::table
+                    .find(id)
+                    .select(InstanceRow::as_select())
+                    .for_update()
+                    .first(conn)
+                    .await
+                    .optional()?
+                else {
+                    return Ok(Vec::new());
+                };
+                let current = version == row.version && row.worker_id.as_deref() == Some(worker_id);
+                let state = row.state.as_str();
+                let mut out = Vec::new();
+                match reported {
+                    ReportedState::Starting if current && state == "scheduled" => {
+                        out.push(set_state(conn, &row, InstanceState::Starting, None).await?);
+                    }
+                    ReportedState::Running if current && matches!(state, "scheduled" | "starting") => {
+                        out.push(set_state(conn, &row, InstanceState::Running, None).await?);
+                    }
+                    ReportedState::Starting | ReportedState::Running => {}
+                    ReportedState::Stopped => {
+                        release(conn, id, worker_id, Upto::Before(version)).await?;
+                    }
+                    ReportedState::Error => {
+                        release(conn, id, worker_id, Upto::Through(version)).await?;
+                        if current && matches!(state, "scheduled" | "starting" | "running") {
+                            let why = reason.unwrap_or("backend failed");
+                            out.push(set_state(conn, &row, InstanceState::Error, Some(why)).await?);
+                        }
+                    }
+                }
+                if state == "stopping" && !holds_any(conn, id).await? {
+                    out.push(set_state(conn, &row, InstanceState::Stopped, row.reason.as_deref()).await?);
+                }
+                Ok(out)
+        })
+        .await
+    }
+}
+
+async fn set_state(
+    conn: &mut AsyncPgConnection,
+    row: &InstanceRow,
+    state: InstanceState,
+    reason: Option<&str>,
+) -> Result<Transition, StoreError> {
+    diesel::update(instances::table.find(&row.id))
+        .set((
+            instances::state.eq(state.as_str()),
+            instances::reason.eq(reason),
+            instances::updated_at.eq(diesel::dsl::now),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(Transition {
+        instance_id: row.id.clone(),
+        state,
+        version: row.version,
+        cmd_seq: row.cmd_seq,
+        worker_id: row.worker_id.clone(),
+        gpus: Vec::new(),
+        reason: reason.map(str::to_owned),
+    })
+}
+
+/// Which versions of an instance's allocations a report releases.
+#[derive(Debug, Clone, Copy)]
+enum Upto {
+    /// Older than this version: a stop confirmed under version v ends placements before v.
+    Before(i64),
+    /// Up to and including it: a failed backend ends its own placement too.
+    Through(i64),
+}
+
+/// Deletes the instance's allocations on `worker_id` selected by `upto` and gives their VRAM
+/// back to the GPUs.
+async fn release(
+    conn: &mut AsyncPgConnection,
+    id: &str,
+    worker_id: &str,
+    upto: Upto,
+) -> Result<Vec<AllocationRow>, StoreError> {
+    let mine = allocations::table
+        .filter(allocations::instance_id.eq(id))
+        .filter(allocations::worker_id.eq(worker_id));
+    let freed: Vec<AllocationRow> = match upto {
+        Upto::Before(v) => {
+            diesel::delete(mine.filter(allocations::version.lt(v)))
+                .returning(AllocationRow::as_returning())
+                .get_results(conn)
+                .await?
+        }
+        Upto::Through(v) => {
+            diesel::delete(mine.filter(allocations::version.le(v)))
+                .returning(AllocationRow::as_returning())
+                .get_results(conn)
+                .await?
+        }
+    };
+    let mut sorted = freed.clone();
+    sorted.sort_by_key(|a| a.gpu_idx);
+    for a in &sorted {
+        diesel::update(gpus::table.find((&a.worker_id, a.gpu_idx)))
+            .set(gpus::reserved_bytes.eq(gpus::reserved_bytes - a.bytes))
+            .execute(conn)
+            .await?;
+    }
+    Ok(freed)
+}
+
+async fn holds_any(conn: &mut AsyncPgConnection, id: &str) -> Result<bool, StoreError> {
+    Ok(diesel::select(diesel::dsl::exists(
+        allocations::table.filter(allocations::instance_id.eq(id)),
+    ))
+    .get_result(conn)
+    .await?)
+}

@@ -1,0 +1,4 @@
+DROP TABLE allocations;
+DROP TABLE instances;
+DROP TABLE gpus;
+DROP TABLE workers;

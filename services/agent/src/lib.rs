@@ -1,0 +1,9 @@
+//! berth-agent: reports a worker's GPUs (NVML, or simulated from a TOML inventory), sends
+//! heartbeats, and runs the instances placed on its worker.
+
+pub mod inventory;
+pub mod nvml;
+pub mod runner;
+
+pub use inventory::{Inventory, InventoryError, WorkerSpec};
+pub use runner::{Agent, AgentConfig};

@@ -1,0 +1,195 @@
+//! The agent loop: register, heartbeat, and apply assignments in the order they were sent.
+
+use crate::WorkerSpec;
+use async_nats::jetstream::AckKind;
+use berth_bus::{Bus, BusError};
+use berth_proto::{AgentMsg, StatusMsg, status::ReportedState};
+use berth_retry::{RetryPolicy, retry};
+use futures::StreamExt;
+use std::{collections::HashMap, time::Duration};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub nats_url: String,
+    pub worker: WorkerSpec,
+    pub heartbeat: Duration,
+}
+
+/// A running agent for one worker.
+#[derive(Debug)]
+pub struct Agent {
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+/// What runs on this worker. Backends are simulated: an instance is "running" once assigned.
+#[derive(Debug, Default)]
+struct Backends {
+    /// Instance → version of the placement that runs.
+    running: HashMap<String, i64>,
+    /// Instance → highest version it was told to stop at: older assignments arriving late
+    /// must not start.
+    stopped_at: HashMap<String, i64>,
+}
+
+impl Agent {
+    /// Connects, registers the worker, and starts the heartbeat and assignment loops.
+    pub async fn start(config: AgentConfig) -> Result<Agent, BusError> {
+        let id = config.worker.id.clone();
+        let bus = Bus::connect(&config.nats_url, &format!("agent-{id}")).await?;
+        let register = StatusMsg::Register {
+            worker_id: id.clone(),
+            labels: config.worker.labels.clone(),
+            gpus: config.worker.gpus.clone(),
+        };
+        report(&bus, &id, &register).await?;
+        let consumer = bus.agent_consumer(&id).await?;
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(heartbeats(bus.clone(), id.clone(), config.heartbeat, shutdown.clone()));
+        tasks.spawn(assignments(bus, id, consumer, shutdown.clone()));
+        Ok(Agent { shutdown, tasks })
+    }
+
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Stops at once, like a crash.
+    pub fn abort(mut self) {
+        self.tasks.abort_all();
+    }
+
+    /// Resolves if the loops end by themselves.
+    pub async fn stopped(&mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn report(bus: &Bus, worker_id: &str, msg: &StatusMsg) -> Result<(), BusError> {
+    retry("agent report", RetryPolicy::PATIENT, BusError::is_transient, || {
+        bus.publish_status(worker_id, msg)
+    })
+    .await
+}
+
+async fn heartbeats(bus: Bus, worker_id: String, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let beat = StatusMsg::Heartbeat {
+            worker_id: worker_id.clone(),
+        };
+        if let Err(e) = bus.publish_status(&worker_id, &beat).await {
+            tracing::warn!(%e, "heartbeat not sent");
+        }
+    }
+}
+
+async fn assignments(
+    bus: Bus,
+    worker_id: String,
+    consumer: async_nats::jetstream::consumer::PullConsumer,
+    shutdown: CancellationToken,
+) {
+    let mut backends = Backends::default();
+    'outer: while !shutdown.is_cancelled() {
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(%e, "cannot pull assignments; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                () = shutdown.cancelled() => break 'outer,
+                next = messages.next() => next,
+            };
+            let msg = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::warn!(%e, "assignment pull error");
+                    continue;
+                }
+                None => break,
+            };
+            let result = match berth_proto::decode::<AgentMsg>(&msg.payload) {
+                Ok(m) => apply(&bus, &worker_id, &mut backends, m).await,
+                Err(e) => {
+                    tracing::warn!(%e, "dropping undecodable assignment");
+                    Ok(())
+                }
+            };
+            let ack = match result {
+                Ok(()) => msg.ack().await,
+                Err(_) => msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await,
+            };
+            if let Err(e) = ack {
+                tracing::warn!(%e, "ack failed");
+            }
+        }
+    }
+}
+
+async fn apply(
+    bus: &Bus,
+    worker_id: &str,
+    backends: &mut Backends,
+    msg: AgentMsg,
+) -> Result<(), BusError> {
+    let instance_report = |instance_id: &str, version: i64, state: ReportedState| StatusMsg::Instance {
+        worker_id: worker_id.to_owned(),
+        instance_id: instance_id.to_owned(),
+        version,
+        state,
+        reason: None,
+    };
+    match msg {
+        AgentMsg::Assign {
+            instance_id,
+            version,
+            gpus,
+            ..
+        } => {
+            let span = tracing::info_span!("assign", instance_id, version);
+            let _enter = span.enter();
+            if backends.stopped_at.get(&instance_id).is_some_and(|v| *v > version) {
+                tracing::info!("assignment already stopped; ignored");
+                return Ok(());
+            }
+            if backends.running.get(&instance_id).is_some_and(|v| *v > version) {
+                return Ok(());
+            }
+            report(bus, worker_id, &instance_report(&instance_id, version, ReportedState::Starting)).await?;
+            tracing::info!(?gpus, "backend started (simulated)");
+            backends.running.insert(instance_id.clone(), version);
+            report(bus, worker_id, &instance_report(&instance_id, version, ReportedState::Running)).await
+        }
+        AgentMsg::Unassign {
+            instance_id,
+            version,
+        } => {
+            let span = tracing::info_span!("unassign", instance_id, version);
+            let _enter = span.enter();
+            let at = backends.stopped_at.entry(instance_id.clone()).or_insert(version);
+            *at = (*at).max(version);
+            if backends.running.get(&instance_id).is_some_and(|v| *v < version) {
+                backends.running.remove(&instance_id);
+                tracing::info!("backend stopped (simulated)");
+            }
+            // Confirm even when nothing ran, so a stop never waits on a lost assignment.
+            report(bus, worker_id, &instance_report(&instance_id, version, ReportedState::Stopped)).await
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Handling one command message: decode, dead-letter bad input, apply start or stop.
+
+use crate::{context::Ctx, intake::Handled, placing};
+use async_nats::jetstream::Message;
+use berth_proto::{
+    AgentMsg, Command, StartSpec, StopSpec,
+    subjects::instance_of_cmd_subject,
+};
+use berth_retry::{RetryPolicy, retry};
+use berth_store::{
+    StoreError, Transition,
+    commands::{StartApplied, StopApplied},
+};
+use std::time::SystemTime;
+use tracing::Instrument;
+
+pub async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
+    let picked_at = SystemTime::now();
+    let seq = match msg.info() {
+        Ok(info) => info.stream_sequence,
+        Err(e) => {
+            tracing::warn!(%e, "message without JetStream metadata; dropping");
+            return Handled::Done;
+        }
+    };
+    let subject = msg.subject.as_str();
+    let instance_id = instance_of_cmd_subject(subject);
+    let span = tracing::info_span!("command", instance_id = instance_id.unwrap_or("?"), cmd_seq = seq);
+    async move {
+        let Some(id) = instance_id else {
+            let reason = format!("subject {subject:?} does not name a valid instance id");
+            return dead_letter(ctx, msg, None, seq, &reason).await;
+        };
+        ctx.supersede(id, seq);
+        match Command::decode(&msg.payload) {
+            Err(e) => dead_letter(ctx, msg, Some(id), seq, &e.to_string()).await,
+            Ok(Command::Start(spec)) => start(ctx, id, seq, spec, picked_at).await,
+            Ok(Command::Stop(spec)) => stop(ctx, id, seq, spec).await,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Retries transient store errors a few times; `Err` means give the message back.
+async fn stored<T, F, Fut>(what: &str, op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    retry(what, RetryPolicy::QUICK, StoreError::is_transient, op).await
+}
+
+fn outcome<T>(r: Result<T, StoreError>) -> Result<T, Handled> {
+    r.map_err(|e| {
+        tracing::warn!(%e, "database unavailable; command will be redelivered");
+        Handled::Retry
+    })
+}
+
+async fn dead_letter(ctx: &Ctx, msg: &Message, id: Option<&str>, seq: u64, reason: &str) -> Handled {
+    tracing::warn!(reason, "dead-lettering command");
+    if let Err(e) = ctx
+        .bus
+        .dead_letter(id, &msg.subject, seq, msg.payload.clone(), reason)
+        .await
+    {
+        tracing::warn!(%e, "cannot dead-letter; will retry");
+        return Handled::Retry;
+    }
+    ctx.stats.commands_dead_lettered.inc();
+    if let Some(id) = id {
+        let seq_i = i64::try_from(seq).unwrap_or(i64::MAX);
+        let marked = stored("mark invalid", || ctx.store.apply_invalid(id, seq_i, reason)).await;
+        match outcome(marked) {
+            Ok(Some(t)) => announce(ctx, &t).await,
+            Ok(None) => {
+                ctx.stats.commands_stale.inc();
+            }
+            Err(h) => return h,
+        }
+    }
+    Handled::Done
+}
+
+async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: SystemTime) -> Handled {
+    let seq_i = i64::try_from(seq).unwrap_or(i64::MAX);
+    let spec_json = match serde_json::to_value(&spec) {
+        Ok(v) => v,
+        Err(e) => {
+            // Cannot happen for a decoded spec; logged so it is seen if it ever does.
+            tracing::error!(%e, "cannot store the spec");
+            return Handled::Done;
+        }
+    };
+    let applied = stored("apply start", || ctx.store.apply_start(id, seq_i, spec_json.clone())).await;
+    let applied = match outcome(applied) {
+        Ok(a) => a,
+        Err(h) => return h,
+    };
+    match applied {
+        StartApplied::Stale { current_seq } => {
+            tracing::debug!(current_seq, "stale start ignored");
+            ctx.stats.commands_stale.inc();
+            Handled::Done
+        }
+        StartApplied::AlreadyPlaced {
+            version,
+            worker_id,
+            gpus,
+        } => {
+            // A redelivery after a crash between commit and assignment: send it again.
+            let assign = AgentMsg::Assign {
+                instance_id: id.to_owned(),
+                version,
+                gpus,
+                vram_bytes_per_gpu: spec.vram_bytes,
+                spec,
+            };
+            match ctx.bus.publish_agent(&worker_id, &assign).await {
+                Ok(()) => Handled::Done,
+                Err(_) => Handled::Retry,
+            }
+        }
+        StartApplied::Analyzing {
+            transition,
+            release_on,
+        } => {
+            ctx.stats.commands_applied.inc();
+            announce(ctx, &transition).await;
+            for worker in &release_on {
+                let unassign = AgentMsg::Unassign {
+                    instance_id: id.to_owned(),
+                    version: transition.version,
+                };
+                if ctx.bus.publish_agent(worker, &unassign).await.is_err() {
+                    return Handled::Retry;
+                }
+            }
+            placing::place(ctx, id, seq, transition.version, &spec, picked_at).await
+        }
+    }
+}
+
+async fn stop(ctx: &Ctx, id: &str, seq: u64, spec: StopSpec) -> Handled {
+    let seq_i = i64::try_from(seq).unwrap_or(i64::MAX);
+    let applied = stored("apply stop", || ctx.store.apply_stop(id, seq_i, spec.reason.clone())).await;
+    let applied = match outcome(applied) {
+        Ok(a) => a,
+        Err(h) => return h,
+    };
+    match applied {
+        StopApplied::Stale { current_seq } => {
+            tracing::debug!(current_seq, "stale stop ignored");
+            ctx.stats.commands_stale.inc();
+        }
+        StopApplied::Stopped(t) => {
+            ctx.stats.commands_applied.inc();
+            announce(ctx, &t).await;
+        }
+        StopApplied::Stopping { transition, workers } => {
+            ctx.stats.commands_applied.inc();
+            announce(ctx, &transition).await;
+            for worker in &workers {
+                let unassign = AgentMsg::Unassign {
+                    instance_id: id.to_owned(),
+                    version: transition.version,
+                };
+                if ctx.bus.publish_agent(worker, &unassign).await.is_err() {
+                    return Handled::Retry;
+                }
+            }
+        }
+    }
+    Handled::Done
+}
+
+/// Publishes the event of a committed transition. Events are best effort: a failure is
+/// logged, the state in PostgreSQL is the truth.
+pub async fn announce(ctx: &Ctx, t: &Transition) {
+    tracing::info!(
+        instance_id = %t.instance_id,
+        version = t.version,
+        cmd_seq = t.cmd_seq,
+        state = %t.state,
+        worker = t.worker_id.as_deref().unwrap_or(""),
+        reason = t.reason.as_deref().unwrap_or(""),
+        "state changed"
+    );
+    if let Err(e) = ctx.bus.publish_event(&t.to_event()).await {
+        tracing::warn!(%e, instance_id = %t.instance_id, "cannot publish event");
+    }
+}

@@ -1,0 +1,112 @@
+//! One analyzer: its connections, counters and loops.
+
+use crate::{AnalyzerConfig, Hooks, Stats, intake, status};
+use berth_bus::Bus;
+use berth_store::Store;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// What every task of an analyzer shares.
+#[derive(Debug)]
+pub struct Ctx {
+    pub config: AnalyzerConfig,
+    pub store: Store,
+    pub bus: Bus,
+    pub stats: Arc<Stats>,
+    pub hooks: Hooks,
+    /// In-flight fits by instance: the command sequence and the token that cancels the fit.
+    pub in_flight: Mutex<HashMap<String, (u64, CancellationToken)>>,
+}
+
+impl Ctx {
+    /// Registers a fit for `instance_id` at `seq`; cancels an older one in flight here.
+    pub fn begin_fit(&self, instance_id: &str, seq: u64) -> CancellationToken {
+        let token = CancellationToken::new();
+        if let Ok(mut map) = self.in_flight.lock() {
+            if let Some((old_seq, old)) = map.get(instance_id) {
+                if *old_seq < seq {
+                    old.cancel();
+                }
+            }
+            map.insert(instance_id.to_owned(), (seq, token.clone()));
+        }
+        token
+    }
+
+    pub fn end_fit(&self, instance_id: &str, seq: u64) {
+        if let Ok(mut map) = self.in_flight.lock() {
+            if map.get(instance_id).is_some_and(|(s, _)| *s == seq) {
+                map.remove(instance_id);
+            }
+        }
+    }
+
+    /// A newer command for `instance_id` arrived: abandon any older fit in flight here.
+    pub fn supersede(&self, instance_id: &str, seq: u64) {
+        if let Ok(map) = self.in_flight.lock() {
+            if let Some((old_seq, token)) = map.get(instance_id) {
+                if *old_seq < seq {
+                    token.cancel();
+                }
+            }
+        }
+    }
+}
+
+/// A running analyzer.
+#[derive(Debug)]
+pub struct Analyzer {
+    pub stats: Arc<Stats>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Analyzer {
+    /// Connects, migrates the database, and starts the command and status loops.
+    pub async fn start(config: AnalyzerConfig, hooks: Hooks) -> anyhow::Result<Analyzer> {
+        berth_store::migrate(&config.database_url).await?;
+        let store = Store::connect(&config.database_url, config.pool_size)?;
+        let bus = Bus::connect(&config.nats_url, &config.name).await?;
+        let commands = bus.command_consumer().await?;
+        let reports = bus.status_consumer().await?;
+        let stats = Arc::new(Stats::default());
+        let ctx = Arc::new(Ctx {
+            config,
+            store,
+            bus,
+            stats: stats.clone(),
+            hooks,
+            in_flight: Mutex::new(HashMap::new()),
+        });
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(intake::run(ctx.clone(), commands, shutdown.clone()));
+        tasks.spawn(status::run(ctx, reports, shutdown.clone()));
+        Ok(Analyzer {
+            stats,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops taking messages, lets the ones in hand finish, and returns.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Stops at once, like a crash: messages in hand are not acknowledged and will be
+    /// redelivered to another analyzer.
+    pub fn abort(mut self) {
+        self.tasks.abort_all();
+    }
+
+    /// Resolves when the analyzer stops by itself (a loop failed for good).
+    pub async fn stopped(&mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}

@@ -1,0 +1,16 @@
+//! berth-analyzer: pulls commands, records intent, computes placements and commits them with a
+//! compare-and-swap; also applies agents' reports. Stateless: run as many as you like.
+
+pub mod commands;
+pub mod config;
+pub mod context;
+pub mod hooks;
+pub mod intake;
+pub mod placing;
+pub mod stats;
+pub mod status;
+
+pub use config::AnalyzerConfig;
+pub use context::Analyzer;
+pub use hooks::{BeforeCommit, Hooks};
+pub use stats::{FitRecord, Stats};

@@ -1,0 +1,67 @@
+//! berth-analyzer: the placement worker. Run as many as you like against one NATS and one
+//! PostgreSQL.
+
+use anyhow::Context;
+use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "berth placement worker")]
+struct Args {
+    /// NATS server URL(s), comma separated.
+    #[arg(long, env = "BERTH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// PostgreSQL URL.
+    #[arg(long, env = "BERTH_DATABASE_URL")]
+    database_url: String,
+    /// Name in logs and NATS connection lists.
+    #[arg(long, env = "BERTH_ANALYZER_NAME", default_value = "analyzer")]
+    name: String,
+    /// Commands handled concurrently.
+    #[arg(long, env = "BERTH_ANALYZER_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    concurrency: u32,
+    /// Database connections.
+    #[arg(long, env = "BERTH_ANALYZER_POOL", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pool_size: u32,
+    /// Placement policy.
+    #[arg(long, env = "BERTH_POLICY", default_value = "binpack", value_parser = ["binpack", "spread"])]
+    policy: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "BERTH_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(args.log_json);
+    let mut config = AnalyzerConfig::new(args.nats_url, args.database_url);
+    config.name = args.name;
+    config.concurrency = args.concurrency as usize;
+    config.pool_size = args.pool_size as usize;
+    config.policy = match args.policy.as_str() {
+        "spread" => berth_fit::Policy::Spread,
+        _ => berth_fit::Policy::Binpack,
+    };
+    let mut analyzer = Analyzer::start(config, Hooks::default())
+        .await
+        .context("starting the analyzer")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        () = analyzer.stopped() => anyhow::bail!("analyzer loops ended unexpectedly"),
+    }
+    tracing::info!("shutting down");
+    analyzer.shutdown().await;
+    Ok(())
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

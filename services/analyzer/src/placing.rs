@@ -1,0 +1,161 @@
+//! From intent to placement: the superseded check, the fit, and the CAS commit.
+
+use crate::{FitRecord, context::Ctx, intake::Handled};
+use berth_fit::{FitError, Gpu, Request, Worker, place as fit};
+use berth_proto::{AgentMsg, StartSpec};
+use berth_store::{GpuRow, StoreError, WorkerRow, placement::CommitOutcome};
+use std::{collections::BTreeMap, time::SystemTime};
+
+/// Places `id` (now `analyzing` at `version` for command `seq`), or leaves it `pending` with
+/// the reason nothing fits.
+pub async fn place(
+    ctx: &Ctx,
+    id: &str,
+    seq: u64,
+    version: i64,
+    spec: &StartSpec,
+    picked_at: SystemTime,
+) -> Handled {
+    // No wasted work: a command that is no longer the newest costs no fit.
+    match ctx.bus.last_command_seq(id).await {
+        Ok(Some(last)) if last > seq => {
+            tracing::debug!(last, "superseded before the fit; skipped");
+            ctx.stats.fits_skipped_superseded.inc();
+            return Handled::Done;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(%e, "cannot check for newer commands; will retry");
+            return Handled::Retry;
+        }
+    }
+    let token = ctx.begin_fit(id, seq);
+    let result = place_until_settled(ctx, id, seq, version, spec, picked_at, &token).await;
+    ctx.end_fit(id, seq);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn place_until_settled(
+    ctx: &Ctx,
+    id: &str,
+    seq: u64,
+    version: i64,
+    spec: &StartSpec,
+    picked_at: SystemTime,
+    token: &tokio_util::sync::CancellationToken,
+) -> Handled {
+    let request = Request {
+        vram_per_gpu: spec.vram_per_gpu(),
+        gpus: spec.gpu_count(),
+        selector: spec.selector.clone(),
+    };
+    for attempt in 0..=ctx.config.max_refits {
+        let capacity = match ctx.store.capacity().await {
+            Ok(c) => c,
+            Err(e) => return transient(e),
+        };
+        let workers = to_fit_workers(capacity);
+        ctx.stats.record_fit(FitRecord {
+            instance_id: id.to_owned(),
+            cmd_seq: seq,
+            picked_at,
+        });
+        let placement = match fit(&workers, &request, ctx.config.policy, &|| token.is_cancelled()) {
+            Ok(p) => p,
+            Err(FitError::Cancelled) => {
+                ctx.stats.fits_cancelled.inc();
+                return Handled::Done;
+            }
+            Err(FitError::NoFit(reason)) => return settle_pending(ctx, id, version, &reason).await,
+        };
+        if let Some(hook) = &ctx.hooks.before_commit {
+            hook(id.to_owned(), version).await;
+        }
+        if token.is_cancelled() {
+            ctx.stats.fits_cancelled.inc();
+            return Handled::Done;
+        }
+        let committed = ctx
+            .store
+            .commit_placement(id, version, &placement.worker_id, &placement.gpus, spec.vram_bytes)
+            .await;
+        match committed {
+            Ok(CommitOutcome::Committed(t)) => {
+                ctx.stats.placements_committed.inc();
+                let assign = AgentMsg::Assign {
+                    instance_id: id.to_owned(),
+                    version,
+                    gpus: placement.gpus.clone(),
+                    vram_bytes_per_gpu: spec.vram_bytes,
+                    spec: spec.clone(),
+                };
+                crate::commands::announce(ctx, &t).await;
+                // If this fails the message is redelivered and the assignment sent again.
+                return match ctx.bus.publish_agent(&placement.worker_id, &assign).await {
+                    Ok(()) => Handled::Done,
+                    Err(e) => {
+                        tracing::warn!(%e, "cannot send assignment; will retry");
+                        Handled::Retry
+                    }
+                };
+            }
+            Ok(CommitOutcome::VersionMoved) => {
+                tracing::info!("instance moved on during the fit; placement dropped");
+                ctx.stats.cas_conflicts.inc();
+                return Handled::Done;
+            }
+            Ok(CommitOutcome::CapacityGone { worker_id, gpu }) => {
+                tracing::debug!(attempt, worker_id, gpu, "lost the GPU to another placement; refitting");
+                ctx.stats.capacity_conflicts.inc();
+                ctx.stats.refits.inc();
+            }
+            Err(e) => return transient(e),
+        }
+    }
+    let reason = format!(
+        "lost the race for free VRAM {} times in a row; waiting for capacity",
+        ctx.config.max_refits + 1
+    );
+    settle_pending(ctx, id, version, &reason).await
+}
+
+async fn settle_pending(ctx: &Ctx, id: &str, version: i64, reason: &str) -> Handled {
+    match ctx.store.mark_pending(id, version, reason).await {
+        Ok(Some(t)) => {
+            ctx.stats.pending.inc();
+            crate::commands::announce(ctx, &t).await;
+            Handled::Done
+        }
+        Ok(None) => {
+            ctx.stats.cas_conflicts.inc();
+            Handled::Done
+        }
+        Err(e) => transient(e),
+    }
+}
+
+fn transient(e: StoreError) -> Handled {
+    tracing::warn!(%e, "database error during placement; will retry");
+    Handled::Retry
+}
+
+/// The fit's view of the cluster: free VRAM per GPU, labels per worker.
+fn to_fit_workers(capacity: Vec<(WorkerRow, Vec<GpuRow>)>) -> Vec<Worker> {
+    capacity
+        .into_iter()
+        .map(|(w, gpus)| Worker {
+            labels: serde_json::from_value::<BTreeMap<String, String>>(w.labels).unwrap_or_default(),
+            schedulable: w.schedulable,
+            gpus: gpus
+                .iter()
+                .map(|g| Gpu {
+                    index: g.idx.unsigned_abs(),
+                    name: g.name.clone(),
+                    free_bytes: u64::try_from(g.free_bytes()).unwrap_or(0),
+                })
+                .collect(),
+            id: w.id,
+        })
+        .collect()
+}

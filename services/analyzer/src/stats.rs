@@ -1,0 +1,87 @@
+//! Counters of what the analyzer did, in Prometheus form, plus a bounded log of recent fits.
+
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
+use std::{
+    collections::VecDeque,
+    sync::Mutex,
+    time::SystemTime,
+};
+
+/// Fits remembered in [`Stats::fit_log`].
+const FIT_LOG_CAP: usize = 100_000;
+
+/// One fit computation: for which command, and when its message was picked up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FitRecord {
+    pub instance_id: String,
+    pub cmd_seq: u64,
+    pub picked_at: SystemTime,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub commands_applied: Counter,
+    pub commands_stale: Counter,
+    pub commands_dead_lettered: Counter,
+    pub fits_computed: Counter,
+    pub fits_skipped_superseded: Counter,
+    pub fits_cancelled: Counter,
+    pub placements_committed: Counter,
+    pub cas_conflicts: Counter,
+    pub capacity_conflicts: Counter,
+    pub refits: Counter,
+    pub pending: Counter,
+    pub reports_applied: Counter,
+    fit_log: Mutex<VecDeque<FitRecord>>,
+}
+
+impl Stats {
+    pub fn record_fit(&self, record: FitRecord) {
+        self.fits_computed.inc();
+        if let Ok(mut log) = self.fit_log.lock() {
+            if log.len() == FIT_LOG_CAP {
+                log.pop_front();
+            }
+            log.push_back(record);
+        }
+    }
+
+    /// The most recent fits, oldest first.
+    pub fn fit_log(&self) -> Vec<FitRecord> {
+        self.fit_log
+            .lock()
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Registers every counter (clones share their values) under `berth_analyzer_*`.
+    pub fn register(&self, registry: &mut Registry) {
+        let sub = registry.sub_registry_with_prefix("berth_analyzer");
+        let counters: [(&str, &str, &Counter); 12] = [
+            ("commands_applied", "Commands applied to an instance", &self.commands_applied),
+            ("commands_stale", "Commands older than the instance's applied one", &self.commands_stale),
+            ("commands_dead_lettered", "Commands rejected to BERTH_DLQ", &self.commands_dead_lettered),
+            ("fits_computed", "Placement searches run", &self.fits_computed),
+            ("fits_skipped_superseded", "Fits skipped: a newer command existed", &self.fits_skipped_superseded),
+            ("fits_cancelled", "Fits abandoned in flight", &self.fits_cancelled),
+            ("placements_committed", "Placements committed", &self.placements_committed),
+            ("cas_conflicts", "Commits refused: the instance version moved", &self.cas_conflicts),
+            ("capacity_conflicts", "Commits refused: a GPU's room was taken", &self.capacity_conflicts),
+            ("refits", "Fits run again after a capacity conflict", &self.refits),
+            ("pending", "Instances left pending", &self.pending),
+            ("reports_applied", "Agent reports that changed an instance", &self.reports_applied),
+        ];
+        for (name, help, counter) in counters {
+            sub.register(name, help, counter.clone());
+        }
+    }
+
+    /// Prometheus text exposition of these counters.
+    pub fn render(&self) -> String {
+        let mut registry = Registry::default();
+        self.register(&mut registry);
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}

@@ -1,0 +1,75 @@
+//! Agent reports: registrations, heartbeats, and instance status.
+
+use crate::{
+    context::Ctx,
+    intake::{Handled, pull_loop},
+};
+use async_nats::jetstream::{Message, consumer::PullConsumer};
+use berth_proto::StatusMsg;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+pub async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: CancellationToken) {
+    let concurrency = ctx.config.concurrency;
+    pull_loop("reports", consumer, concurrency, shutdown, move |msg| {
+        let ctx = ctx.clone();
+        async move { handle(&ctx, &msg).await }
+    })
+    .await;
+}
+
+async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
+    let report: StatusMsg = match berth_proto::decode(&msg.payload) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(subject = %msg.subject, %e, "dropping undecodable agent report");
+            return Handled::Done;
+        }
+    };
+    let result = match &report {
+        StatusMsg::Register {
+            worker_id,
+            labels,
+            gpus,
+        } => {
+            tracing::info!(worker_id, gpus = gpus.len(), "worker registered");
+            ctx.store.register_worker(worker_id, labels, gpus).await
+        }
+        StatusMsg::Heartbeat { worker_id } => ctx.store.heartbeat(worker_id).await.map(|_| ()),
+        StatusMsg::Instance {
+            worker_id,
+            instance_id,
+            version,
+            state,
+            reason,
+        } => {
+            let span = tracing::info_span!("report", instance_id, version, worker_id);
+            let _enter = span.enter();
+            match ctx
+                .store
+                .apply_report(worker_id, instance_id, *version, *state, reason.as_deref())
+                .await
+            {
+                Ok(transitions) => {
+                    for t in &transitions {
+                        ctx.stats.reports_applied.inc();
+                        crate::commands::announce(ctx, t).await;
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+    match result {
+        Ok(()) => Handled::Done,
+        Err(e) if e.is_transient() => {
+            tracing::warn!(%e, "report not applied; will retry");
+            Handled::Retry
+        }
+        Err(e) => {
+            tracing::error!(%e, ?report, "report rejected");
+            Handled::Done
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Shared setup for the integration tests: a private NATS + PostgreSQL, analyzers and
+//! simulated agents in this process, and checks of berth's invariants.
+
+use berth_agent::{Agent, AgentConfig, WorkerSpec};
+use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks, Stats};
+use berth_bus::Bus;
+use berth_harness::TestServers;
+use berth_proto::{Command, GpuInfo, InstanceState, StartSpec, StopSpec};
+use berth_store::{InstanceRow, Store};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+pub const GIB: i64 = 1 << 30;
+
+/// Servers plus the processes under test, all torn down on drop.
+pub struct Fleet {
+    pub store: Store,
+    pub bus: Bus,
+    pub analyzers: Vec<Analyzer>,
+    pub agents: Vec<Agent>,
+    pub servers: TestServers,
+}
+
+/// Logs to the test's output when RUST_LOG is set.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+impl Fleet {
+    /// Fresh servers with the schema and streams in place; no analyzer, no agent yet.
+    pub async fn start() -> Fleet {
+        init_logs();
+        let servers = tokio::task::spawn_blocking(TestServers::start)
+            .await
+            .expect("harness task")
+            .expect("start NATS and PostgreSQL (run ops/setup.sh first)");
+        berth_store::migrate(&servers.pg.url()).await.expect("migrate");
+        let store = Store::connect(&servers.pg.url(), 8).expect("pool");
+        let bus = Bus::connect(&servers.nats.url(), "test").await.expect("bus");
+        Fleet {
+            store,
+            bus,
+            analyzers: Vec::new(),
+            agents: Vec::new(),
+            servers,
+        }
+    }
+
+    pub fn analyzer_config(&self, name: &str) -> AnalyzerConfig {
+        let mut c = AnalyzerConfig::new(self.servers.nats.url(), self.servers.pg.url());
+        c.name = name.into();
+        c
+    }
+
+    /// Starts an analyzer in this process; returns its counters.
+    pub async fn add_analyzer(&mut self, hooks: Hooks) -> Arc<Stats> {
+        let name = format!("analyzer-{}", self.analyzers.len());
+        let a = Analyzer::start(self.analyzer_config(&name), hooks)
+            .await
+            .expect("analyzer start");
+        let stats = a.stats.clone();
+        self.analyzers.push(a);
+        stats
+    }
+
+    /// Starts a simulated agent for `worker` and waits until the worker is registered.
+    pub async fn add_agent(&mut self, worker: WorkerSpec) {
+        let id = worker.id.clone();
+        let gpus = worker.gpus.len();
+        let agent = Agent::start(AgentConfig {
+            nats_url: self.servers.nats.url(),
+            worker,
+            heartbeat: Duration::from_secs(2),
+        })
+        .await
+        .expect("agent start");
+        self.agents.push(agent);
+        let store = self.store.clone();
+        wait_until(&format!("worker {id} registered"), Duration::from_secs(20), || {
+            let store = store.clone();
+            let id = id.clone();
+            async move {
+                let n = store.gpus().await.ok()?.iter().filter(|g| g.worker_id == id).count();
+                (n == gpus).then_some(())
+            }
+        })
+        .await;
+    }
+
+    pub async fn start_instance(&self, id: &str, vram: i64, gpus: i64) -> u64 {
+        let cmd = Command::Start(StartSpec {
+            model: "test-model".into(),
+            vram_bytes: vram,
+            gpus,
+            selector: BTreeMap::new(),
+        });
+        self.bus.publish_command(id, &cmd).await.expect("publish start")
+    }
+
+    pub async fn stop_instance(&self, id: &str) -> u64 {
+        let cmd = Command::Stop(StopSpec::default());
+        self.bus.publish_command(id, &cmd).await.expect("publish stop")
+    }
+
+    /// Waits until every listed instance is in the state `expected` gives it.
+    pub async fn wait_states(
+        &self,
+        limit: Duration,
+        expected: impl Fn(&str) -> Option<InstanceState>,
+    ) -> Vec<InstanceRow> {
+        let store = self.store.clone();
+        let expected = &expected;
+        wait_until("instances to settle", limit, || {
+            let store = store.clone();
+            async move {
+                let rows = store.instances().await.ok()?;
+                rows.iter()
+                    .all(|r| expected(&r.id).is_none_or(|want| r.state == want.as_str()))
+                    .then_some(rows)
+            }
+        })
+        .await
+    }
+
+    /// Waits until `id` is in `state`; returns its row.
+    pub async fn wait_state(&self, id: &str, state: InstanceState, limit: Duration) -> InstanceRow {
+        let store = self.store.clone();
+        wait_until(&format!("{id} to be {state}"), limit, || {
+            let store = store.clone();
+            async move {
+                let row = store.instance(id).await.ok()??;
+                (row.state == state.as_str()).then_some(row)
+            }
+        })
+        .await
+    }
+
+    /// Checks the invariants that must hold at every moment: no GPU reserved past its
+    /// capacity, reservations equal to the allocations, and no allocation held by an
+    /// instance that is stopped, pending, in error or analyzing.
+    pub async fn assert_books_balanced(&self) {
+        let violations = self.store.gpu_violations().await.expect("gpu check");
+        assert!(violations.is_empty(), "GPU invariants broken: {violations:#?}");
+        let instances = self.store.instances().await.expect("instances");
+        for a in self.store.allocations().await.expect("allocations") {
+            let inst = instances.iter().find(|i| i.id == a.instance_id).expect("instance");
+            let holds_ok = ["scheduled", "starting", "running", "stopping"].contains(&inst.state.as_str())
+                // a replaced placement is held until its agent confirms the stop
+                || a.version < inst.version;
+            assert!(holds_ok, "{} is {} but holds {a:?}", inst.id, inst.state);
+        }
+    }
+}
+
+/// Polls `probe` until it returns `Some`, or panics after `limit` with what was awaited.
+pub async fn wait_until<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A simulated worker with `count` GPUs of `vram_gib` each and the given labels.
+pub fn worker(id: &str, count: u32, vram_gib: i64, labels: &[(&str, &str)]) -> WorkerSpec {
+    WorkerSpec {
+        id: id.into(),
+        labels: labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+        gpus: (0..count)
+            .map(|index| GpuInfo {
+                index,
+                name: "Simulated H100".into(),
+                uuid: format!("GPU-{id}-{index}"),
+                total_bytes: vram_gib * GIB,
+                system_reserved_bytes: 0,
+            })
+            .collect(),
+    }
+}
