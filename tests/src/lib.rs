@@ -108,11 +108,12 @@ impl Fleet {
         self.bus.publish_command(id, &cmd).await.expect("publish stop")
     }
 
-    /// Waits until every listed instance is in the state `expected` gives it.
+    /// Waits until each of `ids` exists and is in the state `expected` gives it.
     pub async fn wait_states(
         &self,
         limit: Duration,
-        expected: impl Fn(&str) -> Option<InstanceState>,
+        ids: &[String],
+        expected: impl Fn(&str) -> InstanceState,
     ) -> Vec<InstanceRow> {
         let store = self.store.clone();
         let expected = &expected;
@@ -120,9 +121,11 @@ impl Fleet {
             let store = store.clone();
             async move {
                 let rows = store.instances().await.ok()?;
-                rows.iter()
-                    .all(|r| expected(&r.id).is_none_or(|want| r.state == want.as_str()))
-                    .then_some(rows)
+                let settled = ids.iter().all(|id| {
+                    rows.iter()
+                        .any(|r| &r.id == id && r.state == expected(id).as_str())
+                });
+                settled.then_some(rows)
             }
         })
         .await

@@ -55,35 +55,46 @@ impl Store {
     }
 
     /// GPUs reserved past their capacity, or whose reserved total differs from the sum of
-    /// their allocations. Empty when the books are right.
+    /// their allocations. Empty when the books are right. One statement, so one snapshot.
     pub async fn gpu_violations(&self) -> Result<Vec<GpuViolation>, StoreError> {
-        let gpus = self.gpus().await?;
-        let allocs = self.allocations().await?;
-        let mut out = Vec::new();
-        for g in gpus {
-            let held: i64 = allocs
-                .iter()
-                .filter(|a| a.worker_id == g.worker_id && a.gpu_idx == g.idx)
-                .map(|a| a.bytes)
-                .sum();
-            if g.reserved_bytes + g.system_reserved_bytes > g.total_bytes {
-                out.push(GpuViolation {
-                    worker_id: g.worker_id.clone(),
-                    idx: g.idx,
-                    what: format!(
-                        "reserved {} + system {} > total {}",
-                        g.reserved_bytes, g.system_reserved_bytes, g.total_bytes
-                    ),
-                });
-            }
-            if held != g.reserved_bytes {
-                out.push(GpuViolation {
-                    worker_id: g.worker_id,
-                    idx: g.idx,
-                    what: format!("reserved {} but allocations sum to {held}", g.reserved_bytes),
-                });
-            }
-        }
-        Ok(out)
+        let mut conn = self.conn().await?;
+        let rows: Vec<GpuBooks> = diesel::sql_query(
+            "SELECT g.worker_id, g.idx, g.total_bytes, g.system_reserved_bytes, g.reserved_bytes, \
+                    COALESCE(SUM(a.bytes), 0)::BIGINT AS allocated \
+             FROM gpus g LEFT JOIN allocations a ON a.worker_id = g.worker_id AND a.gpu_idx = g.idx \
+             GROUP BY g.worker_id, g.idx \
+             HAVING g.reserved_bytes + g.system_reserved_bytes > g.total_bytes \
+                 OR g.reserved_bytes <> COALESCE(SUM(a.bytes), 0) \
+             ORDER BY g.worker_id, g.idx",
+        )
+        .load(&mut conn)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| GpuViolation {
+                what: format!(
+                    "reserved {} + system {} of total {}; allocations sum to {}",
+                    r.reserved_bytes, r.system_reserved_bytes, r.total_bytes, r.allocated
+                ),
+                worker_id: r.worker_id,
+                idx: r.idx,
+            })
+            .collect())
     }
+}
+
+#[derive(QueryableByName)]
+struct GpuBooks {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    worker_id: String,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    idx: i32,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    total_bytes: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    system_reserved_bytes: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    reserved_bytes: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    allocated: i64,
 }

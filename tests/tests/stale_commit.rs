@@ -1,0 +1,96 @@
+//! A placement computed for version V never lands once the instance moved past V. The fit is
+//! held between compute and commit by a test hook, so the interleaving is exact.
+
+use berth_analyzer::Hooks;
+use berth_proto::InstanceState;
+use berth_tests::{Fleet, GIB, worker};
+use std::{sync::Arc, time::Duration};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A hook that reports (instance, version) when a fit reaches the commit, then waits for the
+/// test's go-ahead.
+fn hold_before_commit() -> (Hooks, mpsc::UnboundedReceiver<(String, i64, oneshot::Sender<()>)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let tx = Arc::new(Mutex::new(tx));
+    let hooks = Hooks {
+        before_commit: Some(Arc::new(move |id: String, version: i64| {
+            let tx = tx.clone();
+            Box::pin(async move {
+                let (go, wait) = oneshot::channel();
+                let _ = tx.lock().await.send((id, version, go));
+                let _ = wait.await;
+            })
+        })),
+    };
+    (hooks, rx)
+}
+
+async fn assert_nothing_landed(fleet: &Fleet) {
+    assert!(fleet.store.allocations().await.unwrap().is_empty());
+    assert!(fleet.store.gpus().await.unwrap().iter().all(|g| g.reserved_bytes == 0));
+    fleet.assert_books_balanced().await;
+}
+
+/// Another analyzer applies a stop while this one holds a finished fit: the CAS refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_after_a_concurrent_stop_is_refused_by_the_version_check() {
+    let mut fleet = Fleet::start().await;
+    let (hooks, mut held) = hold_before_commit();
+    let stats = fleet.add_analyzer(hooks).await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+
+    let start_seq = fleet.start_instance("x", 20 * GIB, 1).await;
+    let (id, version, go) = held.recv().await.expect("fit reached the commit");
+    assert_eq!(id, "x");
+    // What another analyzer does with a newer stop: applied straight in the store, so this
+    // analyzer's own cancellation cannot see it and only the version check stands in the way.
+    let stop_seq = i64::try_from(start_seq).unwrap() + 1;
+    let applied = fleet.store.apply_stop("x", stop_seq, None).await.unwrap();
+    assert!(matches!(applied, berth_store::commands::StopApplied::Stopped(_)), "{applied:?}");
+    go.send(()).unwrap();
+
+    let store = fleet.store.clone();
+    berth_tests::wait_until("the CAS miss", LIMIT, || {
+        let stats = stats.clone();
+        async move { (stats.cas_conflicts.get() == 1).then_some(()) }
+    })
+    .await;
+    let row = store.instance("x").await.unwrap().unwrap();
+    assert_eq!(row.state, "stopped");
+    assert!(row.version > version);
+    assert_eq!(stats.placements_committed.get(), 0);
+    assert_nothing_landed(&fleet).await;
+}
+
+/// The stop goes through the bus to the same analyzer: it cancels the held fit, which then
+/// never commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_published_while_the_fit_is_held_cancels_it() {
+    let mut fleet = Fleet::start().await;
+    let (hooks, mut held) = hold_before_commit();
+    let stats = fleet.add_analyzer(hooks).await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+
+    fleet.start_instance("x", 20 * GIB, 1).await;
+    let (_, _, go) = held.recv().await.expect("fit reached the commit");
+    fleet.stop_instance("x").await;
+    fleet.wait_state("x", InstanceState::Stopped, LIMIT).await;
+    go.send(()).unwrap();
+
+    berth_tests::wait_until("the held fit to be dropped", LIMIT, || {
+        let stats = stats.clone();
+        async move { (stats.fits_cancelled.get() + stats.cas_conflicts.get() == 1).then_some(()) }
+    })
+    .await;
+    assert_eq!(stats.placements_committed.get(), 0);
+    assert_eq!(fleet.store.instance("x").await.unwrap().unwrap().state, "stopped");
+    assert_nothing_landed(&fleet).await;
+
+    // The analyzer still places what comes next.
+    fleet.start_instance("y", 20 * GIB, 1).await;
+    let (_, _, go) = held.recv().await.expect("second fit reached the commit");
+    go.send(()).unwrap();
+    fleet.wait_state("y", InstanceState::Running, LIMIT).await;
+}
