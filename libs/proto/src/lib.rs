@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod codec;
 pub mod command;
+pub mod size;
 pub mod event;
 pub mod state;
 pub mod status;

@@ -11,6 +11,7 @@
 //! count = 4                     # optional, default 1
 //! ```
 
+pub use berth_proto::size::parse_bytes;
 use berth_proto::{GpuInfo, subjects::validate_id};
 use serde::Deserialize;
 use std::{collections::BTreeMap, path::Path};
@@ -148,15 +149,6 @@ impl Inventory {
         }
         Ok(Inventory { workers })
     }
-}
-
-/// "80GiB", "24 GB", "512MiB" → bytes.
-pub fn parse_bytes(s: &str) -> Result<i64, String> {
-    let size: bytesize::ByteSize = s
-        .trim()
-        .parse()
-        .map_err(|e| format!("{s:?} is not a size like \"80GiB\": {e}"))?;
-    i64::try_from(size.as_u64()).map_err(|_| format!("{s:?} is too large"))
 }
 
 #[cfg(test)]

@@ -1,1 +1,68 @@
-fn main() {}
+//! `berth`: run a local fleet, publish start/stop commands, look at instances.
+
+mod ps;
+mod publish;
+mod up;
+mod watch;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Defaults match what `berth up` starts, so the other commands work against it unchanged.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5433/postgres";
+
+#[derive(Debug, Parser)]
+#[command(name = "berth", version, about = "Place AI model instances on GPU clusters")]
+struct Cli {
+    /// NATS server URL(s), comma separated.
+    #[arg(long, global = true, env = "BERTH_NATS_URL", default_value = DEFAULT_NATS_URL)]
+    nats_url: String,
+    /// PostgreSQL URL (for ps and migrate).
+    #[arg(long, global = true, env = "BERTH_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    database_url: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a local fleet: private NATS and PostgreSQL under .berth/, analyzers and simulated
+    /// agents. Ctrl-C stops everything.
+    Up(up::UpArgs),
+    /// Ask for an instance to run.
+    Start(publish::StartArgs),
+    /// Ask for an instance to stop.
+    Stop(publish::StopArgs),
+    /// List instances with their state, placement and reason.
+    Ps(ps::PsArgs),
+    /// Print state changes as they happen.
+    Watch(watch::WatchArgs),
+    /// Apply database migrations (analyzers also do this at start).
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        let default = if matches!(cli.command, Cmd::Up(_)) { "info,async_nats=warn" } else { "warn" };
+        tracing_subscriber::EnvFilter::new(default)
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Cmd::Up(args) => up::run(args).await,
+        Cmd::Start(args) => publish::start(&cli.nats_url, args).await,
+        Cmd::Stop(args) => publish::stop(&cli.nats_url, args).await,
+        Cmd::Ps(args) => ps::run(&cli.database_url, args).await,
+        Cmd::Watch(args) => watch::run(&cli.nats_url, args).await,
+        Cmd::Migrate => {
+            let applied = berth_store::migrate(&cli.database_url).await?;
+            println!("migrations applied: {applied}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! `berth start` and `berth stop`: validate locally, publish, optionally wait for the result.
+
+use anyhow::{Context, Result, bail};
+use berth_bus::Bus;
+use berth_proto::{
+    Command, InstanceEvent, StartSpec, StopSpec, size::parse_bytes, subjects,
+};
+use clap::Args;
+use futures::StreamExt;
+use std::{collections::BTreeMap, time::Duration};
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// Instance id (letters, digits, '-' and '_').
+    #[arg(value_parser = parse_id)]
+    instance: String,
+    /// VRAM to reserve on each GPU, e.g. 20GiB.
+    #[arg(long, value_parser = parse_vram, allow_hyphen_values = true)]
+    vram: i64,
+    /// Number of GPUs, all on one worker.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..=berth_proto::command::MAX_GPUS))]
+    gpus: i64,
+    /// Model name.
+    #[arg(long, default_value = "")]
+    model: String,
+    /// Worker label that must match, key=value; repeat for several.
+    #[arg(long = "selector", value_parser = parse_label)]
+    selector: Vec<(String, String)>,
+    #[command(flatten)]
+    wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    #[arg(value_parser = parse_id)]
+    instance: String,
+    /// Why, kept with the instance.
+    #[arg(long)]
+    reason: Option<String>,
+    #[command(flatten)]
+    wait: WaitArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Wait until the instance reaches a resting state (running, pending, stopped, error) and
+    /// print each state it goes through.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up after this many seconds.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    timeout: u64,
+}
+
+fn parse_id(s: &str) -> Result<String, String> {
+    subjects::validate_id(s).map_err(|e| e.to_string())?;
+    Ok(s.to_owned())
+}
+
+fn parse_vram(s: &str) -> Result<i64, String> {
+    let bytes = parse_bytes(s)?;
+    let spec = StartSpec {
+        model: String::new(),
+        vram_bytes: bytes,
+        gpus: 1,
+        selector: BTreeMap::new(),
+    };
+    spec.validate()?;
+    Ok(bytes)
+}
+
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+pub async fn start(nats_url: &str, args: StartArgs) -> Result<()> {
+    let spec = StartSpec {
+        model: args.model,
+        vram_bytes: args.vram,
+        gpus: args.gpus,
+        selector: args.selector.into_iter().collect(),
+    };
+    if let Err(e) = spec.validate() {
+        bail!("invalid start: {e}");
+    }
+    publish(nats_url, &args.instance, &Command::Start(spec), &args.wait).await
+}
+
+pub async fn stop(nats_url: &str, args: StopArgs) -> Result<()> {
+    let cmd = Command::Stop(StopSpec { reason: args.reason });
+    publish(nats_url, &args.instance, &cmd, &args.wait).await
+}
+
+async fn publish(nats_url: &str, id: &str, cmd: &Command, wait: &WaitArgs) -> Result<()> {
+    let bus = tokio::time::timeout(Duration::from_secs(10), Bus::connect(nats_url, "berth-cli"))
+        .await
+        .with_context(|| format!("no NATS server answered at {nats_url} within 10 s (is `berth up` running?)"))??;
+    // Subscribe before publishing so no event is missed.
+    let mut events = if wait.wait {
+        Some(bus.client().subscribe(subjects::event_subject(id)?).await?)
+    } else {
+        None
+    };
+    let seq = bus.publish_command(id, cmd).await?;
+    println!("{id}: accepted as command {seq}");
+    let Some(events) = events.as_mut() else {
+        return Ok(());
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait.timeout);
+    loop {
+        let msg = match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => bail!("event subscription closed"),
+            Err(_) => bail!("{id}: no resting state within {} s", wait.timeout),
+        };
+        let Ok(ev) = berth_proto::decode::<InstanceEvent>(&msg.payload) else {
+            continue;
+        };
+        if ev.cmd_seq < i64::try_from(seq).unwrap_or(i64::MAX) {
+            continue;
+        }
+        println!("{}", crate::watch::line(&ev));
+        if ev.state.is_terminal() {
+            if ev.state == berth_proto::InstanceState::Error {
+                bail!("{id}: {}", ev.reason.unwrap_or_default());
+            }
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The `berth` binary as a user runs it: bad input gets a clear error and a non-zero exit;
+//! good input works against real servers.
+
+use berth_harness::TestServers;
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+fn berth(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("BERTH_NATS_URL")
+        .env_remove("BERTH_DATABASE_URL")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run berth")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn bad_arguments_are_refused_with_a_clear_error() {
+    // Nothing listens on port 1: if an argument slipped through, the command would fail on
+    // the connection instead, and the message check below would catch it.
+    let env = [("BERTH_NATS_URL", "nats://127.0.0.1:1")];
+    let cases: &[(&[&str], &str)] = &[
+        (&["start", "m", "--vram", "lots"], "not a size"),
+        (&["start", "m", "--vram", "-5GiB"], "negative"),
+        (&["start", "m", "--vram", "0"], "must be positive"),
+        (&["start", "m", "--vram", "9PiB"], "more than any GPU has"),
+        (&["start", "m", "--vram", "1GiB", "--gpus", "0"], "--gpus"),
+        (&["start", "m", "--vram", "1GiB", "--gpus", "65"], "--gpus"),
+        (&["start", "m", "--vram", "1GiB", "--selector", "zone"], "not key=value"),
+        (&["start", "a.b", "--vram", "1GiB"], "contains '.'"),
+        (&["start", "m"], "--vram"),
+        (&["stop", "has space"], "contains ' '"),
+        (&["frobnicate"], "unrecognized subcommand"),
+        (&["up", "--inventory", "/nonexistent/inv.toml"], "/nonexistent/inv.toml"),
+    ];
+    for (args, expected) in cases {
+        let out = berth(args, &env);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = stderr(&out);
+        assert!(err.contains(expected), "{args:?}: stderr lacks {expected:?}:\n{err}");
+    }
+}
+
+#[test]
+fn unreachable_servers_give_a_clear_error() {
+    let out = berth(&["ps"], &[("BERTH_DATABASE_URL", "postgres://postgres@127.0.0.1:1/postgres")]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("127.0.0.1:1"), "{}", stderr(&out));
+}
+
+#[test]
+fn start_ps_stop_against_berth_up() {
+    let dir = tempfile::Builder::new().prefix("berth-test-up-").tempdir().unwrap();
+    let port = |p: u16| p.to_string();
+    // Free ports: borrow them from a harness server pair, then stop it.
+    let (nats_port, pg_port) = {
+        let probe = TestServers::start().expect("servers");
+        (probe.nats.port(), probe.pg.port())
+    };
+    let mut up = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["up", "--dir"])
+        .arg(dir.path())
+        .args(["--nats-port", &port(nats_port), "--pg-port", &port(pg_port)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let ready = lines.next().unwrap().unwrap();
+    assert!(ready.contains("berth is up"), "{ready}");
+
+    let nats = format!("nats://127.0.0.1:{nats_port}");
+    let db = format!("postgres://postgres@127.0.0.1:{pg_port}/postgres");
+    let env = [("BERTH_NATS_URL", nats.as_str()), ("BERTH_DATABASE_URL", db.as_str())];
+    let out = berth(&["start", "demo", "--vram", "20GiB", "--wait"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("demo running"), "{}", stdout(&out));
+
+    let out = berth(&["ps"], &env);
+    let table = stdout(&out);
+    let row = table.lines().find(|l| l.trim_start().starts_with("demo")).unwrap();
+    assert!(row.contains("running") && row.contains("20.0 GiB"), "{table}");
+
+    let out = berth(&["start", "huge", "--vram", "500GiB", "--wait"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("huge pending"), "{}", stdout(&out));
+
+    let out = berth(&["stop", "demo", "--wait"], &env);
+    assert!(stdout(&out).contains("demo stopped"), "{}", stdout(&out));
+    let out = berth(&["migrate"], &env);
+    assert!(stdout(&out).contains("migrations applied: 0"), "{}", stdout(&out));
+
+    // Ctrl-C stops the whole fleet cleanly.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(up.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = up.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "berth up did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l == "stopped"), "{rest:?}");
+}
