@@ -40,9 +40,13 @@ impl Fleet {
             .await
             .expect("harness task")
             .expect("start NATS and PostgreSQL (run ops/setup.sh first)");
-        berth_store::migrate(&servers.pg.url()).await.expect("migrate");
+        berth_store::migrate(&servers.pg.url())
+            .await
+            .expect("migrate");
         let store = Store::connect(&servers.pg.url(), 8).expect("pool");
-        let bus = Bus::connect(&servers.nats.url(), "test").await.expect("bus");
+        let bus = Bus::connect(&servers.nats.url(), "test")
+            .await
+            .expect("bus");
         Fleet {
             store,
             bus,
@@ -82,14 +86,24 @@ impl Fleet {
         .expect("agent start");
         self.agents.push(agent);
         let store = self.store.clone();
-        wait_until(&format!("worker {id} registered"), Duration::from_secs(20), || {
-            let store = store.clone();
-            let id = id.clone();
-            async move {
-                let n = store.gpus().await.ok()?.iter().filter(|g| g.worker_id == id).count();
-                (n == gpus).then_some(())
-            }
-        })
+        wait_until(
+            &format!("worker {id} registered"),
+            Duration::from_secs(20),
+            || {
+                let store = store.clone();
+                let id = id.clone();
+                async move {
+                    let n = store
+                        .gpus()
+                        .await
+                        .ok()?
+                        .iter()
+                        .filter(|g| g.worker_id == id)
+                        .count();
+                    (n == gpus).then_some(())
+                }
+            },
+        )
         .await;
     }
 
@@ -100,12 +114,18 @@ impl Fleet {
             gpus,
             selector: BTreeMap::new(),
         });
-        self.bus.publish_command(id, &cmd).await.expect("publish start")
+        self.bus
+            .publish_command(id, &cmd)
+            .await
+            .expect("publish start")
     }
 
     pub async fn stop_instance(&self, id: &str) -> u64 {
         let cmd = Command::Stop(StopSpec::default());
-        self.bus.publish_command(id, &cmd).await.expect("publish stop")
+        self.bus
+            .publish_command(id, &cmd)
+            .await
+            .expect("publish stop")
     }
 
     /// Waits until each of `ids` exists and is in the state `expected` gives it.
@@ -149,10 +169,16 @@ impl Fleet {
     /// instance that is stopped, pending, in error or analyzing.
     pub async fn assert_books_balanced(&self) {
         let violations = self.store.gpu_violations().await.expect("gpu check");
-        assert!(violations.is_empty(), "GPU invariants broken: {violations:#?}");
+        assert!(
+            violations.is_empty(),
+            "GPU invariants broken: {violations:#?}"
+        );
         let instances = self.store.instances().await.expect("instances");
         for a in self.store.allocations().await.expect("allocations") {
-            let inst = instances.iter().find(|i| i.id == a.instance_id).expect("instance");
+            let inst = instances
+                .iter()
+                .find(|i| i.id == a.instance_id)
+                .expect("instance");
             let holds_ok = ["scheduled", "starting", "running", "stopping"].contains(&inst.state.as_str())
                 // a replaced placement is held until its agent confirms the stop
                 || a.version < inst.version;
@@ -172,7 +198,10 @@ where
         if let Some(v) = probe().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -181,7 +210,10 @@ where
 pub fn worker(id: &str, count: u32, vram_gib: i64, labels: &[(&str, &str)]) -> WorkerSpec {
     WorkerSpec {
         id: id.into(),
-        labels: labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect(),
         gpus: (0..count)
             .map(|index| GpuInfo {
                 index,

@@ -20,12 +20,18 @@ struct Start {
 }
 
 fn start(vram_bytes: i64, gpus: i64) -> Vec<u8> {
-    rmp_serde::to_vec_named(&Start { op: "start", vram_bytes, gpus, padding: String::new() }).unwrap()
+    rmp_serde::to_vec_named(&Start {
+        op: "start",
+        vram_bytes,
+        gpus,
+        padding: String::new(),
+    })
+    .expect("encode")
 }
 
 fn map(entries: &[(&str, &str)]) -> Vec<u8> {
     let m: BTreeMap<&str, &str> = entries.iter().copied().collect();
-    rmp_serde::to_vec_named(&m).unwrap()
+    rmp_serde::to_vec_named(&m).expect("encode")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,9 +49,17 @@ async fn malformed_commands_are_dead_lettered_and_marked() {
     .unwrap();
     // (instance, payload, words the reason must contain)
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("garbage", b"\xc1\xff\x00not msgpack".to_vec(), "not a MessagePack map"),
+        (
+            "garbage",
+            b"\xc1\xff\x00not msgpack".to_vec(),
+            "not a MessagePack map",
+        ),
         ("no-op", map(&[("model", "m")]), "no \"op\" field"),
-        ("unknown-op", map(&[("op", "explode")]), "unknown op \"explode\""),
+        (
+            "unknown-op",
+            map(&[("op", "explode")]),
+            "unknown op \"explode\"",
+        ),
         ("missing-field", map(&[("op", "start")]), "vram_bytes"),
         ("oversized", oversized, "limited to 65536 bytes"),
         ("negative", start(-5 * GIB, 1), "must be positive"),
@@ -73,13 +87,18 @@ async fn malformed_commands_are_dead_lettered_and_marked() {
 
     // The analyzer keeps serving.
     fleet.start_instance("good", 10 * GIB, 1).await;
-    fleet.wait_state("good", InstanceState::Running, LIMIT).await;
+    fleet
+        .wait_state("good", InstanceState::Running, LIMIT)
+        .await;
 
     let dlq = fleet.bus.jetstream().get_stream(DLQ_STREAM).await.unwrap();
     for ((id, payload, expected), seq) in cases.iter().zip(&seqs) {
         let row = fleet.wait_state(id, InstanceState::Error, LIMIT).await;
         let reason = row.reason.unwrap_or_default();
-        assert!(reason.contains(expected), "{id}: reason {reason:?} lacks {expected:?}");
+        assert!(
+            reason.contains(expected),
+            "{id}: reason {reason:?} lacks {expected:?}"
+        );
         let dead = dlq
             .get_last_raw_message_by_subject(&format!("berth.dlq.cmd.{id}"))
             .await
@@ -94,14 +113,24 @@ async fn malformed_commands_are_dead_lettered_and_marked() {
         .await
         .unwrap();
     assert!(
-        unknown.headers.get(DLQ_REASON).unwrap().as_str().contains("bad:id"),
+        unknown
+            .headers
+            .get(DLQ_REASON)
+            .unwrap()
+            .as_str()
+            .contains("bad:id"),
         "{unknown:?}"
     );
     assert_eq!(stats.commands_dead_lettered.get(), cases.len() as u64 + 1);
-    assert_eq!(dlq.get_info().await.unwrap().state.messages, cases.len() as u64 + 1);
+    assert_eq!(
+        dlq.get_info().await.unwrap().state.messages,
+        cases.len() as u64 + 1
+    );
 
     // A valid command after a bad one recovers the instance.
     fleet.start_instance("negative", 10 * GIB, 1).await;
-    fleet.wait_state("negative", InstanceState::Running, LIMIT).await;
+    fleet
+        .wait_state("negative", InstanceState::Running, LIMIT)
+        .await;
     fleet.assert_books_balanced().await;
 }

@@ -59,7 +59,9 @@ async fn three_analyzers_never_overcommit() {
         async move {
             let rows = store.instances().await.ok()?;
             let settled = rows.len() == INSTANCES
-                && rows.iter().all(|r| r.state == "running" || r.state == "pending");
+                && rows
+                    .iter()
+                    .all(|r| r.state == "running" || r.state == "pending");
             settled.then_some(rows)
         }
     })
@@ -69,9 +71,16 @@ async fn three_analyzers_never_overcommit() {
     watcher.await.expect("watcher saw no overcommit");
     fleet.assert_books_balanced().await;
 
-    let pending: Vec<_> = rows.iter().filter(|r| r.state == InstanceState::Pending.as_str()).collect();
+    let pending: Vec<_> = rows
+        .iter()
+        .filter(|r| r.state == InstanceState::Pending.as_str())
+        .collect();
     for r in &pending {
-        assert!(r.reason.as_deref().is_some_and(|s| !s.is_empty()), "{} pending without reason", r.id);
+        assert!(
+            r.reason.as_deref().is_some_and(|s| !s.is_empty()),
+            "{} pending without reason",
+            r.id
+        );
     }
     // Capacity only shrank during the run, so what was refused must not fit now either.
     let free: Vec<Worker> = fleet
@@ -102,7 +111,10 @@ async fn three_analyzers_never_overcommit() {
             selector: BTreeMap::new(),
         };
         assert!(
-            matches!(place(&free, &req, Policy::Binpack, &|| false), Err(FitError::NoFit(_))),
+            matches!(
+                place(&free, &req, Policy::Binpack, &|| false),
+                Err(FitError::NoFit(_))
+            ),
             "{} is pending but fits in what is left",
             r.id
         );

@@ -20,28 +20,50 @@ async fn start_runs_and_stop_frees_the_gpu() {
     fleet.add_agent(worker("w1", 2, 80, &[("zone", "a")])).await;
 
     fleet.start_instance("llama", 20 * GIB, 2).await;
-    let row = fleet.wait_state("llama", InstanceState::Running, LIMIT).await;
+    let row = fleet
+        .wait_state("llama", InstanceState::Running, LIMIT)
+        .await;
     assert_eq!(row.worker_id.as_deref(), Some("w1"));
     let allocs = fleet.store.allocations().await.unwrap();
     assert_eq!(allocs.len(), 2, "{allocs:?}");
-    assert!(allocs.iter().all(|a| a.bytes == 20 * GIB && a.version == row.version));
+    assert!(
+        allocs
+            .iter()
+            .all(|a| a.bytes == 20 * GIB && a.version == row.version)
+    );
     fleet.assert_books_balanced().await;
 
     fleet.stop_instance("llama").await;
-    fleet.wait_state("llama", InstanceState::Stopped, LIMIT).await;
+    fleet
+        .wait_state("llama", InstanceState::Stopped, LIMIT)
+        .await;
     assert!(fleet.store.allocations().await.unwrap().is_empty());
-    assert!(fleet.store.gpus().await.unwrap().iter().all(|g| g.reserved_bytes == 0));
+    assert!(
+        fleet
+            .store
+            .gpus()
+            .await
+            .unwrap()
+            .iter()
+            .all(|g| g.reserved_bytes == 0)
+    );
     fleet.assert_books_balanced().await;
 
     // Every transition was published, in order.
     let mut seen = Vec::new();
     while seen.last() != Some(&InstanceState::Stopped) {
-        let msg = tokio::time::timeout(LIMIT, events.next()).await.unwrap().unwrap();
+        let msg = tokio::time::timeout(LIMIT, events.next())
+            .await
+            .unwrap()
+            .unwrap();
         let ev: InstanceEvent = berth_proto::decode(&msg.payload).unwrap();
         seen.push(ev.state);
     }
     use InstanceState::*;
-    assert_eq!(seen, [Analyzing, Scheduled, Starting, Running, Stopping, Stopped]);
+    assert_eq!(
+        seen,
+        [Analyzing, Scheduled, Starting, Running, Stopping, Stopped]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -58,9 +58,9 @@ async fn assert_final_state(fleet: &Fleet) {
             }
         })
         .await;
-    let instances = fleet.store.instances().await.unwrap();
+    let instances = fleet.store.instances().await.expect("instances");
     assert_eq!(instances.len(), N);
-    let allocs = fleet.store.allocations().await.unwrap();
+    let allocs = fleet.store.allocations().await.expect("allocations");
     assert!(
         allocs.iter().all(|a| a.instance_id == SURVIVOR),
         "stopped instances still hold GPUs: {allocs:?}"
@@ -100,7 +100,11 @@ async fn batch_start_stop_twice_then_one_start_while_analyzers_run() {
         );
     }
     let starts = 2 * N + 1;
-    assert!(fits.len() <= starts, "{} fits for {starts} starts", fits.len());
+    assert!(
+        fits.len() <= starts,
+        "{} fits for {starts} starts",
+        fits.len()
+    );
     println!(
         "reported failure: settled in {wall:?}; fits computed {} (of {starts} starts), skipped as superseded {}, cancelled {}, stale {}, CAS conflicts {}",
         fits.len(),
@@ -119,12 +123,21 @@ async fn backlog_of_superseded_commands_costs_one_fit() {
     // An analyzer registers the worker, then goes away: the commands pile up.
     fleet.add_analyzer(Default::default()).await;
     fleet.add_agent(worker("w1", 4, 80, &[])).await;
-    fleet.analyzers.pop().expect("one analyzer").shutdown().await;
+    fleet
+        .analyzers
+        .pop()
+        .expect("one analyzer")
+        .shutdown()
+        .await;
     let mut published = Published::new();
     run_scenario(&fleet, &mut published).await;
 
     let stats = fleet.add_analyzer(Default::default()).await;
     assert_final_state(&fleet).await;
-    assert_eq!(stats.fits_computed.get(), 1, "only the survivor's start needs a fit");
+    assert_eq!(
+        stats.fits_computed.get(),
+        1,
+        "only the survivor's start needs a fit"
+    );
     assert_eq!(stats.commands_applied.get(), N as u64);
 }

@@ -11,7 +11,10 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 /// A hook that reports (instance, version) when a fit reaches the commit, then waits for the
 /// test's go-ahead.
-fn hold_before_commit() -> (Hooks, mpsc::UnboundedReceiver<(String, i64, oneshot::Sender<()>)>) {
+fn hold_before_commit() -> (
+    Hooks,
+    mpsc::UnboundedReceiver<(String, i64, oneshot::Sender<()>)>,
+) {
     let (tx, rx) = mpsc::unbounded_channel();
     let tx = Arc::new(Mutex::new(tx));
     let hooks = Hooks {
@@ -28,8 +31,16 @@ fn hold_before_commit() -> (Hooks, mpsc::UnboundedReceiver<(String, i64, oneshot
 }
 
 async fn assert_nothing_landed(fleet: &Fleet) {
-    assert!(fleet.store.allocations().await.unwrap().is_empty());
-    assert!(fleet.store.gpus().await.unwrap().iter().all(|g| g.reserved_bytes == 0));
+    assert!(fleet.store.allocations().await.expect("store read").is_empty());
+    assert!(
+        fleet
+            .store
+            .gpus()
+            .await
+            .expect("store read")
+            .iter()
+            .all(|g| g.reserved_bytes == 0)
+    );
     fleet.assert_books_balanced().await;
 }
 
@@ -48,7 +59,10 @@ async fn commit_after_a_concurrent_stop_is_refused_by_the_version_check() {
     // analyzer's own cancellation cannot see it and only the version check stands in the way.
     let stop_seq = i64::try_from(start_seq).unwrap() + 1;
     let applied = fleet.store.apply_stop("x", stop_seq, None).await.unwrap();
-    assert!(matches!(applied, berth_store::commands::StopApplied::Stopped(_)), "{applied:?}");
+    assert!(
+        matches!(applied, berth_store::commands::StopApplied::Stopped(_)),
+        "{applied:?}"
+    );
     go.send(()).unwrap();
 
     let store = fleet.store.clone();
@@ -85,7 +99,10 @@ async fn stop_published_while_the_fit_is_held_cancels_it() {
     })
     .await;
     assert_eq!(stats.placements_committed.get(), 0);
-    assert_eq!(fleet.store.instance("x").await.unwrap().unwrap().state, "stopped");
+    assert_eq!(
+        fleet.store.instance("x").await.unwrap().unwrap().state,
+        "stopped"
+    );
     assert_nothing_landed(&fleet).await;
 
     // The analyzer still places what comes next.

@@ -12,8 +12,8 @@ use futures::future::join_all;
 use std::collections::BTreeMap;
 
 async fn store_with_worker(servers: &berth_harness::TestServers) -> Store {
-    berth_store::migrate(&servers.pg.url()).await.unwrap();
-    let store = Store::connect(&servers.pg.url(), 4).unwrap();
+    berth_store::migrate(&servers.pg.url()).await.expect("store setup");
+    let store = Store::connect(&servers.pg.url(), 4).expect("store setup");
     let gpus = vec![GpuInfo {
         index: 0,
         name: "H100".into(),
@@ -21,7 +21,10 @@ async fn store_with_worker(servers: &berth_harness::TestServers) -> Store {
         total_bytes: 80 * GIB,
         system_reserved_bytes: GIB,
     }];
-    store.register_worker("w1", &BTreeMap::new(), &gpus).await.unwrap();
+    store
+        .register_worker("w1", &BTreeMap::new(), &gpus)
+        .await
+        .expect("store setup");
     store
 }
 
@@ -51,7 +54,9 @@ async fn concurrent_migrations_apply_once() {
 async fn older_commands_are_stale_and_change_nothing() {
     let servers = servers();
     let store = store_with_worker(&servers).await;
-    let StartApplied::Analyzing { transition, .. } = store.apply_start("x", 10, spec()).await.unwrap() else {
+    let StartApplied::Analyzing { transition, .. } =
+        store.apply_start("x", 10, spec()).await.unwrap()
+    else {
         panic!("first start applies");
     };
     assert_eq!(transition.version, 1);
@@ -59,10 +64,16 @@ async fn older_commands_are_stale_and_change_nothing() {
         store.apply_stop("x", 9, None).await.unwrap(),
         StopApplied::Stale { current_seq: 10 }
     );
-    assert!(matches!(store.apply_start("x", 3, spec()).await.unwrap(), StartApplied::Stale { .. }));
+    assert!(matches!(
+        store.apply_start("x", 3, spec()).await.unwrap(),
+        StartApplied::Stale { .. }
+    ));
     assert_eq!(store.apply_invalid("x", 5, "bad").await.unwrap(), None);
     let row = store.instance("x").await.unwrap().unwrap();
-    assert_eq!((row.state.as_str(), row.version, row.cmd_seq), ("analyzing", 1, 10));
+    assert_eq!(
+        (row.state.as_str(), row.version, row.cmd_seq),
+        ("analyzing", 1, 10)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,22 +83,34 @@ async fn redelivered_start_is_redone_with_a_new_version() {
     store.apply_start("x", 4, spec()).await.unwrap();
     // The analyzer that applied seq 4 died before committing; the redelivery takes over and
     // bumps the version, so a late commit by the first one would miss its CAS.
-    let StartApplied::Analyzing { transition, .. } = store.apply_start("x", 4, spec()).await.unwrap() else {
+    let StartApplied::Analyzing { transition, .. } =
+        store.apply_start("x", 4, spec()).await.unwrap()
+    else {
         panic!("redelivery in analyzing is redone");
     };
     assert_eq!(transition.version, 2);
     assert_eq!(
-        store.commit_placement("x", 1, "w1", &[0], 10 * GIB).await.unwrap(),
+        store
+            .commit_placement("x", 1, "w1", &[0], 10 * GIB)
+            .await
+            .unwrap(),
         CommitOutcome::VersionMoved
     );
     assert!(matches!(
-        store.commit_placement("x", 2, "w1", &[0], 10 * GIB).await.unwrap(),
+        store
+            .commit_placement("x", 2, "w1", &[0], 10 * GIB)
+            .await
+            .unwrap(),
         CommitOutcome::Committed(_)
     ));
     // Once placed, a redelivery asks for the assignment to be sent again.
     assert_eq!(
         store.apply_start("x", 4, spec()).await.unwrap(),
-        StartApplied::AlreadyPlaced { version: 2, worker_id: "w1".into(), gpus: vec![0] }
+        StartApplied::AlreadyPlaced {
+            version: 2,
+            worker_id: "w1".into(),
+            gpus: vec![0]
+        }
     );
 }
 
@@ -104,14 +127,21 @@ async fn reservation_refuses_what_does_not_fit() {
         store.commit_placement("b", 1, "w1", &[0], 50 * GIB),
     ])
     .await;
-    let committed = results.iter().filter(|r| matches!(r, Ok(CommitOutcome::Committed(_)))).count();
+    let committed = results
+        .iter()
+        .filter(|r| matches!(r, Ok(CommitOutcome::Committed(_))))
+        .count();
     let refused = results
         .iter()
         .filter(|r| matches!(r, Ok(CommitOutcome::CapacityGone { gpu: 0, .. })))
         .count();
     assert_eq!((committed, refused), (1, 1), "{results:?}");
     assert!(store.gpu_violations().await.unwrap().is_empty());
-    let loser = if matches!(results[0], Ok(CommitOutcome::Committed(_))) { "b" } else { "a" };
+    let loser = if matches!(results[0], Ok(CommitOutcome::Committed(_))) {
+        "b"
+    } else {
+        "a"
+    };
     let row = store.instance(loser).await.unwrap().unwrap();
     assert_eq!(row.state, "analyzing", "a refused commit leaves no trace");
 }
@@ -121,16 +151,35 @@ async fn stop_holds_gpus_until_the_agent_confirms() {
     let servers = servers();
     let store = store_with_worker(&servers).await;
     store.apply_start("x", 1, spec()).await.unwrap();
-    store.commit_placement("x", 1, "w1", &[0], 10 * GIB).await.unwrap();
-    let StopApplied::Stopping { transition, workers } = store.apply_stop("x", 2, None).await.unwrap() else {
+    store
+        .commit_placement("x", 1, "w1", &[0], 10 * GIB)
+        .await
+        .unwrap();
+    let StopApplied::Stopping {
+        transition,
+        workers,
+    } = store.apply_stop("x", 2, None).await.unwrap()
+    else {
         panic!("a placed instance stops through its agent");
     };
     assert_eq!(workers, ["w1"]);
     // A late report for the old version changes nothing.
-    assert!(store.apply_report("w1", "x", 1, ReportedState::Running, None).await.unwrap().is_empty());
+    assert!(
+        store
+            .apply_report("w1", "x", 1, ReportedState::Running, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(store.gpus().await.unwrap()[0].reserved_bytes, 10 * GIB);
     // A confirmation from another worker releases nothing.
-    assert!(store.apply_report("w2", "x", transition.version, ReportedState::Stopped, None).await.unwrap().is_empty());
+    assert!(
+        store
+            .apply_report("w2", "x", transition.version, ReportedState::Stopped, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let done = store
         .apply_report("w1", "x", transition.version, ReportedState::Stopped, None)
         .await

@@ -96,7 +96,8 @@ impl Bus {
     /// Publishes a command and waits for JetStream to store it; returns its sequence.
     pub async fn publish_command(&self, instance_id: &str, cmd: &Command) -> Result<u64, BusError> {
         let payload = cmd.encode()?;
-        self.publish_raw_command(instance_id, payload.into(), None).await
+        self.publish_raw_command(instance_id, payload.into(), None)
+            .await
     }
 
     /// Publishes raw command bytes (any client could); `expected_last` makes JetStream refuse
@@ -160,14 +161,20 @@ impl Bus {
 
     /// Sends an assignment to a worker's agent and waits until JetStream stored it.
     pub async fn publish_agent(&self, worker_id: &str, msg: &AgentMsg) -> Result<(), BusError> {
-        self.publish_durable(subjects::agent_subject(worker_id)?, berth_proto::encode(msg)?)
-            .await
+        self.publish_durable(
+            subjects::agent_subject(worker_id)?,
+            berth_proto::encode(msg)?,
+        )
+        .await
     }
 
     /// Sends an agent report and waits until JetStream stored it.
     pub async fn publish_status(&self, worker_id: &str, msg: &StatusMsg) -> Result<(), BusError> {
-        self.publish_durable(subjects::status_subject(worker_id)?, berth_proto::encode(msg)?)
-            .await
+        self.publish_durable(
+            subjects::status_subject(worker_id)?,
+            berth_proto::encode(msg)?,
+        )
+        .await
     }
 
     /// Publishes a state-change event. Waits for the store ack so events keep their order.

@@ -59,7 +59,12 @@ pub fn find_pg_bin() -> Result<PathBuf, HarnessError> {
     let mut candidates = vec![
         std::env::var("BERTH_PG_BIN").ok().map(PathBuf::from),
         setup_env("BERTH_PG_BIN").map(PathBuf::from),
-        on_path("initdb").and_then(|p| std::fs::canonicalize(p).ok()?.parent().map(Path::to_path_buf)),
+        on_path("initdb").and_then(|p| {
+            std::fs::canonicalize(p)
+                .ok()?
+                .parent()
+                .map(Path::to_path_buf)
+        }),
     ];
     let mut debian: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()

@@ -59,9 +59,18 @@ impl NatsServer {
         let bin = binaries::find_nats_server()?;
         let log_path = self.dir.join("nats.log");
         let log = File::create(&log_path).map_err(|e| HarnessError::io(&log_path, e))?;
-        let log2 = log.try_clone().map_err(|e| HarnessError::io(&log_path, e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| HarnessError::io(&log_path, e))?;
         let mut child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(self.dir.join("jetstream"))
             .args(["--server_name", "berth-local"])
             .stdin(Stdio::null())

@@ -48,7 +48,11 @@ impl PgServer {
     }
 
     /// Starts a cluster in `dir` on `port`.
-    pub fn start_on(dir: &Path, port: u16, durability: Durability) -> Result<PgServer, HarnessError> {
+    pub fn start_on(
+        dir: &Path,
+        port: u16,
+        durability: Durability,
+    ) -> Result<PgServer, HarnessError> {
         let owner = service_user()?;
         std::fs::create_dir_all(dir.join("sock")).map_err(|e| HarnessError::io(dir, e))?;
         if let Some(user) = &owner {
@@ -93,7 +97,16 @@ impl PgServer {
             .command("initdb")?
             .arg("-D")
             .arg(self.dir.join("data"))
-            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .stdout(out)
             .stderr(err)
             .status()
@@ -115,7 +128,12 @@ impl PgServer {
             .arg(self.dir.join("data"))
             .args(["-p", &self.port.to_string(), "-k"])
             .arg(self.dir.join("sock"))
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300"]);
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=300",
+            ]);
         if self.durability == Durability::Fast {
             cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
                 .args(["-c", "full_page_writes=off"]);

@@ -94,8 +94,8 @@ impl Command {
                 max: MAX_COMMAND_BYTES,
             });
         }
-        let envelope: Envelope = rmp_serde::from_slice(bytes)
-            .map_err(|e| CommandError::Undecodable(e.to_string()))?;
+        let envelope: Envelope =
+            rmp_serde::from_slice(bytes).map_err(|e| CommandError::Undecodable(e.to_string()))?;
         let op = envelope.op.ok_or(CommandError::MissingOp)?;
         let op_name = match op {
             Tag::Text(t) if t == "start" => "start",
@@ -127,7 +127,9 @@ impl StartSpec {
             return Err(format!(
                 "vram_bytes {} is more than any GPU has (limit {} per GPU)",
                 self.vram_bytes,
-                bytesize::ByteSize::b(MAX_VRAM_PER_GPU.unsigned_abs()).display().iec()
+                bytesize::ByteSize::b(MAX_VRAM_PER_GPU.unsigned_abs())
+                    .display()
+                    .iec()
             ));
         }
         if !(1..=MAX_GPUS).contains(&self.gpus) {

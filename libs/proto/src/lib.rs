@@ -8,8 +8,8 @@
 pub mod agent;
 pub mod codec;
 pub mod command;
-pub mod size;
 pub mod event;
+pub mod size;
 pub mod state;
 pub mod status;
 pub mod subjects;

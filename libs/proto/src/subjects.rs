@@ -89,7 +89,10 @@ mod tests {
 
     #[test]
     fn accepts_plain_ids() {
-        assert_eq!(cmd_subject("llama-3_8b").unwrap(), "berth.cmd.instance.llama-3_8b");
+        assert_eq!(
+            cmd_subject("llama-3_8b").unwrap(),
+            "berth.cmd.instance.llama-3_8b"
+        );
         assert_eq!(instance_of_cmd_subject("berth.cmd.instance.a1"), Some("a1"));
     }
 

@@ -75,10 +75,19 @@ mod tests {
     #[tokio::test]
     async fn retries_transient_errors_until_success() {
         let tries = AtomicU32::new(0);
-        let out: Result<u32, String> = retry("op", RetryPolicy::QUICK, |_| true, || async {
-            let n = tries.fetch_add(1, Ordering::SeqCst);
-            if n < 2 { Err(format!("fail {n}")) } else { Ok(n) }
-        })
+        let out: Result<u32, String> = retry(
+            "op",
+            RetryPolicy::QUICK,
+            |_| true,
+            || async {
+                let n = tries.fetch_add(1, Ordering::SeqCst);
+                if n < 2 {
+                    Err(format!("fail {n}"))
+                } else {
+                    Ok(n)
+                }
+            },
+        )
         .await;
         assert_eq!(out, Ok(2));
     }
@@ -86,10 +95,15 @@ mod tests {
     #[tokio::test]
     async fn stops_at_a_permanent_error() {
         let tries = AtomicU32::new(0);
-        let out: Result<(), String> = retry("op", RetryPolicy::QUICK, |_| false, || async {
-            tries.fetch_add(1, Ordering::SeqCst);
-            Err("bad input".to_owned())
-        })
+        let out: Result<(), String> = retry(
+            "op",
+            RetryPolicy::QUICK,
+            |_| false,
+            || async {
+                tries.fetch_add(1, Ordering::SeqCst);
+                Err("bad input".to_owned())
+            },
+        )
         .await;
         assert_eq!(out, Err("bad input".to_owned()));
         assert_eq!(tries.load(Ordering::SeqCst), 1);

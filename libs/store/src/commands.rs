@@ -2,13 +2,13 @@
 //! instance's `cmd_seq`; each applied command bumps the instance's version.
 
 use crate::{
-    StoreError, Store, Transition,
+    Store, StoreError, Transition,
     models::{AllocationRow, InstanceRow},
     schema::{allocations, instances},
 };
 use berth_proto::InstanceState;
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, };
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 /// What applying a start did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +33,9 @@ pub enum StartApplied {
 /// What applying a stop did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopApplied {
-    Stale { current_seq: i64 },
+    Stale {
+        current_seq: i64,
+    },
     /// Nothing was placed: the instance is `stopped` at once.
     Stopped(Transition),
     /// GPUs are held on these workers: the instance is `stopping` until their agents confirm.
@@ -57,8 +59,11 @@ impl Store {
     ) -> Result<StartApplied, StoreError> {
         let mut conn = self.conn().await?;
         let id = id.to_owned();
-        (*conn).transaction::<_, StoreError, _>(async |conn| {
-                let Some(row) = lock_or_create(conn, &id, seq, "running", "analyzing", Some(&spec)).await? else {
+        (*conn)
+            .transaction::<_, StoreError, _>(async |conn| {
+                let Some(row) =
+                    lock_or_create(conn, &id, seq, "running", "analyzing", Some(&spec)).await?
+                else {
                     return Ok(StartApplied::Analyzing {
                         transition: analyzing(&id, seq, 1),
                         release_on: Vec::new(),
@@ -67,8 +72,12 @@ impl Store {
                 if row.cmd_seq == seq && row.state == InstanceState::Scheduled.as_str() {
                     return already_placed(conn, &row).await;
                 }
-                if !(row.cmd_seq < seq || (row.cmd_seq == seq && REDO_STATES.contains(&row.state.as_str()))) {
-                    return Ok(StartApplied::Stale { current_seq: row.cmd_seq });
+                if !(row.cmd_seq < seq
+                    || (row.cmd_seq == seq && REDO_STATES.contains(&row.state.as_str())))
+                {
+                    return Ok(StartApplied::Stale {
+                        current_seq: row.cmd_seq,
+                    });
                 }
                 let version = row.version + 1;
                 diesel::update(instances::table.find(&id))
@@ -88,8 +97,8 @@ impl Store {
                     transition: analyzing(&id, seq, version),
                     release_on: holding_workers(conn, &id).await?,
                 })
-        })
-        .await
+            })
+            .await
     }
 
     /// Records a stop command with sequence `seq` for `id`, with an optional reason.
@@ -101,8 +110,10 @@ impl Store {
     ) -> Result<StopApplied, StoreError> {
         let mut conn = self.conn().await?;
         let id = id.to_owned();
-        (*conn).transaction::<_, StoreError, _>(async |conn| {
-                let Some(row) = lock_or_create(conn, &id, seq, "stopped", "stopped", None).await? else {
+        (*conn)
+            .transaction::<_, StoreError, _>(async |conn| {
+                let Some(row) = lock_or_create(conn, &id, seq, "stopped", "stopped", None).await?
+                else {
                     return Ok(StopApplied::Stopped(Transition {
                         instance_id: id.clone(),
                         state: InstanceState::Stopped,
@@ -115,7 +126,9 @@ impl Store {
                 };
                 let redo = row.cmd_seq == seq && row.state == InstanceState::Stopping.as_str();
                 if !(row.cmd_seq < seq || redo) {
-                    return Ok(StopApplied::Stale { current_seq: row.cmd_seq });
+                    return Ok(StopApplied::Stale {
+                        current_seq: row.cmd_seq,
+                    });
                 }
                 let workers = holding_workers(conn, &id).await?;
                 let state = if workers.is_empty() {
@@ -147,10 +160,13 @@ impl Store {
                 Ok(if workers.is_empty() {
                     StopApplied::Stopped(transition)
                 } else {
-                    StopApplied::Stopping { transition, workers }
+                    StopApplied::Stopping {
+                        transition,
+                        workers,
+                    }
                 })
-        })
-        .await
+            })
+            .await
     }
 
     /// Marks `id` as `error` because its command with sequence `seq` was invalid. Returns
@@ -165,8 +181,10 @@ impl Store {
         let mut conn = self.conn().await?;
         let id = id.to_owned();
         let reason = reason.to_owned();
-        (*conn).transaction::<_, StoreError, _>(async |conn| {
-                let version = match lock_or_create(conn, &id, seq, "stopped", "error", None).await? {
+        (*conn)
+            .transaction::<_, StoreError, _>(async |conn| {
+                let version = match lock_or_create(conn, &id, seq, "stopped", "error", None).await?
+                {
                     None => {
                         diesel::update(instances::table.find(&id))
                             .set(instances::reason.eq(&reason))
@@ -198,8 +216,8 @@ impl Store {
                     gpus: Vec::new(),
                     reason: Some(reason),
                 }))
-        })
-        .await
+            })
+            .await
     }
 }
 
@@ -251,7 +269,10 @@ async fn lock_or_create(
 
 /// Workers holding GPUs for `id`, from any version. Runs after the row lock, so it sees every
 /// placement committed for the instance.
-async fn holding_workers(conn: &mut AsyncPgConnection, id: &str) -> Result<Vec<String>, StoreError> {
+async fn holding_workers(
+    conn: &mut AsyncPgConnection,
+    id: &str,
+) -> Result<Vec<String>, StoreError> {
     Ok(allocations::table
         .filter(allocations::instance_id.eq(id))
         .select(allocations::worker_id)
@@ -272,10 +293,9 @@ async fn already_placed(
         .order(allocations::gpu_idx)
         .load(conn)
         .await?;
-    let worker_id = row
-        .worker_id
-        .clone()
-        .ok_or_else(|| StoreError::Corrupt(format!("scheduled instance {} has no worker", row.id)))?;
+    let worker_id = row.worker_id.clone().ok_or_else(|| {
+        StoreError::Corrupt(format!("scheduled instance {} has no worker", row.id))
+    })?;
     Ok(StartApplied::AlreadyPlaced {
         version: row.version,
         worker_id,

@@ -7,7 +7,7 @@ use crate::{
 };
 use berth_proto::InstanceState;
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, RunQueryDsl, };
+use diesel_async::{AsyncConnection, RunQueryDsl};
 
 /// The outcome of a placement commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,7 +16,10 @@ pub enum CommitOutcome {
     /// The instance moved past the version the placement was computed for: nothing written.
     VersionMoved,
     /// Another placement took the room on this GPU first: nothing written; refit.
-    CapacityGone { worker_id: String, gpu: u32 },
+    CapacityGone {
+        worker_id: String,
+        gpu: u32,
+    },
 }
 
 impl Store {
@@ -33,16 +36,17 @@ impl Store {
             .order((gpus::worker_id, gpus::idx))
             .load(&mut conn)
             .await?;
-        let mut out: Vec<(WorkerRow, Vec<GpuRow>)> = ws.into_iter().map(|w| (w, Vec::new())).collect();
+        let mut out: Vec<(WorkerRow, Vec<GpuRow>)> =
+            ws.into_iter().map(|w| (w, Vec::new())).collect();
         let mut at = 0;
         for g in gs {
             while at < out.len() && out[at].0.id < g.worker_id {
                 at += 1;
             }
-            if let Some((w, list)) = out.get_mut(at) {
-                if w.id == g.worker_id {
-                    list.push(g);
-                }
+            if let Some((w, list)) = out.get_mut(at)
+                && w.id == g.worker_id
+            {
+                list.push(g);
             }
         }
         Ok(out)
@@ -144,7 +148,8 @@ impl Store {
         version: i64,
         reason: &str,
     ) -> Result<Option<Transition>, StoreError> {
-        self.finish_analysis(id, version, InstanceState::Pending, reason).await
+        self.finish_analysis(id, version, InstanceState::Pending, reason)
+            .await
     }
 
     /// Moves `id` from `analyzing` at `version` to `error` with `reason`.
@@ -154,7 +159,8 @@ impl Store {
         version: i64,
         reason: &str,
     ) -> Result<Option<Transition>, StoreError> {
-        self.finish_analysis(id, version, InstanceState::Error, reason).await
+        self.finish_analysis(id, version, InstanceState::Error, reason)
+            .await
     }
 
     async fn finish_analysis(

@@ -8,7 +8,7 @@ use crate::{
 use berth_proto::{GpuInfo, InstanceState, status::ReportedState};
 use diesel::prelude::*;
 use diesel::upsert::excluded;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, };
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use std::collections::BTreeMap;
 
 impl Store {
@@ -22,7 +22,8 @@ impl Store {
         let labels = serde_json::to_value(labels)
             .map_err(|e| StoreError::Corrupt(format!("labels: {e}")))?;
         let mut conn = self.conn().await?;
-        (*conn).transaction::<_, StoreError, _>(async |conn| {
+        (*conn)
+            .transaction::<_, StoreError, _>(async |conn| {
                 diesel::insert_into(workers::table)
                     .values((
                         workers::id.eq(worker_id),
@@ -62,8 +63,8 @@ impl Store {
                         .await?;
                 }
                 Ok(())
-        })
-        .await
+            })
+            .await
     }
 
     /// Notes that `worker_id` is alive. Returns false for a worker that never registered.
@@ -90,7 +91,8 @@ impl Store {
         reason: Option<&str>,
     ) -> Result<Vec<Transition>, StoreError> {
         let mut conn = self.conn().await?;
-        (*conn).transaction::<_, StoreError, _>(async |conn| {
+        (*conn)
+            .transaction::<_, StoreError, _>(async |conn| {
                 let Some(row) = instances::table
                     .find(id)
                     .select(InstanceRow::as_select())
@@ -108,7 +110,9 @@ impl Store {
                     ReportedState::Starting if current && state == "scheduled" => {
                         out.push(set_state(conn, &row, InstanceState::Starting, None).await?);
                     }
-                    ReportedState::Running if current && matches!(state, "scheduled" | "starting") => {
+                    ReportedState::Running
+                        if current && matches!(state, "scheduled" | "starting") =>
+                    {
                         out.push(set_state(conn, &row, InstanceState::Running, None).await?);
                     }
                     ReportedState::Starting | ReportedState::Running => {}
@@ -124,11 +128,14 @@ impl Store {
                     }
                 }
                 if state == "stopping" && !holds_any(conn, id).await? {
-                    out.push(set_state(conn, &row, InstanceState::Stopped, row.reason.as_deref()).await?);
+                    out.push(
+                        set_state(conn, &row, InstanceState::Stopped, row.reason.as_deref())
+                            .await?,
+                    );
                 }
                 Ok(out)
-        })
-        .await
+            })
+            .await
     }
 }
 

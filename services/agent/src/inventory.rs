@@ -106,12 +106,15 @@ impl Inventory {
                 return Err(invalid(format!("worker {:?} is defined twice", w.id)));
             }
             let reserved = match &w.system_reserved {
-                Some(s) => parse_bytes(s).map_err(|e| invalid(format!("worker {}: system_reserved: {e}", w.id)))?,
+                Some(s) => parse_bytes(s)
+                    .map_err(|e| invalid(format!("worker {}: system_reserved: {e}", w.id)))?,
                 None => 0,
             };
             let mut gpus = Vec::new();
             for g in &w.gpus {
-                let total = parse_bytes(&g.vram).map_err(|e| invalid(format!("worker {}: GPU {:?}: vram: {e}", w.id, g.name)))?;
+                let total = parse_bytes(&g.vram).map_err(|e| {
+                    invalid(format!("worker {}: GPU {:?}: vram: {e}", w.id, g.name))
+                })?;
                 if reserved >= total {
                     return Err(invalid(format!(
                         "worker {}: system_reserved {} leaves nothing of GPU {:?} ({})",
@@ -121,7 +124,9 @@ impl Inventory {
                         g.vram
                     )));
                 }
-                if g.count == 0 || gpus.len() as u64 + u64::from(g.count) > u64::from(MAX_GPUS_PER_WORKER) {
+                if g.count == 0
+                    || gpus.len() as u64 + u64::from(g.count) > u64::from(MAX_GPUS_PER_WORKER)
+                {
                     return Err(invalid(format!(
                         "worker {}: GPU count must be 1..={MAX_GPUS_PER_WORKER} in all, got {}",
                         w.id, g.count
@@ -189,18 +194,39 @@ mod tests {
         let cases = [
             ("not toml [", "not valid"),
             ("", "no [[workers]]"),
-            ("[[workers]]\nid = \"a.b\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"1GiB\"", "worker id"),
+            (
+                "[[workers]]\nid = \"a.b\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"1GiB\"",
+                "worker id",
+            ),
             ("[[workers]]\nid = \"a\"", "has no GPUs"),
-            ("[[workers]]\nid = \"a\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"lots\"", "not a size"),
-            ("[[workers]]\nid = \"a\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"1GiB\"\ncount=0", "GPU count"),
-            ("[[workers]]\nid = \"a\"\nsystem_reserved=\"2GiB\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"1GiB\"", "leaves nothing"),
-            ("[[workers]]\nid = \"a\"\ncolour=\"red\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"1GiB\"", "unknown field"),
-            ("[[workers]]\nid = \"a\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"1GiB\"\n[[workers]]\nid = \"a\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"1GiB\"", "defined twice"),
+            (
+                "[[workers]]\nid = \"a\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"lots\"",
+                "not a size",
+            ),
+            (
+                "[[workers]]\nid = \"a\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"1GiB\"\ncount=0",
+                "GPU count",
+            ),
+            (
+                "[[workers]]\nid = \"a\"\nsystem_reserved=\"2GiB\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"1GiB\"",
+                "leaves nothing",
+            ),
+            (
+                "[[workers]]\nid = \"a\"\ncolour=\"red\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"1GiB\"",
+                "unknown field",
+            ),
+            (
+                "[[workers]]\nid = \"a\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"1GiB\"\n[[workers]]\nid = \"a\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"1GiB\"",
+                "defined twice",
+            ),
         ];
         for (text, expected) in cases {
             let err = Inventory::parse(text, "inv.toml").unwrap_err().to_string();
             assert!(err.contains(expected), "{text:?}: {err}");
-            assert!(err.contains("inv.toml"), "error should name the file: {err}");
+            assert!(
+                err.contains("inv.toml"),
+                "error should name the file: {err}"
+            );
         }
     }
 

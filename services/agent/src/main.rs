@@ -56,10 +56,16 @@ async fn main() -> anyhow::Result<()> {
             worker,
         };
         let id = config.worker.id.clone();
-        agents.push(Agent::start(config).await.with_context(|| format!("starting agent {id}"))?);
+        agents.push(
+            Agent::start(config)
+                .await
+                .with_context(|| format!("starting agent {id}"))?,
+        );
         tracing::info!(worker = id, "agent running");
     }
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
     for a in agents {
         a.shutdown().await;
     }
@@ -91,7 +97,8 @@ fn workers(args: &Args) -> anyhow::Result<Vec<WorkerSpec>> {
 }
 
 fn hostname() -> anyhow::Result<String> {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name")?;
+    let name =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name")?;
     Ok(name.trim().replace(['.', ' '], "-"))
 }
 

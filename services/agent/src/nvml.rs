@@ -12,7 +12,11 @@ pub struct NvmlError(String);
 
 /// Every GPU NVML sees, with `system_reserved` bytes set aside on each.
 pub fn gpus(system_reserved: i64) -> Result<Vec<GpuInfo>, NvmlError> {
-    let nvml = Nvml::init().map_err(|e| NvmlError(format!("cannot initialise (is the NVIDIA driver installed?): {e}")))?;
+    let nvml = Nvml::init().map_err(|e| {
+        NvmlError(format!(
+            "cannot initialise (is the NVIDIA driver installed?): {e}"
+        ))
+    })?;
     let count = nvml.device_count().map_err(|e| NvmlError(e.to_string()))?;
     (0..count)
         .map(|index| {

@@ -48,7 +48,12 @@ impl Agent {
         let consumer = bus.agent_consumer(&id).await?;
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        tasks.spawn(heartbeats(bus.clone(), id.clone(), config.heartbeat, shutdown.clone()));
+        tasks.spawn(heartbeats(
+            bus.clone(),
+            id.clone(),
+            config.heartbeat,
+            shutdown.clone(),
+        ));
         tasks.spawn(assignments(bus, id, consumer, shutdown.clone()));
         Ok(Agent { shutdown, tasks })
     }
@@ -70,9 +75,12 @@ impl Agent {
 }
 
 async fn report(bus: &Bus, worker_id: &str, msg: &StatusMsg) -> Result<(), BusError> {
-    retry("agent report", RetryPolicy::PATIENT, BusError::is_transient, || {
-        bus.publish_status(worker_id, msg)
-    })
+    retry(
+        "agent report",
+        RetryPolicy::PATIENT,
+        BusError::is_transient,
+        || bus.publish_status(worker_id, msg),
+    )
     .await
 }
 
@@ -133,7 +141,10 @@ async fn assignments(
             };
             let ack = match result {
                 Ok(()) => msg.ack().await,
-                Err(_) => msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await,
+                Err(_) => {
+                    msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                        .await
+                }
             };
             if let Err(e) = ack {
                 tracing::warn!(%e, "ack failed");
@@ -148,13 +159,14 @@ async fn apply(
     backends: &mut Backends,
     msg: AgentMsg,
 ) -> Result<(), BusError> {
-    let instance_report = |instance_id: &str, version: i64, state: ReportedState| StatusMsg::Instance {
-        worker_id: worker_id.to_owned(),
-        instance_id: instance_id.to_owned(),
-        version,
-        state,
-        reason: None,
-    };
+    let instance_report =
+        |instance_id: &str, version: i64, state: ReportedState| StatusMsg::Instance {
+            worker_id: worker_id.to_owned(),
+            instance_id: instance_id.to_owned(),
+            version,
+            state,
+            reason: None,
+        };
     match msg {
         AgentMsg::Assign {
             instance_id,
@@ -164,17 +176,35 @@ async fn apply(
         } => {
             let span = tracing::info_span!("assign", instance_id, version);
             let _enter = span.enter();
-            if backends.stopped_at.get(&instance_id).is_some_and(|v| *v > version) {
+            if backends
+                .stopped_at
+                .get(&instance_id)
+                .is_some_and(|v| *v > version)
+            {
                 tracing::info!("assignment already stopped; ignored");
                 return Ok(());
             }
-            if backends.running.get(&instance_id).is_some_and(|v| *v > version) {
+            if backends
+                .running
+                .get(&instance_id)
+                .is_some_and(|v| *v > version)
+            {
                 return Ok(());
             }
-            report(bus, worker_id, &instance_report(&instance_id, version, ReportedState::Starting)).await?;
+            report(
+                bus,
+                worker_id,
+                &instance_report(&instance_id, version, ReportedState::Starting),
+            )
+            .await?;
             tracing::info!(?gpus, "backend started (simulated)");
             backends.running.insert(instance_id.clone(), version);
-            report(bus, worker_id, &instance_report(&instance_id, version, ReportedState::Running)).await
+            report(
+                bus,
+                worker_id,
+                &instance_report(&instance_id, version, ReportedState::Running),
+            )
+            .await
         }
         AgentMsg::Unassign {
             instance_id,
@@ -182,14 +212,26 @@ async fn apply(
         } => {
             let span = tracing::info_span!("unassign", instance_id, version);
             let _enter = span.enter();
-            let at = backends.stopped_at.entry(instance_id.clone()).or_insert(version);
+            let at = backends
+                .stopped_at
+                .entry(instance_id.clone())
+                .or_insert(version);
             *at = (*at).max(version);
-            if backends.running.get(&instance_id).is_some_and(|v| *v < version) {
+            if backends
+                .running
+                .get(&instance_id)
+                .is_some_and(|v| *v < version)
+            {
                 backends.running.remove(&instance_id);
                 tracing::info!("backend stopped (simulated)");
             }
             // Confirm even when nothing ran, so a stop never waits on a lost assignment.
-            report(bus, worker_id, &instance_report(&instance_id, version, ReportedState::Stopped)).await
+            report(
+                bus,
+                worker_id,
+                &instance_report(&instance_id, version, ReportedState::Stopped),
+            )
+            .await
         }
     }
 }

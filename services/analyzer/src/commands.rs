@@ -2,10 +2,7 @@
 
 use crate::{context::Ctx, intake::Handled, placing};
 use async_nats::jetstream::Message;
-use berth_proto::{
-    AgentMsg, Command, StartSpec, StopSpec,
-    subjects::instance_of_cmd_subject,
-};
+use berth_proto::{AgentMsg, Command, StartSpec, StopSpec, subjects::instance_of_cmd_subject};
 use berth_retry::{RetryPolicy, retry};
 use berth_store::{
     StoreError, Transition,
@@ -25,7 +22,11 @@ pub async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
     };
     let subject = msg.subject.as_str();
     let instance_id = instance_of_cmd_subject(subject);
-    let span = tracing::info_span!("command", instance_id = instance_id.unwrap_or("?"), cmd_seq = seq);
+    let span = tracing::info_span!(
+        "command",
+        instance_id = instance_id.unwrap_or("?"),
+        cmd_seq = seq
+    );
     async move {
         let Some(id) = instance_id else {
             let reason = format!("subject {subject:?} does not name a valid instance id");
@@ -58,7 +59,13 @@ fn outcome<T>(r: Result<T, StoreError>) -> Result<T, Handled> {
     })
 }
 
-async fn dead_letter(ctx: &Ctx, msg: &Message, id: Option<&str>, seq: u64, reason: &str) -> Handled {
+async fn dead_letter(
+    ctx: &Ctx,
+    msg: &Message,
+    id: Option<&str>,
+    seq: u64,
+    reason: &str,
+) -> Handled {
     tracing::warn!(reason, "dead-lettering command");
     if let Err(e) = ctx
         .bus
@@ -71,7 +78,10 @@ async fn dead_letter(ctx: &Ctx, msg: &Message, id: Option<&str>, seq: u64, reaso
     ctx.stats.commands_dead_lettered.inc();
     if let Some(id) = id {
         let seq_i = i64::try_from(seq).unwrap_or(i64::MAX);
-        let marked = stored("mark invalid", || ctx.store.apply_invalid(id, seq_i, reason)).await;
+        let marked = stored("mark invalid", || {
+            ctx.store.apply_invalid(id, seq_i, reason)
+        })
+        .await;
         match outcome(marked) {
             Ok(Some(t)) => announce(ctx, &t).await,
             Ok(None) => {
@@ -93,7 +103,10 @@ async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: System
             return Handled::Done;
         }
     };
-    let applied = stored("apply start", || ctx.store.apply_start(id, seq_i, spec_json.clone())).await;
+    let applied = stored("apply start", || {
+        ctx.store.apply_start(id, seq_i, spec_json.clone())
+    })
+    .await;
     let applied = match outcome(applied) {
         Ok(a) => a,
         Err(h) => return h,
@@ -144,7 +157,10 @@ async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: System
 
 async fn stop(ctx: &Ctx, id: &str, seq: u64, spec: StopSpec) -> Handled {
     let seq_i = i64::try_from(seq).unwrap_or(i64::MAX);
-    let applied = stored("apply stop", || ctx.store.apply_stop(id, seq_i, spec.reason.clone())).await;
+    let applied = stored("apply stop", || {
+        ctx.store.apply_stop(id, seq_i, spec.reason.clone())
+    })
+    .await;
     let applied = match outcome(applied) {
         Ok(a) => a,
         Err(h) => return h,
@@ -158,7 +174,10 @@ async fn stop(ctx: &Ctx, id: &str, seq: u64, spec: StopSpec) -> Handled {
             ctx.stats.commands_applied.inc();
             announce(ctx, &t).await;
         }
-        StopApplied::Stopping { transition, workers } => {
+        StopApplied::Stopping {
+            transition,
+            workers,
+        } => {
             ctx.stats.commands_applied.inc();
             announce(ctx, &transition).await;
             for worker in &workers {

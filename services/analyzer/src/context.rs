@@ -25,34 +25,29 @@ pub struct Ctx {
 impl Ctx {
     /// Registers a fit for `instance_id` at `seq`; cancels an older one in flight here.
     pub fn begin_fit(&self, instance_id: &str, seq: u64) -> CancellationToken {
+        self.supersede(instance_id, seq);
         let token = CancellationToken::new();
         if let Ok(mut map) = self.in_flight.lock() {
-            if let Some((old_seq, old)) = map.get(instance_id) {
-                if *old_seq < seq {
-                    old.cancel();
-                }
-            }
             map.insert(instance_id.to_owned(), (seq, token.clone()));
         }
         token
     }
 
     pub fn end_fit(&self, instance_id: &str, seq: u64) {
-        if let Ok(mut map) = self.in_flight.lock() {
-            if map.get(instance_id).is_some_and(|(s, _)| *s == seq) {
-                map.remove(instance_id);
-            }
+        if let Ok(mut map) = self.in_flight.lock()
+            && map.get(instance_id).is_some_and(|(s, _)| *s == seq)
+        {
+            map.remove(instance_id);
         }
     }
 
     /// A newer command for `instance_id` arrived: abandon any older fit in flight here.
     pub fn supersede(&self, instance_id: &str, seq: u64) {
-        if let Ok(map) = self.in_flight.lock() {
-            if let Some((old_seq, token)) = map.get(instance_id) {
-                if *old_seq < seq {
-                    token.cancel();
-                }
-            }
+        if let Ok(map) = self.in_flight.lock()
+            && let Some((old_seq, token)) = map.get(instance_id)
+            && *old_seq < seq
+        {
+            token.cancel();
         }
     }
 }

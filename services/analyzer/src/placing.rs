@@ -53,7 +53,7 @@ async fn place_until_settled(
     for attempt in 0..=ctx.config.max_refits {
         let capacity = match ctx.store.capacity().await {
             Ok(c) => c,
-            Err(e) => return transient(e),
+            Err(e) => return transient(&e),
         };
         let workers = to_fit_workers(capacity);
         ctx.stats.record_fit(FitRecord {
@@ -61,7 +61,9 @@ async fn place_until_settled(
             cmd_seq: seq,
             picked_at,
         });
-        let placement = match fit(&workers, &request, ctx.config.policy, &|| token.is_cancelled()) {
+        let placement = match fit(&workers, &request, ctx.config.policy, &|| {
+            token.is_cancelled()
+        }) {
             Ok(p) => p,
             Err(FitError::Cancelled) => {
                 ctx.stats.fits_cancelled.inc();
@@ -78,7 +80,13 @@ async fn place_until_settled(
         }
         let committed = ctx
             .store
-            .commit_placement(id, version, &placement.worker_id, &placement.gpus, spec.vram_bytes)
+            .commit_placement(
+                id,
+                version,
+                &placement.worker_id,
+                &placement.gpus,
+                spec.vram_bytes,
+            )
             .await;
         match committed {
             Ok(CommitOutcome::Committed(t)) => {
@@ -106,11 +114,16 @@ async fn place_until_settled(
                 return Handled::Done;
             }
             Ok(CommitOutcome::CapacityGone { worker_id, gpu }) => {
-                tracing::debug!(attempt, worker_id, gpu, "lost the GPU to another placement; refitting");
+                tracing::debug!(
+                    attempt,
+                    worker_id,
+                    gpu,
+                    "lost the GPU to another placement; refitting"
+                );
                 ctx.stats.capacity_conflicts.inc();
                 ctx.stats.refits.inc();
             }
-            Err(e) => return transient(e),
+            Err(e) => return transient(&e),
         }
     }
     let reason = format!(
@@ -131,11 +144,11 @@ async fn settle_pending(ctx: &Ctx, id: &str, version: i64, reason: &str) -> Hand
             ctx.stats.cas_conflicts.inc();
             Handled::Done
         }
-        Err(e) => transient(e),
+        Err(e) => transient(&e),
     }
 }
 
-fn transient(e: StoreError) -> Handled {
+fn transient(e: &StoreError) -> Handled {
     tracing::warn!(%e, "database error during placement; will retry");
     Handled::Retry
 }
@@ -145,7 +158,8 @@ fn to_fit_workers(capacity: Vec<(WorkerRow, Vec<GpuRow>)>) -> Vec<Worker> {
     capacity
         .into_iter()
         .map(|(w, gpus)| Worker {
-            labels: serde_json::from_value::<BTreeMap<String, String>>(w.labels).unwrap_or_default(),
+            labels: serde_json::from_value::<BTreeMap<String, String>>(w.labels)
+                .unwrap_or_default(),
             schedulable: w.schedulable,
             gpus: gpus
                 .iter()

@@ -1,11 +1,7 @@
 //! Counters of what the analyzer did, in Prometheus form, plus a bounded log of recent fits.
 
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
-use std::{
-    collections::VecDeque,
-    sync::Mutex,
-    time::SystemTime,
-};
+use std::{collections::VecDeque, sync::Mutex, time::SystemTime};
 
 /// Fits remembered in [`Stats::fit_log`].
 const FIT_LOG_CAP: usize = 100_000;
@@ -58,18 +54,62 @@ impl Stats {
     pub fn register(&self, registry: &mut Registry) {
         let sub = registry.sub_registry_with_prefix("berth_analyzer");
         let counters: [(&str, &str, &Counter); 12] = [
-            ("commands_applied", "Commands applied to an instance", &self.commands_applied),
-            ("commands_stale", "Commands older than the instance's applied one", &self.commands_stale),
-            ("commands_dead_lettered", "Commands rejected to BERTH_DLQ", &self.commands_dead_lettered),
-            ("fits_computed", "Placement searches run", &self.fits_computed),
-            ("fits_skipped_superseded", "Fits skipped: a newer command existed", &self.fits_skipped_superseded),
-            ("fits_cancelled", "Fits abandoned in flight", &self.fits_cancelled),
-            ("placements_committed", "Placements committed", &self.placements_committed),
-            ("cas_conflicts", "Commits refused: the instance version moved", &self.cas_conflicts),
-            ("capacity_conflicts", "Commits refused: a GPU's room was taken", &self.capacity_conflicts),
-            ("refits", "Fits run again after a capacity conflict", &self.refits),
+            (
+                "commands_applied",
+                "Commands applied to an instance",
+                &self.commands_applied,
+            ),
+            (
+                "commands_stale",
+                "Commands older than the instance's applied one",
+                &self.commands_stale,
+            ),
+            (
+                "commands_dead_lettered",
+                "Commands rejected to BERTH_DLQ",
+                &self.commands_dead_lettered,
+            ),
+            (
+                "fits_computed",
+                "Placement searches run",
+                &self.fits_computed,
+            ),
+            (
+                "fits_skipped_superseded",
+                "Fits skipped: a newer command existed",
+                &self.fits_skipped_superseded,
+            ),
+            (
+                "fits_cancelled",
+                "Fits abandoned in flight",
+                &self.fits_cancelled,
+            ),
+            (
+                "placements_committed",
+                "Placements committed",
+                &self.placements_committed,
+            ),
+            (
+                "cas_conflicts",
+                "Commits refused: the instance version moved",
+                &self.cas_conflicts,
+            ),
+            (
+                "capacity_conflicts",
+                "Commits refused: a GPU's room was taken",
+                &self.capacity_conflicts,
+            ),
+            (
+                "refits",
+                "Fits run again after a capacity conflict",
+                &self.refits,
+            ),
             ("pending", "Instances left pending", &self.pending),
-            ("reports_applied", "Agent reports that changed an instance", &self.reports_applied),
+            (
+                "reports_applied",
+                "Agent reports that changed an instance",
+                &self.reports_applied,
+            ),
         ];
         for (name, help, counter) in counters {
             sub.register(name, help, counter.clone());

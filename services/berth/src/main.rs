@@ -13,7 +13,11 @@ pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5433/postgres";
 
 #[derive(Debug, Parser)]
-#[command(name = "berth", version, about = "Place AI model instances on GPU clusters")]
+#[command(
+    name = "berth",
+    version,
+    about = "Place AI model instances on GPU clusters"
+)]
 struct Cli {
     /// NATS server URL(s), comma separated.
     #[arg(long, global = true, env = "BERTH_NATS_URL", default_value = DEFAULT_NATS_URL)]
@@ -46,7 +50,11 @@ enum Cmd {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        let default = if matches!(cli.command, Cmd::Up(_)) { "info,async_nats=warn" } else { "warn" };
+        let default = if matches!(cli.command, Cmd::Up(_)) {
+            "info,async_nats=warn"
+        } else {
+            "warn"
+        };
         tracing_subscriber::EnvFilter::new(default)
     });
     tracing_subscriber::fmt()

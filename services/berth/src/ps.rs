@@ -28,11 +28,14 @@ struct Row {
 
 pub async fn run(database_url: &str, args: PsArgs) -> Result<()> {
     let store = Store::connect(database_url, 1)?;
-    let read = async { Ok::<_, anyhow::Error>((store.instances().await?, store.allocations().await?)) };
+    let read =
+        async { Ok::<_, anyhow::Error>((store.instances().await?, store.allocations().await?)) };
     let (instances, allocs) = tokio::time::timeout(Duration::from_secs(10), read)
         .await
         .with_context(|| format!("PostgreSQL at {database_url} did not answer within 10 s"))?
-        .with_context(|| format!("reading instances from {database_url} (is `berth up` running?)"))?;
+        .with_context(|| {
+            format!("reading instances from {database_url} (is `berth up` running?)")
+        })?;
     let rows: Vec<Row> = instances
         .into_iter()
         .map(|i| {
@@ -65,7 +68,11 @@ pub async fn run(database_url: &str, args: PsArgs) -> Result<()> {
             r.instance,
             r.state,
             r.worker.unwrap_or_default(),
-            r.gpus.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            r.gpus
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
             r.vram_per_gpu.map(format_bytes).unwrap_or_default(),
             r.version.to_string(),
             r.reason.unwrap_or_default(),

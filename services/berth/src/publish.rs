@@ -2,9 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use berth_bus::Bus;
-use berth_proto::{
-    Command, InstanceEvent, StartSpec, StopSpec, size::parse_bytes, subjects,
-};
+use berth_proto::{Command, InstanceEvent, StartSpec, StopSpec, size::parse_bytes, subjects};
 use clap::Args;
 use futures::StreamExt;
 use std::{collections::BTreeMap, time::Duration};
@@ -90,14 +88,18 @@ pub async fn start(nats_url: &str, args: StartArgs) -> Result<()> {
 }
 
 pub async fn stop(nats_url: &str, args: StopArgs) -> Result<()> {
-    let cmd = Command::Stop(StopSpec { reason: args.reason });
+    let cmd = Command::Stop(StopSpec {
+        reason: args.reason,
+    });
     publish(nats_url, &args.instance, &cmd, &args.wait).await
 }
 
 async fn publish(nats_url: &str, id: &str, cmd: &Command, wait: &WaitArgs) -> Result<()> {
     let bus = tokio::time::timeout(Duration::from_secs(10), Bus::connect(nats_url, "berth-cli"))
         .await
-        .with_context(|| format!("no NATS server answered at {nats_url} within 10 s (is `berth up` running?)"))??;
+        .with_context(|| {
+            format!("no NATS server answered at {nats_url} within 10 s (is `berth up` running?)")
+        })??;
     // Subscribe before publishing so no event is missed.
     let mut events = if wait.wait {
         Some(bus.client().subscribe(subjects::event_subject(id)?).await?)

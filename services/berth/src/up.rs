@@ -42,9 +42,10 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let nats = tokio::task::spawn_blocking(move || NatsServer::start_on(&nats_dir, nats_port))
         .await?
         .with_context(|| format!("starting NATS on port {nats_port}"))?;
-    let pg = tokio::task::spawn_blocking(move || PgServer::start_on(&pg_dir, pg_port, Durability::Safe))
-        .await?
-        .with_context(|| format!("starting PostgreSQL on port {pg_port}"))?;
+    let pg =
+        tokio::task::spawn_blocking(move || PgServer::start_on(&pg_dir, pg_port, Durability::Safe))
+            .await?
+            .with_context(|| format!("starting PostgreSQL on port {pg_port}"))?;
     tracing::info!(nats = %nats.url(), postgres = %pg.url(), "servers started under {}", dir.display());
 
     let applied = berth_store::migrate(&pg.url()).await?;
@@ -63,7 +64,11 @@ pub async fn run(args: UpArgs) -> Result<()> {
             worker,
             heartbeat: Duration::from_secs(5),
         };
-        agents.push(Agent::start(config).await.with_context(|| format!("agent {id}"))?);
+        agents.push(
+            Agent::start(config)
+                .await
+                .with_context(|| format!("agent {id}"))?,
+        );
     }
     println!(
         "berth is up: NATS {} · PostgreSQL {} · {} analyzers · {} simulated workers from {}",

@@ -39,31 +39,49 @@ fn bad_arguments_are_refused_with_a_clear_error() {
         (&["start", "m", "--vram", "9PiB"], "more than any GPU has"),
         (&["start", "m", "--vram", "1GiB", "--gpus", "0"], "--gpus"),
         (&["start", "m", "--vram", "1GiB", "--gpus", "65"], "--gpus"),
-        (&["start", "m", "--vram", "1GiB", "--selector", "zone"], "not key=value"),
+        (
+            &["start", "m", "--vram", "1GiB", "--selector", "zone"],
+            "not key=value",
+        ),
         (&["start", "a.b", "--vram", "1GiB"], "contains '.'"),
         (&["start", "m"], "--vram"),
         (&["stop", "has space"], "contains ' '"),
         (&["frobnicate"], "unrecognized subcommand"),
-        (&["up", "--inventory", "/nonexistent/inv.toml"], "/nonexistent/inv.toml"),
+        (
+            &["up", "--inventory", "/nonexistent/inv.toml"],
+            "/nonexistent/inv.toml",
+        ),
     ];
     for (args, expected) in cases {
         let out = berth(args, &env);
         assert!(!out.status.success(), "{args:?} should fail");
         let err = stderr(&out);
-        assert!(err.contains(expected), "{args:?}: stderr lacks {expected:?}:\n{err}");
+        assert!(
+            err.contains(expected),
+            "{args:?}: stderr lacks {expected:?}:\n{err}"
+        );
     }
 }
 
 #[test]
 fn unreachable_servers_give_a_clear_error() {
-    let out = berth(&["ps"], &[("BERTH_DATABASE_URL", "postgres://postgres@127.0.0.1:1/postgres")]);
+    let out = berth(
+        &["ps"],
+        &[(
+            "BERTH_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:1/postgres",
+        )],
+    );
     assert!(!out.status.success());
     assert!(stderr(&out).contains("127.0.0.1:1"), "{}", stderr(&out));
 }
 
 #[test]
 fn start_ps_stop_against_berth_up() {
-    let dir = tempfile::Builder::new().prefix("berth-test-up-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("berth-test-up-")
+        .tempdir()
+        .unwrap();
     let port = |p: u16| p.to_string();
     // Free ports: borrow them from a harness server pair, then stop it.
     let (nats_port, pg_port) = {
@@ -84,15 +102,24 @@ fn start_ps_stop_against_berth_up() {
 
     let nats = format!("nats://127.0.0.1:{nats_port}");
     let db = format!("postgres://postgres@127.0.0.1:{pg_port}/postgres");
-    let env = [("BERTH_NATS_URL", nats.as_str()), ("BERTH_DATABASE_URL", db.as_str())];
+    let env = [
+        ("BERTH_NATS_URL", nats.as_str()),
+        ("BERTH_DATABASE_URL", db.as_str()),
+    ];
     let out = berth(&["start", "demo", "--vram", "20GiB", "--wait"], &env);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("demo running"), "{}", stdout(&out));
 
     let out = berth(&["ps"], &env);
     let table = stdout(&out);
-    let row = table.lines().find(|l| l.trim_start().starts_with("demo")).unwrap();
-    assert!(row.contains("running") && row.contains("20.0 GiB"), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("demo"))
+        .unwrap();
+    assert!(
+        row.contains("running") && row.contains("20.0 GiB"),
+        "{table}"
+    );
 
     let out = berth(&["start", "huge", "--vram", "500GiB", "--wait"], &env);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -101,7 +128,11 @@ fn start_ps_stop_against_berth_up() {
     let out = berth(&["stop", "demo", "--wait"], &env);
     assert!(stdout(&out).contains("demo stopped"), "{}", stdout(&out));
     let out = berth(&["migrate"], &env);
-    assert!(stdout(&out).contains("migrations applied: 0"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("migrations applied: 0"),
+        "{}",
+        stdout(&out)
+    );
 
     // Ctrl-C stops the whole fleet cleanly.
     let pid = nix::unistd::Pid::from_raw(i32::try_from(up.id()).unwrap());
