@@ -31,7 +31,14 @@ fn hold_before_commit() -> (
 }
 
 async fn assert_nothing_landed(fleet: &Fleet) {
-    assert!(fleet.store.allocations().await.expect("store read").is_empty());
+    assert!(
+        fleet
+            .store
+            .allocations()
+            .await
+            .expect("store read")
+            .is_empty()
+    );
     assert!(
         fleet
             .store

@@ -12,7 +12,9 @@ use futures::future::join_all;
 use std::collections::BTreeMap;
 
 async fn store_with_worker(servers: &berth_harness::TestServers) -> Store {
-    berth_store::migrate(&servers.pg.url()).await.expect("store setup");
+    berth_store::migrate(&servers.pg.url())
+        .await
+        .expect("store setup");
     let store = Store::connect(&servers.pg.url(), 4).expect("store setup");
     let gpus = vec![GpuInfo {
         index: 0,
