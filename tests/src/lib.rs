@@ -1,6 +1,8 @@
 //! Shared setup for the integration tests: a private NATS + PostgreSQL, analyzers and
 //! simulated agents in this process, and checks of berth's invariants.
 
+pub mod hold;
+
 use berth_agent::{Agent, AgentConfig, WorkerSpec};
 use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks, Stats};
 use berth_bus::Bus;
@@ -56,16 +58,29 @@ impl Fleet {
         }
     }
 
+    /// The configuration tests use: production values, but sweeps and redelivery fast
+    /// enough that a test waits seconds, not minutes.
     pub fn analyzer_config(&self, name: &str) -> AnalyzerConfig {
         let mut c = AnalyzerConfig::new(self.servers.nats.url(), self.servers.pg.url());
         c.name = name.into();
+        c.ack_wait = Duration::from_secs(2);
+        c.sweep_every = Duration::from_millis(250);
+        c.stuck_after = Duration::from_secs(5);
+        c.unreachable_after = Duration::from_secs(1);
+        c.gone_after = Duration::from_secs(2);
         c
     }
 
     /// Starts an analyzer in this process; returns its counters.
     pub async fn add_analyzer(&mut self, hooks: Hooks) -> Arc<Stats> {
         let name = format!("analyzer-{}", self.analyzers.len());
-        let a = Analyzer::start(self.analyzer_config(&name), hooks)
+        let config = self.analyzer_config(&name);
+        self.add_analyzer_with(config, hooks).await
+    }
+
+    /// Starts an analyzer with a custom configuration.
+    pub async fn add_analyzer_with(&mut self, config: AnalyzerConfig, hooks: Hooks) -> Arc<Stats> {
+        let a = Analyzer::start(config, hooks)
             .await
             .expect("analyzer start");
         let stats = a.stats.clone();
@@ -80,7 +95,7 @@ impl Fleet {
         let agent = Agent::start(AgentConfig {
             nats_url: self.servers.nats.url(),
             worker,
-            heartbeat: Duration::from_secs(2),
+            heartbeat: Duration::from_millis(300),
         })
         .await
         .expect("agent start");

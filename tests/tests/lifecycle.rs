@@ -60,10 +60,10 @@ async fn start_runs_and_stop_frees_the_gpu() {
         seen.push(ev.state);
     }
     use InstanceState::*;
-    assert_eq!(
-        seen,
-        [Analyzing, Scheduled, Starting, Running, Stopping, Stopped]
-    );
+    // Reports are applied concurrently; a `starting` that arrives after `running` is
+    // (rightly) ignored, so it may be missing. Nothing else may be.
+    seen.retain(|s| *s != Starting);
+    assert_eq!(seen, [Analyzing, Scheduled, Running, Stopping, Stopped]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,31 +3,19 @@
 
 use berth_analyzer::Hooks;
 use berth_proto::InstanceState;
+use berth_tests::hold::{Held, hold};
 use berth_tests::{Fleet, GIB, worker};
-use std::{sync::Arc, time::Duration};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-/// A hook that reports (instance, version) when a fit reaches the commit, then waits for the
-/// test's go-ahead.
-fn hold_before_commit() -> (
-    Hooks,
-    mpsc::UnboundedReceiver<(String, i64, oneshot::Sender<()>)>,
-) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let tx = Arc::new(Mutex::new(tx));
+fn hold_before_commit() -> (Hooks, Held) {
+    let (hook, held) = hold();
     let hooks = Hooks {
-        before_commit: Some(Arc::new(move |id: String, version: i64| {
-            let tx = tx.clone();
-            Box::pin(async move {
-                let (go, wait) = oneshot::channel();
-                let _ = tx.lock().await.send((id, version, go));
-                let _ = wait.await;
-            })
-        })),
+        before_commit: Some(hook),
+        ..Default::default()
     };
-    (hooks, rx)
+    (hooks, held)
 }
 
 async fn assert_nothing_landed(fleet: &Fleet) {
@@ -117,4 +105,39 @@ async fn stop_published_while_the_fit_is_held_cancels_it() {
     let (_, _, go) = held.recv().await.expect("second fit reached the commit");
     go.send(()).unwrap();
     fleet.wait_state("y", InstanceState::Running, LIMIT).await;
+}
+
+/// The stop reaches another analyzer: the cancellation watch still stops this one's fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_handled_by_another_analyzer_cancels_the_held_fit() {
+    let mut fleet = Fleet::start().await;
+    let (hooks, mut held) = hold_before_commit();
+    let holder = fleet.add_analyzer(hooks).await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+
+    fleet.start_instance("x", 20 * GIB, 1).await;
+    let (_, _, go) = held.recv().await.expect("fit reached the commit");
+    // Only now a second analyzer: the holder keeps its one message, the other takes the stop
+    // (or the holder does; either way the holder's watch sees it).
+    let other = fleet.add_analyzer(Default::default()).await;
+    fleet.stop_instance("x").await;
+    fleet.wait_state("x", InstanceState::Stopped, LIMIT).await;
+    berth_tests::wait_until("the holder's watch to see the stop", LIMIT, || {
+        let holder = holder.clone();
+        async move { (holder.commands_watched.get() >= 2).then_some(()) }
+    })
+    .await;
+    go.send(()).expect("hook waiting");
+    berth_tests::wait_until("the held fit to be cancelled", LIMIT, || {
+        let holder = holder.clone();
+        async move { (holder.fits_cancelled.get() == 1).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        holder.cas_conflicts.get() + other.cas_conflicts.get(),
+        0,
+        "cancelled before any commit"
+    );
+    assert_eq!(holder.placements_committed.get(), 0);
+    assert_nothing_landed(&fleet).await;
 }

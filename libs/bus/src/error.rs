@@ -6,6 +6,8 @@ pub enum BusError {
     Provision(String),
     #[error("publish failed: {0}")]
     Publish(String),
+    #[error("a newer command exists for this instance")]
+    Superseded,
     #[error("JetStream request failed: {0}")]
     Request(String),
     #[error(transparent)]
@@ -20,6 +22,6 @@ impl BusError {
         matches!(
             self,
             BusError::Publish(_) | BusError::Request(_) | BusError::Provision(_)
-        ) && !self.to_string().contains("wrong last sequence")
+        )
     }
 }

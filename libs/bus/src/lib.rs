@@ -15,8 +15,8 @@ mod topology;
 
 pub use error::BusError;
 pub use topology::{
-    AGENT_STREAM, CMD_CONSUMER, CMD_STREAM, DLQ_STREAM, EVENTS_STREAM, STATUS_CONSUMER,
-    STATUS_STREAM,
+    AGENT_STREAM, CMD_CONSUMER, CMD_STREAM, DEFAULT_ACK_WAIT, DLQ_STREAM, EVENTS_STREAM,
+    STATUS_CONSUMER, STATUS_STREAM,
 };
 
 use async_nats::{
@@ -25,6 +25,7 @@ use async_nats::{
 };
 use berth_proto::{AgentMsg, Command, InstanceEvent, StatusMsg, subjects};
 use bytes::Bytes;
+use std::time::Duration;
 
 /// Header of a dead letter: why it was rejected.
 pub const DLQ_REASON: &str = "Berth-Reason";
@@ -79,8 +80,10 @@ impl Bus {
     }
 
     /// The analyzers' shared durable consumer of commands.
-    pub async fn command_consumer(&self) -> Result<PullConsumer, BusError> {
-        topology::command_consumer(&self.js).await
+    /// `ack_wait` is how soon a command held by a dead analyzer goes to another one; every
+    /// analyzer must use the same value (the last one to start sets it).
+    pub async fn command_consumer(&self, ack_wait: Duration) -> Result<PullConsumer, BusError> {
+        topology::command_consumer(&self.js, ack_wait).await
     }
 
     /// The analyzers' shared durable consumer of agent reports.
@@ -93,6 +96,35 @@ impl Bus {
         topology::agent_consumer(&self.js, worker_id).await
     }
 
+    /// Every command stored from now on, headers only, in stream order (an ordered consumer
+    /// that recreates itself after a disconnect). Analyzers use it to cancel fits whose
+    /// instance received a newer command, whichever analyzer handles that command.
+    pub async fn command_watch(&self) -> Result<jetstream::consumer::pull::Ordered, BusError> {
+        let consumer = self
+            .cmd_stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                headers_only: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::Request(e.to_string()))?;
+        consumer
+            .messages()
+            .await
+            .map_err(|e| BusError::Request(e.to_string()))
+    }
+
+    /// The newest stored command for `instance_id`: its sequence and payload.
+    pub async fn last_command(&self, instance_id: &str) -> Result<Option<(u64, Bytes)>, BusError> {
+        let subject = subjects::cmd_subject(instance_id)?;
+        match self.cmd_stream.direct_get_last_for_subject(subject).await {
+            Ok(msg) => Ok(Some((msg.sequence, msg.payload))),
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BusError::Request(e.to_string())),
+        }
+    }
+
     /// Publishes a command and waits for JetStream to store it; returns its sequence.
     pub async fn publish_command(&self, instance_id: &str, cmd: &Command) -> Result<u64, BusError> {
         let payload = cmd.encode()?;
@@ -102,7 +134,7 @@ impl Bus {
 
     /// Publishes raw command bytes (any client could); `expected_last` makes JetStream refuse
     /// the message if the subject's newest sequence is not that one, so a republish can never
-    /// override a newer user command.
+    /// override a newer user command (that refusal is [`BusError::Superseded`]).
     pub async fn publish_raw_command(
         &self,
         instance_id: &str,
@@ -122,19 +154,43 @@ impl Bus {
             .publish_with_headers(subject, headers, payload)
             .await
             .map_err(|e| BusError::Publish(e.to_string()))?
+            .await;
+        match ack {
+            Ok(ack) => Ok(ack.sequence),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                Err(BusError::Superseded)
+            }
+            Err(e) => Err(BusError::Publish(e.to_string())),
+        }
+    }
+
+    /// Publishes the instance's newest command again, as a new message, if it is still the
+    /// newest (`seq`). Used to re-evaluate pending instances; returns the new sequence, or
+    /// `None` when a newer command exists (which will be handled anyway).
+    pub async fn republish_command(
+        &self,
+        instance_id: &str,
+        seq: u64,
+    ) -> Result<Option<u64>, BusError> {
+        let Some((last, payload)) = self.last_command(instance_id).await? else {
+            return Ok(None);
+        };
+        if last != seq {
+            return Ok(None);
+        }
+        match self
+            .publish_raw_command(instance_id, payload, Some(seq))
             .await
-            .map_err(|e| BusError::Publish(e.to_string()))?;
-        Ok(ack.sequence)
+        {
+            Ok(new_seq) => Ok(Some(new_seq)),
+            Err(BusError::Superseded) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The sequence of the newest command for `instance_id`, if any: a cheap direct get.
     pub async fn last_command_seq(&self, instance_id: &str) -> Result<Option<u64>, BusError> {
-        let subject = subjects::cmd_subject(instance_id)?;
-        match self.cmd_stream.direct_get_last_for_subject(subject).await {
-            Ok(msg) => Ok(Some(msg.sequence)),
-            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(BusError::Request(e.to_string())),
-        }
+        Ok(self.last_command(instance_id).await?.map(|(seq, _)| seq))
     }
 
     /// Stores a rejected command with its reason, original subject and sequence.

@@ -18,9 +18,9 @@ pub const EVENTS_STREAM: &str = "BERTH_EVENTS";
 pub const CMD_CONSUMER: &str = "analyzers";
 pub const STATUS_CONSUMER: &str = "status-intake";
 
-/// How long a delivered message may go unacknowledged before it is redelivered. Long fits
-/// keep their message alive with progress acks.
-const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long a delivered message may go unacknowledged before it is redelivered, unless the
+/// caller says otherwise. Long fits keep their message alive with progress acks.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 
 fn streams() -> Vec<Config> {
     vec![
@@ -80,11 +80,11 @@ pub(crate) async fn provision(js: &jetstream::Context) -> Result<(), BusError> {
     Ok(())
 }
 
-fn shared_pull(durable: &str) -> pull::Config {
+fn shared_pull(durable: &str, ack_wait: Duration) -> pull::Config {
     pull::Config {
         durable_name: Some(durable.into()),
         ack_policy: AckPolicy::Explicit,
-        ack_wait: ACK_WAIT,
+        ack_wait,
         deliver_policy: DeliverPolicy::All,
         max_ack_pending: 20_000,
         ..Default::default()
@@ -102,19 +102,27 @@ async fn consumer(
         .map_err(|e| BusError::Provision(format!("consumer {name} on {stream}: {e}")))
 }
 
-pub(crate) async fn command_consumer(js: &jetstream::Context) -> Result<PullConsumer, BusError> {
-    consumer(js, CMD_STREAM, shared_pull(CMD_CONSUMER)).await
+pub(crate) async fn command_consumer(
+    js: &jetstream::Context,
+    ack_wait: Duration,
+) -> Result<PullConsumer, BusError> {
+    consumer(js, CMD_STREAM, shared_pull(CMD_CONSUMER, ack_wait)).await
 }
 
 pub(crate) async fn status_consumer(js: &jetstream::Context) -> Result<PullConsumer, BusError> {
-    consumer(js, STATUS_STREAM, shared_pull(STATUS_CONSUMER)).await
+    consumer(
+        js,
+        STATUS_STREAM,
+        shared_pull(STATUS_CONSUMER, DEFAULT_ACK_WAIT),
+    )
+    .await
 }
 
 pub(crate) async fn agent_consumer(
     js: &jetstream::Context,
     worker_id: &str,
 ) -> Result<PullConsumer, BusError> {
-    let mut config = shared_pull(&format!("agent-{worker_id}"));
+    let mut config = shared_pull(&format!("agent-{worker_id}"), DEFAULT_ACK_WAIT);
     config.filter_subject = subjects::agent_subject(worker_id)?;
     consumer(js, AGENT_STREAM, config).await
 }

@@ -94,6 +94,15 @@ impl Command {
                 max: MAX_COMMAND_BYTES,
             });
         }
+        // Internally tagged enums would also accept an array; the protocol is maps only.
+        if !bytes
+            .first()
+            .is_some_and(|b| matches!(b, 0x80..=0x8f | 0xde | 0xdf))
+        {
+            return Err(CommandError::Undecodable(
+                "the payload must be a MessagePack map".into(),
+            ));
+        }
         let envelope: Envelope =
             rmp_serde::from_slice(bytes).map_err(|e| CommandError::Undecodable(e.to_string()))?;
         let op = envelope.op.ok_or(CommandError::MissingOp)?;
@@ -211,7 +220,15 @@ mod tests {
     #[test]
     fn typed_errors_for_bad_input() {
         assert!(matches!(
+            Command::decode(&crate::encode(&("stop",)).unwrap()),
+            Err(CommandError::Undecodable(_))
+        ));
+        assert!(matches!(
             Command::decode(b"\xc1garbage"),
+            Err(CommandError::Undecodable(_))
+        ));
+        assert!(matches!(
+            Command::decode(&crate::encode(&("stop",)).unwrap()),
             Err(CommandError::Undecodable(_))
         ));
         assert!(matches!(

@@ -21,6 +21,9 @@ pub enum StartApplied {
         transition: Transition,
         release_on: Vec<String>,
     },
+    /// The instance already runs (or is being started) with exactly this spec: the command
+    /// is recorded as applied and nothing else changes.
+    Unchanged { version: i64 },
     /// This very command was applied and placed before (a redelivery after a crash): the
     /// assignment may not have reached the agent, so send it again.
     AlreadyPlaced {
@@ -77,6 +80,16 @@ impl Store {
                 {
                     return Ok(StartApplied::Stale {
                         current_seq: row.cmd_seq,
+                    });
+                }
+                let placed = matches!(row.state.as_str(), "scheduled" | "starting" | "running");
+                if row.cmd_seq < seq && placed && row.spec.as_ref() == Some(&spec) {
+                    diesel::update(instances::table.find(&id))
+                        .set(instances::cmd_seq.eq(seq))
+                        .execute(conn)
+                        .await?;
+                    return Ok(StartApplied::Unchanged {
+                        version: row.version,
                     });
                 }
                 let version = row.version + 1;
@@ -169,9 +182,10 @@ impl Store {
             .await
     }
 
-    /// Marks `id` as `error` because its command with sequence `seq` was invalid. Returns
-    /// `None` when a newer command was already applied. Whatever the instance held before
-    /// stays held (and stays visible) until a stop releases it.
+    /// Records that command `seq` for `id` was invalid. An instance that holds nothing goes
+    /// to `error` with the reason (and any fit in flight for it is invalidated). One that is
+    /// placed keeps running as it was, with the rejection in its reason: a bad command must not
+    /// hide a backend that still holds GPUs. `None` when a newer command was already applied.
     pub async fn apply_invalid(
         &self,
         id: &str,
@@ -183,41 +197,66 @@ impl Store {
         let reason = reason.to_owned();
         (*conn)
             .transaction::<_, StoreError, _>(async |conn| {
-                let version = match lock_or_create(conn, &id, seq, "stopped", "error", None).await?
-                {
+                let row = match lock_or_create(conn, &id, seq, "stopped", "error", None).await? {
                     None => {
                         diesel::update(instances::table.find(&id))
                             .set(instances::reason.eq(&reason))
                             .execute(conn)
                             .await?;
-                        1
+                        return Ok(Some(error_transition(&id, seq, 1, reason)));
                     }
-                    Some(row) if row.cmd_seq < seq => {
-                        diesel::update(instances::table.find(&id))
-                            .set((
-                                instances::state.eq(InstanceState::Error.as_str()),
-                                instances::reason.eq(&reason),
-                                instances::cmd_seq.eq(seq),
-                                instances::version.eq(row.version + 1),
-                                instances::updated_at.eq(diesel::dsl::now),
-                            ))
-                            .execute(conn)
-                            .await?;
-                        row.version + 1
-                    }
+                    Some(row) if row.cmd_seq < seq => row,
                     Some(_) => return Ok(None),
                 };
-                Ok(Some(Transition {
-                    instance_id: id.clone(),
-                    state: InstanceState::Error,
-                    version,
-                    cmd_seq: seq,
-                    worker_id: None,
-                    gpus: Vec::new(),
-                    reason: Some(reason),
-                }))
+                if !holding_workers(conn, &id).await?.is_empty() {
+                    let note = format!("command {seq} rejected: {reason}");
+                    diesel::update(instances::table.find(&id))
+                        .set((
+                            instances::reason.eq(&note),
+                            instances::cmd_seq.eq(seq),
+                            instances::updated_at.eq(diesel::dsl::now),
+                        ))
+                        .execute(conn)
+                        .await?;
+                    let state = row
+                        .state
+                        .parse()
+                        .map_err(|e| StoreError::Corrupt(format!("{e}")))?;
+                    return Ok(Some(Transition {
+                        instance_id: id.clone(),
+                        state,
+                        version: row.version,
+                        cmd_seq: seq,
+                        worker_id: row.worker_id,
+                        gpus: Vec::new(),
+                        reason: Some(note),
+                    }));
+                }
+                diesel::update(instances::table.find(&id))
+                    .set((
+                        instances::state.eq(InstanceState::Error.as_str()),
+                        instances::reason.eq(&reason),
+                        instances::cmd_seq.eq(seq),
+                        instances::version.eq(row.version + 1),
+                        instances::updated_at.eq(diesel::dsl::now),
+                    ))
+                    .execute(conn)
+                    .await?;
+                Ok(Some(error_transition(&id, seq, row.version + 1, reason)))
             })
             .await
+    }
+}
+
+fn error_transition(id: &str, seq: i64, version: i64, reason: String) -> Transition {
+    Transition {
+        instance_id: id.to_owned(),
+        state: InstanceState::Error,
+        version,
+        cmd_seq: seq,
+        worker_id: None,
+        gpus: Vec::new(),
+        reason: Some(reason),
     }
 }
 

@@ -16,6 +16,7 @@ pub mod pool;
 pub mod queries;
 pub mod reports;
 pub mod schema;
+pub mod sweep;
 
 pub use error::StoreError;
 pub use models::{AllocationRow, GpuRow, InstanceRow, Transition, WorkerRow};

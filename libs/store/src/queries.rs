@@ -36,6 +36,16 @@ impl Store {
             .optional()?)
     }
 
+    /// How many instances are in each state.
+    pub async fn count_by_state(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(instances::table
+            .group_by(instances::state)
+            .select((instances::state, diesel::dsl::count_star()))
+            .load(&mut conn)
+            .await?)
+    }
+
     pub async fn allocations(&self) -> Result<Vec<AllocationRow>, StoreError> {
         let mut conn = self.conn().await?;
         Ok(allocations::table

@@ -62,19 +62,45 @@ impl Store {
                         .execute(conn)
                         .await?;
                 }
+                // GPUs the agent no longer reports go, unless something still holds them.
+                let present: Vec<i32> = gpu_list
+                    .iter()
+                    .filter_map(|g| i32::try_from(g.index).ok())
+                    .collect();
+                let held = allocations::table
+                    .filter(allocations::worker_id.eq(worker_id))
+                    .select(allocations::gpu_idx);
+                diesel::delete(
+                    gpus::table
+                        .filter(gpus::worker_id.eq(worker_id))
+                        .filter(gpus::idx.ne_all(present))
+                        .filter(gpus::idx.ne_all(held)),
+                )
+                .execute(conn)
+                .await?;
                 Ok(())
             })
             .await
     }
 
-    /// Notes that `worker_id` is alive. Returns false for a worker that never registered.
-    pub async fn heartbeat(&self, worker_id: &str) -> Result<bool, StoreError> {
+    /// Notes that `worker_id` is alive and schedulable again. Returns whether it had been
+    /// marked unreachable (its capacity is back), `None` for a worker that never registered.
+    pub async fn heartbeat(&self, worker_id: &str) -> Result<Option<bool>, StoreError> {
         let mut conn = self.conn().await?;
-        let n = diesel::update(workers::table.find(worker_id))
-            .set(workers::last_heartbeat.eq(diesel::dsl::now))
+        let was: Option<bool> = workers::table
+            .find(worker_id)
+            .select(workers::schedulable)
+            .first(&mut conn)
+            .await
+            .optional()?;
+        diesel::update(workers::table.find(worker_id))
+            .set((
+                workers::last_heartbeat.eq(diesel::dsl::now),
+                workers::schedulable.eq(true),
+            ))
             .execute(&mut conn)
             .await?;
-        Ok(n == 1)
+        Ok(was.map(|schedulable| !schedulable))
     }
 
     /// Applies an agent's report about `id`. Reports name the version they were given and

@@ -117,6 +117,11 @@ async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: System
             ctx.stats.commands_stale.inc();
             Handled::Done
         }
+        StartApplied::Unchanged { version } => {
+            tracing::debug!(version, "same spec as the running placement; nothing to do");
+            ctx.stats.commands_applied.inc();
+            Handled::Done
+        }
         StartApplied::AlreadyPlaced {
             version,
             worker_id,

@@ -1,6 +1,7 @@
 //! Settings of one analyzer process.
 
 use berth_fit::Policy;
+use std::{net::SocketAddr, time::Duration};
 
 #[derive(Debug, Clone)]
 pub struct AnalyzerConfig {
@@ -15,6 +16,22 @@ pub struct AnalyzerConfig {
     pub policy: Policy,
     /// Fits retried after losing a GPU to another analyzer before giving up as `pending`.
     pub max_refits: u32,
+    /// A placement still unsettled after this long is abandoned and the instance marked
+    /// `error` with the reason.
+    pub fit_timeout: Duration,
+    /// How long a command may sit unacknowledged with an analyzer (that may have died)
+    /// before JetStream hands it to another. All analyzers must agree.
+    pub ack_wait: Duration,
+    /// How often the sweeper looks for pending, stuck and orphaned instances.
+    pub sweep_every: Duration,
+    /// An instance `analyzing` or `stopping` longer than this is handled again.
+    pub stuck_after: Duration,
+    /// A worker without heartbeats this long is no longer chosen.
+    pub unreachable_after: Duration,
+    /// Where to serve `/metrics`; `None` serves nothing.
+    pub metrics_addr: Option<SocketAddr>,
+    /// A worker without heartbeats this long loses its instances: they are placed elsewhere.
+    pub gone_after: Duration,
 }
 
 impl AnalyzerConfig {
@@ -27,6 +44,13 @@ impl AnalyzerConfig {
             pool_size: 8,
             policy: Policy::Binpack,
             max_refits: 8,
+            fit_timeout: Duration::from_secs(20),
+            ack_wait: berth_bus::DEFAULT_ACK_WAIT,
+            metrics_addr: None,
+            sweep_every: Duration::from_secs(5),
+            stuck_after: Duration::from_secs(60),
+            unreachable_after: Duration::from_secs(15),
+            gone_after: Duration::from_secs(60),
         }
     }
 }

@@ -1,13 +1,14 @@
 //! One analyzer: its connections, counters and loops.
 
-use crate::{AnalyzerConfig, Hooks, Stats, intake, status};
+use crate::{AnalyzerConfig, Hooks, Stats, intake, metrics, status, sweeper, watch};
+use async_nats::jetstream::consumer::PullConsumer;
 use berth_bus::Bus;
 use berth_store::Store;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
 };
-use tokio::task::JoinSet;
+use tokio::{sync::Notify, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 /// What every task of an analyzer shares.
@@ -20,9 +21,20 @@ pub struct Ctx {
     pub hooks: Hooks,
     /// In-flight fits by instance: the command sequence and the token that cancels the fit.
     pub in_flight: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    /// Capacity may have appeared: pending instances should be looked at again.
+    pub wake: Notify,
+    /// The shared command consumer, for backlog figures.
+    pub commands: PullConsumer,
 }
 
 impl Ctx {
+    /// Commands waiting for delivery, and delivered but unacknowledged, as JetStream counts
+    /// them for the shared consumer.
+    pub async fn backlog(&self) -> Option<(u64, usize)> {
+        let info = self.commands.get_info().await.ok()?;
+        Some((info.num_pending, info.num_ack_pending))
+    }
+
     /// Registers a fit for `instance_id` at `seq`; cancels an older one in flight here.
     pub fn begin_fit(&self, instance_id: &str, seq: u64) -> CancellationToken {
         self.supersede(instance_id, seq);
@@ -66,7 +78,7 @@ impl Analyzer {
         berth_store::migrate(&config.database_url).await?;
         let store = Store::connect(&config.database_url, config.pool_size)?;
         let bus = Bus::connect(&config.nats_url, &config.name).await?;
-        let commands = bus.command_consumer().await?;
+        let commands = bus.command_consumer(config.ack_wait).await?;
         let reports = bus.status_consumer().await?;
         let stats = Arc::new(Stats::default());
         let ctx = Arc::new(Ctx {
@@ -76,11 +88,18 @@ impl Analyzer {
             stats: stats.clone(),
             hooks,
             in_flight: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            commands: commands.clone(),
         });
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         tasks.spawn(intake::run(ctx.clone(), commands, shutdown.clone()));
-        tasks.spawn(status::run(ctx, reports, shutdown.clone()));
+        tasks.spawn(status::run(ctx.clone(), reports, shutdown.clone()));
+        tasks.spawn(watch::run(ctx.clone(), shutdown.clone()));
+        if let Some(addr) = ctx.config.metrics_addr {
+            metrics::serve(ctx.clone(), addr, shutdown.clone()).await?;
+        }
+        tasks.spawn(sweeper::run(ctx, shutdown.clone()));
         Ok(Analyzer {
             stats,
             shutdown,

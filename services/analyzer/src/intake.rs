@@ -30,6 +30,26 @@ pub async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: CancellationTo
     .await;
 }
 
+/// How often a message still being worked on tells JetStream not to redeliver it.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs `work`, sending in-progress acks while it lasts, so a long fit keeps its message.
+async fn keep_alive<Fut: Future<Output = Handled>>(msg: &Message, work: Fut) -> Handled {
+    let mut work = std::pin::pin!(work);
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+    loop {
+        tokio::select! {
+            outcome = &mut work => return outcome,
+            _ = tick.tick() => {
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    tracing::warn!(%e, "progress ack failed");
+                }
+            }
+        }
+    }
+}
+
 /// Pulls messages until `shutdown`, handling up to `concurrency` at once.
 pub async fn pull_loop<H, Fut>(
     what: &'static str,
@@ -79,7 +99,7 @@ pub async fn pull_loop<H, Fut>(
             };
             let fut = handler(msg.clone());
             running.spawn(async move {
-                let outcome = fut.await;
+                let outcome = keep_alive(&msg, fut).await;
                 let ack = match outcome {
                     Handled::Done => msg.ack().await,
                     Handled::Retry => msg.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await,

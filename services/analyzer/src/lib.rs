@@ -6,11 +6,14 @@ pub mod config;
 pub mod context;
 pub mod hooks;
 pub mod intake;
+pub mod metrics;
 pub mod placing;
 pub mod stats;
 pub mod status;
+pub mod sweeper;
+pub mod watch;
 
 pub use config::AnalyzerConfig;
 pub use context::Analyzer;
-pub use hooks::{BeforeCommit, Hooks};
+pub use hooks::{BeforeCommit, Hook, Hooks};
 pub use stats::{FitRecord, Stats};

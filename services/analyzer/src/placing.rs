@@ -30,9 +30,31 @@ pub async fn place(
         }
     }
     let token = ctx.begin_fit(id, seq);
-    let result = place_until_settled(ctx, id, seq, version, spec, picked_at, &token).await;
+    let settled = tokio::time::timeout(
+        ctx.config.fit_timeout,
+        place_until_settled(ctx, id, seq, version, spec, picked_at, &token),
+    )
+    .await;
     ctx.end_fit(id, seq);
-    result
+    match settled {
+        Ok(handled) => handled,
+        Err(_) => {
+            token.cancel();
+            ctx.stats.fits_timed_out.inc();
+            let reason = format!(
+                "placement did not finish within {:?}",
+                ctx.config.fit_timeout
+            );
+            match ctx.store.mark_error(id, version, &reason).await {
+                Ok(Some(t)) => {
+                    crate::commands::announce(ctx, &t).await;
+                    Handled::Done
+                }
+                Ok(None) => Handled::Done,
+                Err(e) => transient(&e),
+            }
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -61,15 +83,26 @@ async fn place_until_settled(
             cmd_seq: seq,
             picked_at,
         });
-        let placement = match fit(&workers, &request, ctx.config.policy, &|| {
+        let began = std::time::Instant::now();
+        let searched = fit(&workers, &request, ctx.config.policy, &|| {
             token.is_cancelled()
-        }) {
+        });
+        ctx.stats
+            .fit_seconds
+            .0
+            .observe(began.elapsed().as_secs_f64());
+        let placement = match searched {
             Ok(p) => p,
             Err(FitError::Cancelled) => {
                 ctx.stats.fits_cancelled.inc();
                 return Handled::Done;
             }
-            Err(FitError::NoFit(reason)) => return settle_pending(ctx, id, version, &reason).await,
+            Err(FitError::NoFit(reason)) => {
+                if let Some(hook) = &ctx.hooks.before_pending {
+                    hook(id.to_owned(), version).await;
+                }
+                return settle_pending(ctx, id, version, &reason).await;
+            }
         };
         if let Some(hook) = &ctx.hooks.before_commit {
             hook(id.to_owned(), version).await;
@@ -138,6 +171,9 @@ async fn settle_pending(ctx: &Ctx, id: &str, version: i64, reason: &str) -> Hand
         Ok(Some(t)) => {
             ctx.stats.pending.inc();
             crate::commands::announce(ctx, &t).await;
+            // Capacity may have freed between our snapshot and this commit, and whoever freed
+            // it did not see us pending yet: look again.
+            ctx.wake.notify_one();
             Handled::Done
         }
         Ok(None) => {
@@ -154,7 +190,7 @@ fn transient(e: &StoreError) -> Handled {
 }
 
 /// The fit's view of the cluster: free VRAM per GPU, labels per worker.
-fn to_fit_workers(capacity: Vec<(WorkerRow, Vec<GpuRow>)>) -> Vec<Worker> {
+pub(crate) fn to_fit_workers(capacity: Vec<(WorkerRow, Vec<GpuRow>)>) -> Vec<Worker> {
     capacity
         .into_iter()
         .map(|(w, gpus)| Worker {

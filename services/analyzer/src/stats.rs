@@ -1,10 +1,26 @@
 //! Counters of what the analyzer did, in Prometheus form, plus a bounded log of recent fits.
 
-use prometheus_client::{metrics::counter::Counter, registry::Registry};
+use prometheus_client::{
+    metrics::{
+        counter::Counter,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
 use std::{collections::VecDeque, sync::Mutex, time::SystemTime};
 
 /// Fits remembered in [`Stats::fit_log`].
 const FIT_LOG_CAP: usize = 100_000;
+
+/// Fit durations, from 1 µs to about 1 s.
+#[derive(Debug, Clone)]
+pub struct FitHistogram(pub Histogram);
+
+impl Default for FitHistogram {
+    fn default() -> Self {
+        FitHistogram(Histogram::new(exponential_buckets(1e-6, 4.0, 11)))
+    }
+}
 
 /// One fit computation: for which command, and when its message was picked up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +44,12 @@ pub struct Stats {
     pub refits: Counter,
     pub pending: Counter,
     pub reports_applied: Counter,
+    pub fits_timed_out: Counter,
+    pub commands_watched: Counter,
+    pub republished: Counter,
+    pub workers_unreachable: Counter,
+    pub evictions: Counter,
+    pub fit_seconds: FitHistogram,
     fit_log: Mutex<VecDeque<FitRecord>>,
 }
 
@@ -53,7 +75,18 @@ impl Stats {
     /// Registers every counter (clones share their values) under `berth_analyzer_*`.
     pub fn register(&self, registry: &mut Registry) {
         let sub = registry.sub_registry_with_prefix("berth_analyzer");
-        let counters: [(&str, &str, &Counter); 12] = [
+        for (name, help, counter) in self.counters() {
+            sub.register(name, help, counter.clone());
+        }
+        sub.register(
+            "fit_seconds",
+            "Time of one placement search",
+            self.fit_seconds.0.clone(),
+        );
+    }
+
+    fn counters(&self) -> [(&'static str, &'static str, &Counter); 17] {
+        [
             (
                 "commands_applied",
                 "Commands applied to an instance",
@@ -61,7 +94,7 @@ impl Stats {
             ),
             (
                 "commands_stale",
-                "Commands older than the instance's applied one",
+                "Commands older than the applied one",
                 &self.commands_stale,
             ),
             (
@@ -110,10 +143,32 @@ impl Stats {
                 "Agent reports that changed an instance",
                 &self.reports_applied,
             ),
-        ];
-        for (name, help, counter) in counters {
-            sub.register(name, help, counter.clone());
-        }
+            (
+                "fits_timed_out",
+                "Placements abandoned after the fit timeout",
+                &self.fits_timed_out,
+            ),
+            (
+                "commands_watched",
+                "Commands seen by the cancellation watch",
+                &self.commands_watched,
+            ),
+            (
+                "republished",
+                "Commands republished to re-evaluate an instance",
+                &self.republished,
+            ),
+            (
+                "workers_unreachable",
+                "Workers marked unreachable",
+                &self.workers_unreachable,
+            ),
+            (
+                "evictions",
+                "Instances taken off a worker that went away",
+                &self.evictions,
+            ),
+        ]
     }
 
     /// Prometheus text exposition of these counters.

@@ -5,7 +5,7 @@ use crate::{
     intake::{Handled, pull_loop},
 };
 use async_nats::jetstream::{Message, consumer::PullConsumer};
-use berth_proto::StatusMsg;
+use berth_proto::{StatusMsg, status::ReportedState};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -33,9 +33,19 @@ async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
             gpus,
         } => {
             tracing::info!(worker_id, gpus = gpus.len(), "worker registered");
-            ctx.store.register_worker(worker_id, labels, gpus).await
+            let done = ctx.store.register_worker(worker_id, labels, gpus).await;
+            ctx.wake.notify_one();
+            done
         }
-        StatusMsg::Heartbeat { worker_id } => ctx.store.heartbeat(worker_id).await.map(|_| ()),
+        StatusMsg::Heartbeat { worker_id } => match ctx.store.heartbeat(worker_id).await {
+            Ok(Some(true)) => {
+                tracing::info!(worker_id, "worker answers again: schedulable");
+                ctx.wake.notify_one();
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        },
         StatusMsg::Instance {
             worker_id,
             instance_id,
@@ -54,6 +64,10 @@ async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
                     for t in &transitions {
                         ctx.stats.reports_applied.inc();
                         crate::commands::announce(ctx, t).await;
+                    }
+                    if matches!(state, ReportedState::Stopped | ReportedState::Error) {
+                        // GPUs were released: pending instances may fit now.
+                        ctx.wake.notify_one();
                     }
                     Ok(())
                 }

@@ -1,0 +1,133 @@
+//! Nothing stuck: pending instances are re-evaluated when capacity appears, and a periodic
+//! sweep handles what a lost wake-up, a dead analyzer or a silent worker left behind.
+
+use crate::{commands::announce, context::Ctx, placing::to_fit_workers};
+use berth_fit::{Request, place};
+use berth_proto::{AgentMsg, InstanceState, StartSpec};
+use berth_store::StoreError;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Most instances handled per sweep step.
+const BATCH: i64 = 1000;
+
+pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(ctx.config.sweep_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let full = tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => true,
+            () = ctx.wake.notified() => false,
+        };
+        let result = if full {
+            sweep(&ctx).await
+        } else {
+            wake_pending(&ctx).await
+        };
+        if let Err(e) = result {
+            tracing::warn!(%e, "sweep failed; next round retries");
+        }
+    }
+}
+
+/// Republishes the command of each pending instance that fits in today's free capacity, as
+/// long as it is still the instance's newest command. Capacity taken by one is deducted
+/// before the next is tried, so a small release does not wake the whole queue.
+pub async fn wake_pending(ctx: &Ctx) -> Result<(), StoreError> {
+    let pending = ctx
+        .store
+        .instances_in(InstanceState::Pending, BATCH)
+        .await?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let mut workers = to_fit_workers(ctx.store.capacity().await?);
+    for row in pending {
+        let Some(spec) = row
+            .spec
+            .and_then(|s| serde_json::from_value::<StartSpec>(s).ok())
+        else {
+            continue;
+        };
+        let request = Request {
+            vram_per_gpu: spec.vram_per_gpu(),
+            gpus: spec.gpu_count(),
+            selector: spec.selector.clone(),
+        };
+        let Ok(p) = place(&workers, &request, ctx.config.policy, &|| false) else {
+            continue;
+        };
+        if let Some(w) = workers.iter_mut().find(|w| w.id == p.worker_id) {
+            for g in w.gpus.iter_mut().filter(|g| p.gpus.contains(&g.index)) {
+                g.free_bytes = g.free_bytes.saturating_sub(request.vram_per_gpu);
+            }
+        }
+        republish(ctx, &row.id, row.cmd_seq).await;
+    }
+    Ok(())
+}
+
+async fn republish(ctx: &Ctx, id: &str, cmd_seq: i64) {
+    let Ok(seq) = u64::try_from(cmd_seq) else {
+        return;
+    };
+    match ctx.bus.republish_command(id, seq).await {
+        Ok(Some(new_seq)) => {
+            tracing::info!(
+                instance_id = id,
+                cmd_seq,
+                new_seq,
+                "command republished for re-evaluation"
+            );
+            ctx.stats.republished.inc();
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(instance_id = id, %e, "cannot republish"),
+    }
+}
+
+/// One full round: silent workers, gone workers, stuck instances, then pending ones.
+pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
+    let cfg = &ctx.config;
+    for worker in ctx.store.mark_unreachable(cfg.unreachable_after).await? {
+        tracing::warn!(
+            worker,
+            "no heartbeat for {:?}: not schedulable",
+            cfg.unreachable_after
+        );
+        ctx.stats.workers_unreachable.inc();
+    }
+    for worker in ctx.store.gone_workers(cfg.gone_after).await? {
+        for id in ctx.store.instances_on(&worker).await? {
+            let evicted = ctx.store.evict(&worker, &id).await?;
+            ctx.stats.evictions.inc();
+            if let Some(t) = &evicted.transition {
+                announce(ctx, t).await;
+            }
+        }
+    }
+    for row in ctx
+        .store
+        .stuck(&[InstanceState::Analyzing], cfg.stuck_after, BATCH)
+        .await?
+    {
+        republish(ctx, &row.id, row.cmd_seq).await;
+    }
+    for row in ctx
+        .store
+        .stuck(&[InstanceState::Stopping], cfg.stuck_after, BATCH)
+        .await?
+    {
+        for worker in ctx.store.holders(&row.id).await? {
+            let unassign = AgentMsg::Unassign {
+                instance_id: row.id.clone(),
+                version: row.version,
+            };
+            if let Err(e) = ctx.bus.publish_agent(&worker, &unassign).await {
+                tracing::warn!(%e, "cannot resend unassign");
+            }
+        }
+    }
+    wake_pending(ctx).await
+}

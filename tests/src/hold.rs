@@ -1,0 +1,23 @@
+//! A test hook that holds an analyzer at a point until the test lets it go.
+
+use berth_analyzer::Hook;
+use std::sync::Arc;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+pub type Held = mpsc::UnboundedReceiver<(String, i64, oneshot::Sender<()>)>;
+
+/// A hook that sends (instance, version, go-ahead) each time it is reached and waits for the
+/// go-ahead.
+pub fn hold() -> (Hook, Held) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let tx = Arc::new(Mutex::new(tx));
+    let hook: Hook = Arc::new(move |id: String, version: i64| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let (go, wait) = oneshot::channel();
+            let _ = tx.lock().await.send((id, version, go));
+            let _ = wait.await;
+        })
+    });
+    (hook, rx)
+}

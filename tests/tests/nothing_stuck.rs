@@ -1,0 +1,201 @@
+//! Nothing stuck: pending instances are placed when capacity appears (also when it appears in
+//! the middle of their fit), instances of a worker that went away are placed elsewhere, a fit
+//! that takes too long ends in `error`, and a fit lost with its analyzer is redone by another.
+
+use berth_analyzer::Hooks;
+use berth_proto::InstanceState;
+use berth_tests::{Fleet, GIB, hold::hold, worker};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_instance_is_placed_when_a_stop_frees_room() {
+    let mut fleet = Fleet::start().await;
+    let stats = fleet.add_analyzer(Default::default()).await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+    fleet.start_instance("a", 60 * GIB, 1).await;
+    fleet.wait_state("a", InstanceState::Running, LIMIT).await;
+    fleet.start_instance("b", 60 * GIB, 1).await;
+    fleet.wait_state("b", InstanceState::Pending, LIMIT).await;
+
+    fleet.stop_instance("a").await;
+    fleet.wait_state("b", InstanceState::Running, LIMIT).await;
+    fleet.wait_state("a", InstanceState::Stopped, LIMIT).await;
+    assert!(stats.republished.get() >= 1);
+    fleet.assert_books_balanced().await;
+}
+
+/// The race: capacity frees while the instance's fit (which saw no room) is on its way to
+/// `pending`. The releaser's wake-up finds nothing pending yet; the instance must still be
+/// placed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_freed_during_the_fit_is_not_missed() {
+    let mut fleet = Fleet::start().await;
+    let (hook, mut held) = hold();
+    let mut config = fleet.analyzer_config("racer");
+    // No periodic sweep to the rescue: only the wake-ups may save the instance.
+    config.sweep_every = Duration::from_secs(3600);
+    let hooks = Hooks {
+        before_pending: Some(hook),
+        ..Default::default()
+    };
+    fleet.add_analyzer_with(config, hooks).await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+    fleet.start_instance("a", 60 * GIB, 1).await;
+    fleet.wait_state("a", InstanceState::Running, LIMIT).await;
+
+    fleet.start_instance("b", 60 * GIB, 1).await;
+    let (id, _, go) = held.recv().await.expect("b found no room");
+    assert_eq!(id, "b");
+    fleet.stop_instance("a").await;
+    fleet.wait_state("a", InstanceState::Stopped, LIMIT).await;
+    go.send(()).expect("hook waiting");
+
+    // b goes pending, then is placed: from here on the hook lets every fit through.
+    tokio::spawn(async move {
+        while let Some((_, _, go)) = held.recv().await {
+            let _ = go.send(());
+        }
+    });
+    fleet.wait_state("b", InstanceState::Running, LIMIT).await;
+    fleet.assert_books_balanced().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_of_a_silent_worker_are_placed_elsewhere() {
+    let mut fleet = Fleet::start().await;
+    let stats = fleet.add_analyzer(Default::default()).await;
+    fleet
+        .add_agent(worker("doomed", 1, 80, &[("zone", "a")]))
+        .await;
+    fleet.start_instance("m", 40 * GIB, 1).await;
+    let row = fleet.wait_state("m", InstanceState::Running, LIMIT).await;
+    assert_eq!(row.worker_id.as_deref(), Some("doomed"));
+
+    // The agent dies without a word; a new worker comes.
+    fleet.agents.pop().expect("agent").abort();
+    fleet.add_agent(worker("spare", 1, 80, &[])).await;
+
+    let store = fleet.store.clone();
+    let moved = berth_tests::wait_until("m to run on the spare", LIMIT, || {
+        let store = store.clone();
+        async move {
+            let row = store.instance("m").await.ok()??;
+            (row.state == "running" && row.worker_id.as_deref() == Some("spare")).then_some(row)
+        }
+    })
+    .await;
+    assert!(moved.version > row.version);
+    let gpus = fleet.store.gpus().await.expect("gpus");
+    let doomed = gpus
+        .iter()
+        .find(|g| g.worker_id == "doomed")
+        .expect("doomed gpu");
+    assert_eq!(
+        doomed.reserved_bytes, 0,
+        "the silent worker's reservation is released"
+    );
+    assert!(stats.workers_unreachable.get() >= 1 && stats.evictions.get() >= 1);
+    fleet.assert_books_balanced().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_on_a_silent_worker_still_ends_stopped() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_analyzer(Default::default()).await;
+    fleet.add_agent(worker("doomed", 1, 80, &[])).await;
+    fleet.start_instance("m", 40 * GIB, 1).await;
+    fleet.wait_state("m", InstanceState::Running, LIMIT).await;
+    fleet.agents.pop().expect("agent").abort();
+    fleet.stop_instance("m").await;
+    let row = fleet.wait_state("m", InstanceState::Stopped, LIMIT).await;
+    assert!(row.reason.unwrap_or_default().contains("doomed"));
+    assert!(
+        fleet
+            .store
+            .allocations()
+            .await
+            .expect("allocations")
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fit_that_takes_too_long_ends_in_error() {
+    let mut fleet = Fleet::start().await;
+    let (hook, mut held) = hold();
+    let mut config = fleet.analyzer_config("slow");
+    config.fit_timeout = Duration::from_millis(300);
+    let stats = fleet
+        .add_analyzer_with(
+            config,
+            Hooks {
+                before_commit: Some(hook),
+                ..Default::default()
+            },
+        )
+        .await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+    fleet.start_instance("slow", 10 * GIB, 1).await;
+    let (_, _, _never) = held.recv().await.expect("fit reached the commit");
+    let row = fleet.wait_state("slow", InstanceState::Error, LIMIT).await;
+    assert!(row.reason.unwrap_or_default().contains("did not finish"));
+    assert_eq!(stats.fits_timed_out.get(), 1);
+    assert!(
+        fleet
+            .store
+            .allocations()
+            .await
+            .expect("allocations")
+            .is_empty()
+    );
+}
+
+/// An analyzer dies holding a command mid-fit: JetStream redelivers it to another analyzer,
+/// which redoes the work under a new version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fit_lost_with_its_analyzer_is_redone_elsewhere() {
+    let mut fleet = Fleet::start().await;
+    let (hook, mut held) = hold();
+    fleet
+        .add_analyzer(Hooks {
+            before_commit: Some(hook),
+            ..Default::default()
+        })
+        .await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+    fleet.start_instance("m", 10 * GIB, 1).await;
+    let (_, version, _go) = held.recv().await.expect("fit reached the commit");
+
+    fleet.analyzers.pop().expect("analyzer").abort();
+    fleet.add_analyzer(Default::default()).await;
+    let row = fleet.wait_state("m", InstanceState::Running, LIMIT).await;
+    assert!(row.version > version, "redone under a new version");
+    fleet.assert_books_balanced().await;
+}
+
+/// Sending the same start again for a running instance changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeating_a_start_is_a_no_op() {
+    let mut fleet = Fleet::start().await;
+    let stats = fleet.add_analyzer(Default::default()).await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+    fleet.start_instance("m", 10 * GIB, 1).await;
+    let first = fleet.wait_state("m", InstanceState::Running, LIMIT).await;
+    let seq = fleet.start_instance("m", 10 * GIB, 1).await;
+    let store = fleet.store.clone();
+    let row = berth_tests::wait_until("the repeat to be applied", LIMIT, || {
+        let store = store.clone();
+        async move {
+            let row = store.instance("m").await.ok()??;
+            (row.cmd_seq == i64::try_from(seq).ok()?).then_some(row)
+        }
+    })
+    .await;
+    assert_eq!(
+        (row.state.as_str(), row.version),
+        ("running", first.version)
+    );
+    assert_eq!(stats.fits_computed.get(), 1);
+}
