@@ -134,3 +134,45 @@ async fn malformed_commands_are_dead_lettered_and_marked() {
         .await;
     fleet.assert_books_balanced().await;
 }
+
+/// A bad command for an instance that runs is dead-lettered and noted, but does not hide the
+/// backend that still holds its GPUs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_command_does_not_hide_a_running_instance() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_analyzer(Default::default()).await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+    fleet.start_instance("m", 10 * GIB, 1).await;
+    let before = fleet.wait_state("m", InstanceState::Running, LIMIT).await;
+
+    let seq = fleet
+        .bus
+        .publish_raw_command("m", Bytes::from(map(&[("op", "explode")])), None)
+        .await
+        .expect("publish");
+    let store = fleet.store.clone();
+    let row = berth_tests::wait_until("the rejection to be noted", LIMIT, || {
+        let store = store.clone();
+        async move {
+            let row = store.instance("m").await.ok()??;
+            (row.cmd_seq == i64::try_from(seq).ok()?).then_some(row)
+        }
+    })
+    .await;
+    assert_eq!(
+        (row.state.as_str(), row.version),
+        ("running", before.version)
+    );
+    let reason = row.reason.unwrap_or_default();
+    assert!(
+        reason.contains(&format!("command {seq} rejected")) && reason.contains("explode"),
+        "{reason}"
+    );
+    assert_eq!(
+        fleet.store.allocations().await.expect("allocations").len(),
+        1
+    );
+    // And it still stops normally.
+    fleet.stop_instance("m").await;
+    fleet.wait_state("m", InstanceState::Stopped, LIMIT).await;
+}

@@ -125,6 +125,72 @@ impl Bus {
         }
     }
 
+    /// The state changes of `instance_id` still kept in `BERTH_EVENTS` (a day), oldest first,
+    /// at most `limit`.
+    pub async fn history(
+        &self,
+        instance_id: &str,
+        limit: usize,
+    ) -> Result<Vec<InstanceEvent>, BusError> {
+        use futures::StreamExt;
+        let request = |e: &dyn std::fmt::Display| BusError::Request(e.to_string());
+        let stream = self
+            .js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .map_err(|e| request(&e))?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                filter_subject: subjects::event_subject(instance_id)?,
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| request(&e))?;
+        let mut batch = consumer
+            .fetch()
+            .max_messages(limit)
+            .messages()
+            .await
+            .map_err(|e| request(&e))?;
+        let mut out = Vec::new();
+        while let Some(msg) = batch.next().await {
+            let msg = msg.map_err(|e| request(&e))?;
+            if let Ok(ev) = berth_proto::decode::<InstanceEvent>(&msg.payload) {
+                out.push(ev);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The newest dead letter of `instance_id`, with its reason, if any is kept.
+    pub async fn last_dead_letter(
+        &self,
+        instance_id: &str,
+    ) -> Result<Option<(u64, String)>, BusError> {
+        let stream = self
+            .js
+            .get_stream(DLQ_STREAM)
+            .await
+            .map_err(|e| BusError::Request(e.to_string()))?;
+        match stream
+            .get_last_raw_message_by_subject(&subjects::dlq_subject(Some(instance_id)))
+            .await
+        {
+            Ok(msg) => {
+                let header = |name: &str| msg.headers.get(name).map(|v| v.as_str().to_owned());
+                let seq = header(DLQ_SEQ).and_then(|s| s.parse().ok()).unwrap_or(0);
+                Ok(Some((seq, header(DLQ_REASON).unwrap_or_default())))
+            }
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(e) => Err(BusError::Request(e.to_string())),
+        }
+    }
+
     /// Publishes a command and waits for JetStream to store it; returns its sequence.
     pub async fn publish_command(&self, instance_id: &str, cmd: &Command) -> Result<u64, BusError> {
         let payload = cmd.encode()?;

@@ -26,6 +26,9 @@ struct Args {
     /// Placement policy.
     #[arg(long, env = "BERTH_POLICY", default_value = "binpack", value_parser = ["binpack", "spread"])]
     policy: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics ("off" to disable).
+    #[arg(long, env = "BERTH_METRICS_ADDR", default_value = "127.0.0.1:9101")]
+    metrics_addr: String,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "BERTH_LOG_JSON")]
     log_json: bool,
@@ -39,6 +42,13 @@ async fn main() -> anyhow::Result<()> {
     config.name = args.name;
     config.concurrency = args.concurrency as usize;
     config.pool_size = args.pool_size as usize;
+    config.metrics_addr = match args.metrics_addr.as_str() {
+        "off" => None,
+        addr => Some(
+            addr.parse()
+                .with_context(|| format!("--metrics-addr {addr:?} is not host:port or \"off\""))?,
+        ),
+    };
     config.policy = match args.policy.as_str() {
         "spread" => berth_fit::Policy::Spread,
         _ => berth_fit::Policy::Binpack,

@@ -65,7 +65,7 @@ async fn main() -> Result<()> {
         Cmd::Up(args) => up::run(args).await,
         Cmd::Start(args) => publish::start(&cli.nats_url, args).await,
         Cmd::Stop(args) => publish::stop(&cli.nats_url, args).await,
-        Cmd::Ps(args) => ps::run(&cli.database_url, args).await,
+        Cmd::Ps(args) => ps::run(&cli.database_url, &cli.nats_url, args).await,
         Cmd::Watch(args) => watch::run(&cli.nats_url, args).await,
         Cmd::Migrate => {
             let applied = berth_store::migrate(&cli.database_url).await?;

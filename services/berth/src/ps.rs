@@ -1,6 +1,7 @@
 //! `berth ps`: the instances table, from PostgreSQL.
 
 use anyhow::{Context, Result};
+use berth_bus::Bus;
 use berth_proto::size::format_bytes;
 use berth_store::Store;
 use clap::Args;
@@ -12,6 +13,10 @@ pub struct PsArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Show one instance in detail: its spec, placement, last command, the state changes of
+    /// the last day (from the event stream) and its latest rejected command.
+    #[arg(long, value_name = "INSTANCE")]
+    explain: Option<String>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -26,8 +31,11 @@ struct Row {
     reason: Option<String>,
 }
 
-pub async fn run(database_url: &str, args: PsArgs) -> Result<()> {
+pub async fn run(database_url: &str, nats_url: &str, args: PsArgs) -> Result<()> {
     let store = Store::connect(database_url, 1)?;
+    if let Some(id) = &args.explain {
+        return explain(&store, nats_url, id, args.json).await;
+    }
     let read =
         async { Ok::<_, anyhow::Error>((store.instances().await?, store.allocations().await?)) };
     let (instances, allocs) = tokio::time::timeout(Duration::from_secs(10), read)
@@ -79,5 +87,72 @@ pub async fn run(database_url: &str, args: PsArgs) -> Result<()> {
         ]);
     }
     println!("{table}");
+    Ok(())
+}
+
+/// `berth ps --explain ID`.
+async fn explain(store: &Store, nats_url: &str, id: &str, json: bool) -> Result<()> {
+    berth_proto::subjects::validate_id(id)?;
+    let row = tokio::time::timeout(Duration::from_secs(10), store.instance(id))
+        .await
+        .context("PostgreSQL did not answer within 10 s")??
+        .with_context(|| format!("no instance {id:?}"))?;
+    let allocs: Vec<_> = store
+        .allocations()
+        .await?
+        .into_iter()
+        .filter(|a| a.instance_id == id)
+        .collect();
+    let bus = tokio::time::timeout(Duration::from_secs(10), Bus::connect(nats_url, "berth-ps"))
+        .await
+        .with_context(|| format!("no NATS server answered at {nats_url} within 10 s"))??;
+    let history = bus.history(id, 1000).await?;
+    let rejected = bus.last_dead_letter(id).await?;
+    if json {
+        let doc = serde_json::json!({
+            "instance": row.id,
+            "state": row.state,
+            "desired": row.desired,
+            "reason": row.reason,
+            "version": row.version,
+            "cmd_seq": row.cmd_seq,
+            "worker": row.worker_id,
+            "spec": row.spec,
+            "allocations": allocs.iter().map(|a| serde_json::json!({
+                "worker": a.worker_id, "gpu": a.gpu_idx, "version": a.version, "bytes": a.bytes,
+            })).collect::<Vec<_>>(),
+            "history": history,
+            "last_rejected": rejected.map(|(seq, reason)| serde_json::json!({"cmd_seq": seq, "reason": reason})),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!("instance   {}", row.id);
+    println!(
+        "state      {} (desired {}), version {}, last command {}",
+        row.state, row.desired, row.version, row.cmd_seq
+    );
+    if let Some(reason) = &row.reason {
+        println!("reason     {reason}");
+    }
+    if let Some(spec) = &row.spec {
+        println!("spec       {spec}");
+    }
+    for a in &allocs {
+        println!(
+            "holds      {} GPU {}: {} (version {})",
+            a.worker_id,
+            a.gpu_idx,
+            format_bytes(a.bytes),
+            a.version
+        );
+    }
+    if let Some((seq, reason)) = rejected {
+        println!("rejected   command {seq}: {reason}");
+    }
+    println!("history (last 24 h):");
+    for ev in &history {
+        println!("  {}  (command {})", crate::watch::line(ev), ev.cmd_seq);
+    }
     Ok(())
 }

@@ -127,6 +127,22 @@ fn start_ps_stop_against_berth_up() {
 
     let out = berth(&["stop", "demo", "--wait"], &env);
     assert!(stdout(&out).contains("demo stopped"), "{}", stdout(&out));
+    let out = berth(&["ps", "--explain", "demo"], &env);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for expected in [
+        "state      stopped",
+        "history",
+        "demo running v1 on",
+        "demo stopped v2",
+    ] {
+        assert!(
+            text.contains(expected),
+            "explain lacks {expected:?}:\n{text}"
+        );
+    }
+    let out = berth(&["ps", "--explain", "nope"], &env);
+    assert!(!out.status.success() && stderr(&out).contains("no instance \"nope\""));
     let out = berth(&["migrate"], &env);
     assert!(
         stdout(&out).contains("migrations applied: 0"),

@@ -1,0 +1,47 @@
+//! berth-agent refuses bad inventories and flags with a message that names the problem.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_berth-agent"))
+        .args(args)
+        .env("BERTH_NATS_URL", "nats://127.0.0.1:1")
+        .output()
+        .expect("run berth-agent");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_inventories_and_flags_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[workers]]\nid = \"w\"\n[[workers.gpus]]\nname = \"x\"\nvram = \"lots\"\n",
+    )
+    .expect("write");
+    let bad = bad.to_str().expect("utf-8 path");
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/../../ops/inventory/demo.toml");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--inventory", bad], "not a size"),
+        (&["--inventory", "/nonexistent.toml"], "/nonexistent.toml"),
+        (
+            &["--inventory", demo, "--worker", "nope"],
+            "worker \"nope\" is not in",
+        ),
+        (&["--label", "novalue", "--worker", "w"], "not key=value"),
+        (
+            &["--heartbeat-secs", "0", "--inventory", demo],
+            "--heartbeat-secs",
+        ),
+        (&["--worker", "a.b", "--system-reserved", "1GiB"], "a.b"),
+    ];
+    for (args, expected) in cases {
+        let (ok, err) = run(args);
+        assert!(!ok, "{args:?} should fail");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+}

@@ -1,0 +1,52 @@
+//! The analyzer's `/metrics` endpoint, scraped over HTTP like Prometheus would.
+
+use berth_proto::InstanceState;
+use berth_tests::{Fleet, GIB, worker};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.expect("response");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_counters_states_and_backlog() {
+    let mut fleet = Fleet::start().await;
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let mut config = fleet.analyzer_config("metered");
+    config.metrics_addr = Some(addr);
+    fleet.add_analyzer_with(config, Default::default()).await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+    fleet.start_instance("a", 10 * GIB, 1).await;
+    fleet.start_instance("b", 100 * GIB, 1).await;
+    fleet
+        .wait_state("a", InstanceState::Running, Duration::from_secs(30))
+        .await;
+    fleet
+        .wait_state("b", InstanceState::Pending, Duration::from_secs(30))
+        .await;
+
+    let text = scrape(addr).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    for expected in [
+        "berth_analyzer_placements_committed_total 1",
+        "berth_analyzer_fits_computed_total 2",
+        "berth_analyzer_fit_seconds_count 2",
+        "berth_instances{state=\"running\"} 1",
+        "berth_instances{state=\"pending\"} 1",
+        "berth_instances{state=\"stopped\"} 0",
+        "berth_commands_backlog 0",
+        "# EOF",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}
