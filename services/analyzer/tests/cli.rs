@@ -25,6 +25,8 @@ fn bad_flags_are_refused() {
         (&["--policy", "random"], "--policy"),
         (&["--concurrency", "0"], "--concurrency"),
         (&["--pool-size", "100000"], "--pool-size"),
+        (&["--ack-wait", "soon"], "not a duration"),
+        (&["--sweep-every", "0s"], "longer than zero"),
     ];
     for (extra, expected) in cases {
         let args: Vec<&str> = db.iter().chain(extra.iter()).copied().collect();
