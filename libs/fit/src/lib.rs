@@ -1,14 +1,32 @@
 //! Placement: given a snapshot of the cluster's free VRAM and an instance's needs, choose a
-//! worker and GPUs, or explain what was short.
+//! worker and GPUs, or explain what was short; and the memory estimates behind those needs.
 //!
-//! Pure and deterministic: no I/O, no async, no clock. The same snapshot and request give the
-//! same answer, which keeps it fast to test and to benchmark.
+//! Pure and deterministic: no network, no async, no clock. The only I/O is reading the headers
+//! of the model files a caller points [`profile_from_path`] at. The same snapshot and request
+//! give the same answer, which keeps it fast to test and to benchmark.
+//!
+//! - [`gguf`]: GGUF header reader (metadata, tensor infos, ggml type table).
+//! - [`hf`]: Hugging Face `config.json` + safetensors headers.
+//! - [`profile`]: [`ModelProfile`], from either, or from numbers ([`ExplicitProfile`]).
+//! - [`estimate()`]: llama.cpp- and vLLM-style memory estimates ([`Estimate`]).
 
+mod estimate;
 mod explain;
+pub mod gguf;
+pub mod hf;
 mod place;
+pub mod profile;
 
+pub use estimate::{
+    Backend, Claim, CustomClaim, Estimate, EstimateError, EstimateOptions, GpuMemory, KvCacheType,
+    LlamaCppOptions, MAX_BATCH, MAX_CONTEXT, MAX_GPUS, VllmKvDtype, VllmOptions, estimate,
+};
 pub use explain::explain_no_fit;
 pub use place::{Placement, Policy, place};
+pub use profile::{
+    Attention, Experts, ExplicitProfile, ModelProfile, ModelRef, ProfileError, ProfileFormat,
+    WeightBytes, WeightDtype, profile_from_path,
+};
 
 use std::collections::BTreeMap;
 

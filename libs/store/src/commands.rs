@@ -48,6 +48,27 @@ pub enum StopApplied {
     },
 }
 
+/// Records a start in one statement when it simply applies (see `apply_start`); returns no
+/// row when the instance needs a closer look (stale, redelivered, or unchanged).
+const START_UPSERT: &str = "\
+    INSERT INTO instances (id, spec, desired, state, cmd_seq, version) \
+    VALUES ($1, $2, 'running', 'analyzing', $3, 1) \
+    ON CONFLICT (id) DO UPDATE SET spec = EXCLUDED.spec, desired = 'running', \
+        state = 'analyzing', reason = NULL, cmd_seq = EXCLUDED.cmd_seq, \
+        version = instances.version + 1, worker_id = NULL, updated_at = now() \
+    WHERE instances.cmd_seq < EXCLUDED.cmd_seq \
+      AND NOT (instances.state IN ('scheduled', 'starting', 'running') \
+               AND instances.spec = EXCLUDED.spec) \
+    RETURNING version, (xmax::text <> '0') AS existed";
+
+#[derive(diesel::QueryableByName)]
+struct Upserted {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    version: i64,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    existed: bool,
+}
+
 /// States in which a redelivered command (same sequence) is worked on again, because the
 /// analyzer that applied it may have died before finishing.
 const REDO_STATES: [&str; 1] = ["analyzing"];
@@ -61,6 +82,28 @@ impl Store {
         spec: serde_json::Value,
     ) -> Result<StartApplied, StoreError> {
         let mut conn = self.conn().await?;
+        // The common case in one statement: a new instance, or a newer command for one that
+        // is not already running this very spec.
+        let fast: Option<Upserted> = diesel::sql_query(START_UPSERT)
+            .bind::<diesel::sql_types::Text, _>(id)
+            .bind::<diesel::sql_types::Jsonb, _>(&spec)
+            .bind::<diesel::sql_types::BigInt, _>(seq)
+            .get_result(&mut conn)
+            .await
+            .optional()?;
+        if let Some(up) = fast {
+            // The upsert holds no lock now, but any placement of an older version either
+            // committed before it (visible here) or will miss its CAS.
+            let release_on = if up.existed {
+                holding_workers(&mut conn, id).await?
+            } else {
+                Vec::new()
+            };
+            return Ok(StartApplied::Analyzing {
+                transition: analyzing(id, seq, up.version),
+                release_on,
+            });
+        }
         let id = id.to_owned();
         (*conn)
             .transaction::<_, StoreError, _>(async |conn| {

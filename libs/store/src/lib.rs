@@ -20,4 +20,4 @@ pub mod sweep;
 
 pub use error::StoreError;
 pub use models::{AllocationRow, GpuRow, InstanceRow, Transition, WorkerRow};
-pub use pool::{Store, migrate};
+pub use pool::{Store, create_database, migrate};

@@ -2,12 +2,11 @@
 
 use crate::{
     GpuRow, Store, StoreError, Transition, WorkerRow,
-    models::AllocationRow,
-    schema::{allocations, gpus, instances, workers},
+    schema::{gpus, instances, workers},
 };
 use berth_proto::InstanceState;
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 
 /// The outcome of a placement commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,73 +70,43 @@ impl Store {
             .collect::<Result<Vec<i32>, _>>()
             .map_err(|_| StoreError::Corrupt(format!("GPU index out of range in {gpu_idxs:?}")))?;
         let mut conn = self.conn().await?;
-        let result = (*conn)
-            .transaction::<_, TxError, _>(async |conn| {
-                // The CAS first: it takes the instance row lock, same order as commands.
-                let cmd_seq: i64 = diesel::update(
-                    instances::table
-                        .find(id)
-                        .filter(instances::version.eq(version))
-                        .filter(instances::state.eq(InstanceState::Analyzing.as_str())),
-                )
-                .set((
-                    instances::state.eq(InstanceState::Scheduled.as_str()),
-                    instances::worker_id.eq(worker_id),
-                    instances::reason.eq(None::<String>),
-                    instances::updated_at.eq(diesel::dsl::now),
-                ))
-                .returning(instances::cmd_seq)
-                .get_result(conn)
-                .await
-                .optional()?
-                .ok_or(TxError::Abort(CommitOutcome::VersionMoved))?;
-                for (&gpu, &idx) in sorted.iter().zip(&idxs) {
-                    let reserved = diesel::update(
-                        gpus::table.find((worker_id, idx)).filter(
-                            (gpus::reserved_bytes + bytes_per_gpu + gpus::system_reserved_bytes)
-                                .le(gpus::total_bytes),
-                        ),
-                    )
-                    .set(gpus::reserved_bytes.eq(gpus::reserved_bytes + bytes_per_gpu))
-                    .execute(conn)
-                    .await?;
-                    if reserved != 1 {
-                        return Err(TxError::Abort(CommitOutcome::CapacityGone {
-                            worker_id: worker_id.to_owned(),
-                            gpu,
-                        }));
-                    }
-                }
-                let rows: Vec<AllocationRow> = idxs
-                    .iter()
-                    .map(|&gpu_idx| AllocationRow {
-                        instance_id: id.to_owned(),
-                        worker_id: worker_id.to_owned(),
-                        gpu_idx,
-                        version,
-                        bytes: bytes_per_gpu,
-                    })
-                    .collect();
-                diesel::insert_into(allocations::table)
-                    .values(&rows)
-                    .execute(conn)
-                    .await?;
-                Ok(Transition {
-                    instance_id: id.to_owned(),
-                    state: InstanceState::Scheduled,
-                    version,
-                    cmd_seq,
-                    worker_id: Some(worker_id.to_owned()),
-                    gpus: sorted.clone(),
-                    reason: None,
+        let done: CommitRow = diesel::sql_query(COMMIT)
+            .bind::<diesel::sql_types::Text, _>(id)
+            .bind::<diesel::sql_types::BigInt, _>(version)
+            .bind::<diesel::sql_types::Text, _>(worker_id)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Integer>, _>(&idxs)
+            .bind::<diesel::sql_types::BigInt, _>(bytes_per_gpu)
+            .get_result(&mut conn)
+            .await?;
+        let Some(cmd_seq) = done.cmd_seq else {
+            return Ok(CommitOutcome::VersionMoved);
+        };
+        if !done.committed {
+            let full = done.full.unwrap_or_default();
+            let gpu = sorted
+                .iter()
+                .zip(&idxs)
+                .find(|(_, i)| {
+                    full.contains(i) || !done.present.as_ref().is_some_and(|p| p.contains(i))
                 })
-            })
-            .await;
-        match result {
-            Ok(t) => Ok(CommitOutcome::Committed(t)),
-            Err(TxError::Abort(outcome)) => Ok(outcome),
-            Err(TxError::Store(e)) => Err(e),
+                .map_or(
+                    sorted.iter().copied().next().unwrap_or_default(),
+                    |(g, _)| *g,
+                );
+            return Ok(CommitOutcome::CapacityGone {
+                worker_id: worker_id.to_owned(),
+                gpu,
+            });
         }
+        Ok(CommitOutcome::Committed(Transition {
+            instance_id: id.to_owned(),
+            state: InstanceState::Scheduled,
+            version,
+            cmd_seq,
+            worker_id: Some(worker_id.to_owned()),
+            gpus: sorted,
+            reason: None,
+        }))
     }
 
     /// Moves `id` from `analyzing` at `version` to `pending` with `reason`. `None` when the
@@ -198,17 +167,48 @@ impl Store {
     }
 }
 
-/// Inside the commit transaction: an abort rolls back and reports the outcome set before it.
-#[derive(Debug, thiserror::Error)]
-enum TxError {
-    #[error("placement not committed: {0:?}")]
-    Abort(CommitOutcome),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
+/// The placement commit, one statement and so one atomic step without a transaction
+/// block; see [`Store::commit_placement`]. Locks the instance row (the CAS), then the GPU
+/// rows in index order, checks every GPU has room on its latest version, and only then
+/// changes anything: all or nothing. `$4` is the GPU index array.
+const COMMIT: &str = "\
+    WITH inst AS ( \
+        SELECT cmd_seq FROM instances \
+        WHERE id = $1 AND version = $2 AND state = 'analyzing' FOR UPDATE \
+    ), g AS ( \
+        SELECT idx, reserved_bytes + $5 + system_reserved_bytes <= total_bytes AS room \
+        FROM gpus WHERE worker_id = $3 AND idx = ANY($4) AND EXISTS (SELECT 1 FROM inst) \
+        ORDER BY idx FOR UPDATE \
+    ), ok AS ( \
+        SELECT EXISTS (SELECT 1 FROM inst) \
+           AND (SELECT count(*) FROM g WHERE room) = cardinality($4::int[]) AS go \
+    ), cas AS ( \
+        UPDATE instances SET state = 'scheduled', worker_id = $3, reason = NULL, \
+            updated_at = now() \
+        FROM ok WHERE ok.go AND id = $1 \
+        RETURNING 1 \
+    ), res AS ( \
+        UPDATE gpus SET reserved_bytes = reserved_bytes + $5 \
+        FROM ok WHERE ok.go AND worker_id = $3 AND idx = ANY($4) \
+        RETURNING idx \
+    ), ins AS ( \
+        INSERT INTO allocations (instance_id, worker_id, gpu_idx, version, bytes) \
+        SELECT $1, $3, idx, $2, $5 FROM res \
+        RETURNING 1 \
+    ) \
+    SELECT (SELECT cmd_seq FROM inst) AS cmd_seq, \
+           (SELECT go FROM ok) AS committed, \
+           (SELECT array_agg(idx) FROM g WHERE NOT room) AS full, \
+           (SELECT array_agg(idx) FROM g) AS present";
 
-impl From<diesel::result::Error> for TxError {
-    fn from(e: diesel::result::Error) -> Self {
-        TxError::Store(StoreError::Db(e))
-    }
+#[derive(diesel::QueryableByName)]
+struct CommitRow {
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    cmd_seq: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    committed: bool,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Array<diesel::sql_types::Integer>>)]
+    full: Option<Vec<i32>>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Array<diesel::sql_types::Integer>>)]
+    present: Option<Vec<i32>>,
 }

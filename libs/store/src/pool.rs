@@ -76,3 +76,22 @@ pub async fn migrate(url: &str) -> Result<usize, StoreError> {
         .await?;
     applied
 }
+
+/// Creates database `name` next to the one `url` points at (for benchmarks that need a clean
+/// second database on the same server) and returns its URL.
+pub async fn create_database(url: &str, name: &str) -> Result<String, StoreError> {
+    if !name.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+        return Err(StoreError::Corrupt(format!("database name {name:?}")));
+    }
+    let mut conn = AsyncPgConnection::establish(url)
+        .await
+        .map_err(|e| StoreError::Migration(format!("cannot connect to {url}: {e}")))?;
+    diesel::sql_query(format!("DROP DATABASE IF EXISTS {name}"))
+        .execute(&mut conn)
+        .await?;
+    diesel::sql_query(format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await?;
+    let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
+    Ok(format!("{base}/{name}"))
+}

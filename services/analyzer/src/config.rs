@@ -22,6 +22,8 @@ pub struct AnalyzerConfig {
     /// How long a command may sit unacknowledged with an analyzer (that may have died)
     /// before JetStream hands it to another. All analyzers must agree.
     pub ack_wait: Duration,
+    /// How often the in-memory view of free VRAM is reloaded from the database.
+    pub refresh_every: Duration,
     /// How often the sweeper looks for pending, stuck and orphaned instances.
     pub sweep_every: Duration,
     /// An instance `analyzing` or `stopping` longer than this is handled again.
@@ -48,6 +50,7 @@ impl AnalyzerConfig {
             ack_wait: berth_bus::DEFAULT_ACK_WAIT,
             metrics_addr: None,
             sweep_every: Duration::from_secs(5),
+            refresh_every: Duration::from_secs(1),
             stuck_after: Duration::from_secs(60),
             unreachable_after: Duration::from_secs(15),
             gone_after: Duration::from_secs(60),

@@ -1,6 +1,10 @@
 //! One analyzer: its connections, counters and loops.
 
-use crate::{AnalyzerConfig, Hooks, Stats, intake, metrics, status, sweeper, watch};
+use crate::{
+    AnalyzerConfig, Hooks, Stats, intake, metrics,
+    snapshot::{self, Snapshot},
+    status, sweeper, watch,
+};
 use async_nats::jetstream::consumer::PullConsumer;
 use berth_bus::Bus;
 use berth_store::Store;
@@ -23,6 +27,8 @@ pub struct Ctx {
     pub in_flight: Mutex<HashMap<String, (u64, CancellationToken)>>,
     /// Capacity may have appeared: pending instances should be looked at again.
     pub wake: Notify,
+    /// Free VRAM as this analyzer sees it.
+    pub snapshot: Snapshot,
     /// The shared command consumer, for backlog figures.
     pub commands: PullConsumer,
 }
@@ -90,7 +96,9 @@ impl Analyzer {
             in_flight: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             commands: commands.clone(),
+            snapshot: Snapshot::default(),
         });
+        ctx.snapshot.refresh(&ctx.store).await?;
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         tasks.spawn(intake::run(ctx.clone(), commands, shutdown.clone()));
@@ -99,6 +107,11 @@ impl Analyzer {
         if let Some(addr) = ctx.config.metrics_addr {
             metrics::serve(ctx.clone(), addr, shutdown.clone()).await?;
         }
+        tasks.spawn(snapshot::keep_fresh(
+            ctx.clone(),
+            ctx.config.refresh_every,
+            shutdown.clone(),
+        ));
         tasks.spawn(sweeper::run(ctx, shutdown.clone()));
         Ok(Analyzer {
             stats,

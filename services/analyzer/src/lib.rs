@@ -8,6 +8,7 @@ pub mod hooks;
 pub mod intake;
 pub mod metrics;
 pub mod placing;
+pub mod snapshot;
 pub mod stats;
 pub mod status;
 pub mod sweeper;

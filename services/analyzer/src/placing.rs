@@ -1,7 +1,7 @@
 //! From intent to placement: the superseded check, the fit, and the CAS commit.
 
 use crate::{FitRecord, context::Ctx, intake::Handled};
-use berth_fit::{FitError, Gpu, Request, Worker, place as fit};
+use berth_fit::{FitError, Gpu, Request, Worker};
 use berth_proto::{AgentMsg, StartSpec};
 use berth_store::{GpuRow, StoreError, WorkerRow, placement::CommitOutcome};
 use std::{collections::BTreeMap, time::SystemTime};
@@ -72,30 +72,39 @@ async fn place_until_settled(
         gpus: spec.gpu_count(),
         selector: spec.selector.clone(),
     };
+    let mut refreshed_for_no_fit = false;
     for attempt in 0..=ctx.config.max_refits {
-        let capacity = match ctx.store.capacity().await {
-            Ok(c) => c,
-            Err(e) => return transient(&e),
-        };
-        let workers = to_fit_workers(capacity);
+        if !ctx.snapshot.is_loaded()
+            && let Err(e) = ctx.snapshot.refresh(&ctx.store).await
+        {
+            return transient(&e);
+        }
         ctx.stats.record_fit(FitRecord {
             instance_id: id.to_owned(),
             cmd_seq: seq,
             picked_at,
         });
         let began = std::time::Instant::now();
-        let searched = fit(&workers, &request, ctx.config.policy, &|| {
-            token.is_cancelled()
-        });
-        ctx.stats
-            .fit_seconds
-            .0
-            .observe(began.elapsed().as_secs_f64());
-        let placement = match searched {
-            Ok(p) => p,
+        let searched = ctx
+            .snapshot
+            .fit(&request, ctx.config.policy, id, &|| token.is_cancelled());
+        let took = began.elapsed();
+        ctx.stats.fit_seconds.0.observe(took.as_secs_f64());
+        ctx.stats.fit_micros.record(took);
+        let (placement, hold) = match searched {
+            Ok(found) => found,
             Err(FitError::Cancelled) => {
                 ctx.stats.fits_cancelled.inc();
                 return Handled::Done;
+            }
+            Err(FitError::NoFit(_)) if !refreshed_for_no_fit => {
+                // Before saying "nothing fits", look at the database's view: others may
+                // have freed VRAM since our last refresh.
+                refreshed_for_no_fit = true;
+                if let Err(e) = ctx.snapshot.refresh_since(&ctx.store, began).await {
+                    return transient(&e);
+                }
+                continue;
             }
             Err(FitError::NoFit(reason)) => {
                 if let Some(hook) = &ctx.hooks.before_pending {
@@ -104,25 +113,14 @@ async fn place_until_settled(
                 return settle_pending(ctx, id, version, &reason).await;
             }
         };
-        if let Some(hook) = &ctx.hooks.before_commit {
-            hook(id.to_owned(), version).await;
+        let outcome = commit(ctx, id, version, spec, &placement, token).await;
+        match &outcome {
+            Some(Ok(CommitOutcome::Committed(_))) => ctx.snapshot.settle(&hold),
+            _ => ctx.snapshot.release(&hold),
         }
-        if token.is_cancelled() {
-            ctx.stats.fits_cancelled.inc();
-            return Handled::Done;
-        }
-        let committed = ctx
-            .store
-            .commit_placement(
-                id,
-                version,
-                &placement.worker_id,
-                &placement.gpus,
-                spec.vram_bytes,
-            )
-            .await;
-        match committed {
-            Ok(CommitOutcome::Committed(t)) => {
+        match outcome {
+            None => return Handled::Done,
+            Some(Ok(CommitOutcome::Committed(t))) => {
                 ctx.stats.placements_committed.inc();
                 let assign = AgentMsg::Assign {
                     instance_id: id.to_owned(),
@@ -141,12 +139,12 @@ async fn place_until_settled(
                     }
                 };
             }
-            Ok(CommitOutcome::VersionMoved) => {
+            Some(Ok(CommitOutcome::VersionMoved)) => {
                 tracing::info!("instance moved on during the fit; placement dropped");
                 ctx.stats.cas_conflicts.inc();
                 return Handled::Done;
             }
-            Ok(CommitOutcome::CapacityGone { worker_id, gpu }) => {
+            Some(Ok(CommitOutcome::CapacityGone { worker_id, gpu })) => {
                 tracing::debug!(
                     attempt,
                     worker_id,
@@ -155,8 +153,11 @@ async fn place_until_settled(
                 );
                 ctx.stats.capacity_conflicts.inc();
                 ctx.stats.refits.inc();
+                if let Err(e) = ctx.snapshot.refresh_since(&ctx.store, began).await {
+                    return transient(&e);
+                }
             }
-            Err(e) => return transient(&e),
+            Some(Err(e)) => return transient(&e),
         }
     }
     let reason = format!(
@@ -164,6 +165,37 @@ async fn place_until_settled(
         ctx.config.max_refits + 1
     );
     settle_pending(ctx, id, version, &reason).await
+}
+
+/// The hook, the last cancellation check, and the CAS commit. `None`: cancelled.
+async fn commit(
+    ctx: &Ctx,
+    id: &str,
+    version: i64,
+    spec: &StartSpec,
+    placement: &berth_fit::Placement,
+    token: &tokio_util::sync::CancellationToken,
+) -> Option<Result<CommitOutcome, StoreError>> {
+    if let Some(hook) = &ctx.hooks.before_commit {
+        hook(id.to_owned(), version).await;
+    }
+    if token.is_cancelled() {
+        ctx.stats.fits_cancelled.inc();
+        return None;
+    }
+    let began = std::time::Instant::now();
+    let committed = ctx
+        .store
+        .commit_placement(
+            id,
+            version,
+            &placement.worker_id,
+            &placement.gpus,
+            spec.vram_bytes,
+        )
+        .await;
+    ctx.stats.commit_micros.record(began.elapsed());
+    Some(committed)
 }
 
 async fn settle_pending(ctx: &Ctx, id: &str, version: i64, reason: &str) -> Handled {

@@ -22,6 +22,29 @@ impl Default for FitHistogram {
     }
 }
 
+/// A bounded reservoir of durations in microseconds (the first `SAMPLES_CAP` are kept).
+#[derive(Debug, Default)]
+pub struct Samples(Mutex<Vec<u32>>);
+
+const SAMPLES_CAP: usize = 1_000_000;
+
+impl Samples {
+    pub fn record(&self, d: std::time::Duration) {
+        if let Ok(mut v) = self.0.lock()
+            && v.len() < SAMPLES_CAP
+        {
+            v.push(u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
+        }
+    }
+
+    pub fn take(&self) -> Vec<u32> {
+        self.0
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+}
+
 /// One fit computation: for which command, and when its message was picked up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FitRecord {
@@ -50,6 +73,10 @@ pub struct Stats {
     pub workers_unreachable: Counter,
     pub evictions: Counter,
     pub fit_seconds: FitHistogram,
+    /// Recent fit durations and commit transaction durations, in microseconds, for
+    /// benchmarks that want exact percentiles.
+    pub fit_micros: Samples,
+    pub commit_micros: Samples,
     fit_log: Mutex<VecDeque<FitRecord>>,
 }
 

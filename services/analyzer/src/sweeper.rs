@@ -1,7 +1,7 @@
 //! Nothing stuck: pending instances are re-evaluated when capacity appears, and a periodic
 //! sweep handles what a lost wake-up, a dead analyzer or a silent worker left behind.
 
-use crate::{commands::announce, context::Ctx, placing::to_fit_workers};
+use crate::{commands::announce, context::Ctx};
 use berth_fit::{Request, place};
 use berth_proto::{AgentMsg, InstanceState, StartSpec};
 use berth_store::StoreError;
@@ -42,7 +42,8 @@ pub async fn wake_pending(ctx: &Ctx) -> Result<(), StoreError> {
     if pending.is_empty() {
         return Ok(());
     }
-    let mut workers = to_fit_workers(ctx.store.capacity().await?);
+    ctx.snapshot.refresh(&ctx.store).await?;
+    let mut workers = ctx.snapshot.workers();
     for row in pending {
         let Some(spec) = row
             .spec

@@ -1,5 +1,6 @@
 //! `berth`: run a local fleet, publish start/stop commands, look at instances.
 
+mod bench;
 mod ps;
 mod publish;
 mod up;
@@ -44,6 +45,9 @@ enum Cmd {
     Watch(watch::WatchArgs),
     /// Apply database migrations (analyzers also do this at start).
     Migrate,
+    /// Benchmarks on private servers; each prints one JSON document.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
 }
 
 #[tokio::main]
@@ -67,6 +71,7 @@ async fn main() -> Result<()> {
         Cmd::Stop(args) => publish::stop(&cli.nats_url, args).await,
         Cmd::Ps(args) => ps::run(&cli.database_url, &cli.nats_url, args).await,
         Cmd::Watch(args) => watch::run(&cli.nats_url, args).await,
+        Cmd::Bench(cmd) => bench::run(cmd).await,
         Cmd::Migrate => {
             let applied = berth_store::migrate(&cli.database_url).await?;
             println!("migrations applied: {applied}");

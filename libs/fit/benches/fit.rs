@@ -1,0 +1,107 @@
+//! Placement against synthetic clusters, and profiling a real GGUF file.
+//!
+//! `cargo bench -p berth-fit` (add `-- --quick` for a short run). The GGUF benchmark needs
+//! `ops/fetch-models.sh` to have run; without the file it is skipped with a note.
+
+use berth_fit::{
+    EstimateOptions, Gpu, LlamaCppOptions, Policy, Request, Worker, estimate, place,
+    profile_from_path,
+};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::path::PathBuf;
+
+const GIB: u64 = 1 << 30;
+const GPUS_PER_WORKER: usize = 8;
+
+/// A deterministic cluster of `n_gpus` GPUs on 8-GPU workers: three zones, three GPU models,
+/// free memory spread between 0 and the card's size, one worker in twenty draining.
+fn cluster(n_gpus: usize) -> Vec<Worker> {
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let models = [("H100", 80u64), ("A100", 40), ("L40S", 48)];
+    let zones = ["a", "b", "c"];
+    (0..n_gpus.div_ceil(GPUS_PER_WORKER))
+        .map(|w| {
+            let (name, size) = models[w % models.len()];
+            let gpus = (0..GPUS_PER_WORKER.min(n_gpus - w * GPUS_PER_WORKER))
+                .map(|i| Gpu {
+                    index: i as u32,
+                    name: name.into(),
+                    free_bytes: next() % (size * GIB + 1),
+                })
+                .collect();
+            Worker {
+                id: format!("w{w:05}"),
+                labels: BTreeMap::from([
+                    ("zone".into(), zones[w % zones.len()].into()),
+                    ("gpu".into(), name.to_lowercase()),
+                ]),
+                schedulable: next() % 20 != 0,
+                gpus,
+            }
+        })
+        .collect()
+}
+
+fn placement(c: &mut Criterion) {
+    let mut g = c.benchmark_group("place");
+    for n in [100usize, 1_000, 10_000] {
+        let workers = cluster(n);
+        let fits = Request {
+            vram_per_gpu: 30 * GIB,
+            gpus: 2,
+            selector: BTreeMap::from([("zone".into(), "a".into())]),
+        };
+        // Asks for more than any worker has: every worker is scored and the reason is built.
+        let no_fit = Request {
+            vram_per_gpu: 79 * GIB,
+            gpus: 8,
+            selector: BTreeMap::new(),
+        };
+        let never = || false;
+        for (name, req, policy) in [
+            ("binpack/2x30GiB/zone=a", &fits, Policy::Binpack),
+            ("spread/2x30GiB/zone=a", &fits, Policy::Spread),
+            ("binpack/no-fit", &no_fit, Policy::Binpack),
+        ] {
+            g.bench_with_input(BenchmarkId::new(name, n), &workers, |b, ws| {
+                b.iter(|| place(black_box(ws), black_box(req), policy, &never))
+            });
+        }
+    }
+    g.finish();
+}
+
+fn smollm2() -> Option<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.berth/models");
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    path.is_file().then_some(path)
+}
+
+fn profiling(c: &mut Criterion) {
+    let Some(path) = smollm2() else {
+        eprintln!("skipping the GGUF benchmark: run ops/fetch-models.sh first");
+        return;
+    };
+    c.bench_function("profile/SmolLM2-135M-Q4_1.gguf", |b| {
+        b.iter(|| profile_from_path(black_box(&path)))
+    });
+    let Ok(profile) = profile_from_path(&path) else {
+        return;
+    };
+    let opts = EstimateOptions::LlamaCpp(LlamaCppOptions::default());
+    // Errors are values here too: the benchmark measures the call either way.
+    c.bench_function("estimate/llama.cpp/SmolLM2", |b| {
+        b.iter(|| estimate(black_box(&profile), black_box(&opts)))
+    });
+}
+
+criterion_group!(benches, placement, profiling);
+criterion_main!(benches);

@@ -1,0 +1,500 @@
+//! Memory estimates: how many bytes an instance needs on each GPU, by backend.
+//!
+//! Every formula and its public source is in `docs/estimation.md`. The estimators are pure
+//! functions of a [`ModelProfile`] and the backend's options.
+
+mod llama_cpp;
+mod vllm;
+
+pub use llama_cpp::{KvCacheType, LlamaCppOptions};
+pub use vllm::{VllmKvDtype, VllmOptions};
+
+use crate::profile::ModelProfile;
+use crate::{Request, gib};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+pub(crate) const MIB: u64 = 1 << 20;
+pub(crate) const GIB: u64 = 1 << 30;
+/// Most GPUs one instance may span.
+pub const MAX_GPUS: u32 = 4096;
+/// Largest batch, micro-batch or parallel-sequence count accepted.
+pub const MAX_BATCH: u32 = 1 << 24;
+/// Longest context accepted, tokens.
+pub const MAX_CONTEXT: u64 = 1 << 32;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EstimateError {
+    #[error("invalid model profile: {0}")]
+    InvalidProfile(String),
+    #[error("invalid backend options: {0}")]
+    InvalidOptions(String),
+}
+
+/// Which backend will run the model, with its options. Serialized with a `backend` tag:
+/// `{"backend": "llama_cpp", "context": 8192}`, `{"backend": "vllm", "tensor_parallel": 2}`,
+/// `{"backend": "custom", "bytes_per_gpu": 1073741824, "gpus": 1}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "snake_case")]
+pub enum EstimateOptions {
+    LlamaCpp(LlamaCppOptions),
+    Vllm(VllmOptions),
+    /// An explicit claim: no estimate, the caller says what to reserve.
+    Custom(CustomClaim),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomClaim {
+    pub bytes_per_gpu: u64,
+    #[serde(default = "one")]
+    pub gpus: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    LlamaCpp,
+    Vllm,
+    Custom,
+}
+
+/// What one GPU holds, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuMemory {
+    pub weights: u64,
+    pub kv_cache: u64,
+    /// llama.cpp compute buffers; vLLM activation peak.
+    pub compute: u64,
+    /// CUDA context and library workspaces; vLLM non-torch memory and CUDA graphs.
+    pub overhead: u64,
+    pub total: u64,
+}
+
+impl GpuMemory {
+    pub(crate) fn new(weights: u64, kv_cache: u64, compute: u64, overhead: u64) -> Self {
+        Self {
+            weights,
+            kv_cache,
+            compute,
+            overhead,
+            total: weights
+                .saturating_add(kv_cache)
+                .saturating_add(compute)
+                .saturating_add(overhead),
+        }
+    }
+}
+
+/// The share of each GPU a backend takes regardless of need (vLLM's
+/// `gpu_memory_utilization`): `fraction × GPU total + extra_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Claim {
+    pub fraction: f64,
+    /// Allocated outside the fraction (CUDA graphs in vLLM before it profiled them).
+    pub extra_bytes: u64,
+}
+
+/// A memory estimate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Estimate {
+    pub backend: Backend,
+    /// Context the KV cache is sized for, tokens (llama.cpp `n_ctx`, vLLM `max_model_len`).
+    pub context: u64,
+    /// The minimum each GPU must hold, one entry per GPU used.
+    pub gpus: Vec<GpuMemory>,
+    /// Bytes left in host memory (weights and KV of layers not offloaded, input embeddings).
+    pub host_bytes: u64,
+    /// When set, the instance takes this share of each GPU whatever it needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<Claim>,
+    /// Assumptions worth knowing, in words.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+/// Estimates the memory `profile` needs under `opts`. Both may come from outside (a start
+/// command), so both are checked first; the arithmetic saturates rather than overflows.
+pub fn estimate(profile: &ModelProfile, opts: &EstimateOptions) -> Result<Estimate, EstimateError> {
+    profile
+        .validate()
+        .map_err(|e| EstimateError::InvalidProfile(e.to_string()))?;
+    opts.validate()?;
+    Ok(match opts {
+        EstimateOptions::LlamaCpp(o) => llama_cpp::estimate(profile, o),
+        EstimateOptions::Vllm(o) => vllm::estimate(profile, o),
+        EstimateOptions::Custom(c) => Estimate {
+            backend: Backend::Custom,
+            context: profile.context_length,
+            gpus: vec![GpuMemory::new(0, 0, 0, c.bytes_per_gpu); c.gpus.max(1) as usize],
+            host_bytes: 0,
+            claim: None,
+            notes: vec!["explicit claim, not estimated".into()],
+        },
+    })
+}
+
+impl EstimateOptions {
+    pub fn validate(&self) -> Result<(), EstimateError> {
+        match self {
+            Self::LlamaCpp(o) => o.validate(),
+            Self::Vllm(o) => o.validate(),
+            Self::Custom(c) if c.gpus > MAX_GPUS => Err(EstimateError::InvalidOptions(format!(
+                "gpus must be at most {MAX_GPUS}"
+            ))),
+            Self::Custom(_) => Ok(()),
+        }
+    }
+}
+
+impl Estimate {
+    /// GPUs the instance uses.
+    pub fn gpu_count(&self) -> usize {
+        self.gpus.len()
+    }
+
+    /// The largest per-GPU minimum: what every chosen GPU must have free when all GPUs of a
+    /// placement are asked for the same amount.
+    pub fn max_per_gpu(&self) -> u64 {
+        self.gpus.iter().map(|g| g.total).max().unwrap_or(0)
+    }
+
+    /// Sum over the GPUs.
+    pub fn total(&self) -> GpuMemory {
+        let mut t = GpuMemory::default();
+        for g in &self.gpus {
+            t.weights = t.weights.saturating_add(g.weights);
+            t.kv_cache = t.kv_cache.saturating_add(g.kv_cache);
+            t.compute = t.compute.saturating_add(g.compute);
+            t.overhead = t.overhead.saturating_add(g.overhead);
+            t.total = t.total.saturating_add(g.total);
+        }
+        t
+    }
+
+    /// What the instance reserves on a GPU with `gpu_total_bytes` of memory: the claimed
+    /// share when the backend claims one, else the estimate. Never less than the estimate.
+    pub fn claim_on(&self, gpu_total_bytes: u64) -> u64 {
+        let need = self.max_per_gpu();
+        match self.claim {
+            None => need,
+            Some(c) => {
+                let share = (gpu_total_bytes as f64 * c.fraction).ceil();
+                let share = if share.is_finite() && share >= 0.0 {
+                    share.min(u64::MAX as f64) as u64
+                } else {
+                    0
+                };
+                share.saturating_add(c.extra_bytes).max(need)
+            }
+        }
+    }
+
+    /// Whether the instance can start on a GPU with `gpu_total_bytes` of memory of which
+    /// `free_bytes` are free: the claim must be free, and for a claiming backend the
+    /// estimate must fit inside the claimed share (vLLM refuses to start otherwise).
+    pub fn fits_gpu(&self, gpu_total_bytes: u64, free_bytes: u64) -> bool {
+        let need = self.max_per_gpu();
+        let inside = match self.claim {
+            None => true,
+            Some(c) => {
+                let share = gpu_total_bytes as f64 * c.fraction + c.extra_bytes as f64;
+                share >= need as f64
+            }
+        };
+        inside && self.claim_on(gpu_total_bytes) <= free_bytes
+    }
+
+    /// A placement request for this estimate: as many GPUs as it uses, each with the largest
+    /// per-GPU need free. For a claiming backend, pass the GPU size to claim on (GPUs of
+    /// different sizes need different requests).
+    pub fn request(
+        &self,
+        selector: BTreeMap<String, String>,
+        gpu_total_bytes: Option<u64>,
+    ) -> Request {
+        let vram_per_gpu = match (self.claim, gpu_total_bytes) {
+            (Some(_), Some(total)) => self.claim_on(total),
+            _ => self.max_per_gpu(),
+        };
+        Request {
+            vram_per_gpu,
+            gpus: self.gpu_count(),
+            selector,
+        }
+    }
+
+    /// The breakdown as a plain-text table.
+    pub fn to_table(&self) -> String {
+        let header = ["GPU", "weights", "KV cache", "compute", "overhead", "total"];
+        let mut rows: Vec<[String; 6]> = self
+            .gpus
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                [
+                    i.to_string(),
+                    gib(g.weights),
+                    gib(g.kv_cache),
+                    gib(g.compute),
+                    gib(g.overhead),
+                    gib(g.total),
+                ]
+            })
+            .collect();
+        if self.gpus.len() > 1 {
+            let t = self.total();
+            rows.push([
+                "all".into(),
+                gib(t.weights),
+                gib(t.kv_cache),
+                gib(t.compute),
+                gib(t.overhead),
+                gib(t.total),
+            ]);
+        }
+        let mut width = header.map(str::len);
+        for r in &rows {
+            for (w, c) in width.iter_mut().zip(r) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        let mut out = String::new();
+        let line = |out: &mut String, cells: &[String]| {
+            for (i, (c, w)) in cells.iter().zip(width).enumerate() {
+                if i == 0 {
+                    let _ = write!(out, "{c:<w$}");
+                } else {
+                    let _ = write!(out, "  {c:>w$}");
+                }
+            }
+            out.push('\n');
+        };
+        line(&mut out, &header.map(String::from));
+        for r in &rows {
+            line(&mut out, r);
+        }
+        let backend = match self.backend {
+            Backend::LlamaCpp => "llama.cpp",
+            Backend::Vllm => "vLLM",
+            Backend::Custom => "custom",
+        };
+        let _ = writeln!(out, "backend {backend}, context {} tokens", self.context);
+        if self.host_bytes > 0 {
+            let _ = writeln!(out, "host memory: {}", gib(self.host_bytes));
+        }
+        if let Some(c) = self.claim {
+            let _ = write!(out, "claims {:.0}% of each GPU", c.fraction * 100.0);
+            if c.extra_bytes > 0 {
+                let _ = write!(out, " + {}", gib(c.extra_bytes));
+            }
+            let _ = writeln!(out, " (needs at least the totals above)");
+        }
+        for n in &self.notes {
+            let _ = writeln!(out, "note: {n}");
+        }
+        out
+    }
+}
+
+pub(crate) fn pad(x: u64, to: u64) -> u64 {
+    if to == 0 {
+        return x;
+    }
+    x.div_ceil(to).saturating_mul(to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{ExplicitProfile, WeightDtype};
+
+    pub(crate) fn llama3_8b() -> ModelProfile {
+        ExplicitProfile {
+            parameters: 8_030_261_248,
+            dtype: WeightDtype::Bf16,
+            layers: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            context_length: 8192,
+            heads: Some(32),
+            hidden_size: Some(4096),
+            intermediate_size: Some(14336),
+            vocab_size: Some(128_256),
+            weight_bytes: None,
+            name: Some("Llama-3-8B".into()),
+        }
+        .to_profile()
+        .unwrap()
+    }
+
+    #[test]
+    fn custom_claims_pass_through() {
+        let e = estimate(
+            &llama3_8b(),
+            &EstimateOptions::Custom(CustomClaim {
+                bytes_per_gpu: 5 * GIB,
+                gpus: 2,
+            }),
+        )
+        .unwrap();
+        assert_eq!(e.gpu_count(), 2);
+        assert_eq!(e.max_per_gpu(), 5 * GIB);
+        assert_eq!(e.total().total, 10 * GIB);
+        let r = e.request(BTreeMap::new(), None);
+        assert_eq!((r.vram_per_gpu, r.gpus), (5 * GIB, 2));
+    }
+
+    #[test]
+    fn claims_and_fits() {
+        let mut e = estimate(
+            &llama3_8b(),
+            &EstimateOptions::Custom(CustomClaim {
+                bytes_per_gpu: 20 * GIB,
+                gpus: 1,
+            }),
+        )
+        .unwrap();
+        assert!(e.fits_gpu(80 * GIB, 20 * GIB));
+        assert!(!e.fits_gpu(80 * GIB, 20 * GIB - 1));
+        e.claim = Some(Claim {
+            fraction: 0.5,
+            extra_bytes: GIB,
+        });
+        assert_eq!(e.claim_on(80 * GIB), 41 * GIB);
+        // Never below the need, but then it does not fit inside the share.
+        assert_eq!(e.claim_on(24 * GIB), 20 * GIB);
+        assert!(!e.fits_gpu(24 * GIB, 24 * GIB));
+        assert!(e.fits_gpu(80 * GIB, 41 * GIB));
+        assert!(!e.fits_gpu(80 * GIB, 40 * GIB));
+        assert_eq!(
+            e.request(BTreeMap::new(), Some(80 * GIB)).vram_per_gpu,
+            41 * GIB
+        );
+    }
+
+    #[test]
+    fn options_from_json() {
+        let o: EstimateOptions = serde_json::from_str(
+            r#"{"backend": "llama_cpp", "context": 4096, "cache_type_k": "q8_0"}"#,
+        )
+        .unwrap();
+        let EstimateOptions::LlamaCpp(l) = &o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(l.context, Some(4096));
+        assert_eq!(l.cache_type_k, KvCacheType::Q8_0);
+        assert_eq!(l.cache_type_v, KvCacheType::F16);
+        let o: EstimateOptions = serde_json::from_str(
+            r#"{"backend": "vllm", "tensor_parallel": 2, "kv_cache_dtype": "fp8"}"#,
+        )
+        .unwrap();
+        let EstimateOptions::Vllm(v) = &o else {
+            panic!("{o:?}")
+        };
+        assert_eq!((v.tensor_parallel, v.kv_cache_dtype), (2, VllmKvDtype::Fp8));
+        let o: EstimateOptions =
+            serde_json::from_str(r#"{"backend": "custom", "bytes_per_gpu": 100}"#).unwrap();
+        assert_eq!(
+            o,
+            EstimateOptions::Custom(CustomClaim {
+                bytes_per_gpu: 100,
+                gpus: 1
+            })
+        );
+        assert!(serde_json::from_str::<EstimateOptions>(r#"{"backend": "tgi"}"#).is_err());
+    }
+
+    #[test]
+    fn hostile_inputs_are_refused() {
+        let p = llama3_8b();
+        let huge = |o| estimate(&p, &o).unwrap_err();
+        for o in [
+            EstimateOptions::LlamaCpp(LlamaCppOptions {
+                gpus: u32::MAX,
+                ..LlamaCppOptions::default()
+            }),
+            EstimateOptions::LlamaCpp(LlamaCppOptions {
+                ubatch: 0,
+                ..LlamaCppOptions::default()
+            }),
+            EstimateOptions::Vllm(VllmOptions {
+                tensor_parallel: u32::MAX,
+                pipeline_parallel: u32::MAX,
+                ..VllmOptions::default()
+            }),
+            EstimateOptions::Vllm(VllmOptions {
+                gpu_memory_utilization: Some(f64::NAN),
+                ..VllmOptions::default()
+            }),
+            EstimateOptions::Vllm(VllmOptions {
+                max_model_len: Some(u64::MAX),
+                ..VllmOptions::default()
+            }),
+            EstimateOptions::Custom(CustomClaim {
+                bytes_per_gpu: 1,
+                gpus: u32::MAX,
+            }),
+        ] {
+            assert!(matches!(huge(o), EstimateError::InvalidOptions(_)));
+        }
+        let mut bad = p.clone();
+        bad.layers = u32::MAX;
+        let o = EstimateOptions::LlamaCpp(LlamaCppOptions::default());
+        assert!(matches!(
+            estimate(&bad, &o),
+            Err(EstimateError::InvalidProfile(_))
+        ));
+        let mut bad = p.clone();
+        bad.weights.layers = vec![1; 3];
+        assert!(estimate(&bad, &o).is_err());
+        // Extreme but accepted values saturate instead of overflowing.
+        let mut big = p.clone();
+        big.embedding_length = u32::MAX;
+        big.feed_forward_length = u32::MAX;
+        big.vocab_size = u32::MAX;
+        big.experts = Some(crate::Experts {
+            count: u32::MAX,
+            used: u32::MAX,
+        });
+        big.context_length = MAX_CONTEXT;
+        for o in [
+            EstimateOptions::LlamaCpp(LlamaCppOptions {
+                flash_attention: false,
+                ubatch: MAX_BATCH,
+                ..LlamaCppOptions::default()
+            }),
+            EstimateOptions::Vllm(VllmOptions {
+                max_num_batched_tokens: MAX_BATCH,
+                max_num_seqs: u32::MAX,
+                non_torch_bytes: u64::MAX,
+                ..VllmOptions::default()
+            }),
+        ] {
+            let e = estimate(&big, &o).unwrap();
+            assert!(e.max_per_gpu() > 1 << 60, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn table_and_json() {
+        let e = estimate(
+            &llama3_8b(),
+            &EstimateOptions::LlamaCpp(LlamaCppOptions {
+                gpus: 2,
+                ..LlamaCppOptions::default()
+            }),
+        )
+        .unwrap();
+        let t = e.to_table();
+        assert!(t.starts_with("GPU"), "{t}");
+        assert!(t.contains("\nall "), "{t}");
+        assert!(t.contains("backend llama.cpp, context 8192 tokens"), "{t}");
+        let j = serde_json::to_string(&e).unwrap();
+        assert_eq!(serde_json::from_str::<Estimate>(&j).unwrap(), e);
+    }
+}

@@ -1,0 +1,1617 @@
+//! GGUF header reader: magic, version, metadata and tensor infos, never the tensor data.
+//!
+//! Format (llama.cpp `ggml/src/gguf.cpp`, `docs/gguf.md` in ggml): all little-endian.
+//!
+//! ```text
+//! "GGUF" u32:version u64:n_tensors u64:n_kv
+//! n_kv × { string:key u32:value_type value }
+//! n_tensors × { string:name u32:n_dims u64[n_dims]:ne u32:ggml_type u64:offset }
+//! padding to `general.alignment` (default 32), then the tensor data
+//! string = u64:len bytes (no terminator); array = u32:elem_type u64:len elems
+//! ```
+//!
+//! Version 1 used 32-bit counts and lengths and is rejected. Every length read from the file is
+//! checked against [`GgufLimits`] before anything is allocated or skipped, so a truncated,
+//! corrupt or hostile file costs at most the bytes it really has (bounded by the limits) and
+//! ends in a [`GgufError`], never a panic or a huge allocation.
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::path::Path;
+
+pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
+pub const GGUF_DEFAULT_ALIGNMENT: u64 = 32;
+/// `GGML_MAX_DIMS`.
+pub const GGML_MAX_DIMS: u32 = 4;
+
+/// Bounds on what a header may contain. The defaults accept every real model we know of (the
+/// largest vocabularies have ~260k tokens; chat templates are tens of KiB) with wide margins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GgufLimits {
+    /// Longest string (key, value, tensor name, array element), bytes.
+    pub max_string_len: u64,
+    /// Array elements over the whole header, kept or skipped, nested ones included.
+    pub max_array_elements: u64,
+    /// Arrays longer than this are checked and skipped, recorded as [`MetaValue::Skipped`]
+    /// (type and length only). Token lists are the usual case; nothing in a profile needs them.
+    pub keep_array_len: u64,
+    /// Arrays inside arrays, this deep at most.
+    pub max_array_depth: u32,
+    pub max_kv_count: u64,
+    pub max_tensor_count: u64,
+    /// Bytes of header (everything before the tensor data) read or skipped, at most.
+    pub max_header_bytes: u64,
+}
+
+impl Default for GgufLimits {
+    fn default() -> Self {
+        Self {
+            max_string_len: 1 << 20,
+            max_array_elements: 16 << 20,
+            keep_array_len: 4096,
+            max_array_depth: 4,
+            max_kv_count: 1 << 16,
+            max_tensor_count: 1 << 20,
+            max_header_bytes: 512 << 20,
+        }
+    }
+}
+
+impl GgufLimits {
+    /// The defaults, but every array is kept in full (within `max_array_elements`).
+    pub fn keep_all_arrays() -> Self {
+        Self {
+            keep_array_len: u64::MAX,
+            ..Self::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("reading the GGUF file: {0}")]
+    Io(#[from] io::Error),
+    #[error("not a GGUF file (starts with {0:02x?}, expected \"GGUF\")")]
+    BadMagic([u8; 4]),
+    #[error("GGUF version {0} is not supported (versions 2 and 3 are)")]
+    UnsupportedVersion(u32),
+    #[error("big-endian GGUF files are not supported")]
+    BigEndian,
+    #[error("file ends early, at byte {offset}, while reading {what}")]
+    Truncated { what: &'static str, offset: u64 },
+    #[error("{what} too large: {value} exceeds the limit of {limit}")]
+    TooLarge {
+        what: &'static str,
+        value: u64,
+        limit: u64,
+    },
+    #[error("metadata key {key:?}: unknown value type {value_type}")]
+    BadValueType { key: String, value_type: u32 },
+    #[error("tensor {name:?}: unknown or removed ggml type {type_id}")]
+    BadTensorType { name: String, type_id: u32 },
+    #[error("tensor {name:?}: {reason}")]
+    BadTensor { name: String, reason: String },
+    #[error("metadata key {0:?} appears twice")]
+    DuplicateKey(String),
+    #[error("tensor {0:?} appears twice")]
+    DuplicateTensor(String),
+    #[error("metadata key {key:?} is {found}, expected {expected}")]
+    WrongType {
+        key: String,
+        found: &'static str,
+        expected: &'static str,
+    },
+    #[error("general.alignment {0} is not a power of two")]
+    BadAlignment(u64),
+    #[error("tensor data needs {need} bytes but the file has {have}")]
+    DataTruncated { need: u64, have: u64 },
+}
+
+/// Metadata value types (`enum gguf_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueType {
+    U8,
+    I8,
+    U16,
+    I16,
+    U32,
+    I32,
+    F32,
+    Bool,
+    String,
+    Array,
+    U64,
+    I64,
+    F64,
+}
+
+impl ValueType {
+    pub fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => Self::U8,
+            1 => Self::I8,
+            2 => Self::U16,
+            3 => Self::I16,
+            4 => Self::U32,
+            5 => Self::I32,
+            6 => Self::F32,
+            7 => Self::Bool,
+            8 => Self::String,
+            9 => Self::Array,
+            10 => Self::U64,
+            11 => Self::I64,
+            12 => Self::F64,
+            _ => return None,
+        })
+    }
+
+    pub fn id(self) -> u32 {
+        match self {
+            Self::U8 => 0,
+            Self::I8 => 1,
+            Self::U16 => 2,
+            Self::I16 => 3,
+            Self::U32 => 4,
+            Self::I32 => 5,
+            Self::F32 => 6,
+            Self::Bool => 7,
+            Self::String => 8,
+            Self::Array => 9,
+            Self::U64 => 10,
+            Self::I64 => 11,
+            Self::F64 => 12,
+        }
+    }
+
+    /// Encoded size of one value, for the fixed-size types.
+    pub fn fixed_size(self) -> Option<u64> {
+        match self {
+            Self::U8 | Self::I8 | Self::Bool => Some(1),
+            Self::U16 | Self::I16 => Some(2),
+            Self::U32 | Self::I32 | Self::F32 => Some(4),
+            Self::U64 | Self::I64 | Self::F64 => Some(8),
+            Self::String | Self::Array => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::U8 => "u8",
+            Self::I8 => "i8",
+            Self::U16 => "u16",
+            Self::I16 => "i16",
+            Self::U32 => "u32",
+            Self::I32 => "i32",
+            Self::F32 => "f32",
+            Self::Bool => "bool",
+            Self::String => "string",
+            Self::Array => "array",
+            Self::U64 => "u64",
+            Self::I64 => "i64",
+            Self::F64 => "f64",
+        }
+    }
+}
+
+/// One metadata value.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum MetaValue {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Array {
+        elem: ValueType,
+        items: Vec<MetaValue>,
+    },
+    /// An array longer than [`GgufLimits::keep_array_len`]: its framing was read and checked,
+    /// its elements were not kept.
+    Skipped {
+        elem: ValueType,
+        len: u64,
+    },
+}
+
+impl MetaValue {
+    pub fn value_type(&self) -> ValueType {
+        match self {
+            Self::U8(_) => ValueType::U8,
+            Self::I8(_) => ValueType::I8,
+            Self::U16(_) => ValueType::U16,
+            Self::I16(_) => ValueType::I16,
+            Self::U32(_) => ValueType::U32,
+            Self::I32(_) => ValueType::I32,
+            Self::F32(_) => ValueType::F32,
+            Self::Bool(_) => ValueType::Bool,
+            Self::String(_) => ValueType::String,
+            Self::U64(_) => ValueType::U64,
+            Self::I64(_) => ValueType::I64,
+            Self::F64(_) => ValueType::F64,
+            Self::Array { .. } | Self::Skipped { .. } => ValueType::Array,
+        }
+    }
+
+    /// Any integer that is not negative.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Self::U8(v) => Some(v.into()),
+            Self::U16(v) => Some(v.into()),
+            Self::U32(v) => Some(v.into()),
+            Self::U64(v) => Some(v),
+            Self::I8(v) => u64::try_from(v).ok(),
+            Self::I16(v) => u64::try_from(v).ok(),
+            Self::I32(v) => u64::try_from(v).ok(),
+            Self::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Self::F32(v) => Some(v.into()),
+            Self::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Self::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Self::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Length of an array, kept or skipped.
+    pub fn array_len(&self) -> Option<u64> {
+        match self {
+            Self::Array { items, .. } => Some(items.len() as u64),
+            Self::Skipped { len, .. } => Some(*len),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[MetaValue]> {
+        match self {
+            Self::Array { items, .. } => Some(items),
+            _ => None,
+        }
+    }
+}
+
+/// Tensor element types (`enum ggml_type` in `ggml/include/ggml.h`). Ids 4, 5 (Q4_2, Q4_3),
+/// 31–33 (Q4_0_4_4 …) and 36–38 (IQ4_NL_4_4 …) were removed from ggml and are rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[allow(non_camel_case_types)]
+pub enum GgmlType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q8_1,
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    Q8_K,
+    IQ2_XXS,
+    IQ2_XS,
+    IQ3_XXS,
+    IQ1_S,
+    IQ4_NL,
+    IQ3_S,
+    IQ2_S,
+    IQ4_XS,
+    I8,
+    I16,
+    I32,
+    I64,
+    F64,
+    IQ1_M,
+    BF16,
+    TQ1_0,
+    TQ2_0,
+    MXFP4,
+    NVFP4,
+    Q1_0,
+}
+
+/// `QK_K`, the super-block of the K-quants and most IQ types.
+const QK_K: u64 = 256;
+
+/// id, type, name, elements per block (`blck_size`), bytes per block (`type_size`): the
+/// `type_traits` table in `ggml/src/ggml.c`, block layouts in `ggml/src/ggml-common.h`.
+const GGML_TYPES: &[(u32, GgmlType, &str, u64, u64)] = &[
+    (0, GgmlType::F32, "F32", 1, 4),
+    (1, GgmlType::F16, "F16", 1, 2),
+    (2, GgmlType::Q4_0, "Q4_0", 32, 2 + 16),
+    (3, GgmlType::Q4_1, "Q4_1", 32, 2 + 2 + 16),
+    (6, GgmlType::Q5_0, "Q5_0", 32, 2 + 4 + 16),
+    (7, GgmlType::Q5_1, "Q5_1", 32, 2 + 2 + 4 + 16),
+    (8, GgmlType::Q8_0, "Q8_0", 32, 2 + 32),
+    (9, GgmlType::Q8_1, "Q8_1", 32, 2 + 2 + 32),
+    (
+        10,
+        GgmlType::Q2_K,
+        "Q2_K",
+        QK_K,
+        QK_K / 16 + QK_K / 4 + 2 + 2,
+    ),
+    (
+        11,
+        GgmlType::Q3_K,
+        "Q3_K",
+        QK_K,
+        QK_K / 8 + QK_K / 4 + 12 + 2,
+    ),
+    (12, GgmlType::Q4_K, "Q4_K", QK_K, 2 + 2 + 12 + QK_K / 2),
+    (
+        13,
+        GgmlType::Q5_K,
+        "Q5_K",
+        QK_K,
+        2 + 2 + 12 + QK_K / 8 + QK_K / 2,
+    ),
+    (
+        14,
+        GgmlType::Q6_K,
+        "Q6_K",
+        QK_K,
+        QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
+    ),
+    (15, GgmlType::Q8_K, "Q8_K", QK_K, 4 + QK_K + QK_K / 16 * 2),
+    (16, GgmlType::IQ2_XXS, "IQ2_XXS", QK_K, 2 + QK_K / 8 * 2),
+    (
+        17,
+        GgmlType::IQ2_XS,
+        "IQ2_XS",
+        QK_K,
+        2 + QK_K / 8 * 2 + QK_K / 32,
+    ),
+    (18, GgmlType::IQ3_XXS, "IQ3_XXS", QK_K, 2 + 3 * (QK_K / 8)),
+    (19, GgmlType::IQ1_S, "IQ1_S", QK_K, 2 + QK_K / 8 + QK_K / 16),
+    (20, GgmlType::IQ4_NL, "IQ4_NL", 32, 2 + 16),
+    (
+        21,
+        GgmlType::IQ3_S,
+        "IQ3_S",
+        QK_K,
+        2 + 13 * (QK_K / 32) + QK_K / 64,
+    ),
+    (22, GgmlType::IQ2_S, "IQ2_S", QK_K, 2 + QK_K / 4 + QK_K / 16),
+    (
+        23,
+        GgmlType::IQ4_XS,
+        "IQ4_XS",
+        QK_K,
+        2 + 2 + QK_K / 64 + QK_K / 2,
+    ),
+    (24, GgmlType::I8, "I8", 1, 1),
+    (25, GgmlType::I16, "I16", 1, 2),
+    (26, GgmlType::I32, "I32", 1, 4),
+    (27, GgmlType::I64, "I64", 1, 8),
+    (28, GgmlType::F64, "F64", 1, 8),
+    (
+        29,
+        GgmlType::IQ1_M,
+        "IQ1_M",
+        QK_K,
+        QK_K / 8 + QK_K / 16 + QK_K / 32,
+    ),
+    (30, GgmlType::BF16, "BF16", 1, 2),
+    (
+        34,
+        GgmlType::TQ1_0,
+        "TQ1_0",
+        QK_K,
+        (QK_K - 4 * QK_K / 64) / 5 + QK_K / 64 + 2,
+    ),
+    (35, GgmlType::TQ2_0, "TQ2_0", QK_K, QK_K / 4 + 2),
+    (39, GgmlType::MXFP4, "MXFP4", 32, 1 + 16),
+    (40, GgmlType::NVFP4, "NVFP4", 64, 4 + 32),
+    (41, GgmlType::Q1_0, "Q1_0", 128, 2 + 16),
+];
+
+impl GgmlType {
+    pub fn from_id(id: u32) -> Option<Self> {
+        GGML_TYPES.iter().find(|r| r.0 == id).map(|r| r.1)
+    }
+
+    /// Parses a type name, case-insensitively ("q4_k", "F16", "bf16").
+    pub fn from_name(name: &str) -> Option<Self> {
+        GGML_TYPES
+            .iter()
+            .find(|r| r.2.eq_ignore_ascii_case(name))
+            .map(|r| r.1)
+    }
+
+    fn row(self) -> (u32, GgmlType, &'static str, u64, u64) {
+        // Every variant has a row (checked by a test); F32's is the harmless fallback.
+        GGML_TYPES
+            .iter()
+            .copied()
+            .find(|r| r.1 == self)
+            .unwrap_or(GGML_TYPES[0])
+    }
+
+    pub fn id(self) -> u32 {
+        self.row().0
+    }
+
+    pub fn name(self) -> &'static str {
+        self.row().2
+    }
+
+    /// Elements per block.
+    pub fn block_size(self) -> u64 {
+        self.row().3
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> u64 {
+        self.row().4
+    }
+
+    /// Bytes of `n` elements (`ggml_row_size`); `None` when `n` is not whole blocks or overflows.
+    pub fn row_bytes(self, n: u64) -> Option<u64> {
+        let bs = self.block_size();
+        if !n.is_multiple_of(bs) {
+            return None;
+        }
+        (n / bs).checked_mul(self.type_size())
+    }
+
+    /// Bits per element, for display.
+    pub fn bits_per_weight(self) -> f64 {
+        self.type_size() as f64 * 8.0 / self.block_size() as f64
+    }
+
+    pub fn all() -> impl Iterator<Item = GgmlType> {
+        GGML_TYPES.iter().map(|r| r.1)
+    }
+}
+
+impl std::fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TensorInfo {
+    pub name: String,
+    /// `ne`: dims[0] is the innermost (row) dimension.
+    pub dims: Vec<u64>,
+    pub ggml_type: GgmlType,
+    /// Offset of the data from the start of the data section.
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    pub fn elements(&self) -> u64 {
+        // Checked when read: the product fits. Saturates for hand-built infos.
+        self.dims.iter().fold(1u64, |a, &d| a.saturating_mul(d))
+    }
+
+    /// Bytes of the tensor data (`ggml_nbytes`): rows of `dims[0]` elements in blocks.
+    pub fn bytes(&self) -> u64 {
+        let row = self.dims.first().copied().unwrap_or(1);
+        let rows = self
+            .dims
+            .iter()
+            .skip(1)
+            .fold(1u64, |a, &d| a.saturating_mul(d));
+        self.ggml_type
+            .row_bytes(row)
+            .unwrap_or(0)
+            .saturating_mul(rows)
+    }
+
+    /// The block (layer) index of a `blk.N.…` tensor.
+    pub fn block_index(&self) -> Option<u32> {
+        let rest = self.name.strip_prefix("blk.")?;
+        let (n, _) = rest.split_once('.')?;
+        n.parse().ok()
+    }
+}
+
+/// A parsed GGUF header.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GgufFile {
+    pub version: u32,
+    pub alignment: u64,
+    pub metadata: BTreeMap<String, MetaValue>,
+    pub tensors: Vec<TensorInfo>,
+    /// Where the tensor data starts: the header's end padded to `alignment`.
+    pub data_offset: u64,
+    /// Bytes of the data section the tensors need (last tensor end, padded).
+    pub data_bytes: u64,
+}
+
+impl GgufFile {
+    pub fn get(&self, key: &str) -> Option<&MetaValue> {
+        self.metadata.get(key)
+    }
+
+    pub fn get_u64(&self, key: &str) -> Result<Option<u64>, GgufError> {
+        match self.metadata.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| GgufError::WrongType {
+                key: key.to_owned(),
+                found: v.value_type().name(),
+                expected: "a non-negative integer",
+            }),
+        }
+    }
+
+    pub fn get_str(&self, key: &str) -> Result<Option<&str>, GgufError> {
+        match self.metadata.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| GgufError::WrongType {
+                key: key.to_owned(),
+                found: v.value_type().name(),
+                expected: "a string",
+            }),
+        }
+    }
+
+    /// `general.architecture`.
+    pub fn architecture(&self) -> Option<&str> {
+        self.metadata
+            .get("general.architecture")
+            .and_then(MetaValue::as_str)
+    }
+
+    /// Sum of the tensors' data bytes.
+    pub fn tensor_bytes(&self) -> u64 {
+        self.tensors
+            .iter()
+            .fold(0u64, |a, t| a.saturating_add(t.bytes()))
+    }
+
+    /// Sum of the tensors' elements (parameters).
+    pub fn parameter_count(&self) -> u64 {
+        self.tensors
+            .iter()
+            .fold(0u64, |a, t| a.saturating_add(t.elements()))
+    }
+}
+
+/// Reads the header of the GGUF file at `path` (never its tensor data) and checks that the
+/// file is long enough to hold the data the tensors describe.
+pub fn read_gguf(path: &Path, limits: &GgufLimits) -> Result<GgufFile, GgufError> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let gguf = parse_gguf(BufReader::with_capacity(64 << 10, file), limits)?;
+    let need = gguf.data_offset.saturating_add(gguf.data_bytes);
+    // The last tensor's padding may be absent from the file; the tensors' own bytes may not.
+    let need_unpadded = gguf.data_offset.saturating_add(
+        gguf.tensors
+            .iter()
+            .map(|t| t.offset.saturating_add(t.bytes()))
+            .max()
+            .unwrap_or(0),
+    );
+    if len < need_unpadded {
+        return Err(GgufError::DataTruncated { need, have: len });
+    }
+    Ok(gguf)
+}
+
+/// Parses a GGUF header from any buffered reader; reads no further than the header's end.
+pub fn parse_gguf<R: BufRead>(reader: R, limits: &GgufLimits) -> Result<GgufFile, GgufError> {
+    let mut r = Reader {
+        inner: reader,
+        pos: 0,
+        limits: *limits,
+        elements_left: limits.max_array_elements,
+    };
+
+    let mut magic = [0u8; 4];
+    r.bytes(&mut magic, "the magic")?;
+    if magic != GGUF_MAGIC {
+        return Err(GgufError::BadMagic(magic));
+    }
+    let version = r.u32("the version")?;
+    match version {
+        2 | 3 => {}
+        v if v.swap_bytes() == 2 || v.swap_bytes() == 3 => return Err(GgufError::BigEndian),
+        v => return Err(GgufError::UnsupportedVersion(v)),
+    }
+    let n_tensors = r.u64("the tensor count")?;
+    let n_kv = r.u64("the metadata count")?;
+    if n_tensors > limits.max_tensor_count {
+        return Err(GgufError::TooLarge {
+            what: "tensor count",
+            value: n_tensors,
+            limit: limits.max_tensor_count,
+        });
+    }
+    if n_kv > limits.max_kv_count {
+        return Err(GgufError::TooLarge {
+            what: "metadata count",
+            value: n_kv,
+            limit: limits.max_kv_count,
+        });
+    }
+
+    let mut metadata = BTreeMap::new();
+    for _ in 0..n_kv {
+        let key = r.string("a metadata key")?;
+        let type_id = r.u32("a metadata value type")?;
+        let Some(ty) = ValueType::from_id(type_id) else {
+            return Err(GgufError::BadValueType {
+                key,
+                value_type: type_id,
+            });
+        };
+        let value = r.value(ty, &key, 0)?;
+        if metadata.contains_key(&key) {
+            return Err(GgufError::DuplicateKey(key));
+        }
+        metadata.insert(key, value);
+    }
+
+    let alignment = match metadata.get("general.alignment") {
+        None => GGUF_DEFAULT_ALIGNMENT,
+        Some(MetaValue::U32(a)) => u64::from(*a),
+        Some(other) => {
+            return Err(GgufError::WrongType {
+                key: "general.alignment".into(),
+                found: other.value_type().name(),
+                expected: "u32",
+            });
+        }
+    };
+    if alignment == 0 || !alignment.is_power_of_two() {
+        return Err(GgufError::BadAlignment(alignment));
+    }
+
+    // Capacity grows with what is really read, never with the count the file claims.
+    let mut tensors = Vec::with_capacity(usize::try_from(n_tensors.min(4096)).unwrap_or(0));
+    let mut names = HashSet::with_capacity(tensors.capacity());
+    let mut data_end = 0u64;
+    for _ in 0..n_tensors {
+        let t = r.tensor_info(alignment)?;
+        let end = t
+            .offset
+            .checked_add(t.bytes())
+            .ok_or_else(|| GgufError::BadTensor {
+                name: t.name.clone(),
+                reason: "offset + size overflows".into(),
+            })?;
+        data_end = data_end.max(end);
+        if !names.insert(t.name.clone()) {
+            return Err(GgufError::DuplicateTensor(t.name));
+        }
+        tensors.push(t);
+    }
+    let data_offset = pad(r.pos, alignment).ok_or(GgufError::TooLarge {
+        what: "header",
+        value: r.pos,
+        limit: limits.max_header_bytes,
+    })?;
+    let data_bytes = pad(data_end, alignment).unwrap_or(u64::MAX);
+
+    Ok(GgufFile {
+        version,
+        alignment,
+        metadata,
+        tensors,
+        data_offset,
+        data_bytes,
+    })
+}
+
+fn pad(x: u64, align: u64) -> Option<u64> {
+    x.checked_add(align - 1).map(|v| v / align * align)
+}
+
+struct Reader<R> {
+    inner: R,
+    pos: u64,
+    limits: GgufLimits,
+    elements_left: u64,
+}
+
+impl<R: BufRead> Reader<R> {
+    /// Refuses to go past the header budget before reading `n` more bytes.
+    fn budget(&self, n: u64) -> Result<(), GgufError> {
+        let end = self.pos.saturating_add(n);
+        if end > self.limits.max_header_bytes {
+            return Err(GgufError::TooLarge {
+                what: "header",
+                value: end,
+                limit: self.limits.max_header_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn bytes(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), GgufError> {
+        self.budget(buf.len() as u64)?;
+        match self.inner.read_exact(buf) {
+            Ok(()) => {
+                self.pos += buf.len() as u64;
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(GgufError::Truncated {
+                what,
+                offset: self.pos,
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn skip(&mut self, n: u64, what: &'static str) -> Result<(), GgufError> {
+        self.budget(n)?;
+        let mut left = n;
+        while left > 0 {
+            let buf = match self.inner.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if buf.is_empty() {
+                return Err(GgufError::Truncated {
+                    what,
+                    offset: self.pos,
+                });
+            }
+            let k = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            self.inner.consume(k);
+            self.pos += k as u64;
+            left -= k as u64;
+        }
+        Ok(())
+    }
+
+    fn arr<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], GgufError> {
+        let mut b = [0u8; N];
+        self.bytes(&mut b, what)?;
+        Ok(b)
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, GgufError> {
+        Ok(u32::from_le_bytes(self.arr(what)?))
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, GgufError> {
+        Ok(u64::from_le_bytes(self.arr(what)?))
+    }
+
+    fn string_len(&mut self, what: &'static str) -> Result<u64, GgufError> {
+        let len = self.u64(what)?;
+        if len > self.limits.max_string_len {
+            return Err(GgufError::TooLarge {
+                what: "string length",
+                value: len,
+                limit: self.limits.max_string_len,
+            });
+        }
+        self.budget(len)?;
+        Ok(len)
+    }
+
+    fn string(&mut self, what: &'static str) -> Result<String, GgufError> {
+        let len = self.string_len(what)?;
+        // Bounded by max_string_len and by the header budget just checked.
+        let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        self.bytes(&mut buf, what)?;
+        // GGUF strings are meant to be UTF-8; ggml does not check, so neither do we refuse.
+        Ok(match String::from_utf8(buf) {
+            Ok(s) => s,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        })
+    }
+
+    fn value(&mut self, ty: ValueType, key: &str, depth: u32) -> Result<MetaValue, GgufError> {
+        const W: &str = "a metadata value";
+        Ok(match ty {
+            ValueType::U8 => MetaValue::U8(u8::from_le_bytes(self.arr(W)?)),
+            ValueType::I8 => MetaValue::I8(i8::from_le_bytes(self.arr(W)?)),
+            ValueType::U16 => MetaValue::U16(u16::from_le_bytes(self.arr(W)?)),
+            ValueType::I16 => MetaValue::I16(i16::from_le_bytes(self.arr(W)?)),
+            ValueType::U32 => MetaValue::U32(u32::from_le_bytes(self.arr(W)?)),
+            ValueType::I32 => MetaValue::I32(i32::from_le_bytes(self.arr(W)?)),
+            ValueType::F32 => MetaValue::F32(f32::from_le_bytes(self.arr(W)?)),
+            ValueType::U64 => MetaValue::U64(u64::from_le_bytes(self.arr(W)?)),
+            ValueType::I64 => MetaValue::I64(i64::from_le_bytes(self.arr(W)?)),
+            ValueType::F64 => MetaValue::F64(f64::from_le_bytes(self.arr(W)?)),
+            ValueType::Bool => {
+                let [b] = self.arr::<1>(W)?;
+                // ggml writes 0 or 1; anything else is read as true rather than refused.
+                MetaValue::Bool(b != 0)
+            }
+            ValueType::String => MetaValue::String(self.string(W)?),
+            ValueType::Array => self.array(key, depth + 1)?,
+        })
+    }
+
+    fn array(&mut self, key: &str, depth: u32) -> Result<MetaValue, GgufError> {
+        if depth > self.limits.max_array_depth {
+            return Err(GgufError::TooLarge {
+                what: "array nesting",
+                value: depth.into(),
+                limit: self.limits.max_array_depth.into(),
+            });
+        }
+        let type_id = self.u32("an array element type")?;
+        let Some(elem) = ValueType::from_id(type_id) else {
+            return Err(GgufError::BadValueType {
+                key: key.to_owned(),
+                value_type: type_id,
+            });
+        };
+        let len = self.u64("an array length")?;
+        if len > self.elements_left {
+            return Err(GgufError::TooLarge {
+                what: "array elements in the header",
+                value: len.saturating_add(self.limits.max_array_elements - self.elements_left),
+                limit: self.limits.max_array_elements,
+            });
+        }
+        self.elements_left -= len;
+        if let Some(size) = elem.fixed_size() {
+            // A fixed-size array must fit in what is left of the header budget, whether kept
+            // or skipped: refused before any allocation.
+            self.budget(len.saturating_mul(size))?;
+        }
+        if len > self.limits.keep_array_len {
+            match elem.fixed_size() {
+                Some(size) => self.skip(len * size, "array data")?,
+                None => {
+                    for _ in 0..len {
+                        match elem {
+                            ValueType::String => {
+                                let n = self.string_len("a string in an array")?;
+                                self.skip(n, "a string in an array")?;
+                            }
+                            _ => {
+                                // Nested arrays are walked; their elements are not kept.
+                                let keep = self.limits.keep_array_len;
+                                self.limits.keep_array_len = 0;
+                                let r = self.array(key, depth + 1);
+                                self.limits.keep_array_len = keep;
+                                r?;
+                            }
+                        }
+                    }
+                }
+            }
+            return Ok(MetaValue::Skipped { elem, len });
+        }
+        // len ≤ keep_array_len and ≤ the element budget; capacity is further capped so a
+        // hostile length costs nothing before the bytes really arrive.
+        let mut items = Vec::with_capacity(usize::try_from(len.min(1024)).unwrap_or(0));
+        for _ in 0..len {
+            items.push(match elem {
+                ValueType::Array => self.array(key, depth + 1)?,
+                _ => self.value(elem, key, depth)?,
+            });
+        }
+        Ok(MetaValue::Array { elem, items })
+    }
+
+    fn tensor_info(&mut self, alignment: u64) -> Result<TensorInfo, GgufError> {
+        let name = self.string("a tensor name")?;
+        let n_dims = self.u32("a tensor's dimension count")?;
+        if n_dims > GGML_MAX_DIMS {
+            return Err(GgufError::BadTensor {
+                name,
+                reason: format!("{n_dims} dimensions, at most {GGML_MAX_DIMS} allowed"),
+            });
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(self.u64("a tensor dimension")?);
+        }
+        let type_id = self.u32("a tensor type")?;
+        let offset = self.u64("a tensor offset")?;
+        let Some(ggml_type) = GgmlType::from_id(type_id) else {
+            return Err(GgufError::BadTensorType { name, type_id });
+        };
+        // ggml keeps ne as int64_t and requires the element count to fit.
+        let mut elements: u64 = 1;
+        for &d in &dims {
+            if d > i64::MAX as u64 {
+                return Err(GgufError::BadTensor {
+                    name,
+                    reason: format!("dimension {d} is out of range"),
+                });
+            }
+            elements = match elements.checked_mul(d) {
+                Some(e) if e <= i64::MAX as u64 => e,
+                _ => {
+                    return Err(GgufError::BadTensor {
+                        name,
+                        reason: "element count overflows".into(),
+                    });
+                }
+            };
+        }
+        let row = dims.first().copied().unwrap_or(1);
+        if row % ggml_type.block_size() != 0 {
+            return Err(GgufError::BadTensor {
+                name,
+                reason: format!(
+                    "row of {row} elements is not a multiple of {}'s block size {}",
+                    ggml_type,
+                    ggml_type.block_size()
+                ),
+            });
+        }
+        let rows = dims.iter().skip(1).try_fold(1u64, |a, &d| a.checked_mul(d));
+        let bytes_ok = ggml_type
+            .row_bytes(row)
+            .zip(rows)
+            .and_then(|(b, r)| b.checked_mul(r))
+            .is_some();
+        if !bytes_ok {
+            return Err(GgufError::BadTensor {
+                name,
+                reason: "byte size overflows".into(),
+            });
+        }
+        if offset % alignment != 0 {
+            return Err(GgufError::BadTensor {
+                name,
+                reason: format!("offset {offset} is not a multiple of the alignment {alignment}"),
+            });
+        }
+        Ok(TensorInfo {
+            name,
+            dims,
+            ggml_type,
+            offset,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! A small GGUF writer for tests: valid files, and pieces to break them with.
+
+    use super::MetaValue;
+
+    pub struct Writer {
+        pub buf: Vec<u8>,
+    }
+
+    impl Writer {
+        pub fn header(version: u32, n_tensors: u64, n_kv: u64) -> Self {
+            let mut buf = b"GGUF".to_vec();
+            buf.extend(version.to_le_bytes());
+            buf.extend(n_tensors.to_le_bytes());
+            buf.extend(n_kv.to_le_bytes());
+            Self { buf }
+        }
+
+        pub fn string(&mut self, s: &str) {
+            self.buf.extend((s.len() as u64).to_le_bytes());
+            self.buf.extend(s.as_bytes());
+        }
+
+        pub fn u32(&mut self, v: u32) {
+            self.buf.extend(v.to_le_bytes());
+        }
+
+        pub fn u64(&mut self, v: u64) {
+            self.buf.extend(v.to_le_bytes());
+        }
+
+        pub fn kv(&mut self, key: &str, v: &MetaValue) {
+            self.string(key);
+            self.u32(v.value_type().id());
+            self.value(v);
+        }
+
+        pub fn value(&mut self, v: &MetaValue) {
+            match v {
+                MetaValue::U8(x) => self.buf.extend(x.to_le_bytes()),
+                MetaValue::I8(x) => self.buf.extend(x.to_le_bytes()),
+                MetaValue::U16(x) => self.buf.extend(x.to_le_bytes()),
+                MetaValue::I16(x) => self.buf.extend(x.to_le_bytes()),
+                MetaValue::U32(x) => self.buf.extend(x.to_le_bytes()),
+                MetaValue::I32(x) => self.buf.extend(x.to_le_bytes()),
+                MetaValue::F32(x) => self.buf.extend(x.to_le_bytes()),
+                MetaValue::U64(x) => self.buf.extend(x.to_le_bytes()),
+                MetaValue::I64(x) => self.buf.extend(x.to_le_bytes()),
+                MetaValue::F64(x) => self.buf.extend(x.to_le_bytes()),
+                MetaValue::Bool(x) => self.buf.push(u8::from(*x)),
+                MetaValue::String(s) => self.string(s),
+                MetaValue::Array { elem, items } => {
+                    self.u32(elem.id());
+                    self.u64(items.len() as u64);
+                    for i in items {
+                        self.value(i);
+                    }
+                }
+                MetaValue::Skipped { .. } => panic!("cannot write a skipped array"),
+            }
+        }
+
+        pub fn tensor(&mut self, name: &str, dims: &[u64], type_id: u32, offset: u64) {
+            self.string(name);
+            self.u32(dims.len() as u32);
+            for d in dims {
+                self.u64(*d);
+            }
+            self.u32(type_id);
+            self.u64(offset);
+        }
+
+        /// Pads to `align` and appends `data_bytes` zero bytes of tensor data.
+        pub fn finish(mut self, align: usize, data_bytes: usize) -> Vec<u8> {
+            while !self.buf.len().is_multiple_of(align) {
+                self.buf.push(0);
+            }
+            self.buf.resize(self.buf.len() + data_bytes, 0);
+            self.buf
+        }
+    }
+
+    pub fn string(s: &str) -> MetaValue {
+        MetaValue::String(s.into())
+    }
+
+    pub fn strings(items: &[&str]) -> MetaValue {
+        MetaValue::Array {
+            elem: super::ValueType::String,
+            items: items.iter().map(|s| string(s)).collect(),
+        }
+    }
+
+    pub struct Tensor {
+        pub name: String,
+        pub dims: Vec<u64>,
+        pub ty: super::GgmlType,
+    }
+
+    /// A complete, valid GGUF file: the metadata given, then the tensors laid out in order,
+    /// each at an aligned offset, with zeroed data.
+    pub fn file(version: u32, kvs: &[(&str, MetaValue)], tensors: &[Tensor]) -> Vec<u8> {
+        let mut w = Writer::header(version, tensors.len() as u64, kvs.len() as u64);
+        for (k, v) in kvs {
+            w.kv(k, v);
+        }
+        let mut offset = 0u64;
+        for t in tensors {
+            w.tensor(&t.name, &t.dims, t.ty.id(), offset);
+            let n = t.dims.iter().product::<u64>();
+            let bytes = t.ty.row_bytes(t.dims[0]).unwrap() * (n / t.dims[0]);
+            offset += bytes.div_ceil(32) * 32;
+        }
+        w.finish(32, offset as usize)
+    }
+
+    /// A small llama-shaped model: 2 blocks, GQA, Q4_0 matrices, tied output.
+    pub fn tiny_llama(version: u32) -> Vec<u8> {
+        use super::GgmlType as G;
+        let n_embd = 64u64;
+        let n_ff = 128u64;
+        let n_vocab = 256u64;
+        let n_kv_dim = 32u64; // 2 kv heads × 16
+        let kvs = vec![
+            ("general.architecture", string("llama")),
+            ("general.name", string("tiny")),
+            ("general.file_type", MetaValue::U32(2)),
+            ("llama.block_count", MetaValue::U32(2)),
+            ("llama.context_length", MetaValue::U32(2048)),
+            ("llama.embedding_length", MetaValue::U32(n_embd as u32)),
+            ("llama.feed_forward_length", MetaValue::U32(n_ff as u32)),
+            ("llama.attention.head_count", MetaValue::U32(4)),
+            ("llama.attention.head_count_kv", MetaValue::U32(2)),
+            ("llama.vocab_size", MetaValue::U32(n_vocab as u32)),
+            ("tokenizer.ggml.tokens", strings(&["<s>", "</s>", "a", "b"])),
+            (
+                "nested",
+                MetaValue::Array {
+                    elem: super::ValueType::Array,
+                    items: vec![
+                        MetaValue::Array {
+                            elem: super::ValueType::I16,
+                            items: vec![MetaValue::I16(-1), MetaValue::I16(2)],
+                        },
+                        MetaValue::Array {
+                            elem: super::ValueType::Bool,
+                            items: vec![MetaValue::Bool(true)],
+                        },
+                    ],
+                },
+            ),
+            ("f64", MetaValue::F64(0.5)),
+            ("i64", MetaValue::I64(-7)),
+            ("u8", MetaValue::U8(7)),
+            ("i8", MetaValue::I8(-7)),
+            ("u16", MetaValue::U16(700)),
+            ("u64", MetaValue::U64(1 << 40)),
+            ("f32", MetaValue::F32(1.5)),
+        ];
+        let t = |name: &str, dims: &[u64], ty| Tensor {
+            name: name.into(),
+            dims: dims.to_vec(),
+            ty,
+        };
+        let mut tensors = vec![t("token_embd.weight", &[n_embd, n_vocab], G::Q8_0)];
+        for b in 0..2 {
+            let p = |s: &str| format!("blk.{b}.{s}");
+            tensors.push(t(&p("attn_norm.weight"), &[n_embd], G::F32));
+            tensors.push(t(&p("attn_q.weight"), &[n_embd, n_embd], G::Q4_0));
+            tensors.push(t(&p("attn_k.weight"), &[n_embd, n_kv_dim], G::Q4_0));
+            tensors.push(t(&p("attn_v.weight"), &[n_embd, n_kv_dim], G::Q4_0));
+            tensors.push(t(&p("attn_output.weight"), &[n_embd, n_embd], G::Q4_0));
+            tensors.push(t(&p("ffn_norm.weight"), &[n_embd], G::F32));
+            tensors.push(t(
+                &p("ffn_gate.weight"),
+                &[n_embd, n_ff],
+                G::Q4_K.min_for(n_embd),
+            ));
+            tensors.push(t(&p("ffn_up.weight"), &[n_embd, n_ff], G::Q4_0));
+            tensors.push(t(
+                &p("ffn_down.weight"),
+                &[n_ff, n_embd],
+                G::Q6_K.min_for(n_ff),
+            ));
+        }
+        tensors.push(t("output_norm.weight", &[n_embd], G::F32));
+        file(version, &kvs, &tensors)
+    }
+
+    impl super::GgmlType {
+        /// This type when a row of `n` fits its blocks, else Q8_0 (tiny test rows are shorter
+        /// than a K-quant super-block).
+        pub fn min_for(self, n: u64) -> Self {
+            if n.is_multiple_of(self.block_size()) {
+                self
+            } else {
+                super::GgmlType::Q8_0
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::*;
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(bytes: &[u8]) -> Result<GgufFile, GgufError> {
+        parse_gguf(bytes, &GgufLimits::default())
+    }
+
+    #[test]
+    fn type_table_matches_ggml() {
+        // Spot checks against ggml-common.h's static_asserts.
+        let expect = [
+            (GgmlType::Q4_0, 32, 18),
+            (GgmlType::Q4_1, 32, 20),
+            (GgmlType::Q5_0, 32, 22),
+            (GgmlType::Q5_1, 32, 24),
+            (GgmlType::Q8_0, 32, 34),
+            (GgmlType::Q8_1, 32, 36),
+            (GgmlType::Q2_K, 256, 84),
+            (GgmlType::Q3_K, 256, 110),
+            (GgmlType::Q4_K, 256, 144),
+            (GgmlType::Q5_K, 256, 176),
+            (GgmlType::Q6_K, 256, 210),
+            (GgmlType::Q8_K, 256, 292),
+            (GgmlType::IQ2_XXS, 256, 66),
+            (GgmlType::IQ2_XS, 256, 74),
+            (GgmlType::IQ3_XXS, 256, 98),
+            (GgmlType::IQ1_S, 256, 50),
+            (GgmlType::IQ4_NL, 32, 18),
+            (GgmlType::IQ3_S, 256, 110),
+            (GgmlType::IQ2_S, 256, 82),
+            (GgmlType::IQ4_XS, 256, 136),
+            (GgmlType::IQ1_M, 256, 56),
+            (GgmlType::BF16, 1, 2),
+            (GgmlType::TQ1_0, 256, 54),
+            (GgmlType::TQ2_0, 256, 66),
+            (GgmlType::MXFP4, 32, 17),
+            (GgmlType::NVFP4, 64, 36),
+            (GgmlType::Q1_0, 128, 18),
+        ];
+        for (t, bs, ts) in expect {
+            assert_eq!((t.block_size(), t.type_size()), (bs, ts), "{t}");
+        }
+        // Every variant has exactly one row and round-trips through its id and name.
+        for t in GgmlType::all() {
+            assert_eq!(GgmlType::from_id(t.id()), Some(t));
+            assert_eq!(GgmlType::from_name(&t.name().to_lowercase()), Some(t));
+            assert_eq!(GGML_TYPES.iter().filter(|r| r.1 == t).count(), 1);
+        }
+        for removed in [4, 5, 31, 32, 33, 36, 37, 38, 1000] {
+            assert_eq!(GgmlType::from_id(removed), None);
+        }
+        assert!((GgmlType::Q4_K.bits_per_weight() - 4.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn reads_a_valid_file_v3_and_v2() {
+        for version in [2, 3] {
+            let bytes = tiny_llama(version);
+            let g = parse(&bytes).unwrap();
+            assert_eq!(g.version, version);
+            assert_eq!(g.alignment, 32);
+            assert_eq!(g.architecture(), Some("llama"));
+            assert_eq!(g.get_u64("llama.block_count").unwrap(), Some(2));
+            assert_eq!(g.tensors.len(), 1 + 2 * 9 + 1);
+            assert_eq!(g.data_offset % 32, 0);
+            assert_eq!(g.data_offset + g.data_bytes, bytes.len() as u64);
+            let tok = g.get("tokenizer.ggml.tokens").unwrap();
+            assert_eq!(tok.array_len(), Some(4));
+            assert_eq!(tok.as_array().unwrap()[2].as_str(), Some("a"));
+            let nested = g.get("nested").unwrap().as_array().unwrap();
+            assert_eq!(nested[0].as_array().unwrap()[0], MetaValue::I16(-1));
+            assert_eq!(g.get("f64"), Some(&MetaValue::F64(0.5)));
+            assert_eq!(g.get("i64"), Some(&MetaValue::I64(-7)));
+            assert_eq!(g.get("i64").unwrap().as_u64(), None);
+            assert_eq!(g.get("u64").unwrap().as_u64(), Some(1 << 40));
+            assert_eq!(g.get("u16").unwrap().as_u64(), Some(700));
+            let t = g
+                .tensors
+                .iter()
+                .find(|t| t.name == "blk.1.attn_q.weight")
+                .unwrap();
+            assert_eq!(t.block_index(), Some(1));
+            assert_eq!(t.bytes(), 64 * 64 / 32 * 18);
+            assert_eq!(t.elements(), 64 * 64);
+        }
+    }
+
+    #[test]
+    fn long_arrays_are_skipped_but_counted() {
+        let tokens: Vec<String> = (0..5000).map(|i| format!("t{i}")).collect();
+        let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        let ids = MetaValue::Array {
+            elem: ValueType::I32,
+            items: (0..5000).map(MetaValue::I32).collect(),
+        };
+        let bytes = file(
+            3,
+            &[
+                ("general.architecture", string("llama")),
+                ("tokenizer.ggml.tokens", strings(&refs)),
+                ("ids", ids),
+                ("after", MetaValue::U32(9)),
+            ],
+            &[],
+        );
+        let g = parse(&bytes).unwrap();
+        assert_eq!(
+            g.get("tokenizer.ggml.tokens"),
+            Some(&MetaValue::Skipped {
+                elem: ValueType::String,
+                len: 5000
+            })
+        );
+        assert_eq!(g.get("ids").unwrap().array_len(), Some(5000));
+        assert_eq!(g.get_u64("after").unwrap(), Some(9));
+        let all = parse_gguf(&bytes[..], &GgufLimits::keep_all_arrays()).unwrap();
+        let kept = all
+            .get("tokenizer.ggml.tokens")
+            .unwrap()
+            .as_array()
+            .unwrap();
+        assert_eq!(kept[4999].as_str(), Some("t4999"));
+    }
+
+    #[test]
+    fn custom_alignment() {
+        let mut w = Writer::header(3, 1, 1);
+        w.kv("general.alignment", &MetaValue::U32(64));
+        w.tensor("x", &[32], GgmlType::F32.id(), 0);
+        let bytes = w.finish(64, 128);
+        let g = parse(&bytes).unwrap();
+        assert_eq!(g.alignment, 64);
+        assert_eq!(g.data_offset % 64, 0);
+        assert_eq!(g.data_bytes, 128);
+
+        for (bad, why) in [(MetaValue::U32(48), "power"), (MetaValue::U64(32), "u32")] {
+            let mut w = Writer::header(3, 0, 1);
+            w.kv("general.alignment", &bad);
+            let err = parse(&w.finish(32, 0)).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
+    }
+
+    #[test]
+    fn clear_errors() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"GGML\x03\0\0\0".to_vec(), "not a GGUF file"),
+            (Writer::header(1, 0, 0).buf, "version 1 is not supported"),
+            (Writer::header(7, 0, 0).buf, "version 7"),
+            (
+                Writer::header(3u32.swap_bytes(), 0, 0).buf,
+                "big-endian GGUF files",
+            ),
+            (tiny_llama(3)[..100].to_vec(), "file ends early"),
+            (Writer::header(3, u64::MAX, 0).buf, "tensor count too large"),
+            (
+                Writer::header(3, 0, u64::MAX).buf,
+                "metadata count too large",
+            ),
+            (
+                {
+                    let mut w = Writer::header(3, 0, 1);
+                    w.u64(u64::MAX); // key length
+                    w.buf
+                },
+                "string length too large",
+            ),
+            (
+                {
+                    let mut w = Writer::header(3, 0, 1);
+                    w.string("k");
+                    w.u32(13);
+                    w.buf
+                },
+                "unknown value type 13",
+            ),
+            (
+                {
+                    let mut w = Writer::header(3, 0, 1);
+                    w.string("k");
+                    w.u32(9);
+                    w.u32(0);
+                    w.u64(u64::MAX / 2);
+                    w.buf
+                },
+                "array elements in the header too large",
+            ),
+            (
+                {
+                    let mut w = Writer::header(3, 0, 1);
+                    w.string("k");
+                    w.u32(9);
+                    w.u32(10);
+                    w.u64(1 << 22); // 4M u64s = 32 MiB: within the element budget
+                    w.buf
+                },
+                "file ends early",
+            ),
+            (
+                {
+                    let mut w = Writer::header(3, 0, 1);
+                    w.string("k");
+                    w.u32(9); // an array
+                    for _ in 0..10 {
+                        w.u32(9); // of arrays
+                        w.u64(1);
+                    }
+                    w.buf
+                },
+                "array nesting too large",
+            ),
+            (
+                {
+                    let mut w = Writer::header(3, 0, 2);
+                    w.kv("a", &MetaValue::U8(1));
+                    w.kv("a", &MetaValue::U8(2));
+                    w.buf
+                },
+                "appears twice",
+            ),
+            (
+                {
+                    let mut w = Writer::header(3, 1, 0);
+                    w.tensor("t", &[1, 1, 1, 1, 1], 0, 0);
+                    w.buf
+                },
+                "5 dimensions",
+            ),
+            (
+                {
+                    let mut w = Writer::header(3, 1, 0);
+                    w.tensor("t", &[32], 4, 0);
+                    w.buf
+                },
+                "unknown or removed ggml type 4",
+            ),
+            (
+                {
+                    let mut w = Writer::header(3, 1, 0);
+                    w.tensor("t", &[33], GgmlType::Q4_0.id(), 0);
+                    w.buf
+                },
+                "not a multiple of Q4_0's block size",
+            ),
+            (
+                {
+                    let mut w = Writer::header(3, 1, 0);
+                    w.tensor("t", &[1 << 32, 1 << 32], 0, 0);
+                    w.buf
+                },
+                "element count overflows",
+            ),
+            (
+                {
+                    let mut w = Writer::header(3, 1, 0);
+                    w.tensor("t", &[u64::MAX], 0, 0);
+                    w.buf
+                },
+                "out of range",
+            ),
+            (
+                {
+                    let mut w = Writer::header(3, 1, 0);
+                    w.tensor("t", &[0, 1 << 40, 1 << 40], 0, 0);
+                    w.buf
+                },
+                "byte size overflows",
+            ),
+            (
+                {
+                    let mut w = Writer::header(3, 1, 0);
+                    w.tensor("t", &[32], 0, 3);
+                    w.buf
+                },
+                "not a multiple of the alignment",
+            ),
+            (
+                {
+                    let mut w = Writer::header(3, 2, 0);
+                    w.tensor("t", &[32], 0, 0);
+                    w.tensor("t", &[32], 0, 128);
+                    w.buf
+                },
+                "tensor \"t\" appears twice",
+            ),
+        ];
+        for (bytes, want) in cases {
+            let err = parse(&bytes).unwrap_err().to_string();
+            assert!(err.contains(want), "want {want:?}, got {err:?}");
+        }
+    }
+
+    #[test]
+    fn header_budget_is_enforced() {
+        let limits = GgufLimits {
+            max_header_bytes: 200,
+            ..GgufLimits::default()
+        };
+        let err = parse_gguf(&tiny_llama(3)[..], &limits).unwrap_err();
+        assert!(
+            matches!(err, GgufError::TooLarge { what: "header", .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn file_shorter_than_its_tensors_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let bytes = tiny_llama(3);
+        std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+        let err = read_gguf(&path, &GgufLimits::default()).unwrap_err();
+        assert!(matches!(err, GgufError::DataTruncated { .. }), "{err}");
+        std::fs::write(&path, &bytes).unwrap();
+        read_gguf(&path, &GgufLimits::default()).unwrap();
+    }
+
+    /// One way to damage a file.
+    #[derive(Debug, Clone)]
+    enum Damage {
+        Flip {
+            at: usize,
+            xor: u8,
+        },
+        Truncate {
+            at: usize,
+        },
+        /// Overwrite 8 bytes with a huge little-endian length.
+        HugeLen {
+            at: usize,
+            len: u64,
+        },
+        Insert {
+            at: usize,
+            bytes: Vec<u8>,
+        },
+    }
+
+    fn damage() -> impl Strategy<Value = Damage> {
+        prop_oneof![
+            (any::<usize>(), 1u8..).prop_map(|(at, xor)| Damage::Flip { at, xor }),
+            any::<usize>().prop_map(|at| Damage::Truncate { at }),
+            (
+                any::<usize>(),
+                prop_oneof![
+                    Just(u64::MAX),
+                    Just(1u64 << 32),
+                    Just(1u64 << 24),
+                    Just(i64::MAX as u64),
+                    any::<u64>()
+                ]
+            )
+                .prop_map(|(at, len)| Damage::HugeLen { at, len }),
+            (
+                any::<usize>(),
+                proptest::collection::vec(any::<u8>(), 1..16)
+            )
+                .prop_map(|(at, bytes)| Damage::Insert { at, bytes }),
+        ]
+    }
+
+    fn apply(bytes: &mut Vec<u8>, d: &Damage) {
+        let n = bytes.len();
+        match d {
+            Damage::Flip { at, xor } => bytes[at % n] ^= xor,
+            Damage::Truncate { at } => bytes.truncate(at % n),
+            Damage::HugeLen { at, len } => {
+                let at = at % n.saturating_sub(8).max(1);
+                let end = (at + 8).min(n);
+                bytes[at..end].copy_from_slice(&len.to_le_bytes()[..end - at]);
+            }
+            Damage::Insert { at, bytes: ins } => {
+                let at = at % n;
+                bytes.splice(at..at, ins.iter().copied());
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
+
+        /// Damaged headers never panic and always end quickly, in a value or an error.
+        #[test]
+        fn damaged_headers_never_panic(
+            v2 in any::<bool>(),
+            damages in proptest::collection::vec(damage(), 1..4),
+        ) {
+            let mut bytes = tiny_llama(if v2 { 2 } else { 3 });
+            for d in &damages {
+                apply(&mut bytes, d);
+                if bytes.is_empty() { break; }
+            }
+            let start = std::time::Instant::now();
+            if let Ok(g) = parse(&bytes) {
+                // Whatever parses must also profile and estimate without panicking.
+                if let Ok(p) = crate::profile::profile_from_gguf(&g) {
+                    for opts in [
+                        crate::EstimateOptions::LlamaCpp(crate::LlamaCppOptions::default()),
+                        crate::EstimateOptions::Vllm(crate::VllmOptions::default()),
+                    ] {
+                        if let Ok(e) = crate::estimate(&p, &opts) {
+                            let _ = e.to_table();
+                        }
+                    }
+                }
+            }
+            let _ = parse_gguf(&bytes[..], &GgufLimits::keep_all_arrays());
+            prop_assert!(start.elapsed() < std::time::Duration::from_secs(2));
+        }
+
+        /// Random bytes after a valid magic and version: same.
+        #[test]
+        fn random_tails_never_panic(v2 in any::<bool>(), tail in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut bytes = Writer::header(if v2 { 2 } else { 3 }, 0, 0).buf;
+            bytes.truncate(8);
+            bytes.extend(tail);
+            let _ = parse(&bytes);
+        }
+    }
+}

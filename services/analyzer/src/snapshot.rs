@@ -1,0 +1,232 @@
+//! The analyzer's in-memory view of free VRAM, so a decision costs no database read.
+//!
+//! Loaded in full at start and refreshed periodically (and on demand before a "nothing fits"
+//! verdict or after losing a GPU to another analyzer). A fit takes a *hold* on the GPUs it
+//! chose, deducted at once, so concurrent fits in this analyzer choose other GPUs; the hold
+//! is settled when the commit lands and given back when it does not. The view may be
+//! slightly stale about other analyzers: that costs a capacity conflict at commit (the
+//! database refuses, never overcommits), not correctness.
+
+use crate::placing::to_fit_workers;
+use berth_fit::{FitError, Placement, Policy, Request, Worker, explain_no_fit, place};
+use berth_store::{Store, StoreError};
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+    sync::Mutex,
+    time::Instant,
+};
+
+/// GPUs held by a fit until its commit settles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    id: u64,
+    worker: String,
+    gpus: Vec<u32>,
+    bytes: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    workers: Vec<Worker>,
+    by_id: HashMap<String, usize>,
+    holds: HashMap<u64, Hold>,
+    next_hold: u64,
+    loaded: Option<Instant>,
+}
+
+#[derive(Debug)]
+pub struct Snapshot {
+    inner: Mutex<Inner>,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Snapshot {
+            inner: Mutex::new(Inner {
+                workers: Vec::new(),
+                by_id: HashMap::new(),
+                holds: HashMap::new(),
+                next_hold: 0,
+                loaded: None,
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn adjust(&mut self, hold: &Hold, add: bool) {
+        let Some(&w) = self.by_id.get(&hold.worker) else {
+            return;
+        };
+        for g in self.workers[w]
+            .gpus
+            .iter_mut()
+            .filter(|g| hold.gpus.contains(&g.index))
+        {
+            g.free_bytes = if add {
+                g.free_bytes.saturating_add(hold.bytes)
+            } else {
+                g.free_bytes.saturating_sub(hold.bytes)
+            };
+        }
+    }
+}
+
+impl Snapshot {
+    /// Reloads free capacity from the database; holds still in flight stay deducted.
+    pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let workers = to_fit_workers(store.capacity().await?);
+        let Ok(mut inner) = self.inner.lock() else {
+            return Ok(());
+        };
+        inner.by_id = workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.id.clone(), i))
+            .collect();
+        inner.workers = workers;
+        let holds: Vec<Hold> = inner.holds.values().cloned().collect();
+        for h in &holds {
+            inner.adjust(h, false);
+        }
+        inner.loaded = Some(started);
+        Ok(())
+    }
+
+    /// Refreshes unless a refresh started at or after `since` already happened.
+    pub async fn refresh_since(&self, store: &Store, since: Instant) -> Result<(), StoreError> {
+        let fresh = self
+            .inner
+            .lock()
+            .ok()
+            .and_then(|i| i.loaded)
+            .is_some_and(|at| at >= since);
+        if fresh {
+            Ok(())
+        } else {
+            self.refresh(store).await
+        }
+    }
+
+    /// A copy of the current view (holds deducted).
+    pub fn workers(&self) -> Vec<Worker> {
+        self.inner
+            .lock()
+            .map(|i| i.workers.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.inner.lock().is_ok_and(|i| i.loaded.is_some())
+    }
+
+    /// Chooses GPUs for `request` and holds them. Among equally good candidates the choice
+    /// depends on `salt` (the instance id), so analyzers working on different instances at
+    /// the same moment rarely pick the same GPU.
+    pub fn fit(
+        &self,
+        request: &Request,
+        policy: Policy,
+        salt: &str,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(Placement, Hold), FitError> {
+        let Ok(mut inner) = self.inner.lock() else {
+            return Err(FitError::NoFit(
+                "internal error: capacity view unavailable".into(),
+            ));
+        };
+        let n = inner.workers.len();
+        let start = if n == 0 {
+            0
+        } else {
+            (hash(salt) % n as u64) as usize
+        };
+        let (tail, head) = (&inner.workers[start..], &inner.workers[..start]);
+        let first = place(tail, request, policy, cancelled);
+        let second = place(head, request, policy, cancelled);
+        let chosen = match (first, second) {
+            (Err(FitError::Cancelled), _) | (_, Err(FitError::Cancelled)) => {
+                return Err(FitError::Cancelled);
+            }
+            (Ok(a), Ok(b)) => {
+                let (sa, sb) = (leftover(&inner, &a, request), leftover(&inner, &b, request));
+                let b_better = match policy {
+                    Policy::Binpack => sb < sa,
+                    Policy::Spread => sb > sa,
+                };
+                if b_better { b } else { a }
+            }
+            (Ok(a), Err(_)) => a,
+            (Err(_), Ok(b)) => b,
+            (Err(_), Err(_)) => {
+                return Err(FitError::NoFit(explain_no_fit(&inner.workers, request)));
+            }
+        };
+        inner.next_hold += 1;
+        let hold = Hold {
+            id: inner.next_hold,
+            worker: chosen.worker_id.clone(),
+            gpus: chosen.gpus.clone(),
+            bytes: request.vram_per_gpu,
+        };
+        inner.adjust(&hold, false);
+        inner.holds.insert(hold.id, hold.clone());
+        Ok((chosen, hold))
+    }
+
+    /// The commit landed: the deduction stays (the database has it now too).
+    pub fn settle(&self, hold: &Hold) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.holds.remove(&hold.id);
+        }
+    }
+
+    /// The commit did not land: give the VRAM back.
+    pub fn release(&self, hold: &Hold) {
+        if let Ok(mut inner) = self.inner.lock()
+            && inner.holds.remove(&hold.id).is_some()
+        {
+            inner.adjust(hold, true);
+        }
+    }
+}
+
+/// Free VRAM the placement would leave on its GPUs.
+fn leftover(inner: &Inner, p: &Placement, request: &Request) -> u128 {
+    let Some(&w) = inner.by_id.get(&p.worker_id) else {
+        return 0;
+    };
+    inner.workers[w]
+        .gpus
+        .iter()
+        .filter(|g| p.gpus.contains(&g.index))
+        .map(|g| u128::from(g.free_bytes.saturating_sub(request.vram_per_gpu)))
+        .sum()
+}
+
+fn hash(s: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+/// Refreshes `ctx.snapshot` every `every` until `shutdown`.
+pub async fn keep_fresh(
+    ctx: std::sync::Arc<crate::context::Ctx>,
+    every: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = ctx.snapshot.refresh(&ctx.store).await {
+            tracing::warn!(%e, "capacity refresh failed");
+        }
+    }
+}

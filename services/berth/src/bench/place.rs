@@ -1,0 +1,337 @@
+//! `berth bench place`.
+
+use super::{
+    cluster::{self, GIB},
+    stats::{micros_to_ms, ms, peak_rss_mib, summary},
+};
+use anyhow::{Context, Result, bail};
+use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks};
+use berth_bus::Bus;
+use berth_harness::TestServers;
+use berth_proto::{Command, InstanceEvent, InstanceState, StartSpec};
+use berth_store::{Store, placement::CommitOutcome};
+use clap::Args;
+use futures::{StreamExt, stream};
+use serde_json::{Value, json};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Args)]
+pub struct PlaceArgs {
+    /// Simulated workers.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    workers: u32,
+    /// GPUs per worker (80 GiB each).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    gpus_per_worker: u32,
+    /// Start commands to publish.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    instances: u32,
+    /// Analyzer counts to run, one fresh run each: "1,2,4".
+    #[arg(long, default_value = "2", value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=16))]
+    analyzers: Vec<u32>,
+    /// Placement policy.
+    #[arg(long, default_value = "spread", value_parser = ["spread", "binpack"])]
+    policy: String,
+    /// Give every other instance a zone selector.
+    #[arg(long)]
+    selectors: bool,
+    /// Fraction of each GPU already taken (0 to 0.99): a nearly full cluster at 0.95.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fill)]
+    fill: f64,
+    /// Publish at this many commands per second instead of as fast as possible.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    rate: Option<u32>,
+    /// Commands each analyzer handles at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    concurrency: u32,
+    /// Database connections per analyzer.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pool: u32,
+    /// Give up waiting for the instances to settle after this many seconds.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    timeout: u64,
+}
+
+fn parse_fill(s: &str) -> Result<f64, String> {
+    let f: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if !(0.0..=0.99).contains(&f) {
+        return Err(format!("{f} is not between 0 and 0.99"));
+    }
+    Ok(f)
+}
+
+/// Sizes: 1, 2, 4 or 8 GPUs (half, 30 %, 15 %, 5 %), 8 to 40 GiB each.
+fn spec(i: u32, selectors: bool) -> StartSpec {
+    let gpus = match i % 20 {
+        0..=9 => 1,
+        10..=15 => 2,
+        16..=18 => 4,
+        _ => 8,
+    };
+    let vram = [8, 16, 24, 40][(i / 20 % 4) as usize] * GIB;
+    let selector = if selectors && i.is_multiple_of(2) {
+        BTreeMap::from([("zone".to_owned(), format!("z{}", i / 2 % 4))])
+    } else {
+        BTreeMap::new()
+    };
+    StartSpec {
+        model: "bench".into(),
+        vram_bytes: vram,
+        gpus,
+        selector,
+    }
+}
+
+pub async fn run(args: PlaceArgs) -> Result<Value> {
+    let mut runs = Vec::new();
+    for k in args.analyzers.clone() {
+        runs.push(
+            run_one(&args, k)
+                .await
+                .with_context(|| format!("run with {k} analyzers"))?,
+        );
+    }
+    Ok(json!({
+        "scenario": "place",
+        "workers": args.workers,
+        "gpus": args.workers * args.gpus_per_worker,
+        "instances": args.instances,
+        "policy": args.policy,
+        "selectors": args.selectors,
+        "fill": args.fill,
+        "rate": args.rate,
+        "concurrency_per_analyzer": args.concurrency,
+        "pool_per_analyzer": args.pool,
+        "runs": runs,
+    }))
+}
+
+/// What the event subscriber saw per instance.
+#[derive(Default)]
+struct Seen {
+    decided: HashMap<String, (InstanceState, Instant)>,
+    running: usize,
+}
+
+async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
+    let servers = tokio::task::spawn_blocking(TestServers::start).await??;
+    let db = servers.pg.url();
+    berth_store::migrate(&db).await?;
+    let store = Store::connect(&db, 16)?;
+    cluster::register(
+        &store,
+        args.workers as usize,
+        args.gpus_per_worker,
+        args.fill,
+    )
+    .await?;
+    let ceiling = ceiling(&db, k * args.pool).await?;
+
+    let bus = Bus::connect(&servers.nats.url(), "bench").await?;
+    let shutdown = CancellationToken::new();
+    let agent = cluster::bulk_agent(bus.clone(), shutdown.clone()).await?;
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let mut events = bus.client().subscribe("berth.events.instance.*").await?;
+    let watcher = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = events.next().await {
+                let Ok(ev) = berth_proto::decode::<InstanceEvent>(&msg.payload) else {
+                    continue;
+                };
+                let now = Instant::now();
+                let Ok(mut s) = seen.lock() else { return };
+                match ev.state {
+                    InstanceState::Scheduled | InstanceState::Pending | InstanceState::Error => {
+                        s.decided.entry(ev.instance_id).or_insert((ev.state, now));
+                    }
+                    InstanceState::Running => s.running += 1,
+                    _ => {}
+                }
+            }
+        })
+    };
+
+    let policy = if args.policy == "binpack" {
+        berth_fit::Policy::Binpack
+    } else {
+        berth_fit::Policy::Spread
+    };
+    let mut analyzers = Vec::new();
+    for i in 0..k {
+        let mut c = AnalyzerConfig::new(servers.nats.url(), db.clone());
+        c.name = format!("bench-{i}");
+        c.concurrency = args.concurrency as usize;
+        c.pool_size = args.pool as usize;
+        c.policy = policy;
+        analyzers.push(Analyzer::start(c, Hooks::default()).await?);
+    }
+
+    let n = args.instances;
+    let published: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let began = Instant::now();
+    let pace = args
+        .rate
+        .map(|r| Duration::from_secs_f64(1.0 / f64::from(r)));
+    stream::iter(0..n)
+        .map(|i| {
+            let (bus, published) = (bus.clone(), published.clone());
+            let cmd = Command::Start(spec(i, args.selectors));
+            async move {
+                if let Some(p) = pace {
+                    tokio::time::sleep_until((began + p * i).into()).await;
+                }
+                let id = format!("b{i:07}");
+                let at = Instant::now();
+                bus.publish_command(&id, &cmd).await?;
+                if let Ok(mut m) = published.lock() {
+                    m.insert(id, at);
+                }
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(if pace.is_some() { 4096 } else { 256 })
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>>>()?;
+    let published_in = began.elapsed();
+
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    loop {
+        let (decided, running, placed) = {
+            let s = seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            let placed = s
+                .decided
+                .values()
+                .filter(|(st, _)| *st == InstanceState::Scheduled)
+                .count();
+            (s.decided.len(), s.running, placed)
+        };
+        if decided == n as usize && running >= placed {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {decided} of {n} instances decided ({running} running) after {}s",
+                args.timeout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let settled_in = began.elapsed();
+
+    let doc = {
+        let s = seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let published = published.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let placed = s
+            .decided
+            .values()
+            .filter(|(st, _)| *st == InstanceState::Scheduled)
+            .count();
+        let pending = s
+            .decided
+            .values()
+            .filter(|(st, _)| *st == InstanceState::Pending)
+            .count();
+        let errors = s.decided.len() - placed - pending;
+        let last_commit = s.decided.values().map(|(_, t)| *t).max().unwrap_or(began);
+        let window = last_commit.duration_since(began).as_secs_f64().max(1e-9);
+        let mut latencies: Vec<f64> = s
+            .decided
+            .iter()
+            .filter_map(|(id, (_, t))| Some(ms(t.duration_since(*published.get(id)?))))
+            .collect();
+        let stats: Vec<_> = analyzers.iter().map(|a| a.stats.clone()).collect();
+        let sum =
+            |f: &dyn Fn(&berth_analyzer::Stats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
+        let mut fit_ms: Vec<f64> = stats
+            .iter()
+            .flat_map(|s| micros_to_ms(s.fit_micros.take()))
+            .collect();
+        let mut commit_ms: Vec<f64> = stats
+            .iter()
+            .flat_map(|s| micros_to_ms(s.commit_micros.take()))
+            .collect();
+        let rate = placed as f64 / window;
+        let doc = json!({
+            "analyzers": k,
+            "placed": placed,
+            "pending": pending,
+            "errors": errors,
+            "placements_per_s": rate.round(),
+            "decisions_per_s": (s.decided.len() as f64 / window).round(),
+            "ceiling_commits_per_s": ceiling.round(),
+            "ratio_to_ceiling": (rate / ceiling * 1000.0).round() / 1000.0,
+            "publish_s": (published_in.as_secs_f64() * 1000.0).round() / 1000.0,
+            "first_publish_to_last_commit_s": (window * 1000.0).round() / 1000.0,
+            "all_running_s": (settled_in.as_secs_f64() * 1000.0).round() / 1000.0,
+            "publish_to_commit_ms": summary(&mut latencies),
+            "fit_ms": summary(&mut fit_ms),
+            "commit_tx_ms": summary(&mut commit_ms),
+            "fits": sum(&|s| s.fits_computed.get()),
+            "cas_conflicts": sum(&|s| s.cas_conflicts.get()),
+            "capacity_conflicts": sum(&|s| s.capacity_conflicts.get()),
+            "refits": sum(&|s| s.refits.get()),
+            "peak_rss_mib_bench_process": peak_rss_mib(None),
+        });
+        doc
+    };
+    shutdown.cancel();
+    for a in analyzers {
+        a.shutdown().await;
+    }
+    watcher.abort();
+    let _ = agent.await;
+    Ok(doc)
+}
+
+/// The database's own rate for the bare placement commit (version CAS + conditional VRAM
+/// reservation + allocation rows), with `connections` connections, in a database of its own
+/// on the same server.
+async fn ceiling(base_url: &str, connections: u32) -> Result<f64> {
+    const COMMITS: u32 = 4000;
+    let url = berth_store::create_database(base_url, "ceiling").await?;
+    berth_store::migrate(&url).await?;
+    let store = Store::connect(&url, connections as usize)?;
+    cluster::register(&store, 100, 8, 0.0).await?;
+    let spec = json!({"model": "ceiling", "vram_bytes": GIB, "gpus": 1, "selector": {}});
+    stream::iter(0..COMMITS)
+        .map(|i| {
+            let (store, spec) = (&store, spec.clone());
+            async move { store.apply_start(&format!("c{i}"), 1, spec).await }
+        })
+        .buffer_unordered(connections as usize)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    let began = Instant::now();
+    let outcomes = stream::iter(0..COMMITS)
+        .map(|i| {
+            let store = &store;
+            async move {
+                let worker = format!("w{:05}", i % 100);
+                store
+                    .commit_placement(&format!("c{i}"), 1, &worker, &[i / 100 % 8], GIB)
+                    .await
+            }
+        })
+        .buffer_unordered(connections as usize)
+        .collect::<Vec<_>>()
+        .await;
+    let elapsed = began.elapsed().as_secs_f64();
+    let committed = outcomes
+        .into_iter()
+        .filter(|o| matches!(o, Ok(CommitOutcome::Committed(_))))
+        .count();
+    if committed != COMMITS as usize {
+        bail!("ceiling run committed {committed} of {COMMITS}");
+    }
+    Ok(f64::from(COMMITS) / elapsed)
+}
