@@ -43,6 +43,9 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 ops/setup.sh
+# The real GGUF model the estimator tests read (cached under .berth/models; those tests
+# skip with a note when it cannot be fetched).
+ops/fetch-models.sh || echo "warning: could not fetch the test model; its tests will skip" >&2
 
 # Read .berth/env as data rather than sourcing it, so odd paths can't run code.
 while IFS='=' read -r key value; do

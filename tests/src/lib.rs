@@ -10,7 +10,6 @@ use berth_harness::TestServers;
 use berth_proto::{Command, GpuInfo, InstanceState, StartSpec, StopSpec};
 use berth_store::{InstanceRow, Store};
 use std::{
-    collections::BTreeMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -125,9 +124,7 @@ impl Fleet {
     pub async fn start_instance(&self, id: &str, vram: i64, gpus: i64) -> u64 {
         let cmd = Command::Start(StartSpec {
             model: "test-model".into(),
-            vram_bytes: vram,
-            gpus,
-            selector: BTreeMap::new(),
+            ..StartSpec::claim(vram, gpus)
         });
         self.bus
             .publish_command(id, &cmd)

@@ -339,9 +339,7 @@ async fn publish(
         let cmd = match op {
             Op::Start { vram_gib, gpus } => Command::Start(StartSpec {
                 model: "chaos-model".into(),
-                vram_bytes: vram_gib * GIB,
-                gpus,
-                selector: BTreeMap::new(),
+                ..StartSpec::claim(vram_gib * GIB, gpus)
             }),
             Op::Stop => Command::Stop(StopSpec::default()),
         };

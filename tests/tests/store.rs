@@ -111,7 +111,8 @@ async fn redelivered_start_is_redone_with_a_new_version() {
         StartApplied::AlreadyPlaced {
             version: 2,
             worker_id: "w1".into(),
-            gpus: vec![0]
+            gpus: vec![0],
+            bytes_per_gpu: 10 * GIB,
         }
     );
 }

@@ -3,7 +3,7 @@
 use crate::StartSpec;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AgentMsg {
     /// Run `instance_id` on these GPUs. Reports about it carry `version`.

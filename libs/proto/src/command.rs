@@ -18,7 +18,7 @@ pub const MAX_GPUS: i64 = 64;
 pub const MAX_SELECTOR_ENTRIES: usize = 32;
 pub const MAX_MODEL_LEN: usize = 256;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Command {
     Start(StartSpec),
@@ -26,19 +26,30 @@ pub enum Command {
 }
 
 /// What to run and what it needs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StartSpec {
-    /// Model name, informational for now (the model reference of the fit issue goes beside it).
+    /// Model name, informational.
     #[serde(default)]
     pub model: String,
-    /// VRAM to reserve on each GPU, in bytes.
+    /// VRAM to reserve on each GPU, in bytes. Required unless `model_ref` is given, in which
+    /// case 0 (or absent) means "estimate it from the model".
+    #[serde(default)]
     pub vram_bytes: i64,
-    /// Number of GPUs, all on one worker.
+    /// Number of GPUs, all on one worker. With an estimate, the backend options decide.
     #[serde(default = "one")]
     pub gpus: i64,
     /// Worker labels that must all match (`zone = "a"`).
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
+    /// Where the memory needs come from: `{"path": "/models/x.gguf"}` (a GGUF file or a
+    /// Hugging Face directory readable by the analyzers), `{"explicit": {...}}` (numbers), or
+    /// `{"profile": {...}}` (a full profile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_ref: Option<Box<berth_fit::ModelRef>>,
+    /// The backend that will run it and its options, for the estimate (default: llama.cpp,
+    /// full offload, the model's context, `gpus` GPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Box<berth_fit::EstimateOptions>>,
 }
 
 fn one() -> i64 {
@@ -124,9 +135,24 @@ impl Command {
 }
 
 impl StartSpec {
+    /// A start that claims `vram_bytes` on each of `gpus` GPUs, nothing else set.
+    pub fn claim(vram_bytes: i64, gpus: i64) -> StartSpec {
+        StartSpec {
+            model: String::new(),
+            vram_bytes,
+            gpus,
+            selector: BTreeMap::new(),
+            model_ref: None,
+            backend: None,
+        }
+    }
+
     /// Checks the values a decoder cannot: ranges and sizes.
     pub fn validate(&self) -> Result<(), String> {
-        if self.vram_bytes <= 0 {
+        if self.model_ref.is_none() && self.vram_bytes == 0 {
+            return Err("vram_bytes is required (or give model_ref to estimate it)".into());
+        }
+        if self.vram_bytes < 0 {
             return Err(format!(
                 "vram_bytes must be positive, got {}",
                 self.vram_bytes
@@ -191,6 +217,8 @@ mod tests {
             vram_bytes: vram,
             gpus,
             selector: BTreeMap::from([("zone".into(), "a".into())]),
+            model_ref: None,
+            backend: None,
         })
     }
 
@@ -228,10 +256,6 @@ mod tests {
             Err(CommandError::Undecodable(_))
         ));
         assert!(matches!(
-            Command::decode(&crate::encode(&("stop",)).unwrap()),
-            Err(CommandError::Undecodable(_))
-        ));
-        assert!(matches!(
             Command::decode(&crate::encode(&BTreeMap::from([("x", 1)])).unwrap()),
             Err(CommandError::MissingOp)
         ));
@@ -241,6 +265,12 @@ mod tests {
         );
         assert!(matches!(
             Command::decode(&crate::encode(&BTreeMap::from([("op", "start")])).unwrap()),
+            Err(CommandError::Invalid(why)) if why.contains("vram_bytes is required")
+        ));
+        assert!(matches!(
+            Command::decode(
+                &crate::encode(&BTreeMap::from([("op", "start"), ("gpus", "two")])).unwrap()
+            ),
             Err(CommandError::BadFields { op: "start", .. })
         ));
         assert!(matches!(
@@ -254,6 +284,23 @@ mod tests {
                 "vram {vram} gpus {gpus} should be invalid"
             );
         }
+    }
+
+    #[test]
+    fn a_model_reference_replaces_the_vram_claim() {
+        let cmd = Command::Start(StartSpec {
+            model: "smollm2".into(),
+            vram_bytes: 0,
+            gpus: 1,
+            selector: BTreeMap::new(),
+            model_ref: Some(Box::new(berth_fit::ModelRef::Path(
+                "/models/smollm2.gguf".into(),
+            ))),
+            backend: Some(Box::new(berth_fit::EstimateOptions::LlamaCpp(
+                Default::default(),
+            ))),
+        });
+        assert_eq!(Command::decode(&cmd.encode().unwrap()).unwrap(), cmd);
     }
 
     proptest::proptest! {

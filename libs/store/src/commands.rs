@@ -30,6 +30,7 @@ pub enum StartApplied {
         version: i64,
         worker_id: String,
         gpus: Vec<u32>,
+        bytes_per_gpu: i64,
     },
 }
 
@@ -382,5 +383,6 @@ async fn already_placed(
         version: row.version,
         worker_id,
         gpus: allocs.iter().map(|a| a.gpu_idx.unsigned_abs()).collect(),
+        bytes_per_gpu: allocs.iter().map(|a| a.bytes).next().unwrap_or_default(),
     })
 }

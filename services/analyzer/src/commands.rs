@@ -126,13 +126,14 @@ async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: System
             version,
             worker_id,
             gpus,
+            bytes_per_gpu,
         } => {
             // A redelivery after a crash between commit and assignment: send it again.
             let assign = AgentMsg::Assign {
                 instance_id: id.to_owned(),
                 version,
                 gpus,
-                vram_bytes_per_gpu: spec.vram_bytes,
+                vram_bytes_per_gpu: bytes_per_gpu,
                 spec,
             };
             match ctx.bus.publish_agent(&worker_id, &assign).await {

@@ -29,6 +29,8 @@ pub struct Ctx {
     pub wake: Notify,
     /// Free VRAM as this analyzer sees it.
     pub snapshot: Snapshot,
+    /// Model profiles read from files.
+    pub profiles: crate::needs::ProfileCache,
     /// The shared command consumer, for backlog figures.
     pub commands: PullConsumer,
 }
@@ -97,6 +99,7 @@ impl Analyzer {
             wake: Notify::new(),
             commands: commands.clone(),
             snapshot: Snapshot::default(),
+            profiles: Default::default(),
         });
         ctx.snapshot.refresh(&ctx.store).await?;
         let shutdown = CancellationToken::new();

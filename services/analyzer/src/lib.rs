@@ -7,6 +7,7 @@ pub mod context;
 pub mod hooks;
 pub mod intake;
 pub mod metrics;
+pub mod needs;
 pub mod placing;
 pub mod snapshot;
 pub mod stats;

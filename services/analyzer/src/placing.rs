@@ -1,7 +1,7 @@
 //! From intent to placement: the superseded check, the fit, and the CAS commit.
 
 use crate::{FitRecord, context::Ctx, intake::Handled};
-use berth_fit::{FitError, Gpu, Request, Worker};
+use berth_fit::{FitError, Gpu, Worker};
 use berth_proto::{AgentMsg, StartSpec};
 use berth_store::{GpuRow, StoreError, WorkerRow, placement::CommitOutcome};
 use std::{collections::BTreeMap, time::SystemTime};
@@ -67,11 +67,21 @@ async fn place_until_settled(
     picked_at: SystemTime,
     token: &tokio_util::sync::CancellationToken,
 ) -> Handled {
-    let request = Request {
-        vram_per_gpu: spec.vram_per_gpu(),
-        gpus: spec.gpu_count(),
-        selector: spec.selector.clone(),
+    let request = match ctx.profiles.request(spec).await {
+        Ok(r) => r,
+        Err(reason) => {
+            tracing::warn!(reason, "cannot work out what the instance needs");
+            return match ctx.store.mark_error(id, version, &reason).await {
+                Ok(Some(t)) => {
+                    crate::commands::announce(ctx, &t).await;
+                    Handled::Done
+                }
+                Ok(None) => Handled::Done,
+                Err(e) => transient(&e),
+            };
+        }
     };
+    let bytes_per_gpu = i64::try_from(request.vram_per_gpu).unwrap_or(i64::MAX);
     let mut refreshed_for_no_fit = false;
     for attempt in 0..=ctx.config.max_refits {
         if !ctx.snapshot.is_loaded()
@@ -113,7 +123,7 @@ async fn place_until_settled(
                 return settle_pending(ctx, id, version, &reason).await;
             }
         };
-        let outcome = commit(ctx, id, version, spec, &placement, token).await;
+        let outcome = commit(ctx, id, version, bytes_per_gpu, &placement, token).await;
         match &outcome {
             Some(Ok(CommitOutcome::Committed(_))) => ctx.snapshot.settle(&hold),
             _ => ctx.snapshot.release(&hold),
@@ -126,7 +136,7 @@ async fn place_until_settled(
                     instance_id: id.to_owned(),
                     version,
                     gpus: placement.gpus.clone(),
-                    vram_bytes_per_gpu: spec.vram_bytes,
+                    vram_bytes_per_gpu: bytes_per_gpu,
                     spec: spec.clone(),
                 };
                 crate::commands::announce(ctx, &t).await;
@@ -172,7 +182,7 @@ async fn commit(
     ctx: &Ctx,
     id: &str,
     version: i64,
-    spec: &StartSpec,
+    bytes_per_gpu: i64,
     placement: &berth_fit::Placement,
     token: &tokio_util::sync::CancellationToken,
 ) -> Option<Result<CommitOutcome, StoreError>> {
@@ -191,7 +201,7 @@ async fn commit(
             version,
             &placement.worker_id,
             &placement.gpus,
-            spec.vram_bytes,
+            bytes_per_gpu,
         )
         .await;
     ctx.stats.commit_micros.record(began.elapsed());

@@ -2,7 +2,7 @@
 //! sweep handles what a lost wake-up, a dead analyzer or a silent worker left behind.
 
 use crate::{commands::announce, context::Ctx};
-use berth_fit::{Request, place};
+use berth_fit::place;
 use berth_proto::{AgentMsg, InstanceState, StartSpec};
 use berth_store::StoreError;
 use std::sync::Arc;
@@ -51,10 +51,8 @@ pub async fn wake_pending(ctx: &Ctx) -> Result<(), StoreError> {
         else {
             continue;
         };
-        let request = Request {
-            vram_per_gpu: spec.vram_per_gpu(),
-            gpus: spec.gpu_count(),
-            selector: spec.selector.clone(),
+        let Ok(request) = ctx.profiles.request(&spec).await else {
+            continue;
         };
         let Ok(p) = place(&workers, &request, ctx.config.policy, &|| false) else {
             continue;

@@ -1,6 +1,7 @@
 //! `berth`: run a local fleet, publish start/stop commands, look at instances.
 
 mod bench;
+mod estimate;
 mod ps;
 mod publish;
 mod up;
@@ -45,6 +46,8 @@ enum Cmd {
     Watch(watch::WatchArgs),
     /// Apply database migrations (analyzers also do this at start).
     Migrate,
+    /// What a model needs on the GPUs, estimated from its own files.
+    Estimate(estimate::EstimateArgs),
     /// Benchmarks on private servers; each prints one JSON document.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -72,6 +75,7 @@ async fn main() -> Result<()> {
         Cmd::Ps(args) => ps::run(&cli.database_url, &cli.nats_url, args).await,
         Cmd::Watch(args) => watch::run(&cli.nats_url, args).await,
         Cmd::Bench(cmd) => bench::run(cmd).await,
+        Cmd::Estimate(args) => estimate::run(&args),
         Cmd::Migrate => {
             let applied = berth_store::migrate(&cli.database_url).await?;
             println!("migrations applied: {applied}");

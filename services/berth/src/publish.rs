@@ -5,16 +5,22 @@ use berth_bus::Bus;
 use berth_proto::{Command, InstanceEvent, StartSpec, StopSpec, size::parse_bytes, subjects};
 use clap::Args;
 use futures::StreamExt;
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 #[derive(Debug, Args)]
 pub struct StartArgs {
     /// Instance id (letters, digits, '-' and '_').
     #[arg(value_parser = parse_id)]
     instance: String,
-    /// VRAM to reserve on each GPU, e.g. 20GiB.
-    #[arg(long, value_parser = parse_vram, allow_hyphen_values = true)]
-    vram: i64,
+    /// VRAM to reserve on each GPU, e.g. 20GiB (required unless --model-file is given).
+    #[arg(long, value_parser = parse_vram, allow_hyphen_values = true, required_unless_present = "model_file")]
+    vram: Option<i64>,
+    /// Work out the VRAM from this model instead: a GGUF file or a Hugging Face directory,
+    /// at a path the analyzers can read.
+    #[arg(long, value_name = "PATH")]
+    model_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    estimate: crate::estimate::BackendArgs,
     /// Number of GPUs, all on one worker.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..=berth_proto::command::MAX_GPUS))]
     gpus: i64,
@@ -57,13 +63,10 @@ fn parse_id(s: &str) -> Result<String, String> {
 
 fn parse_vram(s: &str) -> Result<i64, String> {
     let bytes = parse_bytes(s)?;
-    let spec = StartSpec {
-        model: String::new(),
-        vram_bytes: bytes,
-        gpus: 1,
-        selector: BTreeMap::new(),
-    };
-    spec.validate()?;
+    if bytes == 0 {
+        return Err("VRAM must be positive".into());
+    }
+    StartSpec::claim(bytes, 1).validate()?;
     Ok(bytes)
 }
 
@@ -75,11 +78,34 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 pub async fn start(nats_url: &str, args: StartArgs) -> Result<()> {
+    let model_ref = match &args.model_file {
+        Some(path) => {
+            let path = std::path::absolute(path)?;
+            if !path.exists() {
+                eprintln!(
+                    "warning: {} does not exist here; the analyzers must be able to read it",
+                    path.display()
+                );
+            }
+            Some(Box::new(berth_fit::ModelRef::Path(path)))
+        }
+        None => None,
+    };
+    let backend = model_ref
+        .as_ref()
+        .map(|_| {
+            args.estimate
+                .options(u32::try_from(args.gpus).unwrap_or(1))
+                .map(Box::new)
+        })
+        .transpose()?;
     let spec = StartSpec {
         model: args.model,
-        vram_bytes: args.vram,
+        vram_bytes: args.vram.unwrap_or(0),
         gpus: args.gpus,
         selector: args.selector.into_iter().collect(),
+        model_ref,
+        backend,
     };
     if let Err(e) = spec.validate() {
         bail!("invalid start: {e}");

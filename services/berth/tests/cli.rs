@@ -165,3 +165,87 @@ fn start_ps_stop_against_berth_up() {
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(rest.iter().any(|l| l == "stopped"), "{rest:?}");
 }
+
+#[test]
+fn estimate_reads_model_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({
+        "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+        "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 4096, "vocab_size": 32000, "torch_dtype": "float16",
+    });
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let path = dir.path().to_str().unwrap();
+
+    let out = berth(&["estimate", path], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    for column in ["weights", "KV cache", "compute", "overhead", "total"] {
+        assert!(table.contains(column), "{table}");
+    }
+    let out = berth(
+        &["estimate", path, "--backend", "vllm", "--tp", "2", "--json"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        doc["estimate"]["gpus"].as_array().map(Vec::len),
+        Some(2),
+        "{doc}"
+    );
+    assert_eq!(doc["profile"]["layers"], 16);
+
+    // The real GGUF, when ops/fetch-models.sh has fetched it.
+    let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.berth/models");
+    if let Some(gguf) = std::fs::read_dir(&models)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "gguf"))
+    {
+        let out = berth(
+            &[
+                "estimate",
+                gguf.to_str().unwrap(),
+                "--ctx",
+                "2048",
+                "--json",
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_eq!(doc["profile"]["layers"], 30);
+    }
+
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["estimate", "/nonexistent/model.gguf"],
+            "/nonexistent/model.gguf",
+        ),
+        (&["estimate", path, "--tp", "2"], "add --backend vllm"),
+        (
+            &[
+                "estimate",
+                path,
+                "--backend",
+                "vllm",
+                "--gpu-memory-utilization",
+                "1.5",
+            ],
+            "not in (0, 1]",
+        ),
+        (&["estimate", path, "--cache-type", "q3"], "--cache-type"),
+    ];
+    for (args, expected) in cases {
+        let out = berth(args, &[]);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(
+            stderr(&out).contains(expected),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}

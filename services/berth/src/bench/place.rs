@@ -81,9 +81,8 @@ fn spec(i: u32, selectors: bool) -> StartSpec {
     };
     StartSpec {
         model: "bench".into(),
-        vram_bytes: vram,
-        gpus,
         selector,
+        ..StartSpec::claim(vram, gpus)
     }
 }
 

@@ -1,0 +1,77 @@
+//! What an instance needs from the GPUs: the explicit claim of its start command, or an
+//! estimate from its model (a file's headers, a profile, or numbers) and backend options.
+//! Profiles read from files are cached by path, size and modification time.
+
+use berth_fit::{EstimateOptions, LlamaCppOptions, ModelProfile, ModelRef, Request, estimate};
+use berth_proto::StartSpec;
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+/// Profiles kept per file at most.
+const CACHE_CAP: usize = 1024;
+
+type Key = (PathBuf, u64, Option<SystemTime>);
+
+#[derive(Debug, Default)]
+pub struct ProfileCache {
+    entries: Mutex<HashMap<Key, Arc<ModelProfile>>>,
+}
+
+impl ProfileCache {
+    /// The profile of `model`, reading a file only when it changed since the last read.
+    /// Runs file reads on the blocking pool.
+    pub async fn resolve(&self, model: &ModelRef) -> Result<Arc<ModelProfile>, String> {
+        let ModelRef::Path(path) = model else {
+            return model.resolve().map(Arc::new).map_err(|e| e.to_string());
+        };
+        let meta = std::fs::metadata(path).map_err(|e| format!("model {}: {e}", path.display()))?;
+        let key = (path.clone(), meta.len(), meta.modified().ok());
+        if let Some(hit) = self.entries.lock().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(hit);
+        }
+        let owned = model.clone();
+        let profile = tokio::task::spawn_blocking(move || owned.resolve())
+            .await
+            .map_err(|e| format!("profile task failed: {e}"))?
+            .map_err(|e| format!("model {}: {e}", path.display()))?;
+        let profile = Arc::new(profile);
+        if let Ok(mut m) = self.entries.lock() {
+            if m.len() >= CACHE_CAP {
+                m.clear();
+            }
+            m.insert(key, profile.clone());
+        }
+        Ok(profile)
+    }
+
+    /// The fit request for `spec`: its explicit claim, or the estimate for its model.
+    pub async fn request(&self, spec: &StartSpec) -> Result<Request, String> {
+        if spec.vram_bytes > 0 || spec.model_ref.is_none() {
+            return Ok(Request {
+                vram_per_gpu: spec.vram_per_gpu(),
+                gpus: spec.gpu_count(),
+                selector: spec.selector.clone(),
+            });
+        }
+        let Some(model) = &spec.model_ref else {
+            return Err("no vram_bytes and no model_ref".into());
+        };
+        let profile = self.resolve(model).await?;
+        let options = spec.backend.as_deref().cloned().unwrap_or_else(|| {
+            EstimateOptions::LlamaCpp(LlamaCppOptions {
+                gpus: u32::try_from(spec.gpus).unwrap_or(1),
+                ..Default::default()
+            })
+        });
+        let est = estimate(&profile, &options).map_err(|e| e.to_string())?;
+        Ok(Request {
+            vram_per_gpu: est.max_per_gpu(),
+            gpus: est.gpu_count().max(1),
+            selector: spec.selector.clone(),
+        })
+    }
+}
