@@ -104,7 +104,7 @@ async fn place_until_settled(
         let (placement, hold) = match searched {
             Ok(found) => found,
             Err(FitError::Cancelled) => {
-                ctx.stats.fits_cancelled.inc();
+                ctx.stats.record_cancel(id);
                 return Handled::Done;
             }
             Err(FitError::NoFit(_)) if !refreshed_for_no_fit => {
@@ -187,10 +187,14 @@ async fn commit(
     token: &tokio_util::sync::CancellationToken,
 ) -> Option<Result<CommitOutcome, StoreError>> {
     if let Some(hook) = &ctx.hooks.before_commit {
-        hook(id.to_owned(), version).await;
+        // Whatever runs before the commit is abandoned the moment a newer command arrives.
+        tokio::select! {
+            () = hook(id.to_owned(), version) => {}
+            () = token.cancelled() => {}
+        }
     }
     if token.is_cancelled() {
-        ctx.stats.fits_cancelled.inc();
+        ctx.stats.record_cancel(id);
         return None;
     }
     let began = std::time::Instant::now();

@@ -78,6 +78,7 @@ pub struct Stats {
     pub fit_micros: Samples,
     pub commit_micros: Samples,
     fit_log: Mutex<VecDeque<FitRecord>>,
+    cancel_log: Mutex<VecDeque<(String, SystemTime)>>,
 }
 
 impl Stats {
@@ -89,6 +90,25 @@ impl Stats {
             }
             log.push_back(record);
         }
+    }
+
+    /// A fit for `instance_id` was abandoned because a newer command arrived.
+    pub fn record_cancel(&self, instance_id: &str) {
+        self.fits_cancelled.inc();
+        if let Ok(mut log) = self.cancel_log.lock() {
+            if log.len() == FIT_LOG_CAP {
+                log.pop_front();
+            }
+            log.push_back((instance_id.to_owned(), SystemTime::now()));
+        }
+    }
+
+    /// When recent fits were abandoned, oldest first.
+    pub fn cancel_log(&self) -> Vec<(String, SystemTime)> {
+        self.cancel_log
+            .lock()
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The most recent fits, oldest first.

@@ -249,3 +249,85 @@ fn estimate_reads_model_files() {
         );
     }
 }
+
+#[test]
+fn bench_scenarios_run_at_a_tiny_size() {
+    let out = berth(
+        &[
+            "bench",
+            "place",
+            "--workers",
+            "4",
+            "--gpus-per-worker",
+            "2",
+            "--instances",
+            "24",
+            "--analyzers",
+            "1,2",
+            "--timeout",
+            "60",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let runs = doc["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        let placed = run["placed"].as_u64().unwrap();
+        let pending = run["pending"].as_u64().unwrap();
+        assert_eq!(placed + pending, 24, "{run}");
+        assert!(
+            placed > 0 && run["ceiling_commits_per_s"].as_f64().unwrap() > 0.0,
+            "{run}"
+        );
+        assert!(run["ratio_to_ceiling"].as_f64().unwrap() > 0.0, "{run}");
+        assert!(
+            run["publish_to_commit_ms"]["p99"].as_f64().is_some(),
+            "{run}"
+        );
+    }
+
+    let out = berth(
+        &[
+            "bench",
+            "storm",
+            "--instances",
+            "40",
+            "--survivors",
+            "3",
+            "--workers",
+            "4",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        doc["fits_for_commands_superseded_before_pickup"], 0,
+        "{doc}"
+    );
+    assert!(doc["survivors_running_after_s"].as_f64().is_some(), "{doc}");
+
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["bench", "place", "--fill", "1.5"],
+            "not between 0 and 0.99",
+        ),
+        (&["bench", "place", "--analyzers", "0"], "--analyzers"),
+        (&["bench", "place", "--policy", "random"], "--policy"),
+        (
+            &["bench", "storm", "--instances", "10", "--survivors", "50"],
+            "more than --instances",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = berth(args, &[]);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(
+            stderr(&out).contains(expected),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}

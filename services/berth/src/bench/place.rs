@@ -168,6 +168,9 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
         c.concurrency = args.concurrency as usize;
         c.pool_size = args.pool as usize;
         c.policy = policy;
+        // The simulated workers send no heartbeats: keep them schedulable for the run.
+        c.unreachable_after = Duration::from_secs(24 * 3600);
+        c.gone_after = Duration::from_secs(48 * 3600);
         analyzers.push(Analyzer::start(c, Hooks::default()).await?);
     }
 
