@@ -120,7 +120,7 @@ async fn place_until_settled(
                 if let Some(hook) = &ctx.hooks.before_pending {
                     hook(id.to_owned(), version).await;
                 }
-                return settle_pending(ctx, id, version, &reason).await;
+                return settle_pending(ctx, id, seq, version, &request, &reason).await;
             }
         };
         let outcome = commit(ctx, id, version, bytes_per_gpu, &placement, token).await;
@@ -174,7 +174,7 @@ async fn place_until_settled(
         "lost the race for free VRAM {} times in a row; waiting for capacity",
         ctx.config.max_refits + 1
     );
-    settle_pending(ctx, id, version, &reason).await
+    settle_pending(ctx, id, seq, version, &request, &reason).await
 }
 
 /// The hook, the last cancellation check, and the CAS commit. `None`: cancelled.
@@ -212,14 +212,29 @@ async fn commit(
     Some(committed)
 }
 
-async fn settle_pending(ctx: &Ctx, id: &str, version: i64, reason: &str) -> Handled {
+async fn settle_pending(
+    ctx: &Ctx,
+    id: &str,
+    seq: u64,
+    version: i64,
+    request: &berth_fit::Request,
+    reason: &str,
+) -> Handled {
     match ctx.store.mark_pending(id, version, reason).await {
         Ok(Some(t)) => {
             ctx.stats.pending.inc();
             crate::commands::announce(ctx, &t).await;
-            // Capacity may have freed between our snapshot and this commit, and whoever freed
-            // it did not see us pending yet: look again.
-            ctx.wake.notify_one();
+            // Capacity may have freed between our view and this commit, and whoever freed it
+            // did not see us pending yet: look once more on a view loaded after the commit.
+            let committed = std::time::Instant::now();
+            match ctx.snapshot.refresh_since(&ctx.store, committed).await {
+                Ok(()) if ctx.snapshot.would_fit(request, ctx.config.policy) => {
+                    crate::sweeper::republish(ctx, id, i64::try_from(seq).unwrap_or(i64::MAX))
+                        .await;
+                }
+                Ok(()) => {}
+                Err(e) => tracing::warn!(%e, "cannot look again; the sweep will"),
+            }
             Handled::Done
         }
         Ok(None) => {

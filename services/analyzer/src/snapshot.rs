@@ -38,6 +38,8 @@ struct Inner {
 #[derive(Debug)]
 pub struct Snapshot {
     inner: Mutex<Inner>,
+    /// One reload at a time: callers that wanted one while it ran take its result.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl Default for Snapshot {
@@ -50,6 +52,7 @@ impl Default for Snapshot {
                 next_hold: 0,
                 loaded: None,
             }),
+            reloading: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -76,6 +79,11 @@ impl Inner {
 impl Snapshot {
     /// Reloads free capacity from the database; holds still in flight stay deducted.
     pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        self.reload(store).await
+    }
+
+    async fn reload(&self, store: &Store) -> Result<(), StoreError> {
         let started = Instant::now();
         let workers = to_fit_workers(store.capacity().await?);
         let Ok(mut inner) = self.inner.lock() else {
@@ -97,6 +105,7 @@ impl Snapshot {
 
     /// Refreshes unless a refresh started at or after `since` already happened.
     pub async fn refresh_since(&self, store: &Store, since: Instant) -> Result<(), StoreError> {
+        let _one_at_a_time = self.reloading.lock().await;
         let fresh = self
             .inner
             .lock()
@@ -106,8 +115,15 @@ impl Snapshot {
         if fresh {
             Ok(())
         } else {
-            self.refresh(store).await
+            self.reload(store).await
         }
+    }
+
+    /// Whether `request` fits the current view (nothing is held).
+    pub fn would_fit(&self, request: &Request, policy: Policy) -> bool {
+        self.inner
+            .lock()
+            .is_ok_and(|i| place(&i.workers, request, policy, &|| false).is_ok())
     }
 
     /// A copy of the current view (holds deducted).

@@ -67,7 +67,7 @@ pub async fn wake_pending(ctx: &Ctx) -> Result<(), StoreError> {
     Ok(())
 }
 
-async fn republish(ctx: &Ctx, id: &str, cmd_seq: i64) {
+pub async fn republish(ctx: &Ctx, id: &str, cmd_seq: i64) {
     let Ok(seq) = u64::try_from(cmd_seq) else {
         return;
     };
