@@ -40,7 +40,9 @@ pub struct PlaceArgs {
     /// Give every other instance a zone selector.
     #[arg(long)]
     selectors: bool,
-    /// Fraction of each GPU already taken (0 to 0.99): a nearly full cluster at 0.95.
+    /// Fraction of each GPU already taken (0 to 0.99); instance sizes shrink with the room
+    /// left so that the run ends with the cluster full: at 0.95, a nearly full cluster where
+    /// capacity conflicts are common.
     #[arg(long, default_value_t = 0.0, value_parser = parse_fill)]
     fill: f64,
     /// Publish at this many commands per second instead of as fast as possible.
@@ -66,14 +68,21 @@ fn parse_fill(s: &str) -> Result<f64, String> {
 }
 
 /// Sizes: 1, 2, 4 or 8 GPUs (half, 30 %, 15 %, 5 %), 8 to 40 GiB each.
-fn spec(i: u32, selectors: bool) -> StartSpec {
+/// With `fill` > 0 sizes shrink with the room left on each GPU, and grow by 40 %, so the
+/// demand slightly exceeds what is left: the run ends with a full cluster.
+fn spec(i: u32, selectors: bool, fill: f64) -> StartSpec {
     let gpus = match i % 20 {
         0..=9 => 1,
         10..=15 => 2,
         16..=18 => 4,
         _ => 8,
     };
-    let vram = [8, 16, 24, 40][(i / 20 % 4) as usize] * GIB;
+    let base = [8, 16, 24, 40][(i / 20 % 4) as usize] * GIB;
+    let vram = if fill > 0.0 {
+        ((base as f64) * (1.0 - fill) * 1.4) as i64
+    } else {
+        base
+    };
     let selector = if selectors && i.is_multiple_of(2) {
         BTreeMap::from([("zone".to_owned(), format!("z{}", i / 2 % 4))])
     } else {
@@ -183,7 +192,7 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
     stream::iter(0..n)
         .map(|i| {
             let (bus, published) = (bus.clone(), published.clone());
-            let cmd = Command::Start(spec(i, args.selectors));
+            let cmd = Command::Start(spec(i, args.selectors, args.fill));
             async move {
                 if let Some(p) = pace {
                     tokio::time::sleep_until((began + p * i).into()).await;
