@@ -96,25 +96,6 @@ impl Bus {
         topology::agent_consumer(&self.js, worker_id).await
     }
 
-    /// Every command stored from now on, headers only, in stream order (an ordered consumer
-    /// that recreates itself after a disconnect). Analyzers use it to cancel fits whose
-    /// instance received a newer command, whichever analyzer handles that command.
-    pub async fn command_watch(&self) -> Result<jetstream::consumer::pull::Ordered, BusError> {
-        let consumer = self
-            .cmd_stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                deliver_policy: jetstream::consumer::DeliverPolicy::New,
-                headers_only: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| BusError::Request(e.to_string()))?;
-        consumer
-            .messages()
-            .await
-            .map_err(|e| BusError::Request(e.to_string()))
-    }
-
     /// The newest stored command for `instance_id`: its sequence and payload.
     pub async fn last_command(&self, instance_id: &str) -> Result<Option<(u64, Bytes)>, BusError> {
         let subject = subjects::cmd_subject(instance_id)?;

@@ -31,6 +31,10 @@ struct Args {
     /// Accepted for compatibility: an inventory always means simulated GPUs.
     #[arg(long)]
     sim: bool,
+    /// Print the workers and GPUs this agent would register (NVML or the inventory) as JSON,
+    /// then exit: a check of the NVML path on a new host.
+    #[arg(long)]
+    print_inventory: bool,
     /// Log as JSON lines.
     #[arg(long, env = "BERTH_LOG_JSON")]
     log_json: bool,
@@ -48,6 +52,14 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(args.log_json);
     let workers = workers(&args)?;
+    if args.print_inventory {
+        let doc: Vec<_> = workers
+            .iter()
+            .map(|w| serde_json::json!({ "worker": w.id, "labels": w.labels, "gpus": w.gpus }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
     let mut agents = Vec::new();
     for worker in workers {
         let config = AgentConfig {

@@ -45,3 +45,27 @@ fn bad_inventories_and_flags_are_refused() {
         assert!(err.contains(expected), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn print_inventory_shows_what_would_be_registered() {
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/../../ops/inventory/demo.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_berth-agent"))
+        .args([
+            "--inventory",
+            demo,
+            "--worker",
+            "gpu-b",
+            "--print-inventory",
+        ])
+        .output()
+        .expect("run berth-agent");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(doc[0]["worker"], "gpu-b");
+    assert_eq!(doc[0]["gpus"].as_array().map(Vec::len), Some(2));
+    assert_eq!(doc[0]["gpus"][0]["total_bytes"], 40_i64 << 30);
+}

@@ -61,6 +61,12 @@ impl Ctx {
         }
     }
 
+    pub fn has_fit_in_flight(&self, instance_id: &str) -> bool {
+        self.in_flight
+            .lock()
+            .is_ok_and(|m| m.contains_key(instance_id))
+    }
+
     /// A newer command for `instance_id` arrived: abandon any older fit in flight here.
     pub fn supersede(&self, instance_id: &str, seq: u64) {
         if let Ok(map) = self.in_flight.lock()
@@ -104,9 +110,10 @@ impl Analyzer {
         ctx.snapshot.refresh(&ctx.store).await?;
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        let heard = watch::subscribe(&ctx).await?;
         tasks.spawn(intake::run(ctx.clone(), commands, shutdown.clone()));
         tasks.spawn(status::run(ctx.clone(), reports, shutdown.clone()));
-        tasks.spawn(watch::run(ctx.clone(), shutdown.clone()));
+        tasks.spawn(watch::run(ctx.clone(), heard, shutdown.clone()));
         if let Some(addr) = ctx.config.metrics_addr {
             metrics::serve(ctx.clone(), addr, shutdown.clone()).await?;
         }

@@ -1,43 +1,52 @@
-//! The cancellation watch: every analyzer sees every new command (headers only) and cancels
-//! its own in-flight fit for that instance, whichever analyzer handles the command.
+//! The cancellation watch: every analyzer hears every new command (a plain NATS subscription
+//! on the command subjects, so it arrives as soon as it is published) and, when it has a fit
+//! in flight for that instance, asks the stream for the instance's newest sequence and
+//! cancels the fit if it is older — whichever analyzer ends up handling the new command.
 
 use crate::context::Ctx;
-use berth_proto::subjects::instance_of_cmd_subject;
+use berth_proto::subjects::{CMD_PREFIX, instance_of_cmd_subject};
 use futures::StreamExt;
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
-    while !shutdown.is_cancelled() {
-        let mut messages = match ctx.bus.command_watch().await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(%e, "command watch unavailable; retrying");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                }
-            }
+/// Subscribes to the command subjects; call before the command intake starts so that no
+/// command is missed.
+pub async fn subscribe(ctx: &Ctx) -> anyhow::Result<async_nats::Subscriber> {
+    let sub = ctx
+        .bus
+        .client()
+        .subscribe(format!("{CMD_PREFIX}.*"))
+        .await?;
+    // Make sure the server has the subscription before the first command is handled.
+    ctx.bus.client().flush().await?;
+    Ok(sub)
+}
+
+pub async fn run(ctx: Arc<Ctx>, mut commands: async_nats::Subscriber, shutdown: CancellationToken) {
+    loop {
+        let msg = tokio::select! {
+            () = shutdown.cancelled() => return,
+            msg = commands.next() => match msg {
+                Some(msg) => msg,
+                None => return,
+            },
         };
-        loop {
-            let next = tokio::select! {
-                () = shutdown.cancelled() => return,
-                next = messages.next() => next,
-            };
-            match next {
-                Some(Ok(msg)) => {
-                    let Ok(info) = msg.info() else { continue };
-                    if let Some(id) = instance_of_cmd_subject(&msg.subject) {
-                        ctx.stats.commands_watched.inc();
-                        ctx.supersede(id, info.stream_sequence);
-                    }
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(%e, "command watch error; resubscribing");
-                    break;
-                }
-                None => break,
-            }
+        let Some(id) = instance_of_cmd_subject(&msg.subject) else {
+            continue;
+        };
+        ctx.stats.commands_watched.inc();
+        if !ctx.has_fit_in_flight(id) {
+            continue;
         }
+        // The plain message carries no stream sequence: ask for it (a direct get), off this
+        // loop so the next command is not delayed.
+        let (ctx, id) = (ctx.clone(), id.to_owned());
+        tokio::spawn(async move {
+            match ctx.bus.last_command_seq(&id).await {
+                Ok(Some(last)) => ctx.supersede(&id, last),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%e, instance_id = id, "cannot read the newest command"),
+            }
+        });
     }
 }

@@ -146,18 +146,26 @@ pub async fn run(args: StormArgs) -> Result<Value> {
                 .any(|p| p.seq > fit.cmd_seq && p.acked < fit.picked_at)
         })
         .count();
-    // From each stop's publish to the abandonment of the fit it cancelled.
-    let mut cancel_ms: Vec<f64> = stats
+    // From each stop's publish (and from its acknowledgement by JetStream) to the abandonment
+    // of the fit it cancelled.
+    let cancels: Vec<(SystemTime, Sent)> = stats
         .iter()
         .flat_map(|s| s.cancel_log())
         .filter_map(|(id, at)| {
-            let stop_at = published[&id]
+            let stop = published[&id]
                 .iter()
                 .filter(|p| p.is_stop && p.acked <= at)
-                .map(|p| p.sent)
-                .max()?;
-            Some(ms(at.duration_since(stop_at).ok()?))
+                .max_by_key(|p| p.seq)?;
+            Some((at, *stop))
         })
+        .collect();
+    let mut cancel_ms: Vec<f64> = cancels
+        .iter()
+        .filter_map(|(at, stop)| Some(ms(at.duration_since(stop.sent).ok()?)))
+        .collect();
+    let mut cancel_after_ack_ms: Vec<f64> = cancels
+        .iter()
+        .filter_map(|(at, stop)| Some(ms(at.duration_since(stop.acked).ok()?)))
         .collect();
     let sum = |f: &dyn Fn(&berth_analyzer::Stats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
     let doc = json!({
@@ -177,6 +185,7 @@ pub async fn run(args: StormArgs) -> Result<Value> {
         "survivors_running_after_s": (survivors_running.as_secs_f64() * 1000.0).round() / 1000.0,
         "total_s": (total.as_secs_f64() * 1000.0).round() / 1000.0,
         "stop_to_abandon_ms": summary(&mut cancel_ms),
+        "stop_stored_to_abandon_ms": summary(&mut cancel_after_ack_ms),
     });
     shutdown.cancel();
     for a in analyzers {
