@@ -200,3 +200,45 @@ async fn repeating_a_start_is_a_no_op() {
     );
     assert_eq!(stats.fits_computed.get(), fits, "a repeat costs no fit");
 }
+
+/// NATS restarts under a running fleet: clients reconnect, the streams (on disk) come back,
+/// and commands published after the restart are handled like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_loses_nothing() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_analyzer(Default::default()).await;
+    fleet.add_agent(worker("w1", 4, 80, &[])).await;
+    fleet.start_instance("before", 10 * GIB, 1).await;
+    fleet
+        .wait_state("before", InstanceState::Running, LIMIT)
+        .await;
+
+    tokio::task::block_in_place(|| fleet.servers.nats.restart()).expect("nats restart");
+
+    // The test's own client reconnects too; publishing retries until it has.
+    let mut published = false;
+    for _ in 0..100 {
+        if fleet
+            .bus
+            .publish_command(
+                "after",
+                &berth_proto::Command::Start(berth_proto::StartSpec::claim(10 * GIB, 1)),
+            )
+            .await
+            .is_ok()
+        {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(published, "could not publish after the restart");
+    fleet.stop_instance("before").await;
+    fleet
+        .wait_state("after", InstanceState::Running, LIMIT)
+        .await;
+    fleet
+        .wait_state("before", InstanceState::Stopped, LIMIT)
+        .await;
+    fleet.assert_books_balanced().await;
+}
