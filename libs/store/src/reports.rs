@@ -233,7 +233,9 @@ async fn set_state(
 
 /// Which versions of an instance's allocations a report releases.
 #[derive(Debug, Clone, Copy)]
-enum Upto {
+pub(crate) enum Upto {
+    /// Every version: the worker is gone.
+    All,
     /// Older than this version: a stop confirmed under version v ends placements before v.
     Before(i64),
     /// Up to and including it: a failed backend ends its own placement too.
@@ -242,7 +244,7 @@ enum Upto {
 
 /// Deletes the instance's allocations on `worker_id` selected by `upto` and gives their VRAM
 /// back to the GPUs.
-async fn release(
+pub(crate) async fn release(
     conn: &mut AsyncPgConnection,
     id: &str,
     worker_id: &str,
@@ -252,6 +254,12 @@ async fn release(
         .filter(allocations::instance_id.eq(id))
         .filter(allocations::worker_id.eq(worker_id));
     let freed: Vec<AllocationRow> = match upto {
+        Upto::All => {
+            diesel::delete(mine)
+                .returning(AllocationRow::as_returning())
+                .get_results(conn)
+                .await?
+        }
         Upto::Before(v) => {
             diesel::delete(mine.filter(allocations::version.lt(v)))
                 .returning(AllocationRow::as_returning())
@@ -276,7 +284,7 @@ async fn release(
     Ok(freed)
 }
 
-async fn holds_any(conn: &mut AsyncPgConnection, id: &str) -> Result<bool, StoreError> {
+pub(crate) async fn holds_any(conn: &mut AsyncPgConnection, id: &str) -> Result<bool, StoreError> {
     Ok(diesel::select(diesel::dsl::exists(
         allocations::table.filter(allocations::instance_id.eq(id)),
     ))

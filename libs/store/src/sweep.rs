@@ -2,8 +2,8 @@
 
 use crate::{
     InstanceRow, Store, StoreError, Transition,
-    models::AllocationRow,
-    schema::{allocations, gpus, instances, workers},
+    reports::{Upto, holds_any, release},
+    schema::{allocations, instances, workers},
 };
 use berth_proto::InstanceState;
 use chrono::{DateTime, Utc};
@@ -111,29 +111,10 @@ impl Store {
                     .for_update()
                     .first(conn)
                     .await?;
-                let freed: Vec<AllocationRow> = diesel::delete(
-                    allocations::table
-                        .filter(allocations::instance_id.eq(id))
-                        .filter(allocations::worker_id.eq(worker_id)),
-                )
-                .returning(AllocationRow::as_returning())
-                .get_results(conn)
-                .await?;
-                let mut sorted = freed;
-                sorted.sort_by_key(|a| a.gpu_idx);
-                for a in &sorted {
-                    diesel::update(gpus::table.find((&a.worker_id, a.gpu_idx)))
-                        .set(gpus::reserved_bytes.eq(gpus::reserved_bytes - a.bytes))
-                        .execute(conn)
-                        .await?;
-                }
+                release(conn, id, worker_id, Upto::All).await?;
                 let placed_here = row.worker_id.as_deref() == Some(worker_id)
                     && ["scheduled", "starting", "running"].contains(&row.state.as_str());
-                let holds_more: bool = diesel::select(diesel::dsl::exists(
-                    allocations::table.filter(allocations::instance_id.eq(id)),
-                ))
-                .get_result(conn)
-                .await?;
+                let holds_more = holds_any(conn, id).await?;
                 let (state, reason) = if placed_here {
                     (
                         InstanceState::Pending,

@@ -147,14 +147,11 @@ async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: System
         } => {
             ctx.stats.commands_applied.inc();
             announce(ctx, &transition).await;
-            for worker in &release_on {
-                let unassign = AgentMsg::Unassign {
-                    instance_id: id.to_owned(),
-                    version: transition.version,
-                };
-                if ctx.bus.publish_agent(worker, &unassign).await.is_err() {
-                    return Handled::Retry;
-                }
+            if unassign(ctx, id, transition.version, &release_on)
+                .await
+                .is_err()
+            {
+                return Handled::Retry;
             }
             placing::place(ctx, id, seq, transition.version, &spec, picked_at).await
         }
@@ -186,18 +183,34 @@ async fn stop(ctx: &Ctx, id: &str, seq: u64, spec: StopSpec) -> Handled {
         } => {
             ctx.stats.commands_applied.inc();
             announce(ctx, &transition).await;
-            for worker in &workers {
-                let unassign = AgentMsg::Unassign {
-                    instance_id: id.to_owned(),
-                    version: transition.version,
-                };
-                if ctx.bus.publish_agent(worker, &unassign).await.is_err() {
-                    return Handled::Retry;
-                }
+            if unassign(ctx, id, transition.version, &workers)
+                .await
+                .is_err()
+            {
+                return Handled::Retry;
             }
         }
     }
     Handled::Done
+}
+
+/// Tells each of `workers` to stop `id`'s placements older than `version`.
+pub async fn unassign(
+    ctx: &Ctx,
+    id: &str,
+    version: i64,
+    workers: &[String],
+) -> Result<(), berth_bus::BusError> {
+    for worker in workers {
+        let msg = AgentMsg::Unassign {
+            instance_id: id.to_owned(),
+            version,
+        };
+        ctx.bus.publish_agent(worker, &msg).await.inspect_err(|e| {
+            tracing::warn!(%e, worker, "cannot send unassign");
+        })?;
+    }
+    Ok(())
 }
 
 /// Publishes the event of a committed transition. Events are best effort: a failure is

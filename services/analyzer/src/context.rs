@@ -67,14 +67,17 @@ impl Ctx {
             .is_ok_and(|m| m.contains_key(instance_id))
     }
 
-    /// A newer command for `instance_id` arrived: abandon any older fit in flight here.
-    pub fn supersede(&self, instance_id: &str, seq: u64) {
+    /// A newer command (`seq`) for `instance_id` arrived: abandon any older fit in flight
+    /// here. Returns whether one was cancelled.
+    pub fn supersede(&self, instance_id: &str, seq: u64) -> bool {
         if let Ok(map) = self.in_flight.lock()
             && let Some((old_seq, token)) = map.get(instance_id)
             && *old_seq < seq
         {
             token.cancel();
+            return true;
         }
+        false
     }
 }
 

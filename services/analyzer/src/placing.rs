@@ -16,20 +16,24 @@ pub async fn place(
     spec: &StartSpec,
     picked_at: SystemTime,
 ) -> Handled {
+    // In flight from here: a newer command heard from now on cancels this fit, and one
+    // stored before is seen by the check below. No gap between the two.
+    let token = ctx.begin_fit(id, seq);
     // No wasted work: a command that is no longer the newest costs no fit.
     match ctx.bus.last_command_seq(id).await {
         Ok(Some(last)) if last > seq => {
             tracing::debug!(last, "superseded before the fit; skipped");
             ctx.stats.fits_skipped_superseded.inc();
+            ctx.end_fit(id, seq);
             return Handled::Done;
         }
         Ok(_) => {}
         Err(e) => {
             tracing::warn!(%e, "cannot check for newer commands; will retry");
+            ctx.end_fit(id, seq);
             return Handled::Retry;
         }
     }
-    let token = ctx.begin_fit(id, seq);
     let settled = tokio::time::timeout(
         ctx.config.fit_timeout,
         place_until_settled(ctx, id, seq, version, spec, picked_at, &token),

@@ -3,7 +3,7 @@
 
 use crate::{commands::announce, context::Ctx};
 use berth_fit::place;
-use berth_proto::{AgentMsg, InstanceState, StartSpec};
+use berth_proto::{InstanceState, StartSpec};
 use berth_store::StoreError;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -118,15 +118,9 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
         .stuck(&[InstanceState::Stopping], cfg.stuck_after, BATCH)
         .await?
     {
-        for worker in ctx.store.holders(&row.id).await? {
-            let unassign = AgentMsg::Unassign {
-                instance_id: row.id.clone(),
-                version: row.version,
-            };
-            if let Err(e) = ctx.bus.publish_agent(&worker, &unassign).await {
-                tracing::warn!(%e, "cannot resend unassign");
-            }
-        }
+        let holders = ctx.store.holders(&row.id).await?;
+        // A failure is logged there; the next sweep sends again.
+        let _ = crate::commands::unassign(ctx, &row.id, row.version, &holders).await;
     }
     wake_pending(ctx).await
 }

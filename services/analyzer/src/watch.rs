@@ -42,10 +42,21 @@ pub async fn run(ctx: Arc<Ctx>, mut commands: async_nats::Subscriber, shutdown: 
         // loop so the next command is not delayed.
         let (ctx, id) = (ctx.clone(), id.to_owned());
         tokio::spawn(async move {
-            match ctx.bus.last_command_seq(&id).await {
-                Ok(Some(last)) => ctx.supersede(&id, last),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(%e, instance_id = id, "cannot read the newest command"),
+            // The plain copy can arrive a moment before the stream has stored the command:
+            // if the stream shows nothing newer yet, look again shortly.
+            for pause_ms in [0, 2, 20] {
+                tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+                match ctx.bus.last_command_seq(&id).await {
+                    Ok(Some(last)) if ctx.supersede(&id, last) => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(%e, instance_id = id, "cannot read the newest command");
+                        return;
+                    }
+                }
+                if !ctx.has_fit_in_flight(&id) {
+                    return;
+                }
             }
         });
     }
