@@ -3,7 +3,7 @@
 
 pub mod hold;
 
-use berth_agent::{Agent, AgentConfig, WorkerSpec};
+use berth_agent::{Agent, AgentConfig, AgentStats, WorkerSpec};
 use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks, Stats};
 use berth_bus::Bus;
 use berth_harness::TestServers;
@@ -18,6 +18,8 @@ pub const GIB: i64 = 1 << 30;
 
 /// Servers plus the processes under test, all torn down on drop.
 pub struct Fleet {
+    /// Counters of every in-process agent, by worker.
+    pub agent_stats: Arc<AgentStats>,
     pub store: Store,
     pub bus: Bus,
     pub analyzers: Vec<Analyzer>,
@@ -49,6 +51,7 @@ impl Fleet {
             .await
             .expect("bus");
         Fleet {
+            agent_stats: Arc::default(),
             store,
             bus,
             analyzers: Vec::new(),
@@ -95,6 +98,7 @@ impl Fleet {
             nats_url: self.servers.nats.url(),
             worker,
             heartbeat: Duration::from_millis(300),
+            stats: self.agent_stats.clone(),
         })
         .await
         .expect("agent start");

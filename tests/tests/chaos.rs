@@ -227,6 +227,8 @@ impl Procs {
             worker,
             "--heartbeat-secs",
             "1",
+            "--metrics-addr",
+            "off",
         ]
         .iter()
         .map(|s| (*s).to_owned())

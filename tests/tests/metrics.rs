@@ -63,3 +63,37 @@ async fn metrics_show_counters_states_and_backlog() {
     assert!(fits >= 3, "{fits}");
     assert_eq!(value("berth_analyzer_fit_seconds_count"), fits);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_metrics_count_assignments_per_worker() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_analyzer(Default::default()).await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    berth_agent::metrics::serve(fleet.agent_stats.clone(), addr, shutdown.clone())
+        .await
+        .expect("serve");
+    fleet.start_instance("a", 10 * GIB, 1).await;
+    fleet
+        .wait_state("a", InstanceState::Running, Duration::from_secs(30))
+        .await;
+    fleet.stop_instance("a").await;
+    fleet
+        .wait_state("a", InstanceState::Stopped, Duration::from_secs(30))
+        .await;
+
+    let text = scrape(addr).await;
+    for expected in [
+        "berth_agent_assignments_total{worker=\"w1\"} 1",
+        "berth_agent_unassignments_total{worker=\"w1\"} 1",
+        "berth_agent_instances_running{worker=\"w1\"} 0",
+        "berth_agent_heartbeats_total{worker=\"w1\"}",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    shutdown.cancel();
+}

@@ -2,8 +2,10 @@
 //! heartbeats, and runs the instances placed on its worker.
 
 pub mod inventory;
+pub mod metrics;
 pub mod nvml;
 pub mod runner;
 
 pub use inventory::{Inventory, InventoryError, WorkerSpec};
+pub use metrics::AgentStats;
 pub use runner::{Agent, AgentConfig};

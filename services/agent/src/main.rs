@@ -2,9 +2,13 @@
 //! the analyzers place on it.
 
 use anyhow::{Context, bail};
-use berth_agent::{Agent, AgentConfig, Inventory, WorkerSpec, inventory::parse_bytes, nvml};
+use berth_agent::{
+    Agent, AgentConfig, AgentStats, Inventory, WorkerSpec, inventory::parse_bytes, metrics, nvml,
+};
 use clap::Parser;
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "berth GPU host agent")]
@@ -35,6 +39,13 @@ struct Args {
     /// then exit: a check of the NVML path on a new host.
     #[arg(long)]
     print_inventory: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics ("off" to disable).
+    #[arg(
+        long,
+        env = "BERTH_AGENT_METRICS_ADDR",
+        default_value = "127.0.0.1:9102"
+    )]
+    metrics_addr: String,
     /// Log as JSON lines.
     #[arg(long, env = "BERTH_LOG_JSON")]
     log_json: bool,
@@ -60,12 +71,26 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
+    let stats = Arc::new(AgentStats::default());
+    let shutdown = CancellationToken::new();
+    if args.metrics_addr != "off" {
+        let addr: SocketAddr = args.metrics_addr.parse().with_context(|| {
+            format!(
+                "--metrics-addr {:?} is not host:port or \"off\"",
+                args.metrics_addr
+            )
+        })?;
+        metrics::serve(stats.clone(), addr, shutdown.clone())
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
     let mut agents = Vec::new();
     for worker in workers {
         let config = AgentConfig {
             nats_url: args.nats_url.clone(),
             heartbeat: Duration::from_secs(args.heartbeat_secs),
             worker,
+            stats: stats.clone(),
         };
         let id = config.worker.id.clone();
         agents.push(
@@ -81,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
     for a in agents {
         a.shutdown().await;
     }
+    shutdown.cancel();
     Ok(())
 }
 

@@ -1,12 +1,12 @@
 //! The agent loop: register, heartbeat, and apply assignments in the order they were sent.
 
-use crate::WorkerSpec;
+use crate::{AgentStats, WorkerSpec};
 use async_nats::jetstream::AckKind;
 use berth_bus::{Bus, BusError};
 use berth_proto::{AgentMsg, StatusMsg, status::ReportedState};
 use berth_retry::{RetryPolicy, retry};
 use futures::StreamExt;
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -15,6 +15,8 @@ pub struct AgentConfig {
     pub nats_url: String,
     pub worker: WorkerSpec,
     pub heartbeat: Duration,
+    /// Counters, shared by the agents of a process.
+    pub stats: Arc<AgentStats>,
 }
 
 /// A running agent for one worker.
@@ -52,9 +54,16 @@ impl Agent {
             bus.clone(),
             id.clone(),
             config.heartbeat,
+            config.stats.clone(),
             shutdown.clone(),
         ));
-        tasks.spawn(assignments(bus, id, consumer, shutdown.clone()));
+        tasks.spawn(assignments(
+            bus,
+            id,
+            consumer,
+            config.stats,
+            shutdown.clone(),
+        ));
         Ok(Agent { shutdown, tasks })
     }
 
@@ -84,7 +93,13 @@ async fn report(bus: &Bus, worker_id: &str, msg: &StatusMsg) -> Result<(), BusEr
     .await
 }
 
-async fn heartbeats(bus: Bus, worker_id: String, every: Duration, shutdown: CancellationToken) {
+async fn heartbeats(
+    bus: Bus,
+    worker_id: String,
+    every: Duration,
+    stats: Arc<AgentStats>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -95,8 +110,14 @@ async fn heartbeats(bus: Bus, worker_id: String, every: Duration, shutdown: Canc
         let beat = StatusMsg::Heartbeat {
             worker_id: worker_id.clone(),
         };
-        if let Err(e) = bus.publish_status(&worker_id, &beat).await {
-            tracing::warn!(%e, "heartbeat not sent");
+        match bus.publish_status(&worker_id, &beat).await {
+            Ok(()) => {
+                stats
+                    .heartbeats
+                    .get_or_create(&AgentStats::worker(&worker_id))
+                    .inc();
+            }
+            Err(e) => tracing::warn!(%e, "heartbeat not sent"),
         }
     }
 }
@@ -105,6 +126,7 @@ async fn assignments(
     bus: Bus,
     worker_id: String,
     consumer: async_nats::jetstream::consumer::PullConsumer,
+    stats: Arc<AgentStats>,
     shutdown: CancellationToken,
 ) {
     let mut backends = Backends::default();
@@ -133,7 +155,15 @@ async fn assignments(
                 None => break,
             };
             let result = match berth_proto::decode::<AgentMsg>(&msg.payload) {
-                Ok(m) => apply(&bus, &worker_id, &mut backends, m).await,
+                Ok(m) => {
+                    let done = apply(&bus, &worker_id, &mut backends, &stats, m).await;
+                    let running = i64::try_from(backends.running.len()).unwrap_or(i64::MAX);
+                    stats
+                        .running
+                        .get_or_create(&AgentStats::worker(&worker_id))
+                        .set(running);
+                    done
+                }
                 Err(e) => {
                     tracing::warn!(%e, "dropping undecodable assignment");
                     Ok(())
@@ -157,8 +187,10 @@ async fn apply(
     bus: &Bus,
     worker_id: &str,
     backends: &mut Backends,
+    stats: &AgentStats,
     msg: AgentMsg,
 ) -> Result<(), BusError> {
+    let label = AgentStats::worker(worker_id);
     let instance_report =
         |instance_id: &str, version: i64, state: ReportedState| StatusMsg::Instance {
             worker_id: worker_id.to_owned(),
@@ -174,6 +206,7 @@ async fn apply(
             gpus,
             ..
         } => {
+            stats.assigned.get_or_create(&label).inc();
             let span = tracing::info_span!("assign", instance_id, version);
             let _enter = span.enter();
             if backends
@@ -210,6 +243,7 @@ async fn apply(
             instance_id,
             version,
         } => {
+            stats.unassigned.get_or_create(&label).inc();
             let span = tracing::info_span!("unassign", instance_id, version);
             let _enter = span.enter();
             let at = backends

@@ -57,12 +57,14 @@ pub async fn run(args: UpArgs) -> Result<()> {
         analyzers.push(Analyzer::start(config, Hooks::default()).await?);
     }
     let mut agents = Vec::new();
+    let agent_stats = std::sync::Arc::new(berth_agent::AgentStats::default());
     for worker in inventory.workers {
         let id = worker.id.clone();
         let config = AgentConfig {
             nats_url: nats.url(),
             worker,
             heartbeat: Duration::from_secs(5),
+            stats: agent_stats.clone(),
         };
         agents.push(
             Agent::start(config)
