@@ -51,7 +51,7 @@ pub enum StopApplied {
 
 /// Records a start in one statement when it simply applies (see `apply_start`); returns no
 /// row when the instance needs a closer look (stale, redelivered, or unchanged).
-const START_UPSERT: &str = "\
+pub(crate) const START_UPSERT: &str = "\
     INSERT INTO instances (id, spec, desired, state, cmd_seq, version) \
     VALUES ($1, $2, 'running', 'analyzing', $3, 1) \
     ON CONFLICT (id) DO UPDATE SET spec = EXCLUDED.spec, desired = 'running', \
@@ -62,11 +62,8 @@ const START_UPSERT: &str = "\
                AND instances.spec = EXCLUDED.spec) \
     RETURNING version, (xmax::text <> '0') AS existed";
 
-#[derive(diesel::QueryableByName)]
 struct Upserted {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
     version: i64,
-    #[diesel(sql_type = diesel::sql_types::Bool)]
     existed: bool,
 }
 
@@ -85,14 +82,16 @@ impl Store {
         let mut conn = self.conn().await?;
         // The common case in one statement: a new instance, or a newer command for one that
         // is not already running this very spec.
-        let fast: Option<Upserted> = diesel::sql_query(START_UPSERT)
-            .bind::<diesel::sql_types::Text, _>(id)
-            .bind::<diesel::sql_types::Jsonb, _>(&spec)
-            .bind::<diesel::sql_types::BigInt, _>(seq)
-            .get_result(&mut conn)
-            .await
-            .optional()?;
-        if let Some(up) = fast {
+        let fast: Option<(i64, bool)> = crate::prepared::StartUpsert {
+            id,
+            spec: &spec,
+            seq,
+        }
+        .get_result(&mut conn)
+        .await
+        .optional()?;
+        if let Some((version, existed)) = fast {
+            let up = Upserted { version, existed };
             // The upsert holds no lock now, but any placement of an older version either
             // committed before it (visible here) or will miss its CAS.
             let release_on = if up.existed {

@@ -13,6 +13,7 @@ pub mod error;
 pub mod models;
 pub mod placement;
 pub mod pool;
+mod prepared;
 pub mod queries;
 pub mod reports;
 pub mod schema;

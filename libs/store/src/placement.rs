@@ -70,14 +70,21 @@ impl Store {
             .collect::<Result<Vec<i32>, _>>()
             .map_err(|_| StoreError::Corrupt(format!("GPU index out of range in {gpu_idxs:?}")))?;
         let mut conn = self.conn().await?;
-        let done: CommitRow = diesel::sql_query(COMMIT)
-            .bind::<diesel::sql_types::Text, _>(id)
-            .bind::<diesel::sql_types::BigInt, _>(version)
-            .bind::<diesel::sql_types::Text, _>(worker_id)
-            .bind::<diesel::sql_types::Array<diesel::sql_types::Integer>, _>(&idxs)
-            .bind::<diesel::sql_types::BigInt, _>(bytes_per_gpu)
-            .get_result(&mut conn)
-            .await?;
+        let (cmd_seq, committed, full, present): CommitRow = crate::prepared::Commit {
+            id,
+            version,
+            worker_id,
+            idxs: &idxs,
+            bytes: bytes_per_gpu,
+        }
+        .get_result(&mut conn)
+        .await?;
+        let done = CommitResult {
+            cmd_seq,
+            committed,
+            full,
+            present,
+        };
         let Some(cmd_seq) = done.cmd_seq else {
             return Ok(CommitOutcome::VersionMoved);
         };
@@ -171,7 +178,7 @@ impl Store {
 /// block; see [`Store::commit_placement`]. Locks the instance row (the CAS), then the GPU
 /// rows in index order, checks every GPU has room on its latest version, and only then
 /// changes anything: all or nothing. `$4` is the GPU index array.
-const COMMIT: &str = "\
+pub(crate) const COMMIT: &str = "\
     WITH inst AS ( \
         SELECT cmd_seq FROM instances \
         WHERE id = $1 AND version = $2 AND state = 'analyzing' FOR UPDATE \
@@ -201,14 +208,11 @@ const COMMIT: &str = "\
            (SELECT array_agg(idx) FROM g WHERE NOT room) AS full, \
            (SELECT array_agg(idx) FROM g) AS present";
 
-#[derive(diesel::QueryableByName)]
-struct CommitRow {
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+type CommitRow = (Option<i64>, bool, Option<Vec<i32>>, Option<Vec<i32>>);
+
+struct CommitResult {
     cmd_seq: Option<i64>,
-    #[diesel(sql_type = diesel::sql_types::Bool)]
     committed: bool,
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Array<diesel::sql_types::Integer>>)]
     full: Option<Vec<i32>>,
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Array<diesel::sql_types::Integer>>)]
     present: Option<Vec<i32>>,
 }

@@ -1,0 +1,141 @@
+//! Hand-written SQL that PostgreSQL parses and plans once per connection.
+//!
+//! `diesel::sql_query` is never cached as a prepared statement, so each call would be parsed,
+//! planned and prepared again (two round trips). These types give each statement a static
+//! query id, which puts it in the connection's prepared-statement cache like any DSL query.
+
+use diesel::{
+    pg::Pg,
+    query_builder::{AstPass, Query, QueryFragment, QueryId},
+    result::QueryResult,
+    sql_types::{Array, BigInt, Bool, Integer, Jsonb, Nullable, Text},
+};
+
+/// A piece of a statement template: text, or the `$n` parameter.
+enum Seg<'s> {
+    Text(&'s str),
+    Param(usize),
+}
+
+/// Splits `sql` at its `$n` parameters.
+fn segments(sql: &str) -> Vec<Seg<'_>> {
+    let mut out = Vec::new();
+    let mut rest = sql;
+    while let Some(pos) = rest.find('$') {
+        let digits = rest[pos + 1..]
+            .bytes()
+            .take_while(u8::is_ascii_digit)
+            .count();
+        if digits == 0 {
+            out.push(Seg::Text(&rest[..=pos]));
+            rest = &rest[pos + 1..];
+            continue;
+        }
+        out.push(Seg::Text(&rest[..pos]));
+        out.push(Seg::Param(
+            rest[pos + 1..pos + 1 + digits].parse().unwrap_or(0),
+        ));
+        rest = &rest[pos + 1 + digits..];
+    }
+    out.push(Seg::Text(rest));
+    out
+}
+
+/// The placement commit (`placement::COMMIT`) with its five parameters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Commit<'a> {
+    pub id: &'a str,
+    pub version: i64,
+    pub worker_id: &'a str,
+    pub idxs: &'a [i32],
+    pub bytes: i64,
+}
+
+impl QueryId for Commit<'_> {
+    type QueryId = Commit<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for Commit<'_> {
+    type SqlType = (
+        Nullable<BigInt>,
+        Bool,
+        Nullable<Array<Integer>>,
+        Nullable<Array<Integer>>,
+    );
+}
+
+impl QueryFragment<Pg> for Commit<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        for seg in segments(crate::placement::COMMIT) {
+            match seg {
+                Seg::Text(t) => out.push_sql(t),
+                Seg::Param(1) => out.push_bind_param::<Text, _>(&self.id)?,
+                Seg::Param(2) => out.push_bind_param::<BigInt, _>(&self.version)?,
+                Seg::Param(3) => out.push_bind_param::<Text, _>(&self.worker_id)?,
+                Seg::Param(4) => out.push_bind_param::<Array<Integer>, _>(&self.idxs)?,
+                Seg::Param(_) => out.push_bind_param::<BigInt, _>(&self.bytes)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The one-statement start (`commands::START_UPSERT`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StartUpsert<'a> {
+    pub id: &'a str,
+    pub spec: &'a serde_json::Value,
+    pub seq: i64,
+}
+
+impl QueryId for StartUpsert<'_> {
+    type QueryId = StartUpsert<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for StartUpsert<'_> {
+    type SqlType = (BigInt, Bool);
+}
+
+impl QueryFragment<Pg> for StartUpsert<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        for seg in segments(crate::commands::START_UPSERT) {
+            match seg {
+                Seg::Text(t) => out.push_sql(t),
+                Seg::Param(1) => out.push_bind_param::<Text, _>(&self.id)?,
+                Seg::Param(2) => out.push_bind_param::<Jsonb, _>(self.spec)?,
+                Seg::Param(_) => out.push_bind_param::<BigInt, _>(&self.seq)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_split_at_parameters() {
+        let segs = segments("a = $1 AND b = ANY($12::int[]) AND c = '$x'");
+        let shape: Vec<String> = segs
+            .iter()
+            .map(|s| match s {
+                Seg::Text(t) => format!("T({t})"),
+                Seg::Param(n) => format!("P{n}"),
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                "T(a = )",
+                "P1",
+                "T( AND b = ANY()",
+                "P12",
+                "T(::int[]) AND c = '$)",
+                "T(x')"
+            ]
+        );
+    }
+}
