@@ -61,7 +61,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_tracing(args.log_json);
+    berth_telemetry::init_tracing(args.log_json, "info");
     let workers = workers(&args)?;
     if args.print_inventory {
         let doc: Vec<_> = workers
@@ -138,15 +138,4 @@ fn hostname() -> anyhow::Result<String> {
     let name =
         std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name")?;
     Ok(name.trim().replace(['.', ' '], "-"))
-}
-
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

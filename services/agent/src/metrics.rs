@@ -1,7 +1,6 @@
 //! The agent's `/metrics`: per worker, assignments and unassignments handled, heartbeats
 //! sent, and instances running.
 
-use axum::{Router, extract::State, routing::get};
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -54,19 +53,9 @@ pub async fn serve(
     addr: SocketAddr,
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(|State(s): State<Arc<AgentStats>>| async move { s.render() }),
-        )
-        .with_state(stats);
-    Ok(tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::warn!(%e, "metrics server stopped");
-        }
-    }))
+    berth_telemetry::serve_metrics(addr, shutdown, move || {
+        let stats = stats.clone();
+        async move { stats.render() }
+    })
+    .await
 }

@@ -67,7 +67,7 @@ fn duration(s: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_tracing(args.log_json);
+    berth_telemetry::init_tracing(args.log_json, "info");
     let mut config = AnalyzerConfig::new(args.nats_url, args.database_url);
     config.name = args.name;
     config.concurrency = args.concurrency as usize;
@@ -99,15 +99,4 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("shutting down");
     analyzer.shutdown().await;
     Ok(())
-}
-
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

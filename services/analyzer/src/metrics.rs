@@ -2,33 +2,20 @@
 //! by state and the command consumer's backlog, the last two read at scrape time.
 
 use crate::context::Ctx;
-use axum::{Router, extract::State, http::StatusCode, routing::get};
 use berth_proto::InstanceState;
 use std::{fmt::Write, net::SocketAddr, sync::Arc};
 use tokio_util::sync::CancellationToken;
 
-/// Serves until `shutdown`. Binding errors are returned at once.
+/// Serves `/metrics` until `shutdown`. Binding errors are returned at once.
 pub async fn serve(
     ctx: Arc<Ctx>,
     addr: SocketAddr,
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "metrics at http://{addr}/metrics");
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .with_state(ctx);
-    Ok(tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::warn!(%e, "metrics server stopped");
-        }
-    }))
+    berth_telemetry::serve_metrics(addr, shutdown, move || metrics(ctx.clone())).await
 }
 
-async fn metrics(State(ctx): State<Arc<Ctx>>) -> (StatusCode, String) {
+async fn metrics(ctx: Arc<Ctx>) -> String {
     let mut out = ctx.stats.render();
     // Drop the exposition's terminator; more families follow.
     if let Some(stripped) = out.strip_suffix("# EOF\n") {
@@ -66,5 +53,5 @@ async fn metrics(State(ctx): State<Arc<Ctx>>) -> (StatusCode, String) {
         let _ = writeln!(out, "berth_commands_in_flight {in_flight}");
     }
     out.push_str("# EOF\n");
-    (StatusCode::OK, out)
+    out
 }

@@ -56,18 +56,12 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        let default = if matches!(cli.command, Cmd::Up(_)) {
-            "info,async_nats=warn"
-        } else {
-            "warn"
-        };
-        tracing_subscriber::EnvFilter::new(default)
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let default = if matches!(cli.command, Cmd::Up(_)) {
+        "info,async_nats=warn"
+    } else {
+        "warn"
+    };
+    berth_telemetry::init_tracing(false, default);
     match cli.command {
         Cmd::Up(args) => up::run(args).await,
         Cmd::Start(args) => publish::start(&cli.nats_url, args).await,
