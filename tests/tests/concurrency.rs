@@ -108,7 +108,7 @@ async fn three_analyzers_never_overcommit() {
         let req = Request {
             vram_per_gpu: spec.vram_per_gpu(),
             gpus: spec.gpu_count(),
-            selector: BTreeMap::new(),
+            ..Default::default()
         };
         assert!(
             matches!(

@@ -110,3 +110,44 @@ async fn restart_moves_the_instance_and_releases_the_old_placement() {
     assert_eq!(second.1[0].bytes, 40 * GIB);
     fleet.assert_books_balanced().await;
 }
+
+/// `gpu_name` picks the kind of GPU; a kind nobody has leaves the instance pending with a
+/// reason that names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_name_selects_the_kind_of_gpu() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_analyzer(Default::default()).await;
+    fleet.add_agent(worker("h100s", 1, 80, &[])).await;
+    let mut l4s = worker("l4s", 2, 24, &[]);
+    for g in &mut l4s.gpus {
+        g.name = "NVIDIA L4".into();
+    }
+    fleet.add_agent(l4s).await;
+
+    let on = |vram: i64, name: &str| {
+        berth_proto::Command::Start(berth_proto::StartSpec {
+            gpu_name: Some(name.into()),
+            ..berth_proto::StartSpec::claim(vram, 1)
+        })
+    };
+    fleet
+        .bus
+        .publish_command("small", &on(10 * GIB, "l4"))
+        .await
+        .expect("publish");
+    let row = fleet
+        .wait_state("small", InstanceState::Running, LIMIT)
+        .await;
+    assert_eq!(row.worker_id.as_deref(), Some("l4s"));
+
+    fleet
+        .bus
+        .publish_command("nope", &on(10 * GIB, "A100"))
+        .await
+        .expect("publish");
+    let row = fleet
+        .wait_state("nope", InstanceState::Pending, LIMIT)
+        .await;
+    let reason = row.reason.unwrap_or_default();
+    assert!(reason.contains("GPUs named like \"A100\""), "{reason}");
+}

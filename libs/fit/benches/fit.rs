@@ -58,12 +58,13 @@ fn placement(c: &mut Criterion) {
             vram_per_gpu: 30 * GIB,
             gpus: 2,
             selector: BTreeMap::from([("zone".into(), "a".into())]),
+            ..Default::default()
         };
         // Asks for more than any worker has: every worker is scored and the reason is built.
         let no_fit = Request {
             vram_per_gpu: 79 * GIB,
             gpus: 8,
-            selector: BTreeMap::new(),
+            ..Default::default()
         };
         let never = || false;
         for (name, req, policy) in [

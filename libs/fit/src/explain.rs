@@ -8,8 +8,13 @@ const MAX_NAMED: usize = 8;
 
 /// One sentence per worker that was considered, saying what it lacked.
 pub fn explain_no_fit(workers: &[Worker], request: &Request) -> String {
+    let kind = request
+        .gpu_name
+        .as_deref()
+        .map(|n| format!(" on GPUs named like {n:?}"))
+        .unwrap_or_default();
     let need = format!(
-        "needs {} × {} free on one worker",
+        "needs {} × {} free{kind} on one worker",
         request.gpus,
         gib(request.vram_per_gpu)
     );
@@ -39,17 +44,17 @@ pub fn explain_no_fit(workers: &[Worker], request: &Request) -> String {
             let _ = write!(out, "{}: not schedulable", w.id);
             continue;
         }
-        let room = w
-            .gpus
+        let kinds: Vec<_> = w.gpus.iter().filter(|g| request.accepts(g)).collect();
+        let room = kinds
             .iter()
             .filter(|g| g.free_bytes >= request.vram_per_gpu)
             .count();
-        let largest = w.gpus.iter().map(|g| g.free_bytes).max().unwrap_or(0);
+        let largest = kinds.iter().map(|g| g.free_bytes).max().unwrap_or(0);
         let _ = write!(
             out,
             "{}: {room} of {} GPUs have {} free (largest free {})",
             w.id,
-            w.gpus.len(),
+            kinds.len(),
             gib(request.vram_per_gpu),
             gib(largest)
         );

@@ -50,12 +50,24 @@ pub struct Worker {
 }
 
 /// What an instance needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Request {
     pub vram_per_gpu: u64,
     pub gpus: usize,
     /// Labels a worker must carry, all of them.
     pub selector: BTreeMap<String, String>,
+    /// Only GPUs whose name contains this, ignoring case ("H100" matches
+    /// "NVIDIA H100 80GB HBM3").
+    pub gpu_name: Option<String>,
+}
+
+impl Request {
+    /// Whether `gpu` is a kind this request accepts.
+    pub fn accepts(&self, gpu: &Gpu) -> bool {
+        self.gpu_name
+            .as_deref()
+            .is_none_or(|want| gpu.name.to_lowercase().contains(&want.to_lowercase()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

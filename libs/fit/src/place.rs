@@ -72,7 +72,7 @@ fn choose_gpus(worker: &Worker, request: &Request, policy: Policy) -> Option<(u1
     let mut fitting: Vec<_> = worker
         .gpus
         .iter()
-        .filter(|g| g.free_bytes >= request.vram_per_gpu)
+        .filter(|g| g.free_bytes >= request.vram_per_gpu && request.accepts(g))
         .collect();
     if fitting.len() < request.gpus {
         return None;
@@ -119,7 +119,7 @@ mod tests {
         Request {
             vram_per_gpu: vram_gib * GIB,
             gpus,
-            selector: BTreeMap::new(),
+            ..Default::default()
         }
     }
 
@@ -162,6 +162,25 @@ mod tests {
         };
         assert!(why.contains("a: 1 of 2 GPUs"), "{why}");
         assert!(why.contains("b: 0 of 1 GPUs"), "{why}");
+    }
+
+    #[test]
+    fn gpu_name_filter_picks_the_right_kind() {
+        let mut l4 = worker("l4s", "x", &[80, 80]);
+        for g in &mut l4.gpus {
+            g.name = "NVIDIA L4".into();
+        }
+        let ws = [worker("h100s", "x", &[30]), l4];
+        let mut r = req(20, 1);
+        r.gpu_name = Some("l4".into());
+        let p = place(&ws, &r, Policy::Binpack, &never()).unwrap();
+        assert_eq!(p.worker_id, "l4s");
+        r.gpu_name = Some("A100".into());
+        let Err(FitError::NoFit(why)) = place(&ws, &r, Policy::Binpack, &never()) else {
+            panic!("no A100 anywhere");
+        };
+        assert!(why.contains("GPUs named like \"A100\""), "{why}");
+        assert!(why.contains("h100s: 0 of 0 GPUs"), "{why}");
     }
 
     #[test]

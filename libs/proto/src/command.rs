@@ -41,6 +41,9 @@ pub struct StartSpec {
     /// Worker labels that must all match (`zone = "a"`).
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
+    /// Only GPUs whose name contains this, ignoring case: "H100", "A100-SXM4-80GB".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_name: Option<String>,
     /// Where the memory needs come from: `{"path": "/models/x.gguf"}` (a GGUF file or a
     /// Hugging Face directory readable by the analyzers), `{"explicit": {...}}` (numbers), or
     /// `{"profile": {...}}` (a full profile).
@@ -142,6 +145,7 @@ impl StartSpec {
             vram_bytes,
             gpus,
             selector: BTreeMap::new(),
+            gpu_name: None,
             model_ref: None,
             backend: None,
         }
@@ -178,6 +182,13 @@ impl StartSpec {
                 "model name is {} bytes long; at most {MAX_MODEL_LEN}",
                 self.model.len()
             ));
+        }
+        if self
+            .gpu_name
+            .as_ref()
+            .is_some_and(|n| n.is_empty() || n.len() > MAX_MODEL_LEN)
+        {
+            return Err(format!("gpu_name must be 1 to {MAX_MODEL_LEN} bytes long"));
         }
         if self.selector.len() > MAX_SELECTOR_ENTRIES {
             return Err(format!(
@@ -217,6 +228,7 @@ mod tests {
             vram_bytes: vram,
             gpus,
             selector: BTreeMap::from([("zone".into(), "a".into())]),
+            gpu_name: Some("H100".into()),
             model_ref: None,
             backend: None,
         })
@@ -293,6 +305,7 @@ mod tests {
             vram_bytes: 0,
             gpus: 1,
             selector: BTreeMap::new(),
+            gpu_name: None,
             model_ref: Some(Box::new(berth_fit::ModelRef::Path(
                 "/models/smollm2.gguf".into(),
             ))),

@@ -55,6 +55,7 @@ impl ProfileCache {
                 vram_per_gpu: spec.vram_per_gpu(),
                 gpus: spec.gpu_count(),
                 selector: spec.selector.clone(),
+                gpu_name: spec.gpu_name.clone(),
             });
         }
         let Some(model) = &spec.model_ref else {
@@ -72,6 +73,7 @@ impl ProfileCache {
             vram_per_gpu: est.max_per_gpu(),
             gpus: est.gpu_count().max(1),
             selector: spec.selector.clone(),
+            gpu_name: spec.gpu_name.clone(),
         })
     }
 }

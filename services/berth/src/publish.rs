@@ -27,6 +27,9 @@ pub struct StartArgs {
     /// Model name.
     #[arg(long, default_value = "")]
     model: String,
+    /// Only GPUs whose name contains this, ignoring case (e.g. H100).
+    #[arg(long)]
+    gpu_name: Option<String>,
     /// Worker label that must match, key=value; repeat for several.
     #[arg(long = "selector", value_parser = parse_label)]
     selector: Vec<(String, String)>,
@@ -104,6 +107,7 @@ pub async fn start(nats_url: &str, args: StartArgs) -> Result<()> {
         vram_bytes: args.vram.unwrap_or(0),
         gpus: args.gpus,
         selector: args.selector.into_iter().collect(),
+        gpu_name: args.gpu_name,
         model_ref,
         backend,
     };

@@ -44,6 +44,10 @@ fn bad_arguments_are_refused_with_a_clear_error() {
             "not key=value",
         ),
         (&["start", "a.b", "--vram", "1GiB"], "contains '.'"),
+        (
+            &["start", "m", "--vram", "1GiB", "--gpu-name", ""],
+            "gpu_name must be",
+        ),
         (&["start", "m"], "--vram"),
         (&["stop", "has space"], "contains ' '"),
         (&["frobnicate"], "unrecognized subcommand"),

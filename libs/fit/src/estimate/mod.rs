@@ -225,6 +225,7 @@ impl Estimate {
             vram_per_gpu,
             gpus: self.gpu_count(),
             selector,
+            gpu_name: None,
         }
     }
 
