@@ -180,6 +180,20 @@ impl Fleet {
         .await
     }
 
+    /// Waits until the command with sequence `seq` is the instance's applied one.
+    pub async fn wait_applied(&self, id: &str, seq: u64, limit: Duration) -> InstanceRow {
+        let store = self.store.clone();
+        let seq = i64::try_from(seq).expect("sequence fits i64");
+        wait_until(&format!("{id} to apply command {seq}"), limit, || {
+            let store = store.clone();
+            async move {
+                let row = store.instance(id).await.ok()??;
+                (row.cmd_seq == seq).then_some(row)
+            }
+        })
+        .await
+    }
+
     /// Checks the invariants that must hold at every moment: no GPU reserved past its
     /// capacity, reservations equal to the allocations, and no allocation held by an
     /// instance that is stopped, pending, in error or analyzing.

@@ -150,15 +150,7 @@ async fn a_bad_command_does_not_hide_a_running_instance() {
         .publish_raw_command("m", Bytes::from(map(&[("op", "explode")])), None)
         .await
         .expect("publish");
-    let store = fleet.store.clone();
-    let row = berth_tests::wait_until("the rejection to be noted", LIMIT, || {
-        let store = store.clone();
-        async move {
-            let row = store.instance("m").await.ok()??;
-            (row.cmd_seq == i64::try_from(seq).ok()?).then_some(row)
-        }
-    })
-    .await;
+    let row = fleet.wait_applied("m", seq, LIMIT).await;
     assert_eq!(
         (row.state.as_str(), row.version),
         ("running", before.version)

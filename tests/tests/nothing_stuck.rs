@@ -185,15 +185,7 @@ async fn repeating_a_start_is_a_no_op() {
     let first = fleet.wait_state("m", InstanceState::Running, LIMIT).await;
     let fits = stats.fits_computed.get();
     let seq = fleet.start_instance("m", 10 * GIB, 1).await;
-    let store = fleet.store.clone();
-    let row = berth_tests::wait_until("the repeat to be applied", LIMIT, || {
-        let store = store.clone();
-        async move {
-            let row = store.instance("m").await.ok()??;
-            (row.cmd_seq == i64::try_from(seq).ok()?).then_some(row)
-        }
-    })
-    .await;
+    let row = fleet.wait_applied("m", seq, LIMIT).await;
     assert_eq!(
         (row.state.as_str(), row.version),
         ("running", first.version)

@@ -44,10 +44,6 @@ impl Store {
     pub(crate) async fn conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
         Ok(self.pool.get().await?)
     }
-
-    pub fn max_size(&self) -> usize {
-        self.pool.status().max_size
-    }
 }
 
 /// Applies pending migrations. Safe when several processes start at once: they take turns on

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 /// Called with (instance id, version); the analyzer waits for the returned future.
 pub type Hook = Arc<dyn Fn(String, i64) -> BoxFuture<'static, ()> + Send + Sync>;
-pub type BeforeCommit = Hook;
 
 #[derive(Clone, Default)]
 pub struct Hooks {

@@ -17,5 +17,5 @@ pub mod watch;
 
 pub use config::AnalyzerConfig;
 pub use context::Analyzer;
-pub use hooks::{BeforeCommit, Hook, Hooks};
+pub use hooks::{Hook, Hooks};
 pub use stats::{FitRecord, Stats};
