@@ -253,5 +253,24 @@ pub fn worker(id: &str, count: u32, vram_gib: i64, labels: &[(&str, &str)]) -> W
                 system_reserved_bytes: 0,
             })
             .collect(),
+        usage: berth_agent::Usage::Fixed(Vec::new()),
     }
+}
+
+/// A Llama-3-8B-shaped Hugging Face config (32 layers, 32 heads, 8 KV heads, ~16 GB of bf16
+/// weights), as a model directory holds it.
+pub fn write_llama_8b_config(dir: &std::path::Path) {
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 8192,
+        "vocab_size": 128256,
+        "torch_dtype": "bfloat16",
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).expect("write config.json");
 }

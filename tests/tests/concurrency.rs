@@ -98,18 +98,20 @@ async fn three_analyzers_never_overcommit() {
                 .map(|g| Gpu {
                     index: g.idx.unsigned_abs(),
                     name: g.name.clone(),
+                    uuid: g.uuid.clone(),
+                    total_bytes: g.total_bytes.unsigned_abs(),
                     free_bytes: g.free_bytes().unsigned_abs(),
                 })
                 .collect(),
+            replicas: BTreeMap::new(),
         })
         .collect();
     for r in &pending {
         let spec: berth_proto::StartSpec = serde_json::from_value(r.spec.clone().unwrap()).unwrap();
-        let req = Request {
-            vram_per_gpu: spec.vram_per_gpu(),
-            gpus: spec.gpu_count(),
-            ..Default::default()
-        };
+        let req = Request::simple(
+            spec.vram_per_gpu(),
+            u32::try_from(spec.gpu_count()).unwrap(),
+        );
         assert!(
             matches!(
                 place(&free, &req, Policy::Binpack, &|| false),

@@ -75,7 +75,11 @@ async fn unschedulable_instance_is_pending_with_a_reason() {
     fleet.start_instance("big", 40 * GIB, 1).await;
     let row = fleet.wait_state("big", InstanceState::Pending, LIMIT).await;
     let reason = row.reason.unwrap();
-    assert!(reason.contains("small: 0 of 1 GPUs"), "{reason}");
+    assert!(reason.contains("small: 1 × "), "{reason}");
+    assert!(
+        reason.contains("needs 40.0 GiB per GPU (0 of 1 GPUs have it)"),
+        "{reason}"
+    );
     assert!(fleet.store.allocations().await.unwrap().is_empty());
 
     // A stop of a pending instance needs no agent.

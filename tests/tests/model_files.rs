@@ -4,27 +4,10 @@
 
 use berth_fit::{EstimateOptions, LlamaCppOptions, ModelRef, estimate, profile_from_path};
 use berth_proto::{Command, InstanceState, StartSpec};
-use berth_tests::{Fleet, worker};
+use berth_tests::{Fleet, worker, write_llama_8b_config};
 use std::{path::Path, time::Duration};
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-/// A Llama-3-8B-shaped config, as a Hugging Face directory holds it.
-pub fn write_hf_config(dir: &Path) {
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "max_position_embeddings": 8192,
-        "vocab_size": 128256,
-        "torch_dtype": "bfloat16",
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).expect("write config.json");
-}
 
 fn start_from(path: &Path, context: u64) -> Command {
     Command::Start(StartSpec {
@@ -45,7 +28,7 @@ async fn analyzer_places_a_model_by_its_estimate() {
     fleet.add_analyzer(Default::default()).await;
     fleet.add_agent(worker("w1", 2, 80, &[])).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    write_hf_config(dir.path());
+    write_llama_8b_config(dir.path());
 
     let cmd = start_from(dir.path(), 8192);
     fleet

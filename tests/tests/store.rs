@@ -169,7 +169,7 @@ async fn stop_holds_gpus_until_the_agent_confirms() {
     // A late report for the old version changes nothing.
     assert!(
         store
-            .apply_report("w1", "x", 1, ReportedState::Running, None)
+            .apply_report("w1", "x", 1, ReportedState::Running, None, false)
             .await
             .unwrap()
             .is_empty()
@@ -178,13 +178,27 @@ async fn stop_holds_gpus_until_the_agent_confirms() {
     // A confirmation from another worker releases nothing.
     assert!(
         store
-            .apply_report("w2", "x", transition.version, ReportedState::Stopped, None)
+            .apply_report(
+                "w2",
+                "x",
+                transition.version,
+                ReportedState::Stopped,
+                None,
+                false
+            )
             .await
             .unwrap()
             .is_empty()
     );
     let done = store
-        .apply_report("w1", "x", transition.version, ReportedState::Stopped, None)
+        .apply_report(
+            "w1",
+            "x",
+            transition.version,
+            ReportedState::Stopped,
+            None,
+            false,
+        )
         .await
         .unwrap();
     assert_eq!(done.len(), 1);

@@ -4,7 +4,7 @@
 //! `ops/fetch-models.sh` to have run; without the file it is skipped with a note.
 
 use berth_fit::{
-    EstimateOptions, Gpu, LlamaCppOptions, Policy, Request, Worker, estimate, place,
+    Claim, EstimateOptions, Gpu, LlamaCppOptions, Policy, Request, Shape, Worker, estimate, place,
     profile_from_path,
 };
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -34,6 +34,8 @@ fn cluster(n_gpus: usize) -> Vec<Worker> {
                 .map(|i| Gpu {
                     index: i as u32,
                     name: name.into(),
+                    uuid: format!("GPU-{w}-{i}"),
+                    total_bytes: size * GIB,
                     free_bytes: next() % (size * GIB + 1),
                 })
                 .collect();
@@ -45,6 +47,7 @@ fn cluster(n_gpus: usize) -> Vec<Worker> {
                 ]),
                 schedulable: next() % 20 != 0,
                 gpus,
+                replicas: BTreeMap::from([(format!("m{}", w % 7), 1)]),
             }
         })
         .collect()
@@ -55,22 +58,35 @@ fn placement(c: &mut Criterion) {
     for n in [100usize, 1_000, 10_000] {
         let workers = cluster(n);
         let fits = Request {
-            vram_per_gpu: 30 * GIB,
-            gpus: 2,
             selector: BTreeMap::from([("zone".into(), "a".into())]),
-            ..Default::default()
+            group: Some("m3".into()),
+            ..Request::simple(30 * GIB, 2)
         };
         // Asks for more than any worker has: every worker is scored and the reason is built.
-        let no_fit = Request {
-            vram_per_gpu: 79 * GIB,
-            gpus: 8,
-            ..Default::default()
+        let no_fit = Request::simple(79 * GIB, 8);
+        // A tensor-parallel search whose first three shapes fit nowhere, then a claiming
+        // (vLLM-style) shape on H100s: four passes over the cluster.
+        let search = Request {
+            gpu_name: Some("H100".into()),
+            shapes: [(90, 1), (85, 2), (81, 4), (30, 2)]
+                .into_iter()
+                .map(|(gib, tp)| Shape {
+                    claim: (gib == 30).then_some(Claim {
+                        fraction: 0.4,
+                        extra_bytes: 0,
+                    }),
+                    label: format!("tp={tp}"),
+                    ..Shape::new(gib * GIB, tp)
+                })
+                .collect(),
+            ..Request::default()
         };
         let never = || false;
         for (name, req, policy) in [
             ("binpack/2x30GiB/zone=a", &fits, Policy::Binpack),
             ("spread/2x30GiB/zone=a", &fits, Policy::Spread),
             ("binpack/no-fit", &no_fit, Policy::Binpack),
+            ("spread/tp-search-4-shapes", &search, Policy::Spread),
         ] {
             g.bench_with_input(BenchmarkId::new(name, n), &workers, |b, ws| {
                 b.iter(|| place(black_box(ws), black_box(req), policy, &never))

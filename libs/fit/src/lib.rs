@@ -15,6 +15,7 @@ mod explain;
 pub mod gguf;
 pub mod hf;
 mod place;
+mod plan;
 pub mod profile;
 
 pub use estimate::{
@@ -22,7 +23,8 @@ pub use estimate::{
     LlamaCppOptions, MAX_BATCH, MAX_CONTEXT, MAX_GPUS, VllmKvDtype, VllmOptions, estimate,
 };
 pub use explain::explain_no_fit;
-pub use place::{Placement, Policy, place};
+pub use place::{Part, Placement, Policy, Slot, place, place_from};
+pub use plan::{MAX_SEARCH_GPUS, MAX_SEARCH_WORKERS, Scaling, shapes};
 pub use profile::{
     Attention, Experts, ExplicitProfile, ModelProfile, ModelRef, ProfileError, ProfileFormat,
     WeightBytes, WeightDtype, profile_from_path,
@@ -31,42 +33,120 @@ pub use profile::{
 use std::collections::BTreeMap;
 
 /// One GPU as the fit sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Gpu {
     /// Index on its worker.
     pub index: u32,
     pub name: String,
-    /// VRAM berth may still reserve: total − system-reserved − already reserved.
+    /// The device's UUID ("GPU-5e3c…"), empty when unknown.
+    pub uuid: String,
+    /// Memory on the device: what a backend claiming a share of the GPU takes a share of.
+    pub total_bytes: u64,
+    /// VRAM berth may still reserve: total − system-reserved − already reserved − used by
+    /// processes outside berth (as the worker's agent last reported).
     pub free_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Worker {
     pub id: String,
     pub labels: BTreeMap<String, String>,
     /// False for workers that are unreachable or draining: never chosen.
     pub schedulable: bool,
     pub gpus: Vec<Gpu>,
+    /// Instances of each replica group already placed here: under [`Policy::Spread`] a
+    /// replica goes to the worker with the fewest of its group.
+    pub replicas: BTreeMap<String, u32>,
 }
 
-/// What an instance needs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What an instance needs: the ways it can run, and where it may run.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Request {
-    pub vram_per_gpu: u64,
-    pub gpus: usize,
+    /// Ways to run it, most preferred first (fewest GPUs first): the search takes the first
+    /// shape that fits anywhere. Empty never fits.
+    pub shapes: Vec<Shape>,
     /// Labels a worker must carry, all of them.
     pub selector: BTreeMap<String, String>,
     /// Only GPUs whose name contains this, ignoring case ("H100" matches
     /// "NVIDIA H100 80GB HBM3").
     pub gpu_name: Option<String>,
+    /// Only these GPUs, each `worker:index` or a GPU UUID; empty allows any.
+    pub gpu_ids: Vec<String>,
+    /// The replica group (usually the model): spread keeps a group's replicas apart.
+    pub group: Option<String>,
 }
 
 impl Request {
-    /// Whether `gpu` is a kind this request accepts.
-    pub fn accepts(&self, gpu: &Gpu) -> bool {
-        self.gpu_name
+    /// One shape: `gpus` GPUs on one worker with `vram_per_gpu` free each.
+    pub fn simple(vram_per_gpu: u64, gpus: u32) -> Request {
+        Request {
+            shapes: vec![Shape::new(vram_per_gpu, gpus)],
+            ..Request::default()
+        }
+    }
+
+    /// Whether `gpu` on `worker_id` is one this request may use (kind and explicit ids).
+    pub fn accepts(&self, worker_id: &str, gpu: &Gpu) -> bool {
+        let kind = self
+            .gpu_name
             .as_deref()
-            .is_none_or(|want| gpu.name.to_lowercase().contains(&want.to_lowercase()))
+            .is_none_or(|want| gpu.name.to_lowercase().contains(&want.to_lowercase()));
+        kind && (self.gpu_ids.is_empty()
+            || self.gpu_ids.iter().any(|id| names_gpu(id, worker_id, gpu)))
+    }
+}
+
+/// Whether `id` (`worker:index` or a UUID) names `gpu` on `worker_id`.
+fn names_gpu(id: &str, worker_id: &str, gpu: &Gpu) -> bool {
+    if !gpu.uuid.is_empty() && id.eq_ignore_ascii_case(&gpu.uuid) {
+        return true;
+    }
+    id.rsplit_once(':')
+        .is_some_and(|(w, i)| w == worker_id && i.parse::<u32>().is_ok_and(|i| i == gpu.index))
+}
+
+/// One way to run an instance: how many workers and GPUs, and what each GPU must hold.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Shape {
+    /// Workers the instance spans (pipeline stages on separate hosts); 1 keeps it on one.
+    pub workers: u32,
+    /// GPUs on each of those workers.
+    pub gpus_per_worker: u32,
+    /// Least memory each GPU must have free.
+    pub vram_per_gpu: u64,
+    /// A backend that takes a share of each GPU whatever it needs (vLLM's
+    /// `gpu_memory_utilization`) reserves that share instead, and its need must fit inside.
+    pub claim: Option<Claim>,
+    /// How the shape runs, for explanations: "tp=2", "pp=2 × tp=4", "24 of 32 layers".
+    pub label: String,
+}
+
+impl Shape {
+    pub fn new(vram_per_gpu: u64, gpus: u32) -> Shape {
+        Shape {
+            workers: 1,
+            gpus_per_worker: gpus,
+            vram_per_gpu,
+            claim: None,
+            label: String::new(),
+        }
+    }
+
+    /// Bytes this shape reserves on a GPU of `total_bytes`, or `None` when the GPU is too
+    /// small for it (a claimed share that cannot hold the need).
+    pub fn need_on(&self, total_bytes: u64) -> Option<u64> {
+        match self.claim {
+            None => Some(self.vram_per_gpu),
+            Some(c) => {
+                let share = c.share_of(total_bytes);
+                (share >= self.vram_per_gpu).then_some(share)
+            }
+        }
+    }
+
+    /// GPUs in all.
+    pub fn gpu_count(&self) -> u64 {
+        u64::from(self.workers) * u64::from(self.gpus_per_worker)
     }
 }
 
@@ -81,6 +161,14 @@ pub enum FitError {
 }
 
 impl Worker {
+    /// Replicas of `group` on this worker.
+    pub fn replicas_of(&self, group: Option<&str>) -> u32 {
+        group
+            .and_then(|g| self.replicas.get(g))
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn matches(&self, selector: &BTreeMap<String, String>) -> bool {
         selector
             .iter()

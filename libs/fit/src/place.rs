@@ -1,6 +1,7 @@
-//! The placement search.
+//! The placement search: shapes in order of preference, workers in order, GPUs by policy.
 
-use crate::{FitError, Request, Worker, explain_no_fit};
+use crate::{FitError, Request, Shape, Worker, explain_no_fit};
+use std::cmp::Reverse;
 
 /// How to choose among workers and GPUs that all fit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -8,91 +9,214 @@ pub enum Policy {
     /// Fill the fullest GPUs first, keeping large holes free for large models.
     #[default]
     Binpack,
-    /// Use the emptiest GPUs first, spreading load and blast radius.
+    /// Use the emptiest GPUs first, spreading load and blast radius; replicas of one group
+    /// go to the workers holding the fewest of that group.
     Spread,
 }
 
+/// Where an instance goes: one part per worker, the first being the leader (the worker the
+/// instance is reported under).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
-    pub worker_id: String,
-    /// GPU indexes on the worker, ascending.
-    pub gpus: Vec<u32>,
+    /// Index into [`Request::shapes`] of the shape that fitted.
+    pub shape: usize,
+    pub parts: Vec<Part>,
 }
 
-/// Chooses a worker and `request.gpus` GPUs on it with at least `request.vram_per_gpu` free
-/// each. `cancelled` is polled between workers so a superseded fit stops early.
+/// The GPUs used on one worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub worker_id: String,
+    /// Ascending by index.
+    pub gpus: Vec<Slot>,
+}
+
+/// One GPU and the bytes reserved on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub index: u32,
+    pub bytes: u64,
+}
+
+impl Placement {
+    /// The leader's worker id.
+    pub fn worker_id(&self) -> &str {
+        self.parts.first().map_or("", |p| p.worker_id.as_str())
+    }
+}
+
+impl Part {
+    /// GPU indexes, ascending.
+    pub fn indexes(&self) -> Vec<u32> {
+        self.gpus.iter().map(|s| s.index).collect()
+    }
+
+    /// The most reserved on any one GPU of this part.
+    pub fn max_bytes(&self) -> u64 {
+        self.gpus.iter().map(|s| s.bytes).max().unwrap_or(0)
+    }
+
+    /// Takes this part's VRAM and a replica of `group` from `worker` (the worker it names),
+    /// or with `give_back` returns them: how a view of the cluster follows its own decisions
+    /// until it is reloaded.
+    pub fn apply(&self, worker: &mut Worker, group: Option<&str>, give_back: bool) {
+        for slot in &self.gpus {
+            if let Some(g) = worker.gpus.iter_mut().find(|g| g.index == slot.index) {
+                g.free_bytes = if give_back {
+                    g.free_bytes.saturating_add(slot.bytes)
+                } else {
+                    g.free_bytes.saturating_sub(slot.bytes)
+                };
+            }
+        }
+        if let Some(group) = group {
+            let n = worker.replicas.entry(group.to_owned()).or_default();
+            *n = if give_back {
+                n.saturating_sub(1)
+            } else {
+                n.saturating_add(1)
+            };
+        }
+    }
+}
+
+/// Chooses where `request` runs: the first of its shapes that fits, on the best workers and
+/// GPUs for `policy`. `cancelled` is polled between workers so a superseded fit stops early.
 ///
-/// Score: the free VRAM left on the chosen GPUs after placing. Binpack takes the lowest
-/// score (tightest fit), spread the highest; ties go to the worker listed first.
+/// Score of a worker for a shape: the free VRAM its chosen GPUs would have left. Binpack
+/// takes the lowest (tightest fit); spread takes the fewest replicas of the request's group,
+/// then the highest. Ties go to the worker met first.
 pub fn place(
     workers: &[Worker],
     request: &Request,
     policy: Policy,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<Placement, FitError> {
-    let mut best: Option<(u128, &Worker, Vec<u32>)> = None;
+    place_from(workers, 0, request, policy, cancelled)
+}
+
+/// [`place`], meeting workers from index `first` on (wrapping around), so that callers
+/// deciding for different instances at once break ties differently.
+pub fn place_from(
+    workers: &[Worker],
+    first: usize,
+    request: &Request,
+    policy: Policy,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Placement, FitError> {
+    let first = if workers.is_empty() {
+        0
+    } else {
+        first % workers.len()
+    };
+    let order = || workers[first..].iter().chain(&workers[..first]);
+    for (i, shape) in request.shapes.iter().enumerate() {
+        let mut all = candidates(order(), request, shape, policy, cancelled)?;
+        let want = shape.workers.max(1) as usize;
+        if all.len() < want {
+            continue;
+        }
+        // Stable: equal ranks keep the order the workers were met in.
+        all.sort_by_key(|c| c.rank(policy));
+        let parts = all.into_iter().take(want).map(Candidate::part).collect();
+        return Ok(Placement { shape: i, parts });
+    }
+    Err(FitError::NoFit(explain_no_fit(workers, request)))
+}
+
+/// A worker that can take a shape's share, with the GPUs it would use.
+struct Candidate<'w> {
+    worker: &'w Worker,
+    replicas: u32,
+    leftover: u128,
+    slots: Vec<crate::Slot>,
+}
+
+impl Candidate<'_> {
+    /// Lower is better.
+    fn rank(&self, policy: Policy) -> (u32, u128) {
+        match policy {
+            Policy::Binpack => (0, self.leftover),
+            Policy::Spread => (self.replicas, u128::MAX - self.leftover),
+        }
+    }
+
+    fn part(self) -> Part {
+        let mut gpus = self.slots;
+        gpus.sort_unstable_by_key(|s| s.index);
+        Part {
+            worker_id: self.worker.id.clone(),
+            gpus,
+        }
+    }
+}
+
+/// Every worker that can take the shape's share, polling `cancelled` between workers.
+fn candidates<'w>(
+    workers: impl Iterator<Item = &'w Worker>,
+    request: &Request,
+    shape: &Shape,
+    policy: Policy,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Vec<Candidate<'w>>, FitError> {
+    let mut all = Vec::new();
     for worker in workers {
         if cancelled() {
             return Err(FitError::Cancelled);
         }
-        if !worker.schedulable || !worker.matches(&request.selector) {
-            continue;
-        }
-        let Some((leftover, gpus)) = choose_gpus(worker, request, policy) else {
-            continue;
-        };
-        let better = match &best {
-            None => true,
-            Some((score, _, _)) => match policy {
-                Policy::Binpack => leftover < *score,
-                Policy::Spread => leftover > *score,
-            },
-        };
-        if better {
-            best = Some((leftover, worker, gpus));
-        }
+        all.extend(candidate(worker, request, shape, policy));
     }
-    match best {
-        Some((_, worker, mut gpus)) => {
-            gpus.sort_unstable();
-            Ok(Placement {
-                worker_id: worker.id.clone(),
-                gpus,
-            })
-        }
-        None => Err(FitError::NoFit(explain_no_fit(workers, request))),
-    }
+    Ok(all)
 }
 
-/// The GPUs of one worker that fit, picked per policy, with the VRAM they would have left.
-fn choose_gpus(worker: &Worker, request: &Request, policy: Policy) -> Option<(u128, Vec<u32>)> {
-    if request.gpus == 0 {
+/// The GPUs of one worker that fit the shape, picked per policy.
+fn candidate<'w>(
+    worker: &'w Worker,
+    request: &Request,
+    shape: &Shape,
+    policy: Policy,
+) -> Option<Candidate<'w>> {
+    let k = shape.gpus_per_worker as usize;
+    if k == 0 || worker.gpus.len() < k || !worker.schedulable || !worker.matches(&request.selector)
+    {
         return None;
     }
-    let mut fitting: Vec<_> = worker
+    let mut fitting: Vec<(u64, crate::Slot)> = worker
         .gpus
         .iter()
-        .filter(|g| g.free_bytes >= request.vram_per_gpu && request.accepts(g))
+        .filter(|g| request.accepts(&worker.id, g))
+        .filter_map(|g| {
+            let need = shape.need_on(g.total_bytes)?;
+            let left = g.free_bytes.checked_sub(need)?;
+            Some((
+                left,
+                crate::Slot {
+                    index: g.index,
+                    bytes: need,
+                },
+            ))
+        })
         .collect();
-    if fitting.len() < request.gpus {
+    if fitting.len() < k {
         return None;
     }
     match policy {
-        Policy::Binpack => fitting.sort_by_key(|g| (g.free_bytes, g.index)),
-        Policy::Spread => fitting.sort_by_key(|g| (std::cmp::Reverse(g.free_bytes), g.index)),
+        Policy::Binpack => fitting.sort_unstable_by_key(|(left, s)| (*left, s.index)),
+        Policy::Spread => fitting.sort_unstable_by_key(|(left, s)| (Reverse(*left), s.index)),
     }
-    let chosen = &fitting[..request.gpus];
-    let leftover = chosen
-        .iter()
-        .map(|g| u128::from(g.free_bytes - request.vram_per_gpu))
-        .sum();
-    Some((leftover, chosen.iter().map(|g| g.index).collect()))
+    fitting.truncate(k);
+    Some(Candidate {
+        worker,
+        replicas: worker.replicas_of(request.group.as_deref()),
+        leftover: fitting.iter().map(|(left, _)| u128::from(*left)).sum(),
+        slots: fitting.into_iter().map(|(_, s)| s).collect(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Gpu;
+    use crate::{Claim, Gpu};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
@@ -109,38 +233,42 @@ mod tests {
                 .map(|(i, f)| Gpu {
                     index: u32::try_from(i).unwrap(),
                     name: "H100".into(),
+                    uuid: format!("GPU-{id}-{i}"),
+                    total_bytes: 80 * GIB,
                     free_bytes: f * GIB,
                 })
                 .collect(),
+            replicas: BTreeMap::new(),
         }
     }
 
-    fn req(vram_gib: u64, gpus: usize) -> Request {
-        Request {
-            vram_per_gpu: vram_gib * GIB,
-            gpus,
-            ..Default::default()
-        }
+    fn req(vram_gib: u64, gpus: u32) -> Request {
+        Request::simple(vram_gib * GIB, gpus)
     }
 
     fn never() -> impl Fn() -> bool {
         || false
     }
 
+    fn chosen(p: &Placement) -> (&str, Vec<u32>) {
+        (p.worker_id(), p.parts[0].indexes())
+    }
+
     #[test]
     fn binpack_takes_the_tightest_gpus() {
         let ws = [worker("a", "x", &[80, 30, 25]), worker("b", "x", &[21])];
         let p = place(&ws, &req(20, 1), Policy::Binpack, &never()).unwrap();
-        assert_eq!((p.worker_id.as_str(), p.gpus), ("b", vec![0]));
+        assert_eq!(chosen(&p), ("b", vec![0]));
         let p = place(&ws, &req(20, 2), Policy::Binpack, &never()).unwrap();
-        assert_eq!((p.worker_id.as_str(), p.gpus), ("a", vec![1, 2]));
+        assert_eq!(chosen(&p), ("a", vec![1, 2]));
+        assert_eq!(p.parts[0].gpus[0].bytes, 20 * GIB);
     }
 
     #[test]
     fn spread_takes_the_emptiest_gpus() {
         let ws = [worker("a", "x", &[80, 30, 25]), worker("b", "x", &[21])];
         let p = place(&ws, &req(20, 1), Policy::Spread, &never()).unwrap();
-        assert_eq!((p.worker_id.as_str(), p.gpus), ("a", vec![0]));
+        assert_eq!(chosen(&p), ("a", vec![0]));
     }
 
     #[test]
@@ -151,7 +279,16 @@ mod tests {
         let mut r = req(20, 1);
         r.selector.insert("zone".into(), "x".into());
         let p = place(&ws, &r, Policy::Spread, &never()).unwrap();
-        assert_eq!(p.worker_id, "c");
+        assert_eq!(p.worker_id(), "c");
+    }
+
+    #[test]
+    fn place_from_rotates_ties() {
+        let ws = [worker("a", "x", &[40]), worker("b", "x", &[40])];
+        let p = place_from(&ws, 1, &req(20, 1), Policy::Binpack, &never()).unwrap();
+        assert_eq!(p.worker_id(), "b");
+        let p = place_from(&ws, 2, &req(20, 1), Policy::Binpack, &never()).unwrap();
+        assert_eq!(p.worker_id(), "a");
     }
 
     #[test]
@@ -160,8 +297,9 @@ mod tests {
         let Err(FitError::NoFit(why)) = place(&ws, &req(20, 2), Policy::Binpack, &never()) else {
             panic!("should not fit");
         };
-        assert!(why.contains("a: 1 of 2 GPUs"), "{why}");
-        assert!(why.contains("b: 0 of 1 GPUs"), "{why}");
+        assert!(why.contains("a: 2 × H100, largest free 30.0 GiB"), "{why}");
+        assert!(why.contains("1 of 2 GPUs have it"), "{why}");
+        assert!(why.contains("b: 1 × H100, largest free 5.0 GiB"), "{why}");
     }
 
     #[test]
@@ -174,13 +312,138 @@ mod tests {
         let mut r = req(20, 1);
         r.gpu_name = Some("l4".into());
         let p = place(&ws, &r, Policy::Binpack, &never()).unwrap();
-        assert_eq!(p.worker_id, "l4s");
+        assert_eq!(p.worker_id(), "l4s");
         r.gpu_name = Some("A100".into());
         let Err(FitError::NoFit(why)) = place(&ws, &r, Policy::Binpack, &never()) else {
             panic!("no A100 anywhere");
         };
         assert!(why.contains("GPUs named like \"A100\""), "{why}");
-        assert!(why.contains("h100s: 0 of 0 GPUs"), "{why}");
+        assert!(why.contains("h100s: no usable GPUs"), "{why}");
+    }
+
+    #[test]
+    fn explicit_gpu_ids_by_index_or_uuid() {
+        let ws = [worker("a", "x", &[80, 80]), worker("b", "x", &[80, 80])];
+        let mut r = req(20, 1);
+        r.gpu_ids = vec!["b:1".into()];
+        let p = place(&ws, &r, Policy::Spread, &never()).unwrap();
+        assert_eq!(chosen(&p), ("b", vec![1]));
+        r.gpu_ids = vec!["gpu-a-1".into()];
+        let p = place(&ws, &r, Policy::Spread, &never()).unwrap();
+        assert_eq!(chosen(&p), ("a", vec![1]));
+        // Two listed GPUs on different workers cannot hold a 2-GPU single-worker shape.
+        r.gpu_ids = vec!["a:0".into(), "b:0".into()];
+        r.shapes[0].gpus_per_worker = 2;
+        let Err(FitError::NoFit(why)) = place(&ws, &r, Policy::Spread, &never()) else {
+            panic!("the listed GPUs are on two workers");
+        };
+        assert!(why.contains("only GPUs a:0, b:0"), "{why}");
+        r.gpu_ids = vec!["a:9".into(), "nonsense".into()];
+        r.shapes[0].gpus_per_worker = 1;
+        assert!(place(&ws, &r, Policy::Spread, &never()).is_err());
+    }
+
+    #[test]
+    fn shapes_are_tried_in_order() {
+        // 50 GiB on one GPU does not fit; 2 × 26.0 GiB does, on worker b.
+        let ws = [worker("a", "x", &[40, 10]), worker("b", "x", &[30, 30])];
+        let mut r = req(50, 1);
+        r.shapes[0].label = "tp=1".into();
+        r.shapes.push(Shape {
+            label: "tp=2".into(),
+            ..Shape::new(26 * GIB, 2)
+        });
+        let p = place(&ws, &r, Policy::Binpack, &never()).unwrap();
+        assert_eq!((p.shape, chosen(&p)), (1, ("b", vec![0, 1])));
+        // With room for tp=1 the first shape wins even though tp=2 would also fit.
+        let ws = [worker("a", "x", &[60, 10]), worker("b", "x", &[30, 30])];
+        let p = place(&ws, &r, Policy::Binpack, &never()).unwrap();
+        assert_eq!((p.shape, chosen(&p)), (0, ("a", vec![0])));
+        let ws = [worker("a", "x", &[40, 10]), worker("b", "x", &[30, 20])];
+        let Err(FitError::NoFit(why)) = place(&ws, &r, Policy::Binpack, &never()) else {
+            panic!("neither shape fits");
+        };
+        assert!(
+            why.contains("b: 2 × H100, largest free 30.0 GiB: tp=1 needs 50.0 GiB per GPU (0 of 2 GPUs have it); tp=2 needs 2 × 26.0 GiB (1 of 2 GPUs have it)"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn claims_take_a_share_of_each_gpu() {
+        let mut small = worker("small", "x", &[24]);
+        small.gpus[0].total_bytes = 24 * GIB;
+        let ws = [small, worker("big", "x", &[70])];
+        let mut r = req(16, 1);
+        r.shapes[0].claim = Some(Claim {
+            fraction: 0.9,
+            extra_bytes: 0,
+        });
+        // 0.9 × 24.0 GiB holds the 16 GiB need and is free, so binpack takes the small card,
+        // reserving the share, not the need.
+        let p = place(&ws, &r, Policy::Binpack, &never()).unwrap();
+        assert_eq!(p.worker_id(), "small");
+        assert_eq!(
+            p.parts[0].gpus[0].bytes,
+            Claim {
+                fraction: 0.9,
+                extra_bytes: 0
+            }
+            .share_of(24 * GIB)
+        );
+        // 0.9 × 80.0 GiB = 72 GiB is more than the 70 free on the big card.
+        let ws = [worker("big", "x", &[70])];
+        let Err(FitError::NoFit(why)) = place(&ws, &r, Policy::Binpack, &never()) else {
+            panic!("the share is not free");
+        };
+        assert!(why.contains("needs 72.0 GiB per GPU"), "{why}");
+        // A share too small for the need never fits, however free.
+        let mut tiny = worker("tiny", "x", &[16]);
+        tiny.gpus[0].total_bytes = 16 * GIB;
+        assert!(place(&[tiny], &r, Policy::Binpack, &never()).is_err());
+    }
+
+    #[test]
+    fn spread_keeps_replicas_apart() {
+        let mut a = worker("a", "x", &[80, 80]);
+        a.replicas.insert("llama".into(), 1);
+        let b = worker("b", "x", &[40, 40]);
+        let mut r = req(20, 1);
+        r.group = Some("llama".into());
+        // a is emptier, but already holds a replica.
+        let p = place(&[a.clone(), b.clone()], &r, Policy::Spread, &never()).unwrap();
+        assert_eq!(p.worker_id(), "b");
+        r.group = Some("other".into());
+        let p = place(&[a, b], &r, Policy::Spread, &never()).unwrap();
+        assert_eq!(p.worker_id(), "a");
+    }
+
+    #[test]
+    fn distributed_shapes_use_several_workers() {
+        let ws = [
+            worker("a", "x", &[30]),
+            worker("b", "x", &[50, 50]),
+            worker("c", "x", &[25, 40]),
+        ];
+        let mut r = req(60, 1);
+        r.shapes.push(Shape {
+            workers: 2,
+            label: "pp=2".into(),
+            ..Shape::new(25 * GIB, 2)
+        });
+        let p = place(&ws, &r, Policy::Binpack, &never()).unwrap();
+        assert_eq!(p.shape, 1);
+        let ids: Vec<_> = p.parts.iter().map(|x| x.worker_id.as_str()).collect();
+        // c is the tighter fit, so it leads.
+        assert_eq!(ids, ["c", "b"]);
+        assert!(p.parts.iter().all(|x| x.gpus.len() == 2));
+        let Err(FitError::NoFit(why)) = place(&ws[..2], &r, Policy::Binpack, &never()) else {
+            panic!("only one worker can take a stage");
+        };
+        assert!(
+            why.contains("pp=2 needs 2 × 25.0 GiB on each of 2 workers"),
+            "{why}"
+        );
     }
 
     #[test]
@@ -193,34 +456,52 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever the cluster, a placement only uses GPUs that have room, on one matching
-        /// worker, distinct and as many as asked; and a no-fit means no worker had room.
+        /// Whatever the cluster and shapes, a placement only uses GPUs that have room for
+        /// the shape that fitted, on distinct matching workers, as many as asked, and no
+        /// earlier shape fitted; a no-fit means no shape had room anywhere.
         #[test]
         fn placements_are_feasible(
             frees in proptest::collection::vec(proptest::collection::vec(0u64..100, 0..6), 0..6),
-            vram in 1u64..60,
-            count in 1usize..4,
+            shapes in proptest::collection::vec((1u64..60, 1u32..4, 1u32..3), 1..4),
             spread in any::<bool>(),
+            first in 0usize..8,
         ) {
             let ws: Vec<_> = frees.iter().enumerate()
                 .map(|(i, f)| worker(&format!("w{i}"), "x", f)).collect();
             let policy = if spread { Policy::Spread } else { Policy::Binpack };
-            match place(&ws, &req(vram, count), policy, &never()) {
+            let r = Request {
+                shapes: shapes.iter().map(|&(v, g, w)| Shape { workers: w, ..Shape::new(v * GIB, g) }).collect(),
+                ..Request::default()
+            };
+            let fits = |s: &Shape| {
+                let ok = ws.iter().filter(|w| {
+                    w.gpus.iter().filter(|g| g.free_bytes >= s.vram_per_gpu).count()
+                        >= s.gpus_per_worker as usize
+                }).count();
+                ok >= s.workers as usize
+            };
+            match place_from(&ws, first, &r, policy, &never()) {
                 Ok(p) => {
-                    let w = ws.iter().find(|w| w.id == p.worker_id).unwrap();
-                    prop_assert_eq!(p.gpus.len(), count);
-                    let mut seen = p.gpus.clone();
-                    seen.dedup();
-                    prop_assert_eq!(seen.len(), count);
-                    for i in &p.gpus {
-                        prop_assert!(w.gpus[*i as usize].free_bytes >= vram * GIB);
+                    let s = &r.shapes[p.shape];
+                    prop_assert!(r.shapes[..p.shape].iter().all(|e| !fits(e)));
+                    prop_assert_eq!(p.parts.len(), s.workers as usize);
+                    let mut ids: Vec<_> = p.parts.iter().map(|x| x.worker_id.clone()).collect();
+                    ids.sort();
+                    ids.dedup();
+                    prop_assert_eq!(ids.len(), p.parts.len());
+                    for part in &p.parts {
+                        let w = ws.iter().find(|w| w.id == part.worker_id).unwrap();
+                        let mut idx = part.indexes();
+                        idx.dedup();
+                        prop_assert_eq!(idx.len(), s.gpus_per_worker as usize);
+                        for slot in &part.gpus {
+                            prop_assert!(w.gpus[slot.index as usize].free_bytes >= s.vram_per_gpu);
+                            prop_assert_eq!(slot.bytes, s.vram_per_gpu);
+                        }
                     }
                 }
                 Err(FitError::NoFit(_)) => {
-                    for w in &ws {
-                        let room = w.gpus.iter().filter(|g| g.free_bytes >= vram * GIB).count();
-                        prop_assert!(room < count);
-                    }
+                    prop_assert!(r.shapes.iter().all(|s| !fits(s)));
                 }
                 Err(FitError::Cancelled) => prop_assert!(false, "never cancelled"),
             }

@@ -17,6 +17,8 @@ pub const MAX_GPUS: i64 = 64;
 /// Most selector entries and the longest model name.
 pub const MAX_SELECTOR_ENTRIES: usize = 32;
 pub const MAX_MODEL_LEN: usize = 256;
+/// Most explicit GPU ids in one start command.
+pub const MAX_GPU_IDS: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -53,6 +55,35 @@ pub struct StartSpec {
     /// full offload, the model's context, `gpus` GPUs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<Box<berth_fit::EstimateOptions>>,
+    /// Only these GPUs: `worker:index` or GPU UUIDs. The instance waits (`pending`) until
+    /// enough of them have room.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_ids: Vec<String>,
+    /// How far the placement search may scale an estimated model: more GPUs per worker,
+    /// several workers, partial offload (needs `model_ref`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<berth_fit::Scaling>,
+    /// Replicas of one group are kept on different workers under the spread policy
+    /// (default: `model`, when given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_group: Option<String>,
+}
+
+impl Default for StartSpec {
+    fn default() -> Self {
+        StartSpec {
+            model: String::new(),
+            vram_bytes: 0,
+            gpus: 1,
+            selector: BTreeMap::new(),
+            gpu_name: None,
+            model_ref: None,
+            backend: None,
+            gpu_ids: Vec::new(),
+            scaling: None,
+            replica_group: None,
+        }
+    }
 }
 
 fn one() -> i64 {
@@ -141,13 +172,9 @@ impl StartSpec {
     /// A start that claims `vram_bytes` on each of `gpus` GPUs, nothing else set.
     pub fn claim(vram_bytes: i64, gpus: i64) -> StartSpec {
         StartSpec {
-            model: String::new(),
             vram_bytes,
             gpus,
-            selector: BTreeMap::new(),
-            gpu_name: None,
-            model_ref: None,
-            backend: None,
+            ..StartSpec::default()
         }
     }
 
@@ -190,6 +217,34 @@ impl StartSpec {
         {
             return Err(format!("gpu_name must be 1 to {MAX_MODEL_LEN} bytes long"));
         }
+        if self.gpu_ids.len() > MAX_GPU_IDS
+            || self
+                .gpu_ids
+                .iter()
+                .any(|id| id.is_empty() || id.len() > MAX_MODEL_LEN)
+        {
+            return Err(format!(
+                "gpu_ids takes at most {MAX_GPU_IDS} ids of 1 to {MAX_MODEL_LEN} bytes each"
+            ));
+        }
+        if let Some(s) = &self.scaling {
+            if self.model_ref.is_none() || self.vram_bytes > 0 {
+                return Err(
+                    "scaling needs model_ref and no vram_bytes: an explicit claim has a fixed shape"
+                        .into(),
+                );
+            }
+            s.validate().map_err(|e| e.to_string())?;
+        }
+        if self
+            .replica_group
+            .as_ref()
+            .is_some_and(|g| g.is_empty() || g.len() > MAX_MODEL_LEN)
+        {
+            return Err(format!(
+                "replica_group must be 1 to {MAX_MODEL_LEN} bytes long"
+            ));
+        }
         if self.selector.len() > MAX_SELECTOR_ENTRIES {
             return Err(format!(
                 "selector has {} entries; at most {MAX_SELECTOR_ENTRIES}",
@@ -202,6 +257,13 @@ impl StartSpec {
     /// VRAM per GPU as an unsigned count, valid after [`StartSpec::validate`].
     pub fn vram_per_gpu(&self) -> u64 {
         self.vram_bytes.max(0).unsigned_abs()
+    }
+
+    /// The replica group: `replica_group`, else the model name, else none.
+    pub fn group(&self) -> Option<&str> {
+        self.replica_group
+            .as_deref()
+            .or((!self.model.is_empty()).then_some(self.model.as_str()))
     }
 
     /// GPU count as an unsigned count, valid after [`StartSpec::validate`].
@@ -231,6 +293,7 @@ mod tests {
             gpu_name: Some("H100".into()),
             model_ref: None,
             backend: None,
+            ..StartSpec::default()
         })
     }
 
@@ -312,8 +375,98 @@ mod tests {
             backend: Some(Box::new(berth_fit::EstimateOptions::LlamaCpp(
                 Default::default(),
             ))),
+            ..StartSpec::default()
         });
         assert_eq!(Command::decode(&cmd.encode().unwrap()).unwrap(), cmd);
+    }
+
+    #[test]
+    fn placement_options_round_trip_and_are_checked() {
+        let path = || Some(Box::new(berth_fit::ModelRef::Path("/m.gguf".into())));
+        let ok = StartSpec {
+            model: "llama".into(),
+            model_ref: path(),
+            gpu_ids: vec!["w1:0".into(), "GPU-abc".into()],
+            scaling: Some(berth_fit::Scaling {
+                max_gpus: Some(8),
+                max_workers: Some(2),
+                partial_offload: true,
+            }),
+            ..StartSpec::default()
+        };
+        let cmd = Command::Start(ok.clone());
+        assert_eq!(Command::decode(&cmd.encode().unwrap()).unwrap(), cmd);
+        assert_eq!(ok.group(), Some("llama"));
+        let named = StartSpec {
+            replica_group: Some("g".into()),
+            ..ok.clone()
+        };
+        assert_eq!(named.group(), Some("g"));
+        let bad = [
+            (
+                StartSpec {
+                    gpu_ids: vec![String::new()],
+                    ..ok.clone()
+                },
+                "gpu_ids",
+            ),
+            (
+                StartSpec {
+                    gpu_ids: vec!["w:0".into(); MAX_GPU_IDS + 1],
+                    ..ok.clone()
+                },
+                "gpu_ids",
+            ),
+            (
+                StartSpec {
+                    vram_bytes: 1 << 30,
+                    ..ok.clone()
+                },
+                "scaling needs model_ref",
+            ),
+            (
+                StartSpec {
+                    model_ref: None,
+                    vram_bytes: 1 << 30,
+                    ..ok.clone()
+                },
+                "scaling needs model_ref",
+            ),
+            (
+                StartSpec {
+                    scaling: Some(berth_fit::Scaling {
+                        max_gpus: Some(0),
+                        ..Default::default()
+                    }),
+                    ..ok.clone()
+                },
+                "max_gpus",
+            ),
+            (
+                StartSpec {
+                    replica_group: Some(String::new()),
+                    ..ok
+                },
+                "replica_group",
+            ),
+        ];
+        for (spec, want) in bad {
+            let bytes = Command::Start(spec).encode().unwrap();
+            match Command::decode(&bytes) {
+                Err(CommandError::Invalid(why)) => assert!(why.contains(want), "{why}"),
+                other => panic!("expected {want:?}, got {other:?}"),
+            }
+        }
+        // A misspelt scaling option is refused, not ignored.
+        let raw = serde_json::json!({
+            "op": "start",
+            "model_ref": {"path": "/m.gguf"},
+            "scaling": {"max_gpu": 2},
+        });
+        assert!(matches!(
+            Command::decode(&crate::encode(&raw).unwrap()),
+            Err(CommandError::BadFields { .. })
+        ));
     }
 
     proptest::proptest! {

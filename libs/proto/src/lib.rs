@@ -19,5 +19,5 @@ pub use codec::{CodecError, decode, encode};
 pub use command::{Command, CommandError, StartSpec, StopSpec};
 pub use event::InstanceEvent;
 pub use state::InstanceState;
-pub use status::{GpuInfo, StatusMsg};
+pub use status::{GpuInfo, GpuUsage, StatusMsg};
 pub use subjects::InvalidId;

@@ -17,6 +17,13 @@ pub struct GpuInfo {
     pub system_reserved_bytes: i64,
 }
 
+/// What a GPU has in use outside berth, as its agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuUsage {
+    pub index: u32,
+    pub used_outside_bytes: i64,
+}
+
 /// States an agent may report for an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -39,6 +46,10 @@ pub enum StatusMsg {
     },
     Heartbeat {
         worker_id: String,
+        /// Memory in use on each GPU by processes berth did not start, when the agent can
+        /// see it (NVML); placements leave it alone. Absent: unchanged.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        usage: Vec<GpuUsage>,
     },
     /// The state of an instance's backend; applied only if `version` is the instance's.
     Instance {
@@ -48,5 +59,8 @@ pub enum StatusMsg {
         state: ReportedState,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        /// This worker runs one part of an instance spread over several workers.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        shared: bool,
     },
 }

@@ -40,12 +40,17 @@ pub struct GpuRow {
     pub total_bytes: i64,
     pub system_reserved_bytes: i64,
     pub reserved_bytes: i64,
+    pub used_outside_bytes: i64,
 }
 
 impl GpuRow {
-    /// VRAM that berth may still reserve on this GPU.
+    /// VRAM that berth may still reserve on this GPU (negative when processes outside berth
+    /// use more than was left).
     pub fn free_bytes(&self) -> i64 {
-        self.total_bytes - self.system_reserved_bytes - self.reserved_bytes
+        self.total_bytes
+            .saturating_sub(self.system_reserved_bytes)
+            .saturating_sub(self.reserved_bytes)
+            .saturating_sub(self.used_outside_bytes)
     }
 }
 

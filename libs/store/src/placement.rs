@@ -2,7 +2,7 @@
 
 use crate::{
     GpuRow, Store, StoreError, Transition, WorkerRow,
-    schema::{gpus, instances, workers},
+    schema::{allocations, gpus, instances, workers},
 };
 use berth_proto::InstanceState;
 use diesel::prelude::*;
@@ -51,9 +51,28 @@ impl Store {
         Ok(out)
     }
 
-    /// Commits a placement computed for `version` of `id`: in one transaction, the version
-    /// check, a conditional reservation on each GPU, and the allocations. Any miss rolls the
-    /// whole transaction back.
+    /// How many instances of each replica group hold GPUs on each worker:
+    /// `(worker, group, instances)`.
+    pub async fn replicas(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let mut conn = self.conn().await?;
+        let rows: Vec<(String, Option<String>, i64)> = allocations::table
+            .filter(allocations::replica_group.is_not_null())
+            .group_by((allocations::worker_id, allocations::replica_group))
+            .select((
+                allocations::worker_id,
+                allocations::replica_group,
+                diesel::dsl::count(allocations::instance_id).aggregate_distinct(),
+            ))
+            .load(&mut conn)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(w, g, n)| Some((w, g?, n)))
+            .collect())
+    }
+
+    /// Commits a placement on one worker with the same bytes on each GPU; see
+    /// [`Store::commit_claims`].
     pub async fn commit_placement(
         &self,
         id: &str,
@@ -62,56 +81,86 @@ impl Store {
         gpu_idxs: &[u32],
         bytes_per_gpu: i64,
     ) -> Result<CommitOutcome, StoreError> {
-        let mut sorted: Vec<u32> = gpu_idxs.to_vec();
-        sorted.sort_unstable();
+        let claims: Vec<GpuClaim> = gpu_idxs
+            .iter()
+            .map(|&idx| GpuClaim {
+                worker_id: worker_id.to_owned(),
+                idx,
+                bytes: bytes_per_gpu,
+            })
+            .collect();
+        self.commit_claims(id, version, &claims, None).await
+    }
+
+    /// Commits a placement computed for `version` of `id`, in one statement: the version
+    /// check, a conditional reservation on each claimed GPU (which must leave room for what
+    /// processes outside berth use), and the allocations, tagged with the replica `group`.
+    /// Any miss changes nothing. The first claim's worker leads: the instance is reported
+    /// under it.
+    pub async fn commit_claims(
+        &self,
+        id: &str,
+        version: i64,
+        claims: &[GpuClaim],
+        group: Option<&str>,
+    ) -> Result<CommitOutcome, StoreError> {
+        let Some(leader) = claims.first().map(|c| c.worker_id.clone()) else {
+            return Err(StoreError::Corrupt(format!(
+                "placement of {id} claims no GPU"
+            )));
+        };
+        let mut sorted: Vec<&GpuClaim> = claims.iter().collect();
+        sorted.sort_unstable_by(|a, b| (&a.worker_id, a.idx).cmp(&(&b.worker_id, b.idx)));
+        let workers: Vec<String> = sorted.iter().map(|c| c.worker_id.clone()).collect();
         let idxs = sorted
             .iter()
-            .map(|&g| i32::try_from(g))
+            .map(|c| i32::try_from(c.idx))
             .collect::<Result<Vec<i32>, _>>()
-            .map_err(|_| StoreError::Corrupt(format!("GPU index out of range in {gpu_idxs:?}")))?;
+            .map_err(|_| StoreError::Corrupt(format!("GPU index out of range in {claims:?}")))?;
+        let bytes: Vec<i64> = sorted.iter().map(|c| c.bytes).collect();
         let mut conn = self.conn().await?;
         let (cmd_seq, committed, full, present): CommitRow = crate::prepared::Commit {
             id,
             version,
-            worker_id,
+            leader: &leader,
+            workers: &workers,
             idxs: &idxs,
-            bytes: bytes_per_gpu,
+            bytes: &bytes,
+            group,
         }
         .get_result(&mut conn)
         .await?;
-        let done = CommitResult {
-            cmd_seq,
-            committed,
-            full,
-            present,
-        };
-        let Some(cmd_seq) = done.cmd_seq else {
+        let Some(cmd_seq) = cmd_seq else {
             return Ok(CommitOutcome::VersionMoved);
         };
-        if !done.committed {
-            let full = done.full.unwrap_or_default();
-            let gpu = sorted
+        if !committed {
+            let full = full.unwrap_or_default();
+            let present = present.unwrap_or_default();
+            let lost = sorted
                 .iter()
-                .zip(&idxs)
-                .find(|(_, i)| {
-                    full.contains(i) || !done.present.as_ref().is_some_and(|p| p.contains(i))
+                .find(|c| {
+                    let key = format!("{}:{}", c.worker_id, c.idx);
+                    full.contains(&key) || !present.contains(&key)
                 })
-                .map_or(
-                    sorted.iter().copied().next().unwrap_or_default(),
-                    |(g, _)| *g,
-                );
+                .or_else(|| <[&GpuClaim]>::first(&sorted));
             return Ok(CommitOutcome::CapacityGone {
-                worker_id: worker_id.to_owned(),
-                gpu,
+                worker_id: lost.map(|c| c.worker_id.clone()).unwrap_or_default(),
+                gpu: lost.map_or(0, |c| c.idx),
             });
         }
+        let mut gpus: Vec<u32> = claims
+            .iter()
+            .filter(|c| c.worker_id == leader)
+            .map(|c| c.idx)
+            .collect();
+        gpus.sort_unstable();
         Ok(CommitOutcome::Committed(Transition {
             instance_id: id.to_owned(),
             state: InstanceState::Scheduled,
             version,
             cmd_seq,
-            worker_id: Some(worker_id.to_owned()),
-            gpus: sorted,
+            worker_id: Some(leader),
+            gpus,
             reason: None,
         }))
     }
@@ -174,45 +223,53 @@ impl Store {
     }
 }
 
+/// A GPU a placement reserves, and how much.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuClaim {
+    pub worker_id: String,
+    pub idx: u32,
+    pub bytes: i64,
+}
+
 /// The placement commit, one statement and so one atomic step without a transaction
-/// block; see [`Store::commit_placement`]. Locks the instance row (the CAS), then the GPU
-/// rows in index order, checks every GPU has room on its latest version, and only then
-/// changes anything: all or nothing. `$4` is the GPU index array.
+/// block; see [`Store::commit_claims`]. Locks the instance row (the CAS), then the GPU rows
+/// in (worker, index) order, checks every GPU has room on its latest version (including
+/// what is used outside berth), and only then changes anything: all or nothing. `$4`, `$5`
+/// and `$6` are the claims as parallel arrays (worker, index, bytes).
 pub(crate) const COMMIT: &str = "\
     WITH inst AS ( \
         SELECT cmd_seq FROM instances \
         WHERE id = $1 AND version = $2 AND state = 'analyzing' FOR UPDATE \
+    ), want AS ( \
+        SELECT * FROM unnest($4::text[], $5::int[], $6::bigint[]) AS w(worker_id, idx, bytes) \
     ), g AS ( \
-        SELECT idx, reserved_bytes + $5 + system_reserved_bytes <= total_bytes AS room \
-        FROM gpus WHERE worker_id = $3 AND idx = ANY($4) AND EXISTS (SELECT 1 FROM inst) \
-        ORDER BY idx FOR UPDATE \
+        SELECT gpus.worker_id, gpus.idx, \
+            gpus.reserved_bytes + want.bytes + gpus.system_reserved_bytes \
+                + gpus.used_outside_bytes <= gpus.total_bytes AS room \
+        FROM gpus JOIN want ON gpus.worker_id = want.worker_id AND gpus.idx = want.idx \
+        WHERE EXISTS (SELECT 1 FROM inst) \
+        ORDER BY gpus.worker_id, gpus.idx FOR UPDATE OF gpus \
     ), ok AS ( \
         SELECT EXISTS (SELECT 1 FROM inst) \
-           AND (SELECT count(*) FROM g WHERE room) = cardinality($4::int[]) AS go \
+           AND (SELECT count(*) FROM g WHERE room) = cardinality($5::int[]) AS go \
     ), cas AS ( \
         UPDATE instances SET state = 'scheduled', worker_id = $3, reason = NULL, \
             updated_at = now() \
         FROM ok WHERE ok.go AND id = $1 \
         RETURNING 1 \
     ), res AS ( \
-        UPDATE gpus SET reserved_bytes = reserved_bytes + $5 \
-        FROM ok WHERE ok.go AND worker_id = $3 AND idx = ANY($4) \
-        RETURNING idx \
+        UPDATE gpus SET reserved_bytes = gpus.reserved_bytes + want.bytes \
+        FROM ok, want \
+        WHERE ok.go AND gpus.worker_id = want.worker_id AND gpus.idx = want.idx \
+        RETURNING gpus.worker_id, gpus.idx, want.bytes \
     ), ins AS ( \
-        INSERT INTO allocations (instance_id, worker_id, gpu_idx, version, bytes) \
-        SELECT $1, $3, idx, $2, $5 FROM res \
+        INSERT INTO allocations (instance_id, worker_id, gpu_idx, version, bytes, replica_group) \
+        SELECT $1, res.worker_id, res.idx, $2, res.bytes, $7 FROM res \
         RETURNING 1 \
     ) \
     SELECT (SELECT cmd_seq FROM inst) AS cmd_seq, \
            (SELECT go FROM ok) AS committed, \
-           (SELECT array_agg(idx) FROM g WHERE NOT room) AS full, \
-           (SELECT array_agg(idx) FROM g) AS present";
+           (SELECT array_agg(worker_id || ':' || idx) FROM g WHERE NOT room) AS full, \
+           (SELECT array_agg(worker_id || ':' || idx) FROM g) AS present";
 
-type CommitRow = (Option<i64>, bool, Option<Vec<i32>>, Option<Vec<i32>>);
-
-struct CommitResult {
-    cmd_seq: Option<i64>,
-    committed: bool,
-    full: Option<Vec<i32>>,
-    present: Option<Vec<i32>>,
-}
+type CommitRow = (Option<i64>, bool, Option<Vec<String>>, Option<Vec<String>>);

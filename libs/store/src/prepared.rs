@@ -41,14 +41,16 @@ fn segments(sql: &str) -> Vec<Seg<'_>> {
     out
 }
 
-/// The placement commit (`placement::COMMIT`) with its five parameters.
+/// The placement commit (`placement::COMMIT`) with its seven parameters.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Commit<'a> {
     pub id: &'a str,
     pub version: i64,
-    pub worker_id: &'a str,
+    pub leader: &'a str,
+    pub workers: &'a [String],
     pub idxs: &'a [i32],
-    pub bytes: i64,
+    pub bytes: &'a [i64],
+    pub group: Option<&'a str>,
 }
 
 impl QueryId for Commit<'_> {
@@ -60,8 +62,8 @@ impl Query for Commit<'_> {
     type SqlType = (
         Nullable<BigInt>,
         Bool,
-        Nullable<Array<Integer>>,
-        Nullable<Array<Integer>>,
+        Nullable<Array<Text>>,
+        Nullable<Array<Text>>,
     );
 }
 
@@ -72,9 +74,11 @@ impl QueryFragment<Pg> for Commit<'_> {
                 Seg::Text(t) => out.push_sql(t),
                 Seg::Param(1) => out.push_bind_param::<Text, _>(&self.id)?,
                 Seg::Param(2) => out.push_bind_param::<BigInt, _>(&self.version)?,
-                Seg::Param(3) => out.push_bind_param::<Text, _>(&self.worker_id)?,
-                Seg::Param(4) => out.push_bind_param::<Array<Integer>, _>(&self.idxs)?,
-                Seg::Param(_) => out.push_bind_param::<BigInt, _>(&self.bytes)?,
+                Seg::Param(3) => out.push_bind_param::<Text, _>(&self.leader)?,
+                Seg::Param(4) => out.push_bind_param::<Array<Text>, _>(&self.workers)?,
+                Seg::Param(5) => out.push_bind_param::<Array<Integer>, _>(&self.idxs)?,
+                Seg::Param(6) => out.push_bind_param::<Array<BigInt>, _>(&self.bytes)?,
+                Seg::Param(_) => out.push_bind_param::<Nullable<Text>, _>(&self.group)?,
             }
         }
         Ok(())

@@ -5,11 +5,20 @@ use crate::{
     models::{AllocationRow, InstanceRow},
     schema::{allocations, gpus, instances, workers},
 };
-use berth_proto::{GpuInfo, InstanceState, status::ReportedState};
+use berth_proto::{GpuInfo, GpuUsage, InstanceState, status::ReportedState};
 use diesel::prelude::*;
 use diesel::upsert::excluded;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use std::collections::BTreeMap;
+
+/// What a heartbeat changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beat {
+    /// The worker had been marked unreachable: its capacity is back.
+    pub back: bool,
+    /// Memory used outside berth went down on some GPU: more room than before.
+    pub freed: bool,
+}
 
 impl Store {
     /// Records a worker and its GPUs (insert or update; reservations are kept).
@@ -83,9 +92,14 @@ impl Store {
             .await
     }
 
-    /// Notes that `worker_id` is alive and schedulable again. Returns whether it had been
-    /// marked unreachable (its capacity is back), `None` for a worker that never registered.
-    pub async fn heartbeat(&self, worker_id: &str) -> Result<Option<bool>, StoreError> {
+    /// Notes that `worker_id` is alive and schedulable again, and records the memory its
+    /// GPUs have in use outside berth (`usage`, when the agent reports it). `None` for a
+    /// worker that never registered.
+    pub async fn heartbeat(
+        &self,
+        worker_id: &str,
+        usage: &[GpuUsage],
+    ) -> Result<Option<Beat>, StoreError> {
         let mut conn = self.conn().await?;
         let was: Option<bool> = workers::table
             .find(worker_id)
@@ -93,6 +107,9 @@ impl Store {
             .first(&mut conn)
             .await
             .optional()?;
+        let Some(was_schedulable) = was else {
+            return Ok(None);
+        };
         diesel::update(workers::table.find(worker_id))
             .set((
                 workers::last_heartbeat.eq(diesel::dsl::now),
@@ -100,14 +117,46 @@ impl Store {
             ))
             .execute(&mut conn)
             .await?;
-        Ok(was.map(|schedulable| !schedulable))
+        let mut beat = Beat {
+            back: !was_schedulable,
+            freed: false,
+        };
+        if usage.is_empty() {
+            return Ok(Some(beat));
+        }
+        let known: Vec<(i32, i64)> = gpus::table
+            .filter(gpus::worker_id.eq(worker_id))
+            .select((gpus::idx, gpus::used_outside_bytes))
+            .load(&mut conn)
+            .await?;
+        for u in usage {
+            let (Ok(idx), Ok(used)) = (i32::try_from(u.index), u64::try_from(u.used_outside_bytes))
+            else {
+                continue;
+            };
+            let used = i64::try_from(used).unwrap_or(i64::MAX);
+            let Some(&(_, old)) = known.iter().find(|(i, _)| *i == idx) else {
+                continue;
+            };
+            if old == used {
+                continue;
+            }
+            beat.freed |= used < old;
+            diesel::update(gpus::table.find((worker_id, idx)))
+                .set(gpus::used_outside_bytes.eq(used))
+                .execute(&mut conn)
+                .await?;
+        }
+        Ok(Some(beat))
     }
 
     /// Applies an agent's report about `id`. Reports name the version they were given and
     /// move the instance only along the lifecycle (a late `starting` after `running` is
     /// ignored), so reordered or old reports are harmless. `stopped` and `error` release the
     /// reporting worker's allocations of older versions (`stopped`) or up to this version
-    /// (`error`). Returns the transitions made.
+    /// (`error`). A `shared` report comes from one of several workers an instance is
+    /// spread over: that part is marked ready, and the instance runs once every part is.
+    /// Returns the transitions made.
     pub async fn apply_report(
         &self,
         worker_id: &str,
@@ -115,10 +164,13 @@ impl Store {
         version: i64,
         reported: ReportedState,
         reason: Option<&str>,
+        shared: bool,
     ) -> Result<Vec<Transition>, StoreError> {
         let mut conn = self.conn().await?;
-        // `starting` and `running` touch only the instance row: one conditional update.
+        // On one worker, `starting` and `running` touch only the instance row: one
+        // conditional update.
         let forward_from: &[&str] = match reported {
+            _ if shared => &[],
             ReportedState::Starting => &["scheduled"],
             ReportedState::Running => &["scheduled", "starting"],
             ReportedState::Stopped | ReportedState::Error => &[],
@@ -170,7 +222,12 @@ impl Store {
                 else {
                     return Ok(Vec::new());
                 };
-                let current = version == row.version && row.worker_id.as_deref() == Some(worker_id);
+                let current = version == row.version
+                    && if shared {
+                        holds_at(conn, id, worker_id, version).await?
+                    } else {
+                        row.worker_id.as_deref() == Some(worker_id)
+                    };
                 let state = row.state.as_str();
                 let mut out = Vec::new();
                 match reported {
@@ -180,7 +237,11 @@ impl Store {
                     ReportedState::Running
                         if current && matches!(state, "scheduled" | "starting") =>
                     {
-                        out.push(set_state(conn, &row, InstanceState::Running, None).await?);
+                        // Reports of one instance serialize on its row lock, so the last
+                        // part to report sees every other part ready.
+                        if !shared || all_ready_after(conn, id, worker_id, version).await? {
+                            out.push(set_state(conn, &row, InstanceState::Running, None).await?);
+                        }
                     }
                     ReportedState::Starting | ReportedState::Running => {}
                     ReportedState::Stopped => {
@@ -282,6 +343,47 @@ pub(crate) async fn release(
             .await?;
     }
     Ok(freed)
+}
+
+/// Whether `worker_id` holds GPUs for `id` at `version`.
+async fn holds_at(
+    conn: &mut AsyncPgConnection,
+    id: &str,
+    worker_id: &str,
+    version: i64,
+) -> Result<bool, StoreError> {
+    Ok(diesel::select(diesel::dsl::exists(
+        allocations::table
+            .filter(allocations::instance_id.eq(id))
+            .filter(allocations::worker_id.eq(worker_id))
+            .filter(allocations::version.eq(version)),
+    ))
+    .get_result(conn)
+    .await?)
+}
+
+/// Marks `worker_id`'s part of `id` at `version` ready; true when every part now is.
+async fn all_ready_after(
+    conn: &mut AsyncPgConnection,
+    id: &str,
+    worker_id: &str,
+    version: i64,
+) -> Result<bool, StoreError> {
+    let at_version = || {
+        allocations::table
+            .filter(allocations::instance_id.eq(id))
+            .filter(allocations::version.eq(version))
+    };
+    diesel::update(at_version().filter(allocations::worker_id.eq(worker_id)))
+        .set(allocations::ready.eq(true))
+        .execute(conn)
+        .await?;
+    let waiting: bool = diesel::select(diesel::dsl::exists(
+        at_version().filter(allocations::ready.eq(false)),
+    ))
+    .get_result(conn)
+    .await?;
+    Ok(!waiting)
 }
 
 pub(crate) async fn holds_any(conn: &mut AsyncPgConnection, id: &str) -> Result<bool, StoreError> {

@@ -20,6 +20,7 @@ diesel::table! {
         total_bytes -> Int8,
         system_reserved_bytes -> Int8,
         reserved_bytes -> Int8,
+        used_outside_bytes -> Int8,
     }
 }
 
@@ -45,6 +46,8 @@ diesel::table! {
         gpu_idx -> Int4,
         version -> Int8,
         bytes -> Int8,
+        replica_group -> Nullable<Text>,
+        ready -> Bool,
     }
 }
 

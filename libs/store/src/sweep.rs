@@ -111,8 +111,11 @@ impl Store {
                     .for_update()
                     .first(conn)
                     .await?;
-                release(conn, id, worker_id, Upto::All).await?;
-                let placed_here = row.worker_id.as_deref() == Some(worker_id)
+                let freed = release(conn, id, worker_id, Upto::All).await?;
+                // Placed here: the current placement had this worker, as its only or as one
+                // of several (then the other parts are stopped when it is placed again).
+                let placed_here = (row.worker_id.as_deref() == Some(worker_id)
+                    || freed.iter().any(|a| a.version == row.version))
                     && ["scheduled", "starting", "running"].contains(&row.state.as_str());
                 let holds_more = holds_any(conn, id).await?;
                 let (state, reason) = if placed_here {

@@ -9,10 +9,11 @@
 //! name = "NVIDIA H100 80GB HBM3"
 //! vram = "80GiB"
 //! count = 4                     # optional, default 1
+//! used_outside = "2GiB"         # optional: in use by processes outside berth, per GPU
 //! ```
 
 pub use berth_proto::size::parse_bytes;
-use berth_proto::{GpuInfo, subjects::validate_id};
+use berth_proto::{GpuInfo, GpuUsage, subjects::validate_id};
 use serde::Deserialize;
 use std::{collections::BTreeMap, path::Path};
 
@@ -55,6 +56,8 @@ struct GpuEntry {
     vram: String,
     #[serde(default = "one")]
     count: u32,
+    #[serde(default)]
+    used_outside: Option<String>,
 }
 
 fn one() -> u32 {
@@ -67,6 +70,17 @@ pub struct WorkerSpec {
     pub id: String,
     pub labels: BTreeMap<String, String>,
     pub gpus: Vec<GpuInfo>,
+    /// Where heartbeats get the memory in use outside berth.
+    pub usage: Usage,
+}
+
+/// The source of the memory in use outside berth that heartbeats report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Usage {
+    /// Fixed values (a simulated inventory's `used_outside`); empty reports nothing.
+    Fixed(Vec<GpuUsage>),
+    /// Read from NVML at every heartbeat.
+    Nvml,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +125,7 @@ impl Inventory {
                 None => 0,
             };
             let mut gpus = Vec::new();
+            let mut usage = Vec::new();
             for g in &w.gpus {
                 let total = parse_bytes(&g.vram).map_err(|e| {
                     invalid(format!("worker {}: GPU {:?}: vram: {e}", w.id, g.name))
@@ -132,8 +147,32 @@ impl Inventory {
                         w.id, g.count
                     )));
                 }
+                let outside = match &g.used_outside {
+                    Some(u) => parse_bytes(u).map_err(|e| {
+                        invalid(format!(
+                            "worker {}: GPU {:?}: used_outside: {e}",
+                            w.id, g.name
+                        ))
+                    })?,
+                    None => 0,
+                };
+                if outside > total {
+                    return Err(invalid(format!(
+                        "worker {}: GPU {:?}: used_outside {} is more than its vram {}",
+                        w.id,
+                        g.name,
+                        g.used_outside.as_deref().unwrap_or("0"),
+                        g.vram
+                    )));
+                }
                 for _ in 0..g.count {
                     let index = u32::try_from(gpus.len()).unwrap_or(u32::MAX);
+                    if outside > 0 {
+                        usage.push(GpuUsage {
+                            index,
+                            used_outside_bytes: outside,
+                        });
+                    }
                     gpus.push(GpuInfo {
                         index,
                         name: g.name.clone(),
@@ -150,6 +189,7 @@ impl Inventory {
                 id: w.id,
                 labels: w.labels,
                 gpus,
+                usage: Usage::Fixed(usage),
             });
         }
         Ok(Inventory { workers })
@@ -180,6 +220,26 @@ mod tests {
         assert_eq!(w.gpus[0].total_bytes, 80 << 30);
         assert_eq!(w.gpus[0].system_reserved_bytes, 1 << 30);
         assert_eq!(w.labels["zone"], "a");
+        assert_eq!(w.usage, Usage::Fixed(Vec::new()));
+    }
+
+    #[test]
+    fn used_outside_is_reported_per_gpu() {
+        let text = GOOD.replace("count = 2", "count = 2\nused_outside = \"3GiB\"");
+        let inv = Inventory::parse(&text, "t").unwrap();
+        assert_eq!(
+            inv.workers[0].usage,
+            Usage::Fixed(vec![
+                GpuUsage {
+                    index: 0,
+                    used_outside_bytes: 3 << 30
+                },
+                GpuUsage {
+                    index: 1,
+                    used_outside_bytes: 3 << 30
+                },
+            ])
+        );
     }
 
     #[test]
@@ -199,6 +259,14 @@ mod tests {
                 "worker id",
             ),
             ("[[workers]]\nid = \"a\"", "has no GPUs"),
+            (
+                "[[workers]]\nid = \"a\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"1GiB\"\nused_outside=\"2GiB\"",
+                "used_outside 2GiB is more than its vram 1GiB",
+            ),
+            (
+                "[[workers]]\nid = \"a\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"1GiB\"\nused_outside=\"some\"",
+                "used_outside",
+            ),
             (
                 "[[workers]]\nid = \"a\"\n[[workers.gpus]]\nname=\"x\"\nvram=\"lots\"",
                 "not a size",

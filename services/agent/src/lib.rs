@@ -6,6 +6,6 @@ pub mod metrics;
 pub mod nvml;
 pub mod runner;
 
-pub use inventory::{Inventory, InventoryError, WorkerSpec};
+pub use inventory::{Inventory, InventoryError, Usage, WorkerSpec};
 pub use metrics::AgentStats;
 pub use runner::{Agent, AgentConfig};

@@ -131,6 +131,7 @@ fn workers(args: &Args) -> anyhow::Result<Vec<WorkerSpec>> {
         id,
         labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
         gpus: nvml::gpus(reserved)?,
+        usage: berth_agent::Usage::Nvml,
     }])
 }
 

@@ -3,7 +3,7 @@
 //! NVML is loaded at run time (libnvidia-ml.so), so the agent builds and runs without a
 //! driver; asking for NVML on a machine without one is a clear error.
 
-use berth_proto::GpuInfo;
+use berth_proto::{GpuInfo, GpuUsage};
 use nvml_wrapper::Nvml;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,4 +35,45 @@ pub fn gpus(system_reserved: i64) -> Result<Vec<GpuInfo>, NvmlError> {
             })
         })
         .collect()
+}
+
+/// A handle kept open to read memory in use at each heartbeat.
+pub struct UsageReader {
+    nvml: Nvml,
+}
+
+impl std::fmt::Debug for UsageReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UsageReader")
+    }
+}
+
+impl UsageReader {
+    pub fn open() -> Result<UsageReader, NvmlError> {
+        Nvml::init()
+            .map(|nvml| UsageReader { nvml })
+            .map_err(|e| NvmlError(format!("cannot initialise: {e}")))
+    }
+
+    /// Memory in use on each GPU. Backends are simulated (berth starts no processes on the
+    /// GPU), so all of it is outside berth.
+    pub fn read(&self) -> Result<Vec<GpuUsage>, NvmlError> {
+        let count = self
+            .nvml
+            .device_count()
+            .map_err(|e| NvmlError(e.to_string()))?;
+        (0..count)
+            .map(|index| {
+                let mem = self
+                    .nvml
+                    .device_by_index(index)
+                    .and_then(|d| d.memory_info())
+                    .map_err(|e| NvmlError(format!("device {index} memory: {e}")))?;
+                Ok(GpuUsage {
+                    index,
+                    used_outside_bytes: i64::try_from(mem.used).unwrap_or(i64::MAX),
+                })
+            })
+            .collect()
+    }
 }

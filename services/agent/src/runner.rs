@@ -1,6 +1,6 @@
 //! The agent loop: register, heartbeat, and apply assignments in the order they were sent.
 
-use crate::{AgentStats, WorkerSpec};
+use crate::{AgentStats, Usage, WorkerSpec};
 use async_nats::jetstream::AckKind;
 use berth_bus::{Bus, BusError};
 use berth_proto::{AgentMsg, StatusMsg, status::ReportedState};
@@ -53,6 +53,7 @@ impl Agent {
         tasks.spawn(heartbeats(
             bus.clone(),
             id.clone(),
+            config.worker.usage.clone(),
             config.heartbeat,
             config.stats.clone(),
             shutdown.clone(),
@@ -96,10 +97,21 @@ async fn report(bus: &Bus, worker_id: &str, msg: &StatusMsg) -> Result<(), BusEr
 async fn heartbeats(
     bus: Bus,
     worker_id: String,
+    usage: Usage,
     every: Duration,
     stats: Arc<AgentStats>,
     shutdown: CancellationToken,
 ) {
+    let reader = match usage {
+        Usage::Nvml => match crate::nvml::UsageReader::open() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(%e, "cannot read GPU memory in use; heartbeats will not report it");
+                None
+            }
+        },
+        Usage::Fixed(_) => None,
+    };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -107,8 +119,17 @@ async fn heartbeats(
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let usage = match (&usage, &reader) {
+            (Usage::Fixed(fixed), _) => fixed.clone(),
+            (Usage::Nvml, Some(r)) => r.read().unwrap_or_else(|e| {
+                tracing::warn!(%e, "cannot read GPU memory in use");
+                Vec::new()
+            }),
+            (Usage::Nvml, None) => Vec::new(),
+        };
         let beat = StatusMsg::Heartbeat {
             worker_id: worker_id.clone(),
+            usage,
         };
         match bus.publish_status(&worker_id, &beat).await {
             Ok(()) => {
@@ -192,20 +213,24 @@ async fn apply(
 ) -> Result<(), BusError> {
     let label = AgentStats::worker(worker_id);
     let instance_report =
-        |instance_id: &str, version: i64, state: ReportedState| StatusMsg::Instance {
+        |instance_id: &str, version: i64, state: ReportedState, shared| StatusMsg::Instance {
             worker_id: worker_id.to_owned(),
             instance_id: instance_id.to_owned(),
             version,
             state,
             reason: None,
+            shared,
         };
     match msg {
         AgentMsg::Assign {
             instance_id,
             version,
             gpus,
+            workers,
             ..
         } => {
+            // One part of an instance spread over several workers: it runs once all do.
+            let shared = workers.len() > 1;
             stats.assigned.get_or_create(&label).inc();
             let span = tracing::info_span!("assign", instance_id, version);
             let _enter = span.enter();
@@ -227,15 +252,15 @@ async fn apply(
             report(
                 bus,
                 worker_id,
-                &instance_report(&instance_id, version, ReportedState::Starting),
+                &instance_report(&instance_id, version, ReportedState::Starting, shared),
             )
             .await?;
-            tracing::info!(?gpus, "backend started (simulated)");
+            tracing::info!(?gpus, ?workers, "backend started (simulated)");
             backends.running.insert(instance_id.clone(), version);
             report(
                 bus,
                 worker_id,
-                &instance_report(&instance_id, version, ReportedState::Running),
+                &instance_report(&instance_id, version, ReportedState::Running, shared),
             )
             .await
         }
@@ -263,7 +288,7 @@ async fn apply(
             report(
                 bus,
                 worker_id,
-                &instance_report(&instance_id, version, ReportedState::Stopped),
+                &instance_report(&instance_id, version, ReportedState::Stopped, false),
             )
             .await
         }

@@ -135,6 +135,8 @@ async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: System
                 gpus,
                 vram_bytes_per_gpu: bytes_per_gpu,
                 spec,
+                gpu_bytes: Vec::new(),
+                workers: Vec::new(),
             };
             match ctx.bus.publish_agent(&worker_id, &assign).await {
                 Ok(()) => Handled::Done,

@@ -2,7 +2,7 @@
 //! estimate from its model (a file's headers, a profile, or numbers) and backend options.
 //! Profiles read from files are cached by path, size and modification time.
 
-use berth_fit::{EstimateOptions, LlamaCppOptions, ModelProfile, ModelRef, Request, estimate};
+use berth_fit::{EstimateOptions, LlamaCppOptions, ModelProfile, ModelRef, Request, Shape, shapes};
 use berth_proto::StartSpec;
 use std::{
     collections::HashMap,
@@ -48,14 +48,21 @@ impl ProfileCache {
         Ok(profile)
     }
 
-    /// The fit request for `spec`: its explicit claim, or the estimate for its model.
+    /// The fit request for `spec`: its explicit claim, or the shapes its model can run in
+    /// (an estimate per shape), with where it may run.
     pub async fn request(&self, spec: &StartSpec) -> Result<Request, String> {
+        let base = Request {
+            shapes: Vec::new(),
+            selector: spec.selector.clone(),
+            gpu_name: spec.gpu_name.clone(),
+            gpu_ids: spec.gpu_ids.clone(),
+            group: spec.group().map(str::to_owned),
+        };
         if spec.vram_bytes > 0 || spec.model_ref.is_none() {
+            let gpus = u32::try_from(spec.gpu_count()).unwrap_or(u32::MAX);
             return Ok(Request {
-                vram_per_gpu: spec.vram_per_gpu(),
-                gpus: spec.gpu_count(),
-                selector: spec.selector.clone(),
-                gpu_name: spec.gpu_name.clone(),
+                shapes: vec![Shape::new(spec.vram_per_gpu(), gpus)],
+                ..base
             });
         }
         let Some(model) = &spec.model_ref else {
@@ -68,12 +75,8 @@ impl ProfileCache {
                 ..Default::default()
             })
         });
-        let est = estimate(&profile, &options).map_err(|e| e.to_string())?;
-        Ok(Request {
-            vram_per_gpu: est.max_per_gpu(),
-            gpus: est.gpu_count().max(1),
-            selector: spec.selector.clone(),
-            gpu_name: spec.gpu_name.clone(),
-        })
+        let scaling = spec.scaling.clone().unwrap_or_default();
+        let shapes = shapes(&profile, &options, &scaling).map_err(|e| e.to_string())?;
+        Ok(Request { shapes, ..base })
     }
 }

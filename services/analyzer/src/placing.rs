@@ -1,10 +1,16 @@
 //! From intent to placement: the superseded check, the fit, and the CAS commit.
 
 use crate::{FitRecord, context::Ctx, intake::Handled};
-use berth_fit::{FitError, Gpu, Worker};
+use berth_fit::{FitError, Gpu, Placement, Request, Worker};
 use berth_proto::{AgentMsg, StartSpec};
-use berth_store::{GpuRow, StoreError, WorkerRow, placement::CommitOutcome};
-use std::{collections::BTreeMap, time::SystemTime};
+use berth_store::{
+    GpuRow, StoreError, WorkerRow,
+    placement::{CommitOutcome, GpuClaim},
+};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::SystemTime,
+};
 
 /// Places `id` (now `analyzing` at `version` for command `seq`), or leaves it `pending` with
 /// the reason nothing fits.
@@ -85,7 +91,6 @@ async fn place_until_settled(
             };
         }
     };
-    let bytes_per_gpu = i64::try_from(request.vram_per_gpu).unwrap_or(i64::MAX);
     let mut refreshed_for_no_fit = false;
     for attempt in 0..=ctx.config.max_refits {
         if !ctx.snapshot.is_loaded()
@@ -127,7 +132,12 @@ async fn place_until_settled(
                 return settle_pending(ctx, id, seq, version, &request, &reason).await;
             }
         };
-        let outcome = commit(ctx, id, version, bytes_per_gpu, &placement, token).await;
+        let shape = request
+            .shapes
+            .get(placement.shape)
+            .map(|s| s.label.as_str())
+            .unwrap_or_default();
+        let outcome = commit(ctx, id, version, &request, &placement, token).await;
         match &outcome {
             Some(Ok(CommitOutcome::Committed(_))) => ctx.snapshot.settle(&hold),
             _ => ctx.snapshot.release(&hold),
@@ -136,16 +146,12 @@ async fn place_until_settled(
             None => return Handled::Done,
             Some(Ok(CommitOutcome::Committed(t))) => {
                 ctx.stats.placements_committed.inc();
-                let assign = AgentMsg::Assign {
-                    instance_id: id.to_owned(),
-                    version,
-                    gpus: placement.gpus.clone(),
-                    vram_bytes_per_gpu: bytes_per_gpu,
-                    spec: spec.clone(),
-                };
+                if !shape.is_empty() {
+                    tracing::info!(shape, workers = placement.parts.len(), "placed");
+                }
                 crate::commands::announce(ctx, &t).await;
-                // If this fails the message is redelivered and the assignment sent again.
-                return match ctx.bus.publish_agent(&placement.worker_id, &assign).await {
+                // If this fails the message is redelivered and the assignments sent again.
+                return match send_assignments(ctx, id, version, spec, &placement).await {
                     Ok(()) => Handled::Done,
                     Err(e) => {
                         tracing::warn!(%e, "cannot send assignment; will retry");
@@ -181,13 +187,56 @@ async fn place_until_settled(
     settle_pending(ctx, id, seq, version, &request, &reason).await
 }
 
+/// One assignment per worker of the placement, each naming all of them when there are
+/// several.
+async fn send_assignments(
+    ctx: &Ctx,
+    id: &str,
+    version: i64,
+    spec: &StartSpec,
+    placement: &Placement,
+) -> Result<(), berth_bus::BusError> {
+    let workers: Vec<String> = if placement.parts.len() > 1 {
+        placement
+            .parts
+            .iter()
+            .map(|p| p.worker_id.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for part in &placement.parts {
+        let bytes: Vec<i64> = part.gpus.iter().map(|s| to_i64(s.bytes)).collect();
+        let max = to_i64(part.max_bytes());
+        let assign = AgentMsg::Assign {
+            instance_id: id.to_owned(),
+            version,
+            gpus: part.indexes(),
+            vram_bytes_per_gpu: max,
+            spec: spec.clone(),
+            gpu_bytes: if bytes.iter().all(|b| *b == max) {
+                Vec::new()
+            } else {
+                bytes
+            },
+            workers: workers.clone(),
+        };
+        ctx.bus.publish_agent(&part.worker_id, &assign).await?;
+    }
+    Ok(())
+}
+
+fn to_i64(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
 /// The hook, the last cancellation check, and the CAS commit. `None`: cancelled.
 async fn commit(
     ctx: &Ctx,
     id: &str,
     version: i64,
-    bytes_per_gpu: i64,
-    placement: &berth_fit::Placement,
+    request: &Request,
+    placement: &Placement,
     token: &tokio_util::sync::CancellationToken,
 ) -> Option<Result<CommitOutcome, StoreError>> {
     if let Some(hook) = &ctx.hooks.before_commit {
@@ -202,15 +251,20 @@ async fn commit(
         return None;
     }
     let began = std::time::Instant::now();
+    let claims: Vec<GpuClaim> = placement
+        .parts
+        .iter()
+        .flat_map(|part| {
+            part.gpus.iter().map(|slot| GpuClaim {
+                worker_id: part.worker_id.clone(),
+                idx: slot.index,
+                bytes: to_i64(slot.bytes),
+            })
+        })
+        .collect();
     let committed = ctx
         .store
-        .commit_placement(
-            id,
-            version,
-            &placement.worker_id,
-            &placement.gpus,
-            bytes_per_gpu,
-        )
+        .commit_claims(id, version, &claims, request.group.as_deref())
         .await;
     ctx.stats.commit_micros.record(began.elapsed());
     Some(committed)
@@ -221,7 +275,7 @@ async fn settle_pending(
     id: &str,
     seq: u64,
     version: i64,
-    request: &berth_fit::Request,
+    request: &Request,
     reason: &str,
 ) -> Handled {
     match ctx.store.mark_pending(id, version, reason).await {
@@ -254,8 +308,18 @@ fn transient(e: &StoreError) -> Handled {
     Handled::Retry
 }
 
-/// The fit's view of the cluster: free VRAM per GPU, labels per worker.
-pub(crate) fn to_fit_workers(capacity: Vec<(WorkerRow, Vec<GpuRow>)>) -> Vec<Worker> {
+/// The fit's view of the cluster: free VRAM per GPU, labels and replica counts per worker.
+pub(crate) fn to_fit_workers(
+    capacity: Vec<(WorkerRow, Vec<GpuRow>)>,
+    replicas: Vec<(String, String, i64)>,
+) -> Vec<Worker> {
+    let mut per_worker: HashMap<String, BTreeMap<String, u32>> = HashMap::new();
+    for (worker, group, n) in replicas {
+        per_worker
+            .entry(worker)
+            .or_default()
+            .insert(group, u32::try_from(n).unwrap_or(u32::MAX));
+    }
     capacity
         .into_iter()
         .map(|(w, gpus)| Worker {
@@ -267,9 +331,12 @@ pub(crate) fn to_fit_workers(capacity: Vec<(WorkerRow, Vec<GpuRow>)>) -> Vec<Wor
                 .map(|g| Gpu {
                     index: g.idx.unsigned_abs(),
                     name: g.name.clone(),
+                    uuid: g.uuid.clone(),
+                    total_bytes: u64::try_from(g.total_bytes).unwrap_or(0),
                     free_bytes: u64::try_from(g.free_bytes()).unwrap_or(0),
                 })
                 .collect(),
+            replicas: per_worker.remove(&w.id).unwrap_or_default(),
             id: w.id,
         })
         .collect()

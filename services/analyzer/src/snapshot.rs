@@ -8,7 +8,7 @@
 //! database refuses, never overcommits), not correctness.
 
 use crate::placing::to_fit_workers;
-use berth_fit::{FitError, Placement, Policy, Request, Worker, explain_no_fit, place};
+use berth_fit::{FitError, Placement, Policy, Request, Worker, place, place_from};
 use berth_store::{Store, StoreError};
 use std::{
     collections::HashMap,
@@ -17,13 +17,12 @@ use std::{
     time::Instant,
 };
 
-/// GPUs held by a fit until its commit settles.
+/// GPUs (and a replica of the group) held by a fit until its commit settles.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hold {
     id: u64,
-    worker: String,
-    gpus: Vec<u32>,
-    bytes: u64,
+    placement: Placement,
+    group: Option<String>,
 }
 
 #[derive(Debug)]
@@ -58,20 +57,11 @@ impl Default for Snapshot {
 }
 
 impl Inner {
-    fn adjust(&mut self, hold: &Hold, add: bool) {
-        let Some(&w) = self.by_id.get(&hold.worker) else {
-            return;
-        };
-        for g in self.workers[w]
-            .gpus
-            .iter_mut()
-            .filter(|g| hold.gpus.contains(&g.index))
-        {
-            g.free_bytes = if add {
-                g.free_bytes.saturating_add(hold.bytes)
-            } else {
-                g.free_bytes.saturating_sub(hold.bytes)
-            };
+    fn adjust(&mut self, hold: &Hold, give_back: bool) {
+        for part in &hold.placement.parts {
+            if let Some(&w) = self.by_id.get(&part.worker_id) {
+                part.apply(&mut self.workers[w], hold.group.as_deref(), give_back);
+            }
         }
     }
 }
@@ -85,7 +75,9 @@ impl Snapshot {
 
     async fn reload(&self, store: &Store) -> Result<(), StoreError> {
         let started = Instant::now();
-        let workers = to_fit_workers(store.capacity().await?);
+        let capacity = store.capacity().await?;
+        let replicas = store.replicas().await?;
+        let workers = to_fit_workers(capacity, replicas);
         let Ok(mut inner) = self.inner.lock() else {
             return Ok(());
         };
@@ -153,39 +145,13 @@ impl Snapshot {
                 "internal error: capacity view unavailable".into(),
             ));
         };
-        let n = inner.workers.len();
-        let start = if n == 0 {
-            0
-        } else {
-            (hash(salt) % n as u64) as usize
-        };
-        let (tail, head) = (&inner.workers[start..], &inner.workers[..start]);
-        let first = place(tail, request, policy, cancelled);
-        let second = place(head, request, policy, cancelled);
-        let chosen = match (first, second) {
-            (Err(FitError::Cancelled), _) | (_, Err(FitError::Cancelled)) => {
-                return Err(FitError::Cancelled);
-            }
-            (Ok(a), Ok(b)) => {
-                let (sa, sb) = (leftover(&inner, &a, request), leftover(&inner, &b, request));
-                let b_better = match policy {
-                    Policy::Binpack => sb < sa,
-                    Policy::Spread => sb > sa,
-                };
-                if b_better { b } else { a }
-            }
-            (Ok(a), Err(_)) => a,
-            (Err(_), Ok(b)) => b,
-            (Err(_), Err(_)) => {
-                return Err(FitError::NoFit(explain_no_fit(&inner.workers, request)));
-            }
-        };
+        let first = usize::try_from(hash(salt)).unwrap_or(0);
+        let chosen = place_from(&inner.workers, first, request, policy, cancelled)?;
         inner.next_hold += 1;
         let hold = Hold {
             id: inner.next_hold,
-            worker: chosen.worker_id.clone(),
-            gpus: chosen.gpus.clone(),
-            bytes: request.vram_per_gpu,
+            placement: chosen.clone(),
+            group: request.group.clone(),
         };
         inner.adjust(&hold, false);
         inner.holds.insert(hold.id, hold.clone());
@@ -207,19 +173,6 @@ impl Snapshot {
             inner.adjust(hold, true);
         }
     }
-}
-
-/// Free VRAM the placement would leave on its GPUs.
-fn leftover(inner: &Inner, p: &Placement, request: &Request) -> u128 {
-    let Some(&w) = inner.by_id.get(&p.worker_id) else {
-        return 0;
-    };
-    inner.workers[w]
-        .gpus
-        .iter()
-        .filter(|g| p.gpus.contains(&g.index))
-        .map(|g| u128::from(g.free_bytes.saturating_sub(request.vram_per_gpu)))
-        .sum()
 }
 
 fn hash(s: &str) -> u64 {

@@ -37,27 +37,42 @@ async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
             ctx.wake.notify_one();
             done
         }
-        StatusMsg::Heartbeat { worker_id } => match ctx.store.heartbeat(worker_id).await {
-            Ok(Some(true)) => {
-                tracing::info!(worker_id, "worker answers again: schedulable");
-                ctx.wake.notify_one();
-                Ok(())
+        StatusMsg::Heartbeat { worker_id, usage } => {
+            match ctx.store.heartbeat(worker_id, usage).await {
+                Ok(Some(beat)) => {
+                    if beat.back {
+                        tracing::info!(worker_id, "worker answers again: schedulable");
+                    }
+                    if beat.back || beat.freed {
+                        // Capacity came back: pending instances may fit now.
+                        ctx.wake.notify_one();
+                    }
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
             }
-            Ok(_) => Ok(()),
-            Err(e) => Err(e),
-        },
+        }
         StatusMsg::Instance {
             worker_id,
             instance_id,
             version,
             state,
             reason,
+            shared,
         } => {
             let span = tracing::info_span!("report", instance_id, version, worker_id);
             let _enter = span.enter();
             match ctx
                 .store
-                .apply_report(worker_id, instance_id, *version, *state, reason.as_deref())
+                .apply_report(
+                    worker_id,
+                    instance_id,
+                    *version,
+                    *state,
+                    reason.as_deref(),
+                    *shared,
+                )
                 .await
             {
                 Ok(transitions) => {

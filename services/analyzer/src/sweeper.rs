@@ -57,9 +57,9 @@ pub async fn wake_pending(ctx: &Ctx) -> Result<(), StoreError> {
         let Ok(p) = place(&workers, &request, ctx.config.policy, &|| false) else {
             continue;
         };
-        if let Some(w) = workers.iter_mut().find(|w| w.id == p.worker_id) {
-            for g in w.gpus.iter_mut().filter(|g| p.gpus.contains(&g.index)) {
-                g.free_bytes = g.free_bytes.saturating_sub(request.vram_per_gpu);
+        for part in &p.parts {
+            if let Some(w) = workers.iter_mut().find(|w| w.id == part.worker_id) {
+                part.apply(w, request.group.as_deref(), false);
             }
         }
         republish(ctx, &row.id, row.cmd_seq).await;

@@ -2,7 +2,8 @@
 
 use anyhow::{Context, Result, bail};
 use berth_fit::{
-    EstimateOptions, KvCacheType, LlamaCppOptions, VllmOptions, estimate, profile_from_path,
+    EstimateOptions, KvCacheType, LlamaCppOptions, Scaling, Shape, VllmOptions, estimate,
+    profile_from_path, shapes,
 };
 use clap::Args;
 use std::path::PathBuf;
@@ -75,6 +76,36 @@ impl BackendArgs {
     }
 }
 
+/// How far the placement search may scale a model, shared by `berth estimate` and
+/// `berth start --model-file`.
+#[derive(Debug, Clone, Args)]
+pub struct ScalingArgs {
+    /// Try every GPU count up to this many on one worker that the model can be split over
+    /// (vLLM tensor-parallel sizes), fewest first.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(berth_fit::MAX_SEARCH_GPUS)))]
+    max_gpus: Option<u32>,
+    /// Allow spreading the model over up to this many workers (one pipeline stage each)
+    /// when it fits on no single worker.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(berth_fit::MAX_SEARCH_WORKERS)))]
+    max_workers: Option<u32>,
+    /// llama.cpp: keep some layers in host memory when no full offload fits.
+    #[arg(long)]
+    partial_offload: bool,
+}
+
+impl ScalingArgs {
+    /// The scaling asked for, `None` when no flag was given.
+    pub fn scaling(&self) -> Option<Scaling> {
+        (self.max_gpus.is_some() || self.max_workers.is_some() || self.partial_offload).then_some(
+            Scaling {
+                max_gpus: self.max_gpus,
+                max_workers: self.max_workers,
+                partial_offload: self.partial_offload,
+            },
+        )
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct EstimateArgs {
     /// A GGUF file, or a Hugging Face model directory (config.json + safetensors or index).
@@ -84,6 +115,9 @@ pub struct EstimateArgs {
     gpus: u32,
     #[command(flatten)]
     backend: BackendArgs,
+    /// With these, also list the shapes the placement search would try, in order.
+    #[command(flatten)]
+    scaling: ScalingArgs,
     /// Print JSON (profile and estimate) instead of a table.
     #[arg(long)]
     json: bool,
@@ -94,8 +128,17 @@ pub fn run(args: &EstimateArgs) -> Result<()> {
         .with_context(|| format!("reading model {}", args.path.display()))?;
     let options = args.backend.options(args.gpus)?;
     let est = estimate(&profile, &options)?;
+    let shapes = args
+        .scaling
+        .scaling()
+        .map(|s| shapes(&profile, &options, &s))
+        .transpose()?;
     if args.json {
-        let doc = serde_json::json!({ "profile": profile, "options": options, "estimate": est });
+        let mut doc =
+            serde_json::json!({ "profile": profile, "options": options, "estimate": est });
+        if let Some(shapes) = &shapes {
+            doc["shapes"] = serde_json::to_value(shapes)?;
+        }
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
@@ -111,5 +154,36 @@ pub fn run(args: &EstimateArgs) -> Result<()> {
         profile.parameters
     );
     print!("{}", est.to_table());
+    if let Some(shapes) = shapes {
+        println!("\nplacement shapes, tried in order (the first that fits anywhere wins):");
+        print!("{}", shapes_table(&shapes));
+    }
     Ok(())
+}
+
+fn shapes_table(shapes: &[Shape]) -> String {
+    let mut table = comfy_table::Table::new();
+    table.load_style(comfy_table::presets::NOTHING).set_header([
+        "SHAPE",
+        "WORKERS",
+        "GPUS/WORKER",
+        "NEEDS/GPU",
+    ]);
+    for s in shapes {
+        let need = bytesize::ByteSize::b(s.vram_per_gpu)
+            .display()
+            .iec()
+            .to_string();
+        let need = match s.claim {
+            Some(c) => format!("{:.0}% of the GPU (≥ {need})", c.fraction * 100.0),
+            None => need,
+        };
+        table.add_row([
+            s.label.clone(),
+            s.workers.to_string(),
+            s.gpus_per_worker.to_string(),
+            need,
+        ]);
+    }
+    format!("{table}\n")
 }

@@ -25,6 +25,8 @@ struct Row {
     state: String,
     worker: Option<String>,
     gpus: Vec<i32>,
+    /// Every GPU as `worker:index`: an instance may span several workers.
+    gpu_ids: Vec<String>,
     vram_per_gpu: Option<i64>,
     version: i64,
     cmd_seq: i64,
@@ -53,7 +55,11 @@ pub async fn run(database_url: &str, nats_url: &str, args: PsArgs) -> Result<()>
                 .collect();
             Row {
                 gpus: mine.iter().map(|a| a.gpu_idx).collect(),
-                vram_per_gpu: mine.first().map(|a| a.bytes),
+                gpu_ids: mine
+                    .iter()
+                    .map(|a| format!("{}:{}", a.worker_id, a.gpu_idx))
+                    .collect(),
+                vram_per_gpu: mine.iter().map(|a| a.bytes).max(),
                 worker: i.worker_id,
                 state: i.state,
                 version: i.version,
@@ -72,15 +78,12 @@ pub async fn run(database_url: &str, nats_url: &str, args: PsArgs) -> Result<()>
         "INSTANCE", "STATE", "WORKER", "GPUS", "VRAM/GPU", "VERSION", "REASON",
     ]);
     for r in rows {
+        let gpus = gpus_cell(&r);
         table.add_row([
             r.instance,
             r.state,
             r.worker.unwrap_or_default(),
-            r.gpus
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
+            gpus,
             r.vram_per_gpu.map(format_bytes).unwrap_or_default(),
             r.version.to_string(),
             r.reason.unwrap_or_default(),
@@ -88,6 +91,23 @@ pub async fn run(database_url: &str, nats_url: &str, args: PsArgs) -> Result<()>
     }
     println!("{table}");
     Ok(())
+}
+
+/// GPU indexes on the instance's worker, or `worker:index` for each when it spans several.
+fn gpus_cell(r: &Row) -> String {
+    let one_worker = r.gpu_ids.iter().all(|g| {
+        g.rsplit_once(':')
+            .is_some_and(|(w, _)| Some(w) == r.worker.as_deref())
+    });
+    if one_worker {
+        r.gpus
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    } else {
+        r.gpu_ids.join(",")
+    }
 }
 
 /// `berth ps --explain ID`.

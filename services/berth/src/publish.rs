@@ -33,6 +33,15 @@ pub struct StartArgs {
     /// Worker label that must match, key=value; repeat for several.
     #[arg(long = "selector", value_parser = parse_label)]
     selector: Vec<(String, String)>,
+    /// Only this GPU, as worker:index or a GPU UUID; repeat for several.
+    #[arg(long = "gpu-id", value_name = "ID")]
+    gpu_ids: Vec<String>,
+    #[command(flatten)]
+    scaling: crate::estimate::ScalingArgs,
+    /// Replicas of one group are kept on different workers under the spread policy
+    /// (default: --model).
+    #[arg(long)]
+    replica_group: Option<String>,
     #[command(flatten)]
     wait: WaitArgs,
 }
@@ -110,6 +119,9 @@ pub async fn start(nats_url: &str, args: StartArgs) -> Result<()> {
         gpu_name: args.gpu_name,
         model_ref,
         backend,
+        gpu_ids: args.gpu_ids,
+        scaling: args.scaling.scaling(),
+        replica_group: args.replica_group,
     };
     if let Err(e) = spec.validate() {
         bail!("invalid start: {e}");

@@ -49,6 +49,33 @@ fn bad_arguments_are_refused_with_a_clear_error() {
             "gpu_name must be",
         ),
         (&["start", "m"], "--vram"),
+        (
+            &["start", "m", "--vram", "1GiB", "--max-gpus", "2"],
+            "scaling needs model_ref",
+        ),
+        (
+            &["start", "m", "--model-file", "/m.gguf", "--max-gpus", "0"],
+            "--max-gpus",
+        ),
+        (
+            &[
+                "start",
+                "m",
+                "--model-file",
+                "/m.gguf",
+                "--max-workers",
+                "17",
+            ],
+            "--max-workers",
+        ),
+        (
+            &["start", "m", "--vram", "1GiB", "--gpu-id", ""],
+            "gpu_ids takes",
+        ),
+        (
+            &["start", "m", "--vram", "1GiB", "--replica-group", ""],
+            "replica_group must be",
+        ),
         (&["stop", "has space"], "contains ' '"),
         (&["frobnicate"], "unrecognized subcommand"),
         (
@@ -199,6 +226,37 @@ fn estimate_reads_model_files() {
         "{doc}"
     );
     assert_eq!(doc["profile"]["layers"], 16);
+
+    // With scaling flags it lists the shapes the search would try: 32 heads and 8 KV heads
+    // allow tensor-parallel sizes 1, 2 and 4 up to --max-gpus 4, then two workers.
+    let out = berth(
+        &[
+            "estimate",
+            path,
+            "--backend",
+            "vllm",
+            "--max-gpus",
+            "4",
+            "--max-workers",
+            "2",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    let order: Vec<usize> = ["tp=1 ", "tp=2 ", "tp=4 ", "pp=2 × tp=1 "]
+        .iter()
+        .map(|l| {
+            table
+                .find(l)
+                .unwrap_or_else(|| panic!("no {l:?} in\n{table}"))
+        })
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{table}");
+    assert!(!table.contains("tp=3"), "{table}");
+    let out = berth(&["estimate", path, "--max-gpus", "2", "--json"], &[]);
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(doc["shapes"].as_array().map(Vec::len), Some(2), "{doc}");
 
     // The real GGUF, when ops/fetch-models.sh has fetched it.
     let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.berth/models");

@@ -10,9 +10,8 @@ pub use llama_cpp::{KvCacheType, LlamaCppOptions};
 pub use vllm::{VllmKvDtype, VllmOptions};
 
 use crate::profile::ModelProfile;
-use crate::{Request, gib};
+use crate::{Shape, gib};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::fmt::Write;
 
 pub(crate) const MIB: u64 = 1 << 20;
@@ -99,6 +98,19 @@ pub struct Claim {
     pub extra_bytes: u64,
 }
 
+impl Claim {
+    /// The bytes claimed on a GPU of `total_bytes`: `⌈fraction × total⌉ + extra`.
+    pub fn share_of(&self, total_bytes: u64) -> u64 {
+        let share = (total_bytes as f64 * self.fraction).ceil();
+        let share = if share.is_finite() && share >= 0.0 {
+            share.min(u64::MAX as f64) as u64
+        } else {
+            0
+        };
+        share.saturating_add(self.extra_bytes)
+    }
+}
+
 /// A memory estimate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Estimate {
@@ -177,55 +189,32 @@ impl Estimate {
     }
 
     /// What the instance reserves on a GPU with `gpu_total_bytes` of memory: the claimed
-    /// share when the backend claims one, else the estimate. Never less than the estimate.
+    /// share when the backend claims one (and the share holds the need), else the estimate.
     pub fn claim_on(&self, gpu_total_bytes: u64) -> u64 {
-        let need = self.max_per_gpu();
-        match self.claim {
-            None => need,
-            Some(c) => {
-                let share = (gpu_total_bytes as f64 * c.fraction).ceil();
-                let share = if share.is_finite() && share >= 0.0 {
-                    share.min(u64::MAX as f64) as u64
-                } else {
-                    0
-                };
-                share.saturating_add(c.extra_bytes).max(need)
-            }
-        }
+        self.shape(String::new())
+            .need_on(gpu_total_bytes)
+            .unwrap_or_else(|| self.max_per_gpu())
     }
 
     /// Whether the instance can start on a GPU with `gpu_total_bytes` of memory of which
     /// `free_bytes` are free: the claim must be free, and for a claiming backend the
     /// estimate must fit inside the claimed share (vLLM refuses to start otherwise).
     pub fn fits_gpu(&self, gpu_total_bytes: u64, free_bytes: u64) -> bool {
-        let need = self.max_per_gpu();
-        let inside = match self.claim {
-            None => true,
-            Some(c) => {
-                let share = gpu_total_bytes as f64 * c.fraction + c.extra_bytes as f64;
-                share >= need as f64
-            }
-        };
-        inside && self.claim_on(gpu_total_bytes) <= free_bytes
+        self.shape(String::new())
+            .need_on(gpu_total_bytes)
+            .is_some_and(|need| need <= free_bytes)
     }
 
-    /// A placement request for this estimate: as many GPUs as it uses, each with the largest
-    /// per-GPU need free. For a claiming backend, pass the GPU size to claim on (GPUs of
-    /// different sizes need different requests).
-    pub fn request(
-        &self,
-        selector: BTreeMap<String, String>,
-        gpu_total_bytes: Option<u64>,
-    ) -> Request {
-        let vram_per_gpu = match (self.claim, gpu_total_bytes) {
-            (Some(_), Some(total)) => self.claim_on(total),
-            _ => self.max_per_gpu(),
-        };
-        Request {
-            vram_per_gpu,
-            gpus: self.gpu_count(),
-            selector,
-            gpu_name: None,
+    /// The placement shape of this estimate on one worker: as many GPUs as it uses, each
+    /// with the largest per-GPU need free (or the claimed share, for a claiming backend).
+    pub fn shape(&self, label: String) -> Shape {
+        Shape {
+            claim: self.claim,
+            label,
+            ..Shape::new(
+                self.max_per_gpu(),
+                u32::try_from(self.gpu_count()).unwrap_or(u32::MAX),
+            )
         }
     }
 
@@ -346,8 +335,11 @@ mod tests {
         assert_eq!(e.gpu_count(), 2);
         assert_eq!(e.max_per_gpu(), 5 * GIB);
         assert_eq!(e.total().total, 10 * GIB);
-        let r = e.request(BTreeMap::new(), None);
-        assert_eq!((r.vram_per_gpu, r.gpus), (5 * GIB, 2));
+        let s = e.shape("x".into());
+        assert_eq!(
+            (s.vram_per_gpu, s.gpus_per_worker, s.workers),
+            (5 * GIB, 2, 1)
+        );
     }
 
     #[test]
@@ -372,10 +364,8 @@ mod tests {
         assert!(!e.fits_gpu(24 * GIB, 24 * GIB));
         assert!(e.fits_gpu(80 * GIB, 41 * GIB));
         assert!(!e.fits_gpu(80 * GIB, 40 * GIB));
-        assert_eq!(
-            e.request(BTreeMap::new(), Some(80 * GIB)).vram_per_gpu,
-            41 * GIB
-        );
+        assert_eq!(e.shape(String::new()).need_on(80 * GIB), Some(41 * GIB));
+        assert_eq!(e.shape(String::new()).need_on(24 * GIB), None);
     }
 
     #[test]

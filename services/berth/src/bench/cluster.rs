@@ -100,6 +100,7 @@ pub async fn bulk_agent(
                         version,
                         state,
                         reason: None,
+                        shared: false,
                     };
                     let _ = bus.publish_status(&worker, &status).await;
                 }
