@@ -90,10 +90,17 @@ impl Request {
         let kind = self
             .gpu_name
             .as_deref()
-            .is_none_or(|want| gpu.name.to_lowercase().contains(&want.to_lowercase()));
+            .is_none_or(|want| contains_ignore_case(&gpu.name, want));
         kind && (self.gpu_ids.is_empty()
             || self.gpu_ids.iter().any(|id| names_gpu(id, worker_id, gpu)))
     }
+}
+
+/// Whether `haystack` contains `needle`, ignoring ASCII case, without allocating: it runs
+/// for every GPU of every worker the search meets.
+fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
+    let (h, n) = (haystack.as_bytes(), needle.as_bytes());
+    n.is_empty() || h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
 }
 
 /// Whether `id` (`worker:index` or a UUID) names `gpu` on `worker_id`.

@@ -111,14 +111,12 @@ pub fn place_from(
     };
     let order = || workers[first..].iter().chain(&workers[..first]);
     for (i, shape) in request.shapes.iter().enumerate() {
-        let mut all = candidates(order(), request, shape, policy, cancelled)?;
         let want = shape.workers.max(1) as usize;
-        if all.len() < want {
+        let best = best_candidates(order(), want, request, shape, policy, cancelled)?;
+        if best.len() < want {
             continue;
         }
-        // Stable: equal ranks keep the order the workers were met in.
-        all.sort_by_key(|c| c.rank(policy));
-        let parts = all.into_iter().take(want).map(Candidate::part).collect();
+        let parts = best.into_iter().map(Candidate::part).collect();
         return Ok(Placement { shape: i, parts });
     }
     Err(FitError::NoFit(explain_no_fit(workers, request)))
@@ -151,22 +149,36 @@ impl Candidate<'_> {
     }
 }
 
-/// Every worker that can take the shape's share, polling `cancelled` between workers.
-fn candidates<'w>(
+/// The best `want` workers that can take the shape's share, best first (fewer when fewer
+/// can), polling `cancelled` between workers.
+fn best_candidates<'w>(
     workers: impl Iterator<Item = &'w Worker>,
+    want: usize,
     request: &Request,
     shape: &Shape,
     policy: Policy,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<Vec<Candidate<'w>>, FitError> {
-    let mut all = Vec::new();
+    // Stable sorts keep equal ranks in the order the workers were met: ties go to the first.
+    let prune = |best: &mut Vec<Candidate<'w>>| {
+        best.sort_by_key(|c| c.rank(policy));
+        best.truncate(want);
+    };
+    let mut best = Vec::new();
     for worker in workers {
         if cancelled() {
             return Err(FitError::Cancelled);
         }
-        all.extend(candidate(worker, request, shape, policy));
+        if let Some(c) = candidate(worker, request, shape, policy) {
+            best.push(c);
+            // Only the best few are kept, so a large cluster costs no large buffer.
+            if best.len() > 2 * want + 16 {
+                prune(&mut best);
+            }
+        }
     }
-    Ok(all)
+    prune(&mut best);
+    Ok(best)
 }
 
 /// The GPUs of one worker that fit the shape, picked per policy.
