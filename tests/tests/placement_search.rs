@@ -133,6 +133,7 @@ async fn a_model_too_big_for_any_worker_runs_across_two() {
         ..Scaling::default()
     });
     let (one, two) = (shape(&all, "tp=1"), shape(&all, "pp=2 × tp=1"));
+    let spec = &spec;
     assert_eq!((two.workers, two.gpus_per_worker), (2, 1));
     let card_gib = i64::try_from(two.vram_per_gpu.div_ceil(GIB.unsigned_abs())).expect("size");
     assert!(card_gib * GIB < i64::try_from(one.vram_per_gpu).expect("size"));
@@ -141,7 +142,7 @@ async fn a_model_too_big_for_any_worker_runs_across_two() {
     fleet.add_analyzer(Default::default()).await;
     fleet.add_agent(worker("w1", 1, card_gib, &[])).await;
     fleet.add_agent(worker("w2", 1, card_gib, &[])).await;
-    start(&fleet, "big", spec).await;
+    start(&fleet, "big", spec.clone()).await;
     // Running only once both stages reported running.
     let row = fleet.wait_state("big", InstanceState::Running, LIMIT).await;
     let allocs = allocations_of(&fleet, "big").await;
@@ -158,6 +159,36 @@ async fn a_model_too_big_for_any_worker_runs_across_two() {
     fleet.stop_instance("big").await;
     fleet.wait_state("big", InstanceState::Stopped, LIMIT).await;
     assert!(allocations_of(&fleet, "big").await.is_empty());
+    fleet.assert_books_balanced().await;
+
+    // Started again, then one stage fails: the instance is in error and the other stage is
+    // stopped and gives its GPU back.
+    start(&fleet, "big", spec.clone()).await;
+    let row = fleet.wait_state("big", InstanceState::Running, LIMIT).await;
+    let failed = StatusMsg::Instance {
+        worker_id: "w2".into(),
+        instance_id: "big".into(),
+        version: row.version,
+        state: berth_proto::status::ReportedState::Error,
+        reason: Some("CUDA out of memory".into()),
+        shared: true,
+    };
+    fleet
+        .bus
+        .publish_status("w2", &failed)
+        .await
+        .expect("report");
+    let row = fleet.wait_state("big", InstanceState::Error, LIMIT).await;
+    assert_eq!(row.reason.as_deref(), Some("CUDA out of memory"));
+    let store = fleet.store.clone();
+    wait_until("the surviving stage to give its GPU back", LIMIT, || {
+        let store = store.clone();
+        async move {
+            let allocs = store.allocations().await.ok()?;
+            allocs.iter().all(|a| a.instance_id != "big").then_some(())
+        }
+    })
+    .await;
     fleet.assert_books_balanced().await;
 }
 
@@ -371,5 +402,58 @@ async fn memory_used_outside_berth_is_left_alone_and_its_release_wakes_pending()
     fleet
         .wait_state("tight", InstanceState::Running, LIMIT)
         .await;
+    fleet.assert_books_balanced().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_stage_worker_moves_the_whole_instance() {
+    let (_dir, spec, all) = vllm_search(Scaling {
+        max_gpus: Some(1),
+        max_workers: Some(2),
+        ..Scaling::default()
+    });
+    let two = shape(&all, "pp=2 × tp=1");
+    let card_gib = i64::try_from(two.vram_per_gpu.div_ceil(GIB.unsigned_abs())).expect("size");
+
+    let mut fleet = Fleet::start().await;
+    fleet.add_analyzer(Default::default()).await;
+    fleet.add_agent(worker("w1", 1, card_gib, &[])).await;
+    fleet.add_agent(worker("w2", 1, card_gib, &[])).await;
+    start(&fleet, "big", spec).await;
+    let first = fleet.wait_state("big", InstanceState::Running, LIMIT).await;
+    // A third worker appears, then the second stage's worker goes silent.
+    fleet.add_agent(worker("w3", 1, card_gib, &[])).await;
+    let silent = fleet.agents.remove(1);
+    silent.abort();
+    let store = fleet.store.clone();
+    let moved = wait_until("big to run again on w1 and w3", LIMIT, || {
+        let store = store.clone();
+        async move {
+            let row = store.instance("big").await.ok()??;
+            let allocs = store.allocations().await.ok()?;
+            let mut on: Vec<_> = allocs
+                .iter()
+                .filter(|a| a.instance_id == "big")
+                .map(|a| (a.worker_id.clone(), a.version))
+                .collect();
+            on.sort();
+            let placed = on == [("w1".into(), row.version), ("w3".into(), row.version)];
+            (row.state == "running" && placed).then_some(row)
+        }
+    })
+    .await;
+    assert!(moved.version > first.version);
+    let w2 = fleet
+        .store
+        .gpus()
+        .await
+        .expect("gpus")
+        .into_iter()
+        .find(|g| g.worker_id == "w2")
+        .expect("w2's GPU");
+    assert_eq!(
+        w2.reserved_bytes, 0,
+        "the silent worker's share is released"
+    );
     fleet.assert_books_balanced().await;
 }

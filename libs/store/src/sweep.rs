@@ -158,6 +158,24 @@ impl Store {
             .await
     }
 
+    /// Instances that hold GPUs at their current version although they are not placed
+    /// (`pending`, `error`, `stopped`): stages of a multi-worker placement left behind when
+    /// another stage failed or went silent. `(id, version)`, at most `limit`.
+    pub async fn stranded(&self, limit: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(instances::table
+            .filter(instances::state.eq_any(["pending", "error", "stopped"]))
+            .filter(diesel::dsl::exists(
+                allocations::table
+                    .filter(allocations::instance_id.eq(instances::id))
+                    .filter(allocations::version.eq(instances::version)),
+            ))
+            .select((instances::id, instances::version))
+            .limit(limit)
+            .load(&mut conn)
+            .await?)
+    }
+
     /// Instances holding GPUs on `worker_id`.
     pub async fn instances_on(&self, worker_id: &str) -> Result<Vec<String>, StoreError> {
         let mut conn = self.conn().await?;

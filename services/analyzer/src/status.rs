@@ -79,6 +79,12 @@ async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
                     for t in &transitions {
                         ctx.stats.reports_applied.inc();
                         crate::commands::announce(ctx, t).await;
+                        if *shared && t.state == berth_proto::InstanceState::Error {
+                            // One stage failed: the others stop too and give their GPUs back
+                            // (an unassign stops versions below the one it names).
+                            // Best effort: the sweep stops stranded stages it finds later.
+                            crate::sweeper::stop_stranded(ctx, instance_id, t.version).await;
+                        }
                     }
                     if matches!(state, ReportedState::Stopped | ReportedState::Error) {
                         // GPUs were released: pending instances may fit now.

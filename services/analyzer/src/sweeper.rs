@@ -86,6 +86,19 @@ pub async fn republish(ctx: &Ctx, id: &str, cmd_seq: i64) {
     }
 }
 
+/// Stops what still runs of `id`'s placement at `version` after the instance left it (one
+/// stage of an instance spread over several workers failed or went silent): the other
+/// stages hold their GPUs until their agents confirm. An unassign stops versions below the
+/// one it names, hence `version + 1`. Failures are logged; the next sweep tries again.
+pub async fn stop_stranded(ctx: &Ctx, id: &str, version: i64) {
+    match ctx.store.holders(id).await {
+        Ok(holders) => {
+            let _ = crate::commands::unassign(ctx, id, version + 1, &holders).await;
+        }
+        Err(e) => tracing::warn!(%e, instance_id = id, "cannot find the stages to stop"),
+    }
+}
+
 /// One full round: silent workers, gone workers, stuck instances, then pending ones.
 pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
     let cfg = &ctx.config;
@@ -103,6 +116,9 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
             ctx.stats.evictions.inc();
             if let Some(t) = &evicted.transition {
                 announce(ctx, t).await;
+                if evicted.replace {
+                    stop_stranded(ctx, &id, t.version).await;
+                }
             }
         }
     }
@@ -112,6 +128,9 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
         .await?
     {
         republish(ctx, &row.id, row.cmd_seq).await;
+    }
+    for (id, version) in ctx.store.stranded(BATCH).await? {
+        stop_stranded(ctx, &id, version).await;
     }
     for row in ctx
         .store
