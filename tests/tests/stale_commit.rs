@@ -141,3 +141,38 @@ async fn stop_handled_by_another_analyzer_cancels_the_held_fit() {
     assert_eq!(holder.placements_committed.get(), 0);
     assert_nothing_landed(&fleet).await;
 }
+
+/// A command heard on the watch but never stored (here: refused by the stream's
+/// expected-sequence check, as a late copy of an older command would be) cancels the fit at
+/// once; the fit asks the stream, finds nothing newer, and places again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_heard_but_not_newer_costs_a_redo_not_the_placement() {
+    let mut fleet = Fleet::start().await;
+    let (hooks, mut held) = hold_before_commit();
+    let stats = fleet.add_analyzer(hooks).await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+
+    fleet.start_instance("x", 20 * GIB, 1).await;
+    let (_, _, first) = held.recv().await.expect("fit reached the commit");
+    // A plain publish: every subscriber hears it, the stream refuses to store it.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+    let stop = berth_proto::Command::Stop(Default::default())
+        .encode()
+        .expect("encode");
+    fleet
+        .bus
+        .client()
+        .publish_with_headers("berth.cmd.instance.x", headers, stop.into())
+        .await
+        .expect("publish");
+    fleet.bus.client().flush().await.expect("flush");
+    // The held fit is abandoned (its go-ahead is dropped unanswered) and redone.
+    let (_, _, second) = held.recv().await.expect("the fit is redone");
+    drop(first);
+    second.send(()).expect("go ahead");
+    fleet.wait_state("x", InstanceState::Running, LIMIT).await;
+    assert_eq!(stats.false_cancels.get(), 1);
+    assert_eq!(stats.fits_cancelled.get(), 1);
+    fleet.assert_books_balanced().await;
+}

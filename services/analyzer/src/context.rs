@@ -7,6 +7,7 @@ use crate::{
 };
 use async_nats::jetstream::consumer::PullConsumer;
 use berth_bus::Bus;
+use berth_proto::{Command, StartSpec};
 use berth_store::Store;
 use std::{
     collections::HashMap,
@@ -14,6 +15,14 @@ use std::{
 };
 use tokio::{sync::Notify, task::JoinSet};
 use tokio_util::sync::CancellationToken;
+
+/// A fit in flight: its command's sequence and spec, and the token that cancels it.
+#[derive(Debug)]
+pub struct InFlight {
+    seq: u64,
+    spec: StartSpec,
+    token: CancellationToken,
+}
 
 /// What every task of an analyzer shares.
 #[derive(Debug)]
@@ -23,8 +32,8 @@ pub struct Ctx {
     pub bus: Bus,
     pub stats: Arc<Stats>,
     pub hooks: Hooks,
-    /// In-flight fits by instance: the command sequence and the token that cancels the fit.
-    pub in_flight: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    /// In-flight fits by instance.
+    pub in_flight: Mutex<HashMap<String, InFlight>>,
     /// Capacity may have appeared: pending instances should be looked at again.
     pub wake: Notify,
     /// Free VRAM as this analyzer sees it.
@@ -44,18 +53,23 @@ impl Ctx {
     }
 
     /// Registers a fit for `instance_id` at `seq`; cancels an older one in flight here.
-    pub fn begin_fit(&self, instance_id: &str, seq: u64) -> CancellationToken {
+    pub fn begin_fit(&self, instance_id: &str, seq: u64, spec: &StartSpec) -> CancellationToken {
         self.supersede(instance_id, seq);
         let token = CancellationToken::new();
         if let Ok(mut map) = self.in_flight.lock() {
-            map.insert(instance_id.to_owned(), (seq, token.clone()));
+            let fit = InFlight {
+                seq,
+                spec: spec.clone(),
+                token: token.clone(),
+            };
+            map.insert(instance_id.to_owned(), fit);
         }
         token
     }
 
     pub fn end_fit(&self, instance_id: &str, seq: u64) {
         if let Ok(mut map) = self.in_flight.lock()
-            && map.get(instance_id).is_some_and(|(s, _)| *s == seq)
+            && map.get(instance_id).is_some_and(|f| f.seq == seq)
         {
             map.remove(instance_id);
         }
@@ -70,11 +84,27 @@ impl Ctx {
     /// A newer command (`seq`) for `instance_id` arrived: abandon any older fit in flight
     /// here. Returns whether one was cancelled.
     pub fn supersede(&self, instance_id: &str, seq: u64) -> bool {
+        self.cancel_if(instance_id, |f| f.seq < seq)
+    }
+
+    /// A command for `instance_id` was heard, its sequence not known: abandon a fit in
+    /// flight here unless the command is the same start (most likely the fit's own command,
+    /// heard late). The fit confirms with the stream before it gives up for good, so an old
+    /// command heard late costs a redo, never a lost placement.
+    pub fn suspect(&self, instance_id: &str, heard: Option<&Command>) -> bool {
+        self.cancel_if(
+            instance_id,
+            |f| !matches!(heard, Some(Command::Start(spec)) if *spec == f.spec),
+        )
+    }
+
+    fn cancel_if(&self, instance_id: &str, pred: impl Fn(&InFlight) -> bool) -> bool {
         if let Ok(map) = self.in_flight.lock()
-            && let Some((old_seq, token)) = map.get(instance_id)
-            && *old_seq < seq
+            && let Some(fit) = map.get(instance_id)
+            && !fit.token.is_cancelled()
+            && pred(fit)
         {
-            token.cancel();
+            fit.token.cancel();
             return true;
         }
         false

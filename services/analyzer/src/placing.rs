@@ -12,6 +12,13 @@ use std::{
     time::SystemTime,
 };
 
+/// How a placement attempt ended.
+enum Settled {
+    Handled(Handled),
+    /// Abandoned because a newer command was heard (not yet confirmed).
+    Cancelled,
+}
+
 /// Places `id` (now `analyzing` at `version` for command `seq`), or leaves it `pending` with
 /// the reason nothing fits.
 pub async fn place(
@@ -22,48 +29,87 @@ pub async fn place(
     spec: &StartSpec,
     picked_at: SystemTime,
 ) -> Handled {
-    // In flight from here: a newer command heard from now on cancels this fit, and one
-    // stored before is seen by the check below. No gap between the two.
-    let token = ctx.begin_fit(id, seq);
-    // No wasted work: a command that is no longer the newest costs no fit.
-    match ctx.bus.last_command_seq(id).await {
-        Ok(Some(last)) if last > seq => {
-            tracing::debug!(last, "superseded before the fit; skipped");
-            ctx.stats.fits_skipped_superseded.inc();
-            ctx.end_fit(id, seq);
-            return Handled::Done;
-        }
-        Ok(_) => {}
-        Err(e) => {
-            tracing::warn!(%e, "cannot check for newer commands; will retry");
-            ctx.end_fit(id, seq);
-            return Handled::Retry;
-        }
-    }
-    let settled = tokio::time::timeout(
-        ctx.config.fit_timeout,
-        place_until_settled(ctx, id, seq, version, spec, picked_at, &token),
-    )
-    .await;
-    ctx.end_fit(id, seq);
-    match settled {
-        Ok(handled) => handled,
-        Err(_) => {
-            token.cancel();
-            ctx.stats.fits_timed_out.inc();
-            let reason = format!(
-                "placement did not finish within {:?}",
-                ctx.config.fit_timeout
-            );
-            match ctx.store.mark_error(id, version, &reason).await {
-                Ok(Some(t)) => {
-                    crate::commands::announce(ctx, &t).await;
-                    Handled::Done
-                }
-                Ok(None) => Handled::Done,
-                Err(e) => transient(&e),
+    loop {
+        // In flight from here: a newer command heard from now on cancels this fit, and one
+        // stored before is seen by the check below. No gap between the two.
+        let token = ctx.begin_fit(id, seq, spec);
+        // No wasted work: a command that is no longer the newest costs no fit.
+        match ctx.bus.last_command_seq(id).await {
+            Ok(Some(last)) if last > seq => {
+                tracing::debug!(last, "superseded before the fit; skipped");
+                ctx.stats.fits_skipped_superseded.inc();
+                ctx.end_fit(id, seq);
+                return Handled::Done;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%e, "cannot check for newer commands; will retry");
+                ctx.end_fit(id, seq);
+                return Handled::Retry;
             }
         }
+        let settled = tokio::time::timeout(
+            ctx.config.fit_timeout,
+            place_until_settled(ctx, id, seq, version, spec, picked_at, &token),
+        )
+        .await;
+        ctx.end_fit(id, seq);
+        match settled {
+            Ok(Settled::Handled(handled)) => return handled,
+            Ok(Settled::Cancelled) => match confirm_superseded(ctx, id, seq).await {
+                Ok(true) => return Handled::Done,
+                Ok(false) => {
+                    // An older command heard late: nothing newer exists, so place again.
+                    tracing::info!("cancelled by a command that was not newer; placing again");
+                    ctx.stats.false_cancels.inc();
+                }
+                Err(e) => {
+                    tracing::warn!(%e, "cannot confirm the cancellation; will retry");
+                    return Handled::Retry;
+                }
+            },
+            Err(_) => return timed_out(ctx, id, version, &token).await,
+        }
+    }
+}
+
+/// Whether the stream holds a command for `id` newer than `seq`. The plain copy a watch
+/// hears can arrive a moment before the stream has stored it, so a "no" is asked again
+/// shortly before it counts.
+async fn confirm_superseded(ctx: &Ctx, id: &str, seq: u64) -> Result<bool, berth_bus::BusError> {
+    for pause_ms in [0, 2, 20] {
+        tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+        if ctx
+            .bus
+            .last_command_seq(id)
+            .await?
+            .is_some_and(|last| last > seq)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+async fn timed_out(
+    ctx: &Ctx,
+    id: &str,
+    version: i64,
+    token: &tokio_util::sync::CancellationToken,
+) -> Handled {
+    token.cancel();
+    ctx.stats.fits_timed_out.inc();
+    let reason = format!(
+        "placement did not finish within {:?}",
+        ctx.config.fit_timeout
+    );
+    match ctx.store.mark_error(id, version, &reason).await {
+        Ok(Some(t)) => {
+            crate::commands::announce(ctx, &t).await;
+            Handled::Done
+        }
+        Ok(None) => Handled::Done,
+        Err(e) => transient(&e),
     }
 }
 
@@ -76,19 +122,19 @@ async fn place_until_settled(
     spec: &StartSpec,
     picked_at: SystemTime,
     token: &tokio_util::sync::CancellationToken,
-) -> Handled {
+) -> Settled {
     let request = match ctx.profiles.request(spec).await {
         Ok(r) => r,
         Err(reason) => {
             tracing::warn!(reason, "cannot work out what the instance needs");
-            return match ctx.store.mark_error(id, version, &reason).await {
+            return Settled::Handled(match ctx.store.mark_error(id, version, &reason).await {
                 Ok(Some(t)) => {
                     crate::commands::announce(ctx, &t).await;
                     Handled::Done
                 }
                 Ok(None) => Handled::Done,
                 Err(e) => transient(&e),
-            };
+            });
         }
     };
     let mut refreshed_for_no_fit = false;
@@ -96,7 +142,7 @@ async fn place_until_settled(
         if !ctx.snapshot.is_loaded()
             && let Err(e) = ctx.snapshot.refresh(&ctx.store).await
         {
-            return transient(&e);
+            return Settled::Handled(transient(&e));
         }
         ctx.stats.record_fit(FitRecord {
             instance_id: id.to_owned(),
@@ -114,14 +160,14 @@ async fn place_until_settled(
             Ok(found) => found,
             Err(FitError::Cancelled) => {
                 ctx.stats.record_cancel(id);
-                return Handled::Done;
+                return Settled::Cancelled;
             }
             Err(FitError::NoFit(_)) if !refreshed_for_no_fit => {
                 // Before saying "nothing fits", look at the database's view: others may
                 // have freed VRAM since our last refresh.
                 refreshed_for_no_fit = true;
                 if let Err(e) = ctx.snapshot.refresh_since(&ctx.store, began).await {
-                    return transient(&e);
+                    return Settled::Handled(transient(&e));
                 }
                 continue;
             }
@@ -129,7 +175,9 @@ async fn place_until_settled(
                 if let Some(hook) = &ctx.hooks.before_pending {
                     hook(id.to_owned(), version).await;
                 }
-                return settle_pending(ctx, id, seq, version, &request, &reason).await;
+                return Settled::Handled(
+                    settle_pending(ctx, id, seq, version, &request, &reason).await,
+                );
             }
         };
         let shape = request
@@ -143,7 +191,7 @@ async fn place_until_settled(
             _ => ctx.snapshot.release(&hold),
         }
         match outcome {
-            None => return Handled::Done,
+            None => return Settled::Cancelled,
             Some(Ok(CommitOutcome::Committed(t))) => {
                 ctx.stats.placements_committed.inc();
                 if !shape.is_empty() {
@@ -151,18 +199,20 @@ async fn place_until_settled(
                 }
                 crate::commands::announce(ctx, &t).await;
                 // If this fails the message is redelivered and the assignments sent again.
-                return match send_assignments(ctx, id, version, spec, &placement).await {
-                    Ok(()) => Handled::Done,
-                    Err(e) => {
-                        tracing::warn!(%e, "cannot send assignment; will retry");
-                        Handled::Retry
-                    }
-                };
+                return Settled::Handled(
+                    match send_assignments(ctx, id, version, spec, &placement).await {
+                        Ok(()) => Handled::Done,
+                        Err(e) => {
+                            tracing::warn!(%e, "cannot send assignment; will retry");
+                            Handled::Retry
+                        }
+                    },
+                );
             }
             Some(Ok(CommitOutcome::VersionMoved)) => {
                 tracing::info!("instance moved on during the fit; placement dropped");
                 ctx.stats.cas_conflicts.inc();
-                return Handled::Done;
+                return Settled::Handled(Handled::Done);
             }
             Some(Ok(CommitOutcome::CapacityGone { worker_id, gpu })) => {
                 tracing::debug!(
@@ -174,17 +224,17 @@ async fn place_until_settled(
                 ctx.stats.capacity_conflicts.inc();
                 ctx.stats.refits.inc();
                 if let Err(e) = ctx.snapshot.refresh_since(&ctx.store, began).await {
-                    return transient(&e);
+                    return Settled::Handled(transient(&e));
                 }
             }
-            Some(Err(e)) => return transient(&e),
+            Some(Err(e)) => return Settled::Handled(transient(&e)),
         }
     }
     let reason = format!(
         "lost the race for free VRAM {} times in a row; waiting for capacity",
         ctx.config.max_refits + 1
     );
-    settle_pending(ctx, id, seq, version, &request, &reason).await
+    Settled::Handled(settle_pending(ctx, id, seq, version, &request, &reason).await)
 }
 
 /// One assignment per worker of the placement, each naming all of them when there are

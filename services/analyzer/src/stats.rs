@@ -61,6 +61,8 @@ pub struct Stats {
     pub fits_computed: Counter,
     pub fits_skipped_superseded: Counter,
     pub fits_cancelled: Counter,
+    /// Fits cancelled by a command that turned out not to be newer (heard late), redone.
+    pub false_cancels: Counter,
     pub placements_committed: Counter,
     pub cas_conflicts: Counter,
     pub capacity_conflicts: Counter,
@@ -132,7 +134,7 @@ impl Stats {
         );
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, &Counter); 17] {
+    fn counters(&self) -> [(&'static str, &'static str, &Counter); 18] {
         [
             (
                 "commands_applied",
@@ -163,6 +165,11 @@ impl Stats {
                 "fits_cancelled",
                 "Fits abandoned in flight",
                 &self.fits_cancelled,
+            ),
+            (
+                "false_cancels",
+                "Fits cancelled by a command heard late that was not newer; redone",
+                &self.false_cancels,
             ),
             (
                 "placements_committed",

@@ -1,10 +1,14 @@
 //! The cancellation watch: every analyzer hears every new command (a plain NATS subscription
 //! on the command subjects, so it arrives as soon as it is published) and, when it has a fit
-//! in flight for that instance, asks the stream for the instance's newest sequence and
-//! cancels the fit if it is older — whichever analyzer ends up handling the new command.
+//! in flight for that instance and the command is not that fit's own start, cancels the fit
+//! at once — whichever analyzer ends up handling the new command. The fit then confirms with
+//! the stream before giving up (a command heard late may be older than the fit's own).
 
 use crate::context::Ctx;
-use berth_proto::subjects::{CMD_PREFIX, instance_of_cmd_subject};
+use berth_proto::{
+    Command,
+    subjects::{CMD_PREFIX, instance_of_cmd_subject},
+};
 use futures::StreamExt;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -38,26 +42,11 @@ pub async fn run(ctx: Arc<Ctx>, mut commands: async_nats::Subscriber, shutdown: 
         if !ctx.has_fit_in_flight(id) {
             continue;
         }
-        // The plain message carries no stream sequence: ask for it (a direct get), off this
-        // loop so the next command is not delayed.
-        let (ctx, id) = (ctx.clone(), id.to_owned());
-        tokio::spawn(async move {
-            // The plain copy can arrive a moment before the stream has stored the command:
-            // if the stream shows nothing newer yet, look again shortly.
-            for pause_ms in [0, 2, 20] {
-                tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
-                match ctx.bus.last_command_seq(&id).await {
-                    Ok(Some(last)) if ctx.supersede(&id, last) => return,
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(%e, instance_id = id, "cannot read the newest command");
-                        return;
-                    }
-                }
-                if !ctx.has_fit_in_flight(&id) {
-                    return;
-                }
-            }
-        });
+        // No stream sequence on the plain copy, and no round trip to ask for it: a command
+        // that is not the fit's own start cancels the fit now; the fit then confirms with
+        // the stream that it really was superseded (see `placing::place`). An undecodable
+        // command is a newer command too (it will put the instance in error).
+        let heard = Command::decode(&msg.payload).ok();
+        ctx.suspect(id, heard.as_ref());
     }
 }

@@ -147,14 +147,16 @@ pub async fn run(args: StormArgs) -> Result<Value> {
         })
         .count();
     // From each stop's publish (and from its acknowledgement by JetStream) to the abandonment
-    // of the fit it cancelled.
+    // of the fit it cancelled: the newest stop sent before the abandonment. The watch hears
+    // a command as it is published, so a fit can be abandoned before the publisher has the
+    // stream's acknowledgement: those count 0 ms after the ack.
     let cancels: Vec<(SystemTime, Sent)> = stats
         .iter()
         .flat_map(|s| s.cancel_log())
         .filter_map(|(id, at)| {
             let stop = published[&id]
                 .iter()
-                .filter(|p| p.is_stop && p.acked <= at)
+                .filter(|p| p.is_stop && p.sent <= at)
                 .max_by_key(|p| p.seq)?;
             Some((at, *stop))
         })
@@ -165,8 +167,9 @@ pub async fn run(args: StormArgs) -> Result<Value> {
         .collect();
     let mut cancel_after_ack_ms: Vec<f64> = cancels
         .iter()
-        .filter_map(|(at, stop)| Some(ms(at.duration_since(stop.acked).ok()?)))
+        .map(|(at, stop)| ms(at.duration_since(stop.acked).unwrap_or_default()))
         .collect();
+    let before_ack = cancels.iter().filter(|(at, stop)| *at < stop.acked).count();
     let sum = |f: &dyn Fn(&berth_analyzer::Stats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
     let doc = json!({
         "scenario": "storm",
@@ -186,6 +189,7 @@ pub async fn run(args: StormArgs) -> Result<Value> {
         "total_s": (total.as_secs_f64() * 1000.0).round() / 1000.0,
         "stop_to_abandon_ms": summary(&mut cancel_ms),
         "stop_stored_to_abandon_ms": summary(&mut cancel_after_ack_ms),
+        "abandoned_before_the_stop_was_acknowledged": before_ack,
     });
     shutdown.cancel();
     for a in analyzers {
