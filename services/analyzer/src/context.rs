@@ -128,6 +128,7 @@ impl Analyzer {
         let commands = bus.command_consumer(config.ack_wait).await?;
         let reports = bus.status_consumer().await?;
         let stats = Arc::new(Stats::default());
+        let snapshot = Snapshot::new(config.policy == berth_fit::Policy::Spread);
         let ctx = Arc::new(Ctx {
             config,
             store,
@@ -137,7 +138,7 @@ impl Analyzer {
             in_flight: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             commands: commands.clone(),
-            snapshot: Snapshot::default(),
+            snapshot,
             profiles: Default::default(),
         });
         ctx.snapshot.refresh(&ctx.store).await?;

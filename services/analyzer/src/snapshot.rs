@@ -37,13 +37,17 @@ struct Inner {
 #[derive(Debug)]
 pub struct Snapshot {
     inner: Mutex<Inner>,
+    /// Load replica counts per worker (only the spread policy uses them).
+    replicas: bool,
     /// One reload at a time: callers that wanted one while it ran take its result.
     reloading: tokio::sync::Mutex<()>,
 }
 
-impl Default for Snapshot {
-    fn default() -> Self {
+impl Snapshot {
+    /// An empty view; `replicas`: also track replica counts per worker.
+    pub fn new(replicas: bool) -> Self {
         Snapshot {
+            replicas,
             inner: Mutex::new(Inner {
                 workers: Vec::new(),
                 by_id: HashMap::new(),
@@ -76,7 +80,11 @@ impl Snapshot {
     async fn reload(&self, store: &Store) -> Result<(), StoreError> {
         let started = Instant::now();
         let capacity = store.capacity().await?;
-        let replicas = store.replicas().await?;
+        let replicas = if self.replicas {
+            store.replicas().await?
+        } else {
+            Vec::new()
+        };
         let workers = to_fit_workers(capacity, replicas);
         let Ok(mut inner) = self.inner.lock() else {
             return Ok(());
