@@ -4,7 +4,7 @@
 
 use berth_analyzer::Hooks;
 use berth_proto::InstanceState;
-use berth_tests::{Fleet, GIB, hold::hold, worker};
+use berth_tests::{Fleet, GIB, hold::hold, wait_until, worker};
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -232,5 +232,61 @@ async fn a_nats_restart_loses_nothing() {
     fleet
         .wait_state("before", InstanceState::Stopped, LIMIT)
         .await;
+    fleet.assert_books_balanced().await;
+}
+
+/// A backend that reports a placement berth no longer wants on that worker (an agent that
+/// restarted and forgot a stop) is told to stop it; the current placement is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_running_a_stale_placement_is_told_to_stop() {
+    let mut fleet = Fleet::start().await;
+    let stats = fleet.add_analyzer(Default::default()).await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+    fleet.start_instance("x", 10 * GIB, 1).await;
+    let row = fleet.wait_state("x", InstanceState::Running, LIMIT).await;
+    let unassigned = || {
+        fleet
+            .agent_stats
+            .unassigned
+            .get_or_create(&berth_agent::AgentStats::worker("w1"))
+            .get()
+    };
+    let before = unassigned();
+    for (id, version) in [("x", row.version - 1), ("ghost", 7)] {
+        let report = berth_proto::StatusMsg::Instance {
+            worker_id: "w1".into(),
+            instance_id: id.into(),
+            version,
+            state: berth_proto::status::ReportedState::Running,
+            reason: None,
+            shared: false,
+        };
+        fleet
+            .bus
+            .publish_status("w1", &report)
+            .await
+            .expect("report");
+    }
+    wait_until("both stale backends told to stop", LIMIT, || {
+        let n = unassigned();
+        async move { (n >= before + 2).then_some(()) }
+    })
+    .await;
+    assert_eq!(stats.stale_reports_fenced.get(), 2);
+    // A duplicate report of the current placement is not stale.
+    let dup = berth_proto::StatusMsg::Instance {
+        worker_id: "w1".into(),
+        instance_id: "x".into(),
+        version: row.version,
+        state: berth_proto::status::ReportedState::Running,
+        reason: None,
+        shared: false,
+    };
+    fleet.bus.publish_status("w1", &dup).await.expect("report");
+    fleet.start_instance("y", 10 * GIB, 1).await;
+    fleet.wait_state("y", InstanceState::Running, LIMIT).await;
+    assert_eq!(stats.stale_reports_fenced.get(), 2);
+    let x = fleet.wait_state("x", InstanceState::Running, LIMIT).await;
+    assert_eq!(x.version, row.version);
     fleet.assert_books_balanced().await;
 }

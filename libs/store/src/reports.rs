@@ -345,6 +345,36 @@ pub(crate) async fn release(
     Ok(freed)
 }
 
+impl Store {
+    /// Whether `worker_id` runs `id`'s current placement at `version` (as its only worker or
+    /// one of several). A backend reporting anything else runs something berth no longer
+    /// wants there.
+    pub async fn is_placed_on(
+        &self,
+        id: &str,
+        worker_id: &str,
+        version: i64,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn().await?;
+        let row: Option<(i64, String, Option<String>)> = instances::table
+            .find(id)
+            .select((instances::version, instances::state, instances::worker_id))
+            .first(&mut conn)
+            .await
+            .optional()?;
+        let Some((current, state, leader)) = row else {
+            return Ok(false);
+        };
+        if current != version || !["scheduled", "starting", "running"].contains(&state.as_str()) {
+            return Ok(false);
+        }
+        if leader.as_deref() == Some(worker_id) {
+            return Ok(true);
+        }
+        holds_at(&mut conn, id, worker_id, version).await
+    }
+}
+
 /// Whether `worker_id` holds GPUs for `id` at `version`.
 async fn holds_at(
     conn: &mut AsyncPgConnection,

@@ -63,6 +63,8 @@ pub struct Stats {
     pub fits_cancelled: Counter,
     /// Fits cancelled by a command that turned out not to be newer (heard late), redone.
     pub false_cancels: Counter,
+    /// Reports from backends running a placement berth no longer wants there; stopped.
+    pub stale_reports_fenced: Counter,
     pub placements_committed: Counter,
     pub cas_conflicts: Counter,
     pub capacity_conflicts: Counter,
@@ -134,7 +136,7 @@ impl Stats {
         );
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, &Counter); 18] {
+    fn counters(&self) -> [(&'static str, &'static str, &Counter); 19] {
         [
             (
                 "commands_applied",
@@ -170,6 +172,11 @@ impl Stats {
                 "false_cancels",
                 "Fits cancelled by a command heard late that was not newer; redone",
                 &self.false_cancels,
+            ),
+            (
+                "stale_reports_fenced",
+                "Backends found running a stale placement and told to stop",
+                &self.stale_reports_fenced,
             ),
             (
                 "placements_committed",

@@ -18,6 +18,29 @@ pub async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: CancellationTo
     .await;
 }
 
+/// A backend runs a placement that is not the instance's current one on this worker (an
+/// agent restarted and forgot a stop, or a stop and an assignment crossed): tell the agent to
+/// stop it. An unassign stops versions below the one it names, so `version + 1` can never
+/// touch a newer placement on that worker.
+async fn fence_if_stale(
+    ctx: &Ctx,
+    worker_id: &str,
+    id: &str,
+    version: i64,
+) -> Result<(), berth_store::StoreError> {
+    if ctx.store.is_placed_on(id, worker_id, version).await? {
+        return Ok(());
+    }
+    tracing::info!(
+        worker_id,
+        version,
+        "a backend runs a stale placement; stopping it"
+    );
+    ctx.stats.stale_reports_fenced.inc();
+    let _ = crate::commands::unassign(ctx, id, version + 1, &[worker_id.to_owned()]).await;
+    Ok(())
+}
+
 async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
     let report: StatusMsg = match berth_proto::decode(&msg.payload) {
         Ok(r) => r,
@@ -90,7 +113,13 @@ async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
                         // GPUs were released: pending instances may fit now.
                         ctx.wake.notify_one();
                     }
-                    Ok(())
+                    if transitions.is_empty()
+                        && matches!(state, ReportedState::Starting | ReportedState::Running)
+                    {
+                        fence_if_stale(ctx, worker_id, instance_id, *version).await
+                    } else {
+                        Ok(())
+                    }
                 }
                 Err(e) => Err(e),
             }
