@@ -34,6 +34,9 @@ pub const DLQ_SUBJECT: &str = "Berth-Subject";
 /// Header of a dead letter: its sequence in `BERTH_CMD`.
 pub const DLQ_SEQ: &str = "Berth-Seq";
 
+/// JetStream's answer to an event sent with [`Bus::publish_event_unacked`].
+pub type EventAck = std::pin::Pin<Box<dyn Future<Output = Result<(), BusError>> + Send>>;
+
 /// A connection to NATS with the berth streams provisioned.
 #[derive(Clone)]
 pub struct Bus {
@@ -280,13 +283,28 @@ impl Bus {
         .await
     }
 
-    /// Publishes a state-change event. Waits for the store ack so events keep their order.
+    /// Publishes a state-change event and waits until JetStream stored it.
     pub async fn publish_event(&self, event: &InstanceEvent) -> Result<(), BusError> {
-        self.publish_durable(
-            subjects::event_subject(&event.instance_id)?,
-            berth_proto::encode(event)?,
-        )
-        .await
+        self.publish_event_unacked(event).await?.await
+    }
+
+    /// Sends a state-change event and returns, without waiting for JetStream to store it;
+    /// the returned future resolves with the store's answer. Events of one connection are
+    /// stored in the order they were sent, so waiting is not needed to keep them in order.
+    pub async fn publish_event_unacked(&self, event: &InstanceEvent) -> Result<EventAck, BusError> {
+        let ack = self
+            .js
+            .publish(
+                subjects::event_subject(&event.instance_id)?,
+                berth_proto::encode(event)?.into(),
+            )
+            .await
+            .map_err(|e| BusError::Publish(e.to_string()))?;
+        Ok(Box::pin(async move {
+            ack.await
+                .map(drop)
+                .map_err(|e| BusError::Publish(e.to_string()))
+        }))
     }
 
     async fn publish_durable(&self, subject: String, payload: Vec<u8>) -> Result<(), BusError> {

@@ -33,6 +33,10 @@ pub struct Ctx {
     pub profiles: crate::needs::ProfileCache,
     /// The shared command consumer, for backlog figures.
     pub commands: PullConsumer,
+    /// Start intents, recorded in groups.
+    pub intents: crate::intents::Intents,
+    /// Acks of published events, waited for in the background.
+    pub event_acks: crate::events::EventAcks,
 }
 
 impl Ctx {
@@ -98,6 +102,8 @@ impl Analyzer {
         let commands = bus.command_consumer(config.ack_wait).await?;
         let reports = bus.status_consumer().await?;
         let stats = Arc::new(Stats::default());
+        let intents = crate::intents::Intents::spawn(store.clone(), stats.clone());
+        let event_acks = crate::events::EventAcks::spawn(stats.clone());
         let ctx = Arc::new(Ctx {
             config,
             store,
@@ -107,6 +113,8 @@ impl Analyzer {
             in_flight: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             commands: commands.clone(),
+            intents,
+            event_acks,
             snapshot: Snapshot::default(),
             profiles: Default::default(),
         });
