@@ -54,9 +54,10 @@ impl Store {
 }
 
 /// A new pooled connection. Every statement berth sends is prepared and looks rows up by key,
-/// so the generic plan is always the right one: without this PostgreSQL plans each of the
-/// first executions again, and keeps doing so for the CTEs whose custom plan looks cheaper
-/// (planning was a quarter of its CPU time in `berth bench place`).
+/// so the generic plan is the right one. By default PostgreSQL plans a prepared statement
+/// anew for its first five executions and then whenever a custom plan looks cheaper, which it
+/// kept doing for the commit CTE: planning was about a quarter of its CPU time in
+/// `berth bench place`.
 async fn setup(url: String) -> diesel::ConnectionResult<AsyncPgConnection> {
     let mut conn = AsyncPgConnection::establish(&url).await?;
     diesel::sql_query("SET plan_cache_mode = force_generic_plan")
