@@ -11,6 +11,7 @@
 //! - `BERTH_EVENTS`: `berth.events.instance.*`, state changes, kept for a day.
 
 mod error;
+mod newest;
 mod topology;
 
 pub use error::BusError;
@@ -43,6 +44,7 @@ pub struct Bus {
     client: async_nats::Client,
     js: jetstream::Context,
     cmd_stream: Stream<()>,
+    newest: newest::Newest,
 }
 
 impl std::fmt::Debug for Bus {
@@ -67,10 +69,12 @@ impl Bus {
             .get_stream_no_info(CMD_STREAM)
             .await
             .map_err(|e| BusError::Provision(e.to_string()))?;
+        let newest = newest::Newest::spawn(client.clone(), cmd_stream.clone());
         Ok(Bus {
             client,
             js,
             cmd_stream,
+            newest,
         })
     }
 
@@ -238,9 +242,11 @@ impl Bus {
         }
     }
 
-    /// The sequence of the newest command for `instance_id`, if any: a cheap direct get.
+    /// The sequence of the newest command for `instance_id`, if any, as stored when the
+    /// call was made or later. Calls made at the same moment share one multi-subject direct
+    /// get.
     pub async fn last_command_seq(&self, instance_id: &str) -> Result<Option<u64>, BusError> {
-        Ok(self.last_command(instance_id).await?.map(|(seq, _)| seq))
+        self.newest.seq(subjects::cmd_subject(instance_id)?).await
     }
 
     /// Stores a rejected command with its reason, original subject and sequence.
