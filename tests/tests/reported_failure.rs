@@ -141,3 +141,35 @@ async fn backlog_of_superseded_commands_costs_one_fit() {
     );
     assert_eq!(stats.commands_applied.get(), N as u64);
 }
+
+/// The superseded check asks for many instances at once when many ask together: each caller
+/// still gets its own instance's newest sequence, or none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newest_sequences_asked_together_are_each_right() {
+    let fleet = Fleet::start().await;
+    let mut expected = HashMap::new();
+    for round in 0..3 {
+        for i in 0..50 {
+            let id = format!("n{i:02}");
+            let seq = if (i + round) % 2 == 0 {
+                fleet.start_instance(&id, GIB, 1).await
+            } else {
+                fleet.stop_instance(&id).await
+            };
+            expected.insert(id, Some(seq));
+        }
+    }
+    for i in 50..60 {
+        expected.insert(format!("n{i:02}"), None);
+    }
+    for _ in 0..3 {
+        let bus = &fleet.bus;
+        let answers = join_all(expected.keys().map(|id| async move {
+            (id.clone(), bus.last_command_seq(id).await.expect("lookup"))
+        }))
+        .await;
+        for (id, seq) in answers {
+            assert_eq!(Some(&seq), expected.get(&id), "{id}");
+        }
+    }
+}

@@ -111,8 +111,11 @@ async fn redelivered_start_is_redone_with_a_new_version() {
         StartApplied::AlreadyPlaced {
             version: 2,
             worker_id: "w1".into(),
-            gpus: vec![0],
-            bytes_per_gpu: 10 * GIB,
+            claims: vec![berth_store::placement::GpuClaim {
+                worker_id: "w1".into(),
+                idx: 0,
+                bytes: 10 * GIB,
+            }],
         }
     );
 }
@@ -205,4 +208,110 @@ async fn stop_holds_gpus_until_the_agent_confirms() {
     assert_eq!(store.instance("x").await.unwrap().unwrap().state, "stopped");
     assert_eq!(store.gpus().await.unwrap()[0].reserved_bytes, 0);
     assert!(store.allocations().await.unwrap().is_empty());
+}
+
+fn intent(id: &str, seq: i64, spec: serde_json::Value) -> berth_store::commands::StartIntent {
+    berth_store::commands::StartIntent {
+        id: id.into(),
+        seq,
+        spec,
+    }
+}
+
+/// The grouped start (one statement for many commands) keeps every rule of the single one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_starts_keep_the_sequence_rules() {
+    let servers = servers();
+    let store = store_with_worker(&servers).await;
+    // "placed" runs at version 1, "old" has a newer command applied already, "redo" was
+    // applied and its analyzer died.
+    store.apply_start("placed", 1, spec()).await.unwrap();
+    assert!(matches!(
+        store
+            .commit_placement("placed", 1, "w1", &[0], 10 * GIB)
+            .await
+            .unwrap(),
+        CommitOutcome::Committed(_)
+    ));
+    store.apply_start("old", 50, spec()).await.unwrap();
+    store.apply_start("redo", 7, spec()).await.unwrap();
+    let bigger =
+        serde_json::json!({"model": "m", "vram_bytes": 20 * GIB, "gpus": 1, "selector": {}});
+    let results = store
+        .apply_starts(&[
+            intent("new", 12, spec()),
+            intent("placed", 9, bigger.clone()),
+            intent("dup", 20, spec()),
+            intent("old", 30, spec()),
+            intent("dup", 21, bigger.clone()),
+            intent("redo", 7, spec()),
+            intent("dup", 19, spec()),
+            intent("new", 12, spec()),
+        ])
+        .await
+        .unwrap();
+    let analyzing = |r: &StartApplied| match r {
+        StartApplied::Analyzing {
+            transition,
+            release_on,
+        } => Some((transition.version, transition.cmd_seq, release_on.clone())),
+        _ => None,
+    };
+    assert_eq!(
+        analyzing(&results[0]),
+        Some((1, 12, vec![])),
+        "new instance"
+    );
+    assert_eq!(
+        analyzing(&results[1]),
+        Some((2, 9, vec!["w1".to_owned()])),
+        "a new spec for a placed instance: the old placement is released"
+    );
+    assert_eq!(results[2], StartApplied::Stale { current_seq: 21 });
+    assert_eq!(results[3], StartApplied::Stale { current_seq: 50 });
+    assert_eq!(
+        analyzing(&results[4]),
+        Some((1, 21, vec![])),
+        "newest of three"
+    );
+    assert_eq!(
+        analyzing(&results[5]),
+        Some((2, 7, vec![])),
+        "redelivery redone"
+    );
+    assert_eq!(results[6], StartApplied::Stale { current_seq: 21 });
+    // A second delivery of the same command in the same group: taken as a redelivery.
+    assert_eq!(analyzing(&results[7]), Some((2, 12, vec![])));
+    for (id, version, seq) in [
+        ("new", 2, 12),
+        ("placed", 2, 9),
+        ("dup", 1, 21),
+        ("old", 1, 50),
+    ] {
+        let row = store.instance(id).await.unwrap().unwrap();
+        assert_eq!((row.version, row.cmd_seq), (version, seq), "{id}");
+    }
+    // The old placement of "placed" can no longer land, the new version can.
+    assert_eq!(
+        store
+            .commit_placement("placed", 1, "w1", &[0], 10 * GIB)
+            .await
+            .unwrap(),
+        CommitOutcome::VersionMoved
+    );
+    assert!(matches!(
+        store
+            .commit_placement("placed", 2, "w1", &[0], 20 * GIB)
+            .await
+            .unwrap(),
+        CommitOutcome::Committed(_)
+    ));
+    // The same spec again for the placed instance changes nothing but the sequence.
+    assert_eq!(
+        store
+            .apply_starts(&[intent("placed", 10, bigger)])
+            .await
+            .unwrap(),
+        vec![StartApplied::Unchanged { version: 2 }]
+    );
 }

@@ -11,6 +11,7 @@
 //! - `BERTH_EVENTS`: `berth.events.instance.*`, state changes, kept for a day.
 
 mod error;
+mod newest;
 mod topology;
 
 pub use error::BusError;
@@ -34,12 +35,16 @@ pub const DLQ_SUBJECT: &str = "Berth-Subject";
 /// Header of a dead letter: its sequence in `BERTH_CMD`.
 pub const DLQ_SEQ: &str = "Berth-Seq";
 
+/// JetStream's answer to an event sent with [`Bus::publish_event_unacked`].
+pub type EventAck = std::pin::Pin<Box<dyn Future<Output = Result<(), BusError>> + Send>>;
+
 /// A connection to NATS with the berth streams provisioned.
 #[derive(Clone)]
 pub struct Bus {
     client: async_nats::Client,
     js: jetstream::Context,
     cmd_stream: Stream<()>,
+    newest: newest::Newest,
 }
 
 impl std::fmt::Debug for Bus {
@@ -64,10 +69,12 @@ impl Bus {
             .get_stream_no_info(CMD_STREAM)
             .await
             .map_err(|e| BusError::Provision(e.to_string()))?;
+        let newest = newest::Newest::spawn(client.clone(), cmd_stream.clone());
         Ok(Bus {
             client,
             js,
             cmd_stream,
+            newest,
         })
     }
 
@@ -235,9 +242,11 @@ impl Bus {
         }
     }
 
-    /// The sequence of the newest command for `instance_id`, if any: a cheap direct get.
+    /// The sequence of the newest command for `instance_id`, if any, as stored when the
+    /// call was made or later. Calls made at the same moment share one multi-subject direct
+    /// get.
     pub async fn last_command_seq(&self, instance_id: &str) -> Result<Option<u64>, BusError> {
-        Ok(self.last_command(instance_id).await?.map(|(seq, _)| seq))
+        self.newest.seq(subjects::cmd_subject(instance_id)?).await
     }
 
     /// Stores a rejected command with its reason, original subject and sequence.
@@ -280,13 +289,28 @@ impl Bus {
         .await
     }
 
-    /// Publishes a state-change event. Waits for the store ack so events keep their order.
+    /// Publishes a state-change event and waits until JetStream stored it.
     pub async fn publish_event(&self, event: &InstanceEvent) -> Result<(), BusError> {
-        self.publish_durable(
-            subjects::event_subject(&event.instance_id)?,
-            berth_proto::encode(event)?,
-        )
-        .await
+        self.publish_event_unacked(event).await?.await
+    }
+
+    /// Sends a state-change event and returns, without waiting for JetStream to store it;
+    /// the returned future resolves with the store's answer. Events of one connection are
+    /// stored in the order they were sent, so waiting is not needed to keep them in order.
+    pub async fn publish_event_unacked(&self, event: &InstanceEvent) -> Result<EventAck, BusError> {
+        let ack = self
+            .js
+            .publish(
+                subjects::event_subject(&event.instance_id)?,
+                berth_proto::encode(event)?.into(),
+            )
+            .await
+            .map_err(|e| BusError::Publish(e.to_string()))?;
+        Ok(Box::pin(async move {
+            ack.await
+                .map(drop)
+                .map_err(|e| BusError::Publish(e.to_string()))
+        }))
     }
 
     async fn publish_durable(&self, subject: String, payload: Vec<u8>) -> Result<(), BusError> {

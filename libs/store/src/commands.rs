@@ -8,7 +8,13 @@ use crate::{
 };
 use berth_proto::InstanceState;
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{
+    AsyncConnection, AsyncPgConnection, RunQueryDsl, pooled_connection::deadpool::Object,
+};
+use std::{
+    cmp::Ordering,
+    collections::{BTreeMap, HashMap, btree_map::Entry},
+};
 
 /// What applying a start did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,9 +34,10 @@ pub enum StartApplied {
     /// assignment may not have reached the agent, so send it again.
     AlreadyPlaced {
         version: i64,
+        /// The leading worker (the first of several for a multi-worker placement).
         worker_id: String,
-        gpus: Vec<u32>,
-        bytes_per_gpu: i64,
+        /// Every GPU of the placement, ordered by worker and index.
+        claims: Vec<crate::placement::GpuClaim>,
     },
 }
 
@@ -61,6 +68,29 @@ pub(crate) const START_UPSERT: &str = "\
       AND NOT (instances.state IN ('scheduled', 'starting', 'running') \
                AND instances.spec = EXCLUDED.spec) \
     RETURNING version, (xmax::text <> '0') AS existed";
+
+/// `START_UPSERT` for many instances at once: one row per instance (the caller sorts them
+/// by id, the row lock order, and keeps one command per instance, since one statement cannot
+/// update a row twice). The arrays keep the text constant, so it is prepared once.
+pub(crate) const START_UPSERT_MANY: &str = "\
+    INSERT INTO instances (id, spec, desired, state, cmd_seq, version) \
+    SELECT t.id, t.spec, 'running', 'analyzing', t.seq, 1 \
+    FROM unnest($1::text[], $2::jsonb[], $3::bigint[]) AS t(id, spec, seq) \
+    ON CONFLICT (id) DO UPDATE SET spec = EXCLUDED.spec, desired = 'running', \
+        state = 'analyzing', reason = NULL, cmd_seq = EXCLUDED.cmd_seq, \
+        version = instances.version + 1, worker_id = NULL, updated_at = now() \
+    WHERE instances.cmd_seq < EXCLUDED.cmd_seq \
+      AND NOT (instances.state IN ('scheduled', 'starting', 'running') \
+               AND instances.spec = EXCLUDED.spec) \
+    RETURNING id, version, (xmax::text <> '0') AS existed";
+
+/// A start command to record: instance, stream sequence, spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartIntent {
+    pub id: String,
+    pub seq: i64,
+    pub spec: serde_json::Value,
+}
 
 struct Upserted {
     version: i64,
@@ -104,57 +134,91 @@ impl Store {
                 release_on,
             });
         }
-        let id = id.to_owned();
-        (*conn)
-            .transaction::<_, StoreError, _>(async |conn| {
-                let Some(row) =
-                    lock_or_create(conn, &id, seq, "running", "analyzing", Some(&spec)).await?
-                else {
-                    return Ok(StartApplied::Analyzing {
-                        transition: analyzing(&id, seq, 1),
-                        release_on: Vec::new(),
-                    });
-                };
-                if row.cmd_seq == seq && row.state == InstanceState::Scheduled.as_str() {
-                    return already_placed(conn, &row).await;
+        start_closely(&mut conn, id, seq, &spec).await
+    }
+
+    /// Records many start commands: one statement for all that simply apply (new instances,
+    /// newer commands), then the rest one by one as [`Store::apply_start`] would. Results
+    /// come in the order of `intents`. Of several commands for one instance only the newest
+    /// is applied; the older ones are `Stale`, as they would be once the newest is recorded.
+    pub async fn apply_starts(
+        &self,
+        intents: &[StartIntent],
+    ) -> Result<Vec<StartApplied>, StoreError> {
+        let mut results: Vec<Option<StartApplied>> = vec![None; intents.len()];
+        // The newest command per instance, in id order (the row lock order of every writer).
+        let mut newest: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, intent) in intents.iter().enumerate() {
+            match newest.entry(intent.id.as_str()) {
+                Entry::Vacant(e) => {
+                    e.insert(i);
                 }
-                if !(row.cmd_seq < seq
-                    || (row.cmd_seq == seq && REDO_STATES.contains(&row.state.as_str())))
-                {
-                    return Ok(StartApplied::Stale {
-                        current_seq: row.cmd_seq,
+                Entry::Occupied(mut e) => {
+                    let kept = *e.get();
+                    let (older, newer) = match intents[kept].seq.cmp(&intent.seq) {
+                        Ordering::Less => (kept, i),
+                        Ordering::Greater => (i, kept),
+                        // A second delivery of the same command: handled after the batch,
+                        // one by one, like any redelivery.
+                        Ordering::Equal => continue,
+                    };
+                    e.insert(newer);
+                    results[older] = Some(StartApplied::Stale {
+                        current_seq: intents[newer].seq,
                     });
                 }
-                let placed = matches!(row.state.as_str(), "scheduled" | "starting" | "running");
-                if row.cmd_seq < seq && placed && row.spec.as_ref() == Some(&spec) {
-                    diesel::update(instances::table.find(&id))
-                        .set(instances::cmd_seq.eq(seq))
-                        .execute(conn)
-                        .await?;
-                    return Ok(StartApplied::Unchanged {
-                        version: row.version,
-                    });
-                }
-                let version = row.version + 1;
-                diesel::update(instances::table.find(&id))
-                    .set((
-                        instances::spec.eq(Some(&spec)),
-                        instances::desired.eq("running"),
-                        instances::state.eq(InstanceState::Analyzing.as_str()),
-                        instances::reason.eq(None::<String>),
-                        instances::cmd_seq.eq(seq),
-                        instances::version.eq(version),
-                        instances::worker_id.eq(None::<String>),
-                        instances::updated_at.eq(diesel::dsl::now),
-                    ))
-                    .execute(conn)
-                    .await?;
-                Ok(StartApplied::Analyzing {
-                    transition: analyzing(&id, seq, version),
-                    release_on: holding_workers(conn, &id).await?,
-                })
-            })
-            .await
+            }
+        }
+        let rows: Vec<&StartIntent> = newest.values().map(|&i| &intents[i]).collect();
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        let specs: Vec<&serde_json::Value> = rows.iter().map(|r| &r.spec).collect();
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        let mut conn = self.conn().await?;
+        let upserted: Vec<(String, i64, bool)> = crate::prepared::StartUpsertMany {
+            ids: &ids,
+            specs: &specs,
+            seqs: &seqs,
+        }
+        .load(&mut conn)
+        .await?;
+        // As in `apply_start`: a placement of an older version committed before the upsert
+        // is visible to this later statement; one that did not will miss its CAS.
+        let existed: Vec<&str> = upserted
+            .iter()
+            .filter(|(_, _, existed)| *existed)
+            .map(|(id, _, _)| id.as_str())
+            .collect();
+        let mut holding: HashMap<String, Vec<String>> = HashMap::new();
+        if !existed.is_empty() {
+            let held: Vec<(String, String)> = allocations::table
+                .filter(allocations::instance_id.eq_any(&existed))
+                .select((allocations::instance_id, allocations::worker_id))
+                .distinct()
+                .order((allocations::instance_id, allocations::worker_id))
+                .load(&mut conn)
+                .await?;
+            for (id, worker) in held {
+                holding.entry(id).or_default().push(worker);
+            }
+        }
+        for (id, version, _) in upserted {
+            let Some(&i) = newest.get(id.as_str()) else {
+                return Err(StoreError::Corrupt(format!("upsert returned unknown {id}")));
+            };
+            results[i] = Some(StartApplied::Analyzing {
+                transition: analyzing(&id, intents[i].seq, version),
+                release_on: holding.remove(&id).unwrap_or_default(),
+            });
+        }
+        // What the statement left alone needs a look at the locked row.
+        let mut out = Vec::with_capacity(intents.len());
+        for (result, intent) in results.into_iter().zip(intents) {
+            out.push(match result {
+                Some(r) => r,
+                None => start_closely(&mut conn, &intent.id, intent.seq, &intent.spec).await?,
+            });
+        }
+        Ok(out)
     }
 
     /// Records a stop command with sequence `seq` for `id`, with an optional reason.
@@ -291,6 +355,67 @@ impl Store {
     }
 }
 
+/// The start rules on the locked row, for a command the one-statement upsert left alone
+/// (stale, redelivered, unchanged, or already placed).
+async fn start_closely(
+    conn: &mut Object<AsyncPgConnection>,
+    id: &str,
+    seq: i64,
+    spec: &serde_json::Value,
+) -> Result<StartApplied, StoreError> {
+    let id = id.to_owned();
+    (**conn)
+        .transaction::<_, StoreError, _>(async |conn| {
+            let Some(row) =
+                lock_or_create(conn, &id, seq, "running", "analyzing", Some(spec)).await?
+            else {
+                return Ok(StartApplied::Analyzing {
+                    transition: analyzing(&id, seq, 1),
+                    release_on: Vec::new(),
+                });
+            };
+            if row.cmd_seq == seq && row.state == InstanceState::Scheduled.as_str() {
+                return already_placed(conn, &row).await;
+            }
+            if !(row.cmd_seq < seq
+                || (row.cmd_seq == seq && REDO_STATES.contains(&row.state.as_str())))
+            {
+                return Ok(StartApplied::Stale {
+                    current_seq: row.cmd_seq,
+                });
+            }
+            let placed = matches!(row.state.as_str(), "scheduled" | "starting" | "running");
+            if row.cmd_seq < seq && placed && row.spec.as_ref() == Some(spec) {
+                diesel::update(instances::table.find(&id))
+                    .set(instances::cmd_seq.eq(seq))
+                    .execute(conn)
+                    .await?;
+                return Ok(StartApplied::Unchanged {
+                    version: row.version,
+                });
+            }
+            let version = row.version + 1;
+            diesel::update(instances::table.find(&id))
+                .set((
+                    instances::spec.eq(Some(spec)),
+                    instances::desired.eq("running"),
+                    instances::state.eq(InstanceState::Analyzing.as_str()),
+                    instances::reason.eq(None::<String>),
+                    instances::cmd_seq.eq(seq),
+                    instances::version.eq(version),
+                    instances::worker_id.eq(None::<String>),
+                    instances::updated_at.eq(diesel::dsl::now),
+                ))
+                .execute(conn)
+                .await?;
+            Ok(StartApplied::Analyzing {
+                transition: analyzing(&id, seq, version),
+                release_on: holding_workers(conn, &id).await?,
+            })
+        })
+        .await
+}
+
 fn error_transition(id: &str, seq: i64, version: i64, reason: String) -> Transition {
     Transition {
         instance_id: id.to_owned(),
@@ -372,7 +497,7 @@ async fn already_placed(
         .filter(allocations::instance_id.eq(&row.id))
         .filter(allocations::version.eq(row.version))
         .select(AllocationRow::as_select())
-        .order(allocations::gpu_idx)
+        .order((allocations::worker_id, allocations::gpu_idx))
         .load(conn)
         .await?;
     let worker_id = row.worker_id.clone().ok_or_else(|| {
@@ -381,7 +506,13 @@ async fn already_placed(
     Ok(StartApplied::AlreadyPlaced {
         version: row.version,
         worker_id,
-        gpus: allocs.iter().map(|a| a.gpu_idx.unsigned_abs()).collect(),
-        bytes_per_gpu: allocs.iter().map(|a| a.bytes).next().unwrap_or_default(),
+        claims: allocs
+            .iter()
+            .map(|a| crate::placement::GpuClaim {
+                worker_id: a.worker_id.clone(),
+                idx: a.gpu_idx.unsigned_abs(),
+                bytes: a.bytes,
+            })
+            .collect(),
     })
 }

@@ -116,6 +116,37 @@ impl QueryFragment<Pg> for StartUpsert<'_> {
     }
 }
 
+/// The many-row start (`commands::START_UPSERT_MANY`): ids, specs and sequences as arrays.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StartUpsertMany<'a> {
+    pub ids: &'a [&'a str],
+    pub specs: &'a [&'a serde_json::Value],
+    pub seqs: &'a [i64],
+}
+
+impl QueryId for StartUpsertMany<'_> {
+    type QueryId = StartUpsertMany<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for StartUpsertMany<'_> {
+    type SqlType = (Text, BigInt, Bool);
+}
+
+impl QueryFragment<Pg> for StartUpsertMany<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        for seg in segments(crate::commands::START_UPSERT_MANY) {
+            match seg {
+                Seg::Text(t) => out.push_sql(t),
+                Seg::Param(1) => out.push_bind_param::<Array<Text>, _>(self.ids)?,
+                Seg::Param(2) => out.push_bind_param::<Array<Jsonb>, _>(self.specs)?,
+                Seg::Param(_) => out.push_bind_param::<Array<BigInt>, _>(self.seqs)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use berth_proto::{AgentMsg, Command, StartSpec, StopSpec, subjects::instance_of_
 use berth_retry::{RetryPolicy, retry};
 use berth_store::{
     StoreError, Transition,
-    commands::{StartApplied, StopApplied},
+    commands::{StartApplied, StartIntent, StopApplied},
 };
 use std::time::SystemTime;
 use tracing::Instrument;
@@ -103,13 +103,14 @@ async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: System
             return Handled::Done;
         }
     };
-    let applied = stored("apply start", || {
-        ctx.store.apply_start(id, seq_i, spec_json.clone())
-    })
-    .await;
-    let applied = match outcome(applied) {
-        Ok(a) => a,
-        Err(h) => return h,
+    let intent = StartIntent {
+        id: id.to_owned(),
+        seq: seq_i,
+        spec: spec_json,
+    };
+    // Grouped with the other starts in hand; transient errors were retried there.
+    let Ok(applied) = ctx.intents.apply(intent).await else {
+        return Handled::Retry;
     };
     match applied {
         StartApplied::Stale { current_seq } => {
@@ -125,20 +126,11 @@ async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: System
         StartApplied::AlreadyPlaced {
             version,
             worker_id,
-            gpus,
-            bytes_per_gpu,
+            claims,
         } => {
-            // A redelivery after a crash between commit and assignment: send it again.
-            let assign = AgentMsg::Assign {
-                instance_id: id.to_owned(),
-                version,
-                gpus,
-                vram_bytes_per_gpu: bytes_per_gpu,
-                spec,
-                gpu_bytes: Vec::new(),
-                workers: Vec::new(),
-            };
-            match ctx.bus.publish_agent(&worker_id, &assign).await {
+            // A redelivery after a crash between commit and assignment: send them again.
+            let placement = placing::placement_of(&worker_id, &claims);
+            match placing::send_assignments(ctx, id, version, &spec, &placement).await {
                 Ok(()) => Handled::Done,
                 Err(_) => Handled::Retry,
             }
@@ -216,7 +208,9 @@ pub async fn unassign(
 }
 
 /// Publishes the event of a committed transition. Events are best effort: a failure is
-/// logged, the state in PostgreSQL is the truth.
+/// logged and counted, the state in PostgreSQL is the truth. Only the send happens here (it
+/// keeps the events of one instance in order); JetStream's ack is waited for off the hot
+/// path.
 pub async fn announce(ctx: &Ctx, t: &Transition) {
     tracing::info!(
         instance_id = %t.instance_id,
@@ -227,7 +221,11 @@ pub async fn announce(ctx: &Ctx, t: &Transition) {
         reason = t.reason.as_deref().unwrap_or(""),
         "state changed"
     );
-    if let Err(e) = ctx.bus.publish_event(&t.to_event()).await {
-        tracing::warn!(%e, instance_id = %t.instance_id, "cannot publish event");
+    match ctx.bus.publish_event_unacked(&t.to_event()).await {
+        Ok(ack) => ctx.event_acks.watch(&t.instance_id, ack, &ctx.stats).await,
+        Err(e) => {
+            ctx.stats.events_failed.inc();
+            tracing::warn!(%e, instance_id = %t.instance_id, "cannot publish event");
+        }
     }
 }

@@ -42,6 +42,10 @@ pub struct Ctx {
     pub profiles: crate::needs::ProfileCache,
     /// The shared command consumer, for backlog figures.
     pub commands: PullConsumer,
+    /// Start intents, recorded in groups.
+    pub intents: crate::intents::Intents,
+    /// Acks of published events, waited for in the background.
+    pub event_acks: crate::events::EventAcks,
 }
 
 impl Ctx {
@@ -129,6 +133,8 @@ impl Analyzer {
         let reports = bus.status_consumer().await?;
         let stats = Arc::new(Stats::default());
         let snapshot = Snapshot::new(config.policy == berth_fit::Policy::Spread);
+        let intents = crate::intents::Intents::spawn(store.clone(), stats.clone());
+        let event_acks = crate::events::EventAcks::spawn(stats.clone());
         let ctx = Arc::new(Ctx {
             config,
             store,
@@ -138,6 +144,8 @@ impl Analyzer {
             in_flight: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             commands: commands.clone(),
+            intents,
+            event_acks,
             snapshot,
             profiles: Default::default(),
         });

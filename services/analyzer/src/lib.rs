@@ -4,8 +4,10 @@
 pub mod commands;
 pub mod config;
 pub mod context;
+pub mod events;
 pub mod hooks;
 pub mod intake;
+pub mod intents;
 pub mod metrics;
 pub mod needs;
 pub mod placing;

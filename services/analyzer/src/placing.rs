@@ -1,7 +1,7 @@
 //! From intent to placement: the superseded check, the fit, and the CAS commit.
 
 use crate::{FitRecord, context::Ctx, intake::Handled};
-use berth_fit::{FitError, Gpu, Placement, Request, Worker};
+use berth_fit::{FitError, Gpu, Part, Placement, Request, Slot, Worker};
 use berth_proto::{AgentMsg, StartSpec};
 use berth_store::{
     GpuRow, StoreError, WorkerRow,
@@ -237,9 +237,29 @@ async fn place_until_settled(
     Settled::Handled(settle_pending(ctx, id, seq, version, &request, &reason).await)
 }
 
+/// The placement a commit recorded: one part per worker, `leader` first.
+pub(crate) fn placement_of(leader: &str, claims: &[GpuClaim]) -> Placement {
+    let mut parts: Vec<Part> = Vec::new();
+    for c in claims {
+        let slot = Slot {
+            index: c.idx,
+            bytes: c.bytes.unsigned_abs(),
+        };
+        match parts.iter_mut().find(|p| p.worker_id == c.worker_id) {
+            Some(p) => p.gpus.push(slot),
+            None => parts.push(Part {
+                worker_id: c.worker_id.clone(),
+                gpus: vec![slot],
+            }),
+        }
+    }
+    parts.sort_by_key(|p| p.worker_id != leader);
+    Placement { shape: 0, parts }
+}
+
 /// One assignment per worker of the placement, each naming all of them when there are
 /// several.
-async fn send_assignments(
+pub(crate) async fn send_assignments(
     ctx: &Ctx,
     id: &str,
     version: i64,

@@ -76,6 +76,11 @@ pub struct Stats {
     pub republished: Counter,
     pub workers_unreachable: Counter,
     pub evictions: Counter,
+    /// Statements that recorded start intents, and the intents they carried.
+    pub start_groups: Counter,
+    pub starts_grouped: Counter,
+    /// Events JetStream did not store (not sent, or no ack).
+    pub events_failed: Counter,
     pub fit_seconds: FitHistogram,
     /// Recent fit durations and commit transaction durations, in microseconds, for
     /// benchmarks that want exact percentiles.
@@ -136,7 +141,7 @@ impl Stats {
         );
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, &Counter); 19] {
+    fn counters(&self) -> [(&'static str, &'static str, &Counter); 22] {
         [
             (
                 "commands_applied",
@@ -228,6 +233,21 @@ impl Stats {
                 "evictions",
                 "Instances taken off a worker that went away",
                 &self.evictions,
+            ),
+            (
+                "start_groups",
+                "Statements that recorded start intents",
+                &self.start_groups,
+            ),
+            (
+                "starts_grouped",
+                "Start intents recorded (over start_groups: the mean group size)",
+                &self.starts_grouped,
+            ),
+            (
+                "events_failed",
+                "State-change events JetStream did not store",
+                &self.events_failed,
             ),
         ]
     }

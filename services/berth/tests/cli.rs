@@ -350,6 +350,37 @@ fn bench_scenarios_run_at_a_tiny_size() {
         );
     }
 
+    // The same with the analyzer as a process of its own (berth-analyzer is built next to
+    // berth by `cargo build --workspace`), which reports its peak memory.
+    let out = berth(
+        &[
+            "bench",
+            "place",
+            "--workers",
+            "4",
+            "--gpus-per-worker",
+            "2",
+            "--instances",
+            "24",
+            "--analyzers",
+            "1",
+            "--processes",
+            "--timeout",
+            "60",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let run = &doc["runs"][0];
+    assert_eq!(
+        run["placed"].as_u64().unwrap() + run["pending"].as_u64().unwrap(),
+        24,
+        "{run}"
+    );
+    let rss = run["peak_rss_mib_analyzer_processes"].as_array().unwrap();
+    assert!(rss.len() == 1 && rss[0].as_f64().unwrap() > 1.0, "{run}");
+
     let out = berth(
         &[
             "bench",

@@ -4,6 +4,7 @@
 
 mod cluster;
 mod place;
+mod procs;
 mod stats;
 mod storm;
 

@@ -2,6 +2,7 @@
 
 use super::{
     cluster::{self, GIB},
+    procs,
     stats::{micros_to_ms, ms, peak_rss_mib, summary},
 };
 use anyhow::{Context, Result, bail};
@@ -54,6 +55,10 @@ pub struct PlaceArgs {
     /// Database connections per analyzer.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
     pool: u32,
+    /// Run the analyzers as separate `berth-analyzer` processes (built next to `berth`) and
+    /// report each one's peak memory.
+    #[arg(long)]
+    processes: bool,
     /// Give up waiting for the instances to settle after this many seconds.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     timeout: u64,
@@ -171,9 +176,22 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
         berth_fit::Policy::Spread
     };
     let mut analyzers = Vec::new();
+    let mut procs = Vec::new();
     for i in 0..k {
+        let name = format!("bench-{i}");
+        if args.processes {
+            let settings = procs::Settings {
+                nats_url: servers.nats.url(),
+                database_url: db.clone(),
+                concurrency: args.concurrency,
+                pool: args.pool,
+                policy: args.policy.clone(),
+            };
+            procs.push(procs::AnalyzerProc::start(&name, &settings).await?);
+            continue;
+        }
         let mut c = AnalyzerConfig::new(servers.nats.url(), db.clone());
-        c.name = format!("bench-{i}");
+        c.name = name;
         c.concurrency = args.concurrency as usize;
         c.pool_size = args.pool as usize;
         c.policy = policy;
@@ -236,6 +254,30 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let settled_in = began.elapsed();
+    // Counters summed over the analyzers, by their /metrics names.
+    let mut counters: HashMap<String, u64> = HashMap::new();
+    let mut rss = Vec::new();
+    for p in &procs {
+        for (name, n) in p.counters().await? {
+            *counters.entry(name).or_default() += n;
+        }
+        rss.push(p.peak_rss_mib());
+    }
+    for a in &analyzers {
+        let s = &a.stats;
+        for (name, n) in [
+            ("fits_computed", s.fits_computed.get()),
+            ("cas_conflicts", s.cas_conflicts.get()),
+            ("capacity_conflicts", s.capacity_conflicts.get()),
+            ("refits", s.refits.get()),
+            ("start_groups", s.start_groups.get()),
+            ("starts_grouped", s.starts_grouped.get()),
+            ("events_failed", s.events_failed.get()),
+        ] {
+            *counters.entry(name.to_owned()).or_default() += n;
+        }
+    }
+    let count = |name: &str| counters.get(name).copied().unwrap_or(0);
 
     let doc = {
         let s = seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
@@ -258,9 +300,8 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
             .iter()
             .filter_map(|(id, (_, t))| Some(ms(t.duration_since(*published.get(id)?))))
             .collect();
+        // Per-decision timings are sampled in process only.
         let stats: Vec<_> = analyzers.iter().map(|a| a.stats.clone()).collect();
-        let sum =
-            |f: &dyn Fn(&berth_analyzer::Stats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
         let mut fit_ms: Vec<f64> = stats
             .iter()
             .flat_map(|s| micros_to_ms(s.fit_micros.take()))
@@ -270,6 +311,9 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
             .flat_map(|s| micros_to_ms(s.commit_micros.take()))
             .collect();
         let rate = placed as f64 / window;
+        let per_group =
+            (count("starts_grouped") as f64 / count("start_groups").max(1) as f64 * 10.0).round()
+                / 10.0;
         let doc = json!({
             "analyzers": k,
             "placed": placed,
@@ -285,17 +329,24 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
             "publish_to_commit_ms": summary(&mut latencies),
             "fit_ms": summary(&mut fit_ms),
             "commit_tx_ms": summary(&mut commit_ms),
-            "fits": sum(&|s| s.fits_computed.get()),
-            "cas_conflicts": sum(&|s| s.cas_conflicts.get()),
-            "capacity_conflicts": sum(&|s| s.capacity_conflicts.get()),
-            "refits": sum(&|s| s.refits.get()),
+            "fits": count("fits_computed"),
+            "cas_conflicts": count("cas_conflicts"),
+            "capacity_conflicts": count("capacity_conflicts"),
+            "refits": count("refits"),
+            "start_intents_per_statement": per_group,
+            "events_failed": count("events_failed"),
+            "analyzer_processes": args.processes,
             "peak_rss_mib_bench_process": peak_rss_mib(None),
+            "peak_rss_mib_analyzer_processes": rss,
         });
         doc
     };
     shutdown.cancel();
     for a in analyzers {
         a.shutdown().await;
+    }
+    for p in procs {
+        p.stop().await;
     }
     watcher.abort();
     let _ = agent.await;
