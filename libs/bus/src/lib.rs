@@ -35,7 +35,7 @@ pub const DLQ_SUBJECT: &str = "Berth-Subject";
 /// Header of a dead letter: its sequence in `BERTH_CMD`.
 pub const DLQ_SEQ: &str = "Berth-Seq";
 
-/// JetStream's answer to an event sent with [`Bus::publish_event_unacked`].
+/// JetStream's answer to an event sent with [`Bus::send_event`].
 pub type EventAck = std::pin::Pin<Box<dyn Future<Output = Result<(), BusError>> + Send>>;
 
 /// A connection to NATS with the berth streams provisioned.
@@ -289,21 +289,21 @@ impl Bus {
         .await
     }
 
-    /// Publishes a state-change event and waits until JetStream stored it.
-    pub async fn publish_event(&self, event: &InstanceEvent) -> Result<(), BusError> {
-        self.publish_event_unacked(event).await?.await
-    }
-
-    /// Sends a state-change event and returns, without waiting for JetStream to store it;
-    /// the returned future resolves with the store's answer. Events of one connection are
-    /// stored in the order they were sent, so waiting is not needed to keep them in order.
-    pub async fn publish_event_unacked(&self, event: &InstanceEvent) -> Result<EventAck, BusError> {
+    /// Sends a state-change event with its deduplication id and returns without waiting for
+    /// JetStream to store it; the returned future resolves with the store's answer. Events
+    /// of one connection are stored in the order they were sent; a second copy with the same
+    /// `msg_id` within the stream's duplicate window (2 minutes) is dropped by the server.
+    pub async fn send_event(
+        &self,
+        event: &InstanceEvent,
+        msg_id: &str,
+    ) -> Result<EventAck, BusError> {
+        let message = async_nats::jetstream::message::PublishMessage::build()
+            .payload(berth_proto::encode(event)?.into())
+            .message_id(msg_id);
         let ack = self
             .js
-            .publish(
-                subjects::event_subject(&event.instance_id)?,
-                berth_proto::encode(event)?.into(),
-            )
+            .send_publish(subjects::event_subject(&event.instance_id)?, message)
             .await
             .map_err(|e| BusError::Publish(e.to_string()))?;
         Ok(Box::pin(async move {

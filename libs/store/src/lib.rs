@@ -11,6 +11,7 @@
 pub mod commands;
 pub mod error;
 pub mod models;
+pub mod outbox;
 pub mod placement;
 pub mod pool;
 mod prepared;

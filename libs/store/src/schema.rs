@@ -51,6 +51,20 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    event_outbox (seq) {
+        seq -> Int8,
+        instance_id -> Text,
+        state -> Text,
+        version -> Int8,
+        cmd_seq -> Int8,
+        worker_id -> Nullable<Text>,
+        gpus -> Array<Int4>,
+        reason -> Nullable<Text>,
+        at -> Timestamptz,
+    }
+}
+
 diesel::joinable!(gpus -> workers (worker_id));
 diesel::joinable!(allocations -> instances (instance_id));
-diesel::allow_tables_to_appear_in_same_query!(workers, gpus, instances, allocations);
+diesel::allow_tables_to_appear_in_same_query!(workers, gpus, instances, allocations, event_outbox);

@@ -207,10 +207,8 @@ pub async fn unassign(
     Ok(())
 }
 
-/// Publishes the event of a committed transition. Events are best effort: a failure is
-/// logged and counted, the state in PostgreSQL is the truth. Only the send happens here (it
-/// keeps the events of one instance in order); JetStream's ack is waited for off the hot
-/// path.
+/// Logs a committed transition and wakes the event relay: the event itself was written to
+/// the outbox by the transaction that made the change (see `events.rs`).
 pub async fn announce(ctx: &Ctx, t: &Transition) {
     tracing::info!(
         instance_id = %t.instance_id,
@@ -221,11 +219,5 @@ pub async fn announce(ctx: &Ctx, t: &Transition) {
         reason = t.reason.as_deref().unwrap_or(""),
         "state changed"
     );
-    match ctx.bus.publish_event_unacked(&t.to_event()).await {
-        Ok(ack) => ctx.event_acks.watch(&t.instance_id, ack, &ctx.stats).await,
-        Err(e) => {
-            ctx.stats.events_failed.inc();
-            tracing::warn!(%e, instance_id = %t.instance_id, "cannot publish event");
-        }
-    }
+    ctx.events_wake.notify_one();
 }

@@ -45,7 +45,8 @@ pub struct Ctx {
     /// Start intents, recorded in groups.
     pub intents: crate::intents::Intents,
     /// Acks of published events, waited for in the background.
-    pub event_acks: crate::events::EventAcks,
+    /// A state change was committed: the event relay has something to publish.
+    pub events_wake: Notify,
 }
 
 impl Ctx {
@@ -134,7 +135,6 @@ impl Analyzer {
         let stats = Arc::new(Stats::default());
         let snapshot = Snapshot::new(config.policy == berth_fit::Policy::Spread);
         let intents = crate::intents::Intents::spawn(store.clone(), stats.clone());
-        let event_acks = crate::events::EventAcks::spawn(stats.clone());
         let ctx = Arc::new(Ctx {
             config,
             store,
@@ -145,7 +145,7 @@ impl Analyzer {
             wake: Notify::new(),
             commands: commands.clone(),
             intents,
-            event_acks,
+            events_wake: Notify::new(),
             snapshot,
             profiles: Default::default(),
         });
@@ -156,6 +156,7 @@ impl Analyzer {
         tasks.spawn(intake::run(ctx.clone(), commands, shutdown.clone()));
         tasks.spawn(status::run(ctx.clone(), reports, shutdown.clone()));
         tasks.spawn(watch::run(ctx.clone(), heard, shutdown.clone()));
+        tasks.spawn(crate::events::run(ctx.clone(), shutdown.clone()));
         if let Some(addr) = ctx.config.metrics_addr {
             metrics::serve(ctx.clone(), addr, shutdown.clone()).await?;
         }

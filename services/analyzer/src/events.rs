@@ -1,61 +1,71 @@
-//! Event acks off the hot path: a placement sends its events and moves on; this task waits
-//! for JetStream's answers and logs and counts the failures (events are best effort, the
-//! state in PostgreSQL is the truth).
+//! The event relay. Every committed state change is written to the outbox by the transaction
+//! that made it (a trigger on `instances`); this task publishes the outbox to BERTH_EVENTS in
+//! commit order and removes what NATS stored. One analyzer relays at a time (the others find
+//! the turn taken), each event carries a `Nats-Msg-Id` so a batch re-sent after a crash is
+//! dropped by the server as a duplicate: no event is lost, none is published twice.
 
-use crate::stats::Stats;
-use berth_bus::{BusError, EventAck};
-use futures::{StreamExt, stream::FuturesUnordered};
-use std::sync::Arc;
-use tokio::sync::mpsc;
+use crate::context::Ctx;
+use berth_bus::Bus;
+use berth_store::outbox::{OutboxEvent, Relayed};
+use std::{sync::Arc, time::Duration};
+use tokio_util::sync::CancellationToken;
 
-/// Acks waited for at once; when that many are outstanding, senders wait for room (so a
-/// stalled NATS slows placements down instead of growing memory).
-const ACKS_IN_FLIGHT: usize = 1024;
+/// Events per round.
+const BATCH: i64 = 512;
+/// How often the outbox is looked at without a wake-up (state changes made by other
+/// analyzers, a failed round).
+const POLL: Duration = Duration::from_millis(50);
 
-/// The sending side; the task ends once every sender is dropped and the acks are in.
-#[derive(Debug, Clone)]
-pub struct EventAcks {
-    tx: mpsc::Sender<(String, EventAck)>,
+pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = ctx.events_wake.notified() => {}
+            () = tokio::time::sleep(POLL) => {}
+        }
+        drain(&ctx).await;
+    }
 }
 
-impl EventAcks {
-    pub fn spawn(stats: Arc<Stats>) -> EventAcks {
-        let (tx, mut rx) = mpsc::channel::<(String, EventAck)>(ACKS_IN_FLIGHT);
-        tokio::spawn(async move {
-            let mut pending = FuturesUnordered::new();
-            loop {
-                tokio::select! {
-                    next = rx.recv(), if pending.len() < ACKS_IN_FLIGHT => match next {
-                        Some((instance_id, ack)) => {
-                            pending.push(async move { (instance_id, ack.await) });
-                        }
-                        None => break,
-                    },
-                    Some((instance_id, outcome)) = pending.next(), if !pending.is_empty() => {
-                        report(&stats, &instance_id, outcome);
-                    }
-                }
-            }
-            while let Some((instance_id, outcome)) = pending.next().await {
-                report(&stats, &instance_id, outcome);
-            }
-        });
-        EventAcks { tx }
-    }
-
-    /// Hands over the ack of `instance_id`'s event; waits inline if the task is gone.
-    pub async fn watch(&self, instance_id: &str, ack: EventAck, stats: &Stats) {
-        if let Err(mpsc::error::SendError((_, ack))) =
-            self.tx.send((instance_id.to_owned(), ack)).await
+/// Relays until nothing is waiting, another relay has the turn, or a round fails.
+async fn drain(ctx: &Ctx) {
+    loop {
+        match ctx
+            .store
+            .relay_events(BATCH, |events| publish_all(&ctx.bus, events))
+            .await
         {
-            report(stats, instance_id, ack.await);
+            Ok(Relayed::Sent(0) | Relayed::Busy) => return,
+            Ok(Relayed::Sent(n)) => {
+                ctx.stats
+                    .events_published
+                    .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+            }
+            Err(Ok(e)) => {
+                ctx.stats.events_failed.inc();
+                tracing::warn!(e, "cannot publish events; will retry");
+                return;
+            }
+            Err(Err(e)) => {
+                tracing::warn!(%e, "cannot read the event outbox; will retry");
+                return;
+            }
         }
     }
 }
 
-fn report(stats: &Stats, instance_id: &str, outcome: Result<(), BusError>) {
-    if let Err(e) = outcome {
-        stats.events_failed.inc();
-        tracing::warn!(%e, instance_id, "event not stored");
+/// Sends every event, then waits for all of JetStream's acks.
+async fn publish_all(bus: &Bus, events: Vec<OutboxEvent>) -> Result<(), String> {
+    let mut acks = Vec::with_capacity(events.len());
+    for e in &events {
+        acks.push(
+            bus.send_event(&e.event, &e.msg_id)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
     }
+    for ack in acks {
+        ack.await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }

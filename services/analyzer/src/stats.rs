@@ -81,6 +81,7 @@ pub struct Stats {
     pub starts_grouped: Counter,
     /// Events JetStream did not store (not sent, or no ack).
     pub events_failed: Counter,
+    pub events_published: Counter,
     pub fit_seconds: FitHistogram,
     /// Recent fit durations and commit transaction durations, in microseconds, for
     /// benchmarks that want exact percentiles.
@@ -141,7 +142,7 @@ impl Stats {
         );
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, &Counter); 22] {
+    fn counters(&self) -> [(&'static str, &'static str, &Counter); 23] {
         [
             (
                 "commands_applied",
@@ -248,6 +249,11 @@ impl Stats {
                 "events_failed",
                 "State-change events JetStream did not store",
                 &self.events_failed,
+            ),
+            (
+                "events_published",
+                "State-change events relayed from the outbox to NATS",
+                &self.events_published,
             ),
         ]
     }

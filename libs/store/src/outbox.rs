@@ -1,0 +1,141 @@
+//! The event outbox: every state change of an instance is recorded by the transaction that
+//! made it (a trigger, see the migration), and relayed to NATS from here. One relay at a time
+//! (an advisory lock per batch), so events leave in the order they were committed; rows are
+//! deleted only once NATS has stored them, so a crash re-sends instead of losing.
+
+use crate::{Store, StoreError, schema::event_outbox};
+use berth_proto::{InstanceEvent, InstanceState};
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection, RunQueryDsl};
+use std::future::Future;
+
+/// Arbitrary constant: the advisory lock that makes one relay at a time.
+const RELAY_LOCK: i64 = 0x6265_7274_6865_7674; // "berthevt"
+
+diesel::define_sql_function! {
+    fn pg_try_advisory_xact_lock(key: diesel::sql_types::BigInt) -> diesel::sql_types::Bool;
+}
+
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = event_outbox)]
+struct OutboxRow {
+    seq: i64,
+    instance_id: String,
+    state: String,
+    version: i64,
+    cmd_seq: i64,
+    worker_id: Option<String>,
+    gpus: Vec<i32>,
+    reason: Option<String>,
+    at: DateTime<Utc>,
+}
+
+/// An event waiting in the outbox, with the id that makes re-sending it harmless.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEvent {
+    /// Unique per state change (`instance:version:state`): NATS drops a second copy.
+    pub msg_id: String,
+    pub event: InstanceEvent,
+}
+
+/// How a relay round ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relayed {
+    /// Another relay holds the turn.
+    Busy,
+    /// This many events were published and removed (0: nothing was waiting).
+    Sent(usize),
+}
+
+impl Store {
+    /// Hands the oldest waiting events (at most `limit`) to `publish`, and removes them once
+    /// it succeeds; on its error nothing is removed and the error is returned as
+    /// `Err(Ok(message))` (`Err(Err(_))` is a database error).
+    pub async fn relay_events<F, Fut>(
+        &self,
+        limit: i64,
+        publish: F,
+    ) -> Result<Relayed, Result<String, StoreError>>
+    where
+        F: FnOnce(Vec<OutboxEvent>) -> Fut + Send,
+        Fut: Future<Output = Result<(), String>> + Send,
+    {
+        let mut conn = self.conn().await.map_err(Err)?;
+        let outcome = (*conn)
+            .transaction::<_, RelayError, _>(async |conn| {
+                let turn: bool = diesel::select(pg_try_advisory_xact_lock(RELAY_LOCK))
+                    .get_result(conn)
+                    .await?;
+                if !turn {
+                    return Ok(Relayed::Busy);
+                }
+                let rows: Vec<OutboxRow> = event_outbox::table
+                    .select(OutboxRow::as_select())
+                    .order(event_outbox::seq)
+                    .limit(limit)
+                    .load(conn)
+                    .await?;
+                let Some(last) = rows.last().map(|r| r.seq) else {
+                    return Ok(Relayed::Sent(0));
+                };
+                let n = rows.len();
+                let events = rows.into_iter().map(to_event).collect::<Result<_, _>>()?;
+                publish(events).await.map_err(RelayError::Publish)?;
+                diesel::delete(event_outbox::table.filter(event_outbox::seq.le(last)))
+                    .execute(conn)
+                    .await?;
+                Ok(Relayed::Sent(n))
+            })
+            .await;
+        match outcome {
+            Ok(r) => Ok(r),
+            Err(RelayError::Publish(e)) => Err(Ok(e)),
+            Err(RelayError::Store(e)) => Err(Err(e)),
+        }
+    }
+
+    /// Events waiting to be relayed.
+    pub async fn outbox_len(&self) -> Result<i64, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(event_outbox::table.count().get_result(&mut conn).await?)
+    }
+}
+
+#[derive(Debug)]
+enum RelayError {
+    Store(StoreError),
+    Publish(String),
+}
+
+impl From<diesel::result::Error> for RelayError {
+    fn from(e: diesel::result::Error) -> Self {
+        RelayError::Store(e.into())
+    }
+}
+
+impl From<StoreError> for RelayError {
+    fn from(e: StoreError) -> Self {
+        RelayError::Store(e)
+    }
+}
+
+fn to_event(r: OutboxRow) -> Result<OutboxEvent, StoreError> {
+    let state: InstanceState = r
+        .state
+        .parse()
+        .map_err(|_| StoreError::Corrupt(format!("outbox state {:?}", r.state)))?;
+    Ok(OutboxEvent {
+        msg_id: format!("{}:{}:{}", r.instance_id, r.version, r.state),
+        event: InstanceEvent {
+            instance_id: r.instance_id,
+            state,
+            version: r.version,
+            cmd_seq: r.cmd_seq,
+            worker_id: r.worker_id,
+            gpus: r.gpus.iter().map(|g| g.unsigned_abs()).collect(),
+            reason: r.reason,
+            at_ms: r.at.timestamp_millis(),
+        },
+    })
+}
