@@ -46,7 +46,7 @@ pub async fn run(ctx: Arc<Ctx>, mut commands: async_nats::Subscriber, shutdown: 
             // if the stream shows nothing newer yet, look again shortly.
             for pause_ms in [0, 2, 20] {
                 tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
-                match ctx.bus.last_command_seq(&id).await {
+                match ctx.bus.last_command_seq_alone(&id).await {
                     Ok(Some(last)) if ctx.supersede(&id, last) => return,
                     Ok(_) => {}
                     Err(e) => {
