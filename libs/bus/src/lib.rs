@@ -249,6 +249,12 @@ impl Bus {
         self.newest.seq(subjects::cmd_subject(instance_id)?).await
     }
 
+    /// The same as [`Bus::last_command_seq`] in a request of its own, for the rare lookup
+    /// that must not wait behind a group (the cancellation watch).
+    pub async fn last_command_seq_alone(&self, instance_id: &str) -> Result<Option<u64>, BusError> {
+        newest::single(&self.cmd_stream, &subjects::cmd_subject(instance_id)?).await
+    }
+
     /// Stores a rejected command with its reason, original subject and sequence.
     pub async fn dead_letter(
         &self,

@@ -1,7 +1,8 @@
 //! The event outbox: every state change of an instance is recorded by the transaction that
 //! made it (a trigger, see the migration), and relayed to NATS from here. One relay at a time
-//! (an advisory lock per batch), so events leave in the order they were committed; rows are
-//! deleted only once NATS has stored them, so a crash re-sends instead of losing.
+//! (an advisory lock per batch), in outbox order, which for one instance is its commit order
+//! (its changes are serialized by its row lock); rows are deleted only once NATS has stored
+//! them, so a crash re-sends instead of losing.
 
 use crate::{Store, StoreError, schema::event_outbox};
 use berth_proto::{InstanceEvent, InstanceState};
@@ -76,16 +77,18 @@ impl Store {
                     .limit(limit)
                     .load(conn)
                     .await?;
-                let Some(last) = rows.last().map(|r| r.seq) else {
+                if rows.is_empty() {
                     return Ok(Relayed::Sent(0));
-                };
-                let n = rows.len();
+                }
+                // Exactly these rows: a sequence number is taken when a change is written,
+                // not when it commits, so a lower one may become visible after this read.
+                let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
                 let events = rows.into_iter().map(to_event).collect::<Result<_, _>>()?;
                 publish(events).await.map_err(RelayError::Publish)?;
-                diesel::delete(event_outbox::table.filter(event_outbox::seq.le(last)))
+                diesel::delete(event_outbox::table.filter(event_outbox::seq.eq_any(&seqs)))
                     .execute(conn)
                     .await?;
-                Ok(Relayed::Sent(n))
+                Ok(Relayed::Sent(seqs.len()))
             })
             .await;
         match outcome {

@@ -81,7 +81,7 @@ async fn confirm_superseded(ctx: &Ctx, id: &str, seq: u64) -> Result<bool, berth
         tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
         if ctx
             .bus
-            .last_command_seq(id)
+            .last_command_seq_alone(id)
             .await?
             .is_some_and(|last| last > seq)
         {
