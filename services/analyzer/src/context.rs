@@ -12,9 +12,15 @@ use berth_store::Store;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 use tokio::{sync::Notify, task::JoinSet};
 use tokio_util::sync::CancellationToken;
+
+/// How long a heard command is remembered: far longer than the stream takes to store it.
+const RECENT_FOR: Duration = Duration::from_secs(1);
+/// Remembered commands before the old ones are dropped.
+const RECENT_CAP: usize = 4096;
 
 /// A fit in flight: its command's sequence and spec, and the token that cancels it.
 #[derive(Debug)]
@@ -34,6 +40,9 @@ pub struct Ctx {
     pub hooks: Hooks,
     /// In-flight fits by instance.
     pub in_flight: Mutex<HashMap<String, InFlight>>,
+    /// The last command the watch heard per instance, and when: a command published just
+    /// before a fit begins may not be stored yet when the fit asks the stream.
+    pub recent: Mutex<HashMap<String, (Instant, Option<Command>)>>,
     /// Capacity may have appeared: pending instances should be looked at again.
     pub wake: Notify,
     /// Free VRAM as this analyzer sees it.
@@ -103,6 +112,30 @@ impl Ctx {
         )
     }
 
+    /// The watch heard `command` for `instance_id`: remember it a moment, and cancel a fit in
+    /// flight that it does not belong to.
+    pub fn heard(&self, instance_id: &str, command: Option<Command>) {
+        if self.has_fit_in_flight(instance_id) {
+            self.suspect(instance_id, command.as_ref());
+        }
+        if let Ok(mut recent) = self.recent.lock() {
+            if recent.len() >= RECENT_CAP {
+                recent.retain(|_, (at, _)| at.elapsed() < RECENT_FOR);
+            }
+            recent.insert(instance_id.to_owned(), (Instant::now(), command));
+        }
+    }
+
+    /// Whether a command other than `spec`'s start was heard for `instance_id` lately (it
+    /// may be newer than the fit about to run, and not stored yet).
+    pub fn heard_other_lately(&self, instance_id: &str, spec: &StartSpec) -> bool {
+        self.recent.lock().is_ok_and(|recent| {
+            recent.get(instance_id).is_some_and(|(at, cmd)| {
+                at.elapsed() < RECENT_FOR && !matches!(cmd, Some(Command::Start(s)) if s == spec)
+            })
+        })
+    }
+
     fn cancel_if(&self, instance_id: &str, pred: impl Fn(&InFlight) -> bool) -> bool {
         if let Ok(map) = self.in_flight.lock()
             && let Some(fit) = map.get(instance_id)
@@ -142,6 +175,7 @@ impl Analyzer {
             stats: stats.clone(),
             hooks,
             in_flight: Mutex::new(HashMap::new()),
+            recent: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             commands: commands.clone(),
             intents,

@@ -48,6 +48,16 @@ pub async fn place(
                 return Handled::Retry;
             }
         }
+        // Another command was heard just before the fit began: it may be newer and not
+        // stored yet, so ask again (briefly) before computing anything.
+        if ctx.heard_other_lately(id, spec)
+            && matches!(confirm_superseded(ctx, id, seq).await, Ok(true))
+        {
+            tracing::debug!("superseded by a command heard before the fit; skipped");
+            ctx.stats.fits_skipped_superseded.inc();
+            ctx.end_fit(id, seq);
+            return Handled::Done;
+        }
         let settled = tokio::time::timeout(
             ctx.config.fit_timeout,
             place_until_settled(ctx, id, seq, version, spec, picked_at, &token),

@@ -13,24 +13,35 @@ use futures::StreamExt;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// Subscribes to the command subjects; call before the command intake starts so that no
-/// command is missed.
-pub async fn subscribe(ctx: &Ctx) -> anyhow::Result<async_nats::Subscriber> {
-    let sub = ctx
-        .bus
-        .client()
-        .subscribe(format!("{CMD_PREFIX}.*"))
-        .await?;
-    // Make sure the server has the subscription before the first command is handled.
-    ctx.bus.client().flush().await?;
-    Ok(sub)
+/// The watch's own connection and subscription: commands reach it without queueing behind
+/// the JetStream traffic of the analyzer's main connection.
+pub struct Watch {
+    _client: async_nats::Client,
+    commands: async_nats::Subscriber,
 }
 
-pub async fn run(ctx: Arc<Ctx>, mut commands: async_nats::Subscriber, shutdown: CancellationToken) {
+/// Subscribes to the command subjects; call before the command intake starts so that no
+/// command is missed.
+pub async fn subscribe(ctx: &Ctx) -> anyhow::Result<Watch> {
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("{}-watch", ctx.config.name))
+        .retry_on_initial_connect()
+        .connect(ctx.config.nats_url.as_str())
+        .await?;
+    let commands = client.subscribe(format!("{CMD_PREFIX}.*")).await?;
+    // Make sure the server has the subscription before the first command is handled.
+    client.flush().await?;
+    Ok(Watch {
+        _client: client,
+        commands,
+    })
+}
+
+pub async fn run(ctx: Arc<Ctx>, mut watch: Watch, shutdown: CancellationToken) {
     loop {
         let msg = tokio::select! {
             () = shutdown.cancelled() => return,
-            msg = commands.next() => match msg {
+            msg = watch.commands.next() => match msg {
                 Some(msg) => msg,
                 None => return,
             },
@@ -39,14 +50,11 @@ pub async fn run(ctx: Arc<Ctx>, mut commands: async_nats::Subscriber, shutdown: 
             continue;
         };
         ctx.stats.commands_watched.inc();
-        if !ctx.has_fit_in_flight(id) {
-            continue;
-        }
         // No stream sequence on the plain copy, and no round trip to ask for it: a command
-        // that is not the fit's own start cancels the fit now; the fit then confirms with
-        // the stream that it really was superseded (see `placing::place`). An undecodable
-        // command is a newer command too (it will put the instance in error).
-        let heard = Command::decode(&msg.payload).ok();
-        ctx.suspect(id, heard.as_ref());
+        // that is not a fit's own start cancels that fit now, and one heard just before a fit
+        // begins makes the fit look twice; either way the fit confirms with the stream that
+        // it really was superseded (see `placing::place`). An undecodable command is a newer
+        // command too (it will put the instance in error).
+        ctx.heard(id, Command::decode(&msg.payload).ok());
     }
 }
