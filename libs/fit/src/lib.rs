@@ -168,6 +168,16 @@ pub enum FitError {
 }
 
 impl Worker {
+    /// One more replica of `group` here, or with `give_back` one less.
+    pub fn count_replica(&mut self, group: &str, give_back: bool) {
+        let n = self.replicas.entry(group.to_owned()).or_default();
+        *n = if give_back {
+            n.saturating_sub(1)
+        } else {
+            n.saturating_add(1)
+        };
+    }
+
     /// Replicas of `group` on this worker.
     pub fn replicas_of(&self, group: Option<&str>) -> u32 {
         group

@@ -70,12 +70,7 @@ impl Part {
             }
         }
         if let Some(group) = group {
-            let n = worker.replicas.entry(group.to_owned()).or_default();
-            *n = if give_back {
-                n.saturating_sub(1)
-            } else {
-                n.saturating_add(1)
-            };
+            worker.count_replica(group, give_back);
         }
     }
 }

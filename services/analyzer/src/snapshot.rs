@@ -61,6 +61,18 @@ impl Snapshot {
 }
 
 impl Inner {
+    /// Only the replica counts of `hold` (its VRAM is left alone).
+    fn adjust_replicas(&mut self, hold: &Hold, give_back: bool) {
+        let Some(group) = hold.group.as_deref() else {
+            return;
+        };
+        for part in &hold.placement.parts {
+            if let Some(&w) = self.by_id.get(&part.worker_id) {
+                self.workers[w].count_replica(group, give_back);
+            }
+        }
+    }
+
     fn adjust(&mut self, hold: &Hold, give_back: bool) {
         for part in &hold.placement.parts {
             if let Some(&w) = self.by_id.get(&part.worker_id) {
@@ -74,21 +86,37 @@ impl Snapshot {
     /// Reloads free capacity from the database; holds still in flight stay deducted.
     pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
         let _one_at_a_time = self.reloading.lock().await;
-        self.reload(store).await
+        self.reload(store, true).await
     }
 
-    async fn reload(&self, store: &Store) -> Result<(), StoreError> {
+    /// Reloads free capacity; replica counts too with `replicas` (the periodic refresh),
+    /// else the previous counts are kept: a conflict needs fresh VRAM figures, and a replica
+    /// placed elsewhere meanwhile only shifts a preference until the next refresh.
+    async fn reload(&self, store: &Store, replicas: bool) -> Result<(), StoreError> {
         let started = Instant::now();
         let capacity = store.capacity().await?;
-        let replicas = if self.replicas {
-            store.replicas().await?
+        let counts = if self.replicas && replicas {
+            Some(store.replicas().await?)
         } else {
-            Vec::new()
+            None
         };
-        let workers = to_fit_workers(capacity, replicas);
+        let reload_counts = counts.is_some();
+        let mut workers = to_fit_workers(capacity, counts.unwrap_or_default());
         let Ok(mut inner) = self.inner.lock() else {
             return Ok(());
         };
+        if !reload_counts {
+            // Keep the counts this view had (held replicas are added back below).
+            let holds: Vec<Hold> = inner.holds.values().cloned().collect();
+            for h in &holds {
+                inner.adjust_replicas(h, true);
+            }
+            for w in &mut workers {
+                if let Some(&i) = inner.by_id.get(&w.id) {
+                    w.replicas = std::mem::take(&mut inner.workers[i].replicas);
+                }
+            }
+        }
         inner.by_id = workers
             .iter()
             .enumerate()
@@ -115,7 +143,7 @@ impl Snapshot {
         if fresh {
             Ok(())
         } else {
-            self.reload(store).await
+            self.reload(store, false).await
         }
     }
 
