@@ -11,6 +11,7 @@
 //! - `BERTH_EVENTS`: `berth.events.instance.*`, state changes, kept for a day.
 
 mod error;
+pub mod grouping;
 mod newest;
 mod topology;
 

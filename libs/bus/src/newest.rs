@@ -49,20 +49,7 @@ async fn group(
     mut rx: mpsc::UnboundedReceiver<(String, Reply)>,
 ) {
     let slots = Arc::new(Semaphore::new(GROUPS_IN_FLIGHT));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = rx.recv().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
+    while let Some((slot, batch)) = crate::grouping::next_group(&slots, &mut rx, MAX_GROUP).await {
         let (client, stream) = (client.clone(), stream.clone());
         tokio::spawn(async move {
             let mut subjects: Vec<String> = batch.iter().map(|(s, _)| s.clone()).collect();

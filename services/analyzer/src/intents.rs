@@ -52,21 +52,9 @@ async fn group(
     mut rx: mpsc::UnboundedReceiver<(StartIntent, Reply)>,
 ) {
     let slots = Arc::new(Semaphore::new(GROUPS_IN_FLIGHT));
-    loop {
-        // Take a slot first: while both are busy, arrivals queue up and go out together.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = rx.recv().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
+    while let Some((slot, batch)) =
+        berth_bus::grouping::next_group(&slots, &mut rx, MAX_GROUP).await
+    {
         let (store, stats) = (store.clone(), stats.clone());
         tokio::spawn(async move {
             let (intents, replies): (Vec<StartIntent>, Vec<Reply>) = batch.into_iter().unzip();
