@@ -16,26 +16,41 @@ const BATCH: i64 = 512;
 /// analyzers, a failed round).
 const POLL: Duration = Duration::from_millis(50);
 
+/// After a failed round the relay waits this long, doubling up to `MAX_BACKOFF`, so a NATS
+/// or PostgreSQL outage is not met with a warning every 50 ms.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
 pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    let mut backoff = FIRST_BACKOFF;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = ctx.events_wake.notified() => {}
             () = tokio::time::sleep(POLL) => {}
         }
-        drain(&ctx).await;
+        if drain(&ctx).await {
+            backoff = FIRST_BACKOFF;
+            continue;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-/// Relays until nothing is waiting, another relay has the turn, or a round fails.
-async fn drain(ctx: &Ctx) {
+/// Relays until nothing is waiting or another relay has the turn (true), or a round fails
+/// (false).
+async fn drain(ctx: &Ctx) -> bool {
     loop {
         match ctx
             .store
             .relay_events(BATCH, |events| publish_all(&ctx.bus, events))
             .await
         {
-            Ok(Relayed::Sent(0) | Relayed::Busy) => return,
+            Ok(Relayed::Sent(0) | Relayed::Busy) => return true,
             Ok(Relayed::Sent(n)) => {
                 ctx.stats
                     .events_published
@@ -44,11 +59,11 @@ async fn drain(ctx: &Ctx) {
             Err(Ok(e)) => {
                 ctx.stats.events_failed.inc();
                 tracing::warn!(e, "cannot publish events; will retry");
-                return;
+                return false;
             }
             Err(Err(e)) => {
                 tracing::warn!(%e, "cannot read the event outbox; will retry");
-                return;
+                return false;
             }
         }
     }
