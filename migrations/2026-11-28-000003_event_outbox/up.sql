@@ -24,9 +24,12 @@ BEGIN
         INSERT INTO event_outbox (instance_id, state, version, cmd_seq, worker_id, gpus, reason)
         VALUES (
             NEW.id, NEW.state, NEW.version, NEW.cmd_seq, NEW.worker_id,
-            COALESCE((SELECT array_agg(gpu_idx ORDER BY gpu_idx) FROM allocations
-                      WHERE instance_id = NEW.id AND version = NEW.version
-                        AND worker_id = NEW.worker_id), '{}'),
+            -- GPUs are part of the `scheduled` event only (docs/protocol.md).
+            CASE WHEN NEW.state = 'scheduled' THEN
+                COALESCE((SELECT array_agg(gpu_idx ORDER BY gpu_idx) FROM allocations
+                          WHERE instance_id = NEW.id AND version = NEW.version
+                            AND worker_id = NEW.worker_id), '{}')
+            ELSE '{}' END,
             NEW.reason);
     END IF;
     RETURN NULL;
