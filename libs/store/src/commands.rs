@@ -56,22 +56,12 @@ pub enum StopApplied {
     },
 }
 
-/// Records a start in one statement when it simply applies (see `apply_start`); returns no
-/// row when the instance needs a closer look (stale, redelivered, or unchanged).
-pub(crate) const START_UPSERT: &str = "\
-    INSERT INTO instances (id, spec, desired, state, cmd_seq, version) \
-    VALUES ($1, $2, 'running', 'analyzing', $3, 1) \
-    ON CONFLICT (id) DO UPDATE SET spec = EXCLUDED.spec, desired = 'running', \
-        state = 'analyzing', reason = NULL, cmd_seq = EXCLUDED.cmd_seq, \
-        version = instances.version + 1, worker_id = NULL, updated_at = now() \
-    WHERE instances.cmd_seq < EXCLUDED.cmd_seq \
-      AND NOT (instances.state IN ('scheduled', 'starting', 'running') \
-               AND instances.spec = EXCLUDED.spec) \
-    RETURNING version, (xmax::text <> '0') AS existed";
-
-/// `START_UPSERT` for many instances at once: one row per instance (the caller sorts them
-/// by id, the row lock order, and keeps one command per instance, since one statement cannot
-/// update a row twice). The arrays keep the text constant, so it is prepared once.
+/// Records the starts that simply apply (new instances, or a newer command for one that is
+/// not already running this very spec) in one statement; returns no row for an instance that
+/// needs a closer look (stale, redelivered, or unchanged). One row per instance (the caller
+/// sorts them by id, the row lock order, and keeps one command per instance, since one
+/// statement cannot update a row twice). The arrays keep the text constant, so it is
+/// prepared once.
 pub(crate) const START_UPSERT_MANY: &str = "\
     INSERT INTO instances (id, spec, desired, state, cmd_seq, version) \
     SELECT t.id, t.spec, 'running', 'analyzing', t.seq, 1 \
@@ -92,11 +82,6 @@ pub struct StartIntent {
     pub spec: serde_json::Value,
 }
 
-struct Upserted {
-    version: i64,
-    existed: bool,
-}
-
 /// States in which a redelivered command (same sequence) is worked on again, because the
 /// analyzer that applied it may have died before finishing.
 const REDO_STATES: [&str; 1] = ["analyzing"];
@@ -109,32 +94,15 @@ impl Store {
         seq: i64,
         spec: serde_json::Value,
     ) -> Result<StartApplied, StoreError> {
-        let mut conn = self.conn().await?;
-        // The common case in one statement: a new instance, or a newer command for one that
-        // is not already running this very spec.
-        let fast: Option<(i64, bool)> = crate::prepared::StartUpsert {
-            id,
-            spec: &spec,
+        let intent = StartIntent {
+            id: id.to_owned(),
             seq,
-        }
-        .get_result(&mut conn)
-        .await
-        .optional()?;
-        if let Some((version, existed)) = fast {
-            let up = Upserted { version, existed };
-            // The upsert holds no lock now, but any placement of an older version either
-            // committed before it (visible here) or will miss its CAS.
-            let release_on = if up.existed {
-                holding_workers(&mut conn, id).await?
-            } else {
-                Vec::new()
-            };
-            return Ok(StartApplied::Analyzing {
-                transition: analyzing(id, seq, up.version),
-                release_on,
-            });
-        }
-        start_closely(&mut conn, id, seq, &spec).await
+            spec,
+        };
+        let mut applied = self.apply_starts(std::slice::from_ref(&intent)).await?;
+        applied
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt(format!("no result for the start of {id}")))
     }
 
     /// Records many start commands: one statement for all that simply apply (new instances,

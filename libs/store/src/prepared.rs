@@ -85,37 +85,6 @@ impl QueryFragment<Pg> for Commit<'_> {
     }
 }
 
-/// The one-statement start (`commands::START_UPSERT`).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct StartUpsert<'a> {
-    pub id: &'a str,
-    pub spec: &'a serde_json::Value,
-    pub seq: i64,
-}
-
-impl QueryId for StartUpsert<'_> {
-    type QueryId = StartUpsert<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl Query for StartUpsert<'_> {
-    type SqlType = (BigInt, Bool);
-}
-
-impl QueryFragment<Pg> for StartUpsert<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        for seg in segments(crate::commands::START_UPSERT) {
-            match seg {
-                Seg::Text(t) => out.push_sql(t),
-                Seg::Param(1) => out.push_bind_param::<Text, _>(&self.id)?,
-                Seg::Param(2) => out.push_bind_param::<Jsonb, _>(self.spec)?,
-                Seg::Param(_) => out.push_bind_param::<BigInt, _>(&self.seq)?,
-            }
-        }
-        Ok(())
-    }
-}
-
 /// The many-row start (`commands::START_UPSERT_MANY`): ids, specs and sequences as arrays.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct StartUpsertMany<'a> {
