@@ -251,8 +251,7 @@ async fn a_backend_running_a_stale_placement_is_told_to_stop() {
             .get_or_create(&berth_agent::AgentStats::worker("w1"))
             .get()
     };
-    let before = unassigned();
-    for (id, version) in [("x", row.version - 1), ("ghost", 7)] {
+    let report_running = |id: &str, version: i64| {
         let report = berth_proto::StatusMsg::Instance {
             worker_id: "w1".into(),
             instance_id: id.into(),
@@ -261,12 +260,12 @@ async fn a_backend_running_a_stale_placement_is_told_to_stop() {
             reason: None,
             shared: false,
         };
-        fleet
-            .bus
-            .publish_status("w1", &report)
-            .await
-            .expect("report");
-    }
+        let bus = fleet.bus.clone();
+        async move { bus.publish_status("w1", &report).await.expect("report") }
+    };
+    let before = unassigned();
+    report_running("x", row.version - 1).await;
+    report_running("ghost", 7).await;
     wait_until("both stale backends told to stop", LIMIT, || {
         let n = unassigned();
         async move { (n >= before + 2).then_some(()) }
@@ -274,15 +273,7 @@ async fn a_backend_running_a_stale_placement_is_told_to_stop() {
     .await;
     assert_eq!(stats.stale_reports_fenced.get(), 2);
     // A duplicate report of the current placement is not stale.
-    let dup = berth_proto::StatusMsg::Instance {
-        worker_id: "w1".into(),
-        instance_id: "x".into(),
-        version: row.version,
-        state: berth_proto::status::ReportedState::Running,
-        reason: None,
-        shared: false,
-    };
-    fleet.bus.publish_status("w1", &dup).await.expect("report");
+    report_running("x", row.version).await;
     fleet.start_instance("y", 10 * GIB, 1).await;
     fleet.wait_state("y", InstanceState::Running, LIMIT).await;
     assert_eq!(stats.stale_reports_fenced.get(), 2);

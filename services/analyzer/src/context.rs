@@ -89,12 +89,6 @@ impl Ctx {
         }
     }
 
-    pub fn has_fit_in_flight(&self, instance_id: &str) -> bool {
-        self.in_flight
-            .lock()
-            .is_ok_and(|m| m.contains_key(instance_id))
-    }
-
     /// A newer command (`seq`) for `instance_id` arrived: abandon any older fit in flight
     /// here. Returns whether one was cancelled.
     pub fn supersede(&self, instance_id: &str, seq: u64) -> bool {
@@ -115,9 +109,7 @@ impl Ctx {
     /// The watch heard `command` for `instance_id`: remember it a moment, and cancel a fit in
     /// flight that it does not belong to.
     pub fn heard(&self, instance_id: &str, command: Option<Command>) {
-        if self.has_fit_in_flight(instance_id) {
-            self.suspect(instance_id, command.as_ref());
-        }
+        self.suspect(instance_id, command.as_ref());
         if let Ok(mut recent) = self.recent.lock() {
             if recent.len() >= RECENT_CAP {
                 recent.retain(|_, (at, _)| at.elapsed() < RECENT_FOR);
