@@ -35,8 +35,9 @@ struct Args {
     /// Accepted for compatibility: an inventory always means simulated GPUs.
     #[arg(long)]
     sim: bool,
-    /// Print the workers and GPUs this agent would register (NVML or the inventory) as JSON,
-    /// then exit: a check of the NVML path on a new host.
+    /// Print the workers and GPUs this agent would register (NVML or the inventory) and the
+    /// memory in use its first heartbeat would report, as JSON, then exit: a check of the
+    /// NVML path on a new host.
     #[arg(long)]
     print_inventory: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics ("off" to disable).
@@ -64,10 +65,17 @@ async fn main() -> anyhow::Result<()> {
     berth_telemetry::init_tracing(args.log_json, "info");
     let workers = workers(&args)?;
     if args.print_inventory {
-        let doc: Vec<_> = workers
-            .iter()
-            .map(|w| serde_json::json!({ "worker": w.id, "labels": w.labels, "gpus": w.gpus }))
-            .collect();
+        let mut doc = Vec::with_capacity(workers.len());
+        for w in &workers {
+            // What the first heartbeat would report: checks NVML's memory reading too.
+            let usage = match &w.usage {
+                berth_agent::Usage::Fixed(fixed) => fixed.clone(),
+                berth_agent::Usage::Nvml => nvml::UsageReader::open()?.read()?,
+            };
+            doc.push(serde_json::json!({
+                "worker": w.id, "labels": w.labels, "gpus": w.gpus, "usage": usage,
+            }));
+        }
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }

@@ -68,4 +68,37 @@ fn print_inventory_shows_what_would_be_registered() {
     assert_eq!(doc[0]["worker"], "gpu-b");
     assert_eq!(doc[0]["gpus"].as_array().map(Vec::len), Some(2));
     assert_eq!(doc[0]["gpus"][0]["total_bytes"], 40_i64 << 30);
+    assert_eq!(
+        doc[0]["usage"],
+        serde_json::json!([]),
+        "gpu-b has nothing in use"
+    );
+}
+
+#[test]
+fn print_inventory_shows_the_memory_the_first_heartbeat_reports() {
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/../../ops/inventory/demo.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_berth-agent"))
+        .args([
+            "--inventory",
+            demo,
+            "--worker",
+            "gpu-c",
+            "--print-inventory",
+        ])
+        .output()
+        .expect("run berth-agent");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let used: Vec<i64> = doc[0]["usage"]
+        .as_array()
+        .expect("usage is a list")
+        .iter()
+        .filter_map(|u| u["used_outside_bytes"].as_i64())
+        .collect();
+    assert!(used.contains(&(6_i64 << 30)), "{doc}");
 }
