@@ -315,3 +315,78 @@ async fn grouped_starts_keep_the_sequence_rules() {
         vec![StartApplied::Unchanged { version: 2 }]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_reports_move_only_current_placements_forward() {
+    use berth_store::reports::Forward;
+    let servers = servers();
+    let store = store_with_worker(&servers).await;
+    // a, b, c placed at version 1 on w1 (1 GiB each); d started but not placed.
+    for id in ["a", "b", "c", "d"] {
+        store.apply_start(id, 1, spec()).await.unwrap();
+    }
+    for id in ["a", "b", "c"] {
+        let placed = store.commit_placement(id, 1, "w1", &[0], GIB).await;
+        assert!(
+            matches!(placed, Ok(CommitOutcome::Committed(_))),
+            "{placed:?}"
+        );
+    }
+    let report = |worker: &str, id: &str, version: i64, state| Forward {
+        worker_id: worker.into(),
+        instance_id: id.into(),
+        version,
+        state,
+    };
+    let reports = [
+        report("w1", "c", 1, ReportedState::Starting),
+        report("w1", "a", 1, ReportedState::Running),
+        report("w1", "b", 1, ReportedState::Starting),
+        report("w1", "a", 1, ReportedState::Running), // the same report again
+        report("w1", "c", 1, ReportedState::Running), // overtakes its starting
+        report("w1", "b", 0, ReportedState::Running), // an older version
+        report("w2", "b", 1, ReportedState::Running), // another worker
+        report("w1", "d", 1, ReportedState::Running), // not placed
+        report("w1", "zzz", 1, ReportedState::Running), // unknown
+    ];
+    let moved = store.forward_reports(&reports).await.unwrap();
+    let states: Vec<Option<&str>> = moved
+        .iter()
+        .map(|t| t.as_ref().map(|t| t.state.as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            None,
+            None,
+            Some("starting"),
+            Some("running"),
+            Some("running"),
+            None,
+            None,
+            None,
+            None
+        ]
+    );
+    for (id, want) in [
+        ("a", "running"),
+        ("b", "starting"),
+        ("c", "running"),
+        ("d", "analyzing"),
+    ] {
+        assert_eq!(
+            store.instance(id).await.unwrap().unwrap().state,
+            want,
+            "{id}"
+        );
+    }
+    let a = moved[3].as_ref().unwrap();
+    assert_eq!((a.version, a.worker_id.as_deref()), (1, Some("w1")));
+    // Never backwards: a late starting for a running instance changes nothing.
+    let late = store
+        .forward_reports(&[report("w1", "a", 1, ReportedState::Starting)])
+        .await
+        .unwrap();
+    assert_eq!(late, [None]);
+    assert_eq!(store.instance("a").await.unwrap().unwrap().state, "running");
+}

@@ -81,8 +81,11 @@ fn placement(c: &mut Criterion) {
                 .collect(),
             ..Request::default()
         };
+        // What `berth bench place` asks most: one GPU, no selector, every worker a candidate.
+        let any = Request::simple(16 * GIB, 1);
         let never = || false;
         for (name, req, policy) in [
+            ("spread/1x16GiB/any", &any, Policy::Spread),
             ("binpack/2x30GiB/zone=a", &fits, Policy::Binpack),
             ("spread/2x30GiB/zone=a", &fits, Policy::Spread),
             ("binpack/no-fit", &no_fit, Policy::Binpack),

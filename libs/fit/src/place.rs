@@ -120,20 +120,12 @@ pub fn place_from(
 /// A worker that can take a shape's share, with the GPUs it would use.
 struct Candidate<'w> {
     worker: &'w Worker,
-    replicas: u32,
-    leftover: u128,
+    /// Lower is better.
+    rank: (u32, u128),
     slots: Vec<crate::Slot>,
 }
 
 impl Candidate<'_> {
-    /// Lower is better.
-    fn rank(&self, policy: Policy) -> (u32, u128) {
-        match policy {
-            Policy::Binpack => (0, self.leftover),
-            Policy::Spread => (self.replicas, u128::MAX - self.leftover),
-        }
-    }
-
     fn part(self) -> Part {
         let mut gpus = self.slots;
         gpus.sort_unstable_by_key(|s| s.index);
@@ -144,8 +136,15 @@ impl Candidate<'_> {
     }
 }
 
+/// Workers met between two looks at `cancelled` (a token's check takes a lock).
+const CANCEL_POLL_EVERY: usize = 64;
+
 /// The best `want` workers that can take the shape's share, best first (fewer when fewer
-/// can), polling `cancelled` between workers.
+/// can), polling `cancelled` every few workers.
+///
+/// The search meets every worker, so the per-worker step allocates nothing: the GPUs are
+/// chosen in one reused buffer, and a worker that cannot beat the ones already kept is
+/// dropped before its GPUs are copied out.
 fn best_candidates<'w>(
     workers: impl Iterator<Item = &'w Worker>,
     want: usize,
@@ -156,67 +155,90 @@ fn best_candidates<'w>(
 ) -> Result<Vec<Candidate<'w>>, FitError> {
     // Stable sorts keep equal ranks in the order the workers were met: ties go to the first.
     let prune = |best: &mut Vec<Candidate<'w>>| {
-        best.sort_by_key(|c| c.rank(policy));
+        best.sort_by_key(|c| c.rank);
         best.truncate(want);
     };
-    let mut best = Vec::new();
-    for worker in workers {
-        if cancelled() {
+    let mut best: Vec<Candidate<'w>> = Vec::new();
+    // Once `want` are kept, the rank a newcomer must beat (a tie goes to the one kept).
+    let mut cut: Option<(u32, u128)> = None;
+    let mut scratch = Vec::new();
+    for (i, worker) in workers.enumerate() {
+        if i % CANCEL_POLL_EVERY == 0 && cancelled() {
             return Err(FitError::Cancelled);
         }
-        if let Some(c) = candidate(worker, request, shape, policy) {
-            best.push(c);
-            // Only the best few are kept, so a large cluster costs no large buffer.
-            if best.len() > 2 * want + 16 {
-                prune(&mut best);
-            }
+        let Some(rank) = choose_gpus(worker, request, shape, policy, &mut scratch) else {
+            continue;
+        };
+        if cut.is_some_and(|cut| rank >= cut) {
+            continue;
+        }
+        best.push(Candidate {
+            worker,
+            rank,
+            slots: scratch.iter().map(|(_, s)| *s).collect(),
+        });
+        // Only the best few are kept, so a large cluster costs no large buffer.
+        if best.len() > 2 * want + 16 {
+            prune(&mut best);
+            cut = best.last().filter(|_| best.len() == want).map(|c| c.rank);
         }
     }
     prune(&mut best);
     Ok(best)
 }
 
-/// The GPUs of one worker that fit the shape, picked per policy.
-fn candidate<'w>(
-    worker: &'w Worker,
+/// Picks, into `chosen`, the GPUs of `worker` that fit the shape per policy (each with the
+/// free bytes it would have left), and returns the worker's rank for it; `None` when the
+/// worker cannot take it.
+fn choose_gpus(
+    worker: &Worker,
     request: &Request,
     shape: &Shape,
     policy: Policy,
-) -> Option<Candidate<'w>> {
+    chosen: &mut Vec<(u64, crate::Slot)>,
+) -> Option<(u32, u128)> {
     let k = shape.gpus_per_worker as usize;
     if k == 0 || worker.gpus.len() < k || !worker.schedulable || !worker.matches(&request.selector)
     {
         return None;
     }
-    let mut fitting: Vec<(u64, crate::Slot)> = worker
-        .gpus
-        .iter()
-        .filter(|g| request.accepts(&worker.id, g))
-        .filter_map(|g| {
-            let need = shape.need_on(g.total_bytes)?;
-            let left = g.free_bytes.checked_sub(need)?;
-            Some((
-                left,
-                crate::Slot {
-                    index: g.index,
-                    bytes: need,
-                },
-            ))
-        })
-        .collect();
-    if fitting.len() < k {
+    chosen.clear();
+    chosen.extend(
+        worker
+            .gpus
+            .iter()
+            .filter(|g| request.accepts(&worker.id, g))
+            .filter_map(|g| {
+                let need = shape.need_on(g.total_bytes)?;
+                let left = g.free_bytes.checked_sub(need)?;
+                Some((
+                    left,
+                    crate::Slot {
+                        index: g.index,
+                        bytes: need,
+                    },
+                ))
+            }),
+    );
+    if chosen.len() < k {
         return None;
     }
-    match policy {
-        Policy::Binpack => fitting.sort_unstable_by_key(|(left, s)| (*left, s.index)),
-        Policy::Spread => fitting.sort_unstable_by_key(|(left, s)| (Reverse(*left), s.index)),
+    if chosen.len() > k {
+        // Only which k GPUs matter (their order is set later), so select rather than sort.
+        let by_policy = |a: &(u64, crate::Slot), b: &(u64, crate::Slot)| match policy {
+            Policy::Binpack => (a.0, a.1.index).cmp(&(b.0, b.1.index)),
+            Policy::Spread => (Reverse(a.0), a.1.index).cmp(&(Reverse(b.0), b.1.index)),
+        };
+        chosen.select_nth_unstable_by(k - 1, by_policy);
+        chosen.truncate(k);
     }
-    fitting.truncate(k);
-    Some(Candidate {
-        worker,
-        replicas: worker.replicas_of(request.group.as_deref()),
-        leftover: fitting.iter().map(|(left, _)| u128::from(*left)).sum(),
-        slots: fitting.into_iter().map(|(_, s)| s).collect(),
+    let leftover: u128 = chosen.iter().map(|(left, _)| u128::from(*left)).sum();
+    Some(match policy {
+        Policy::Binpack => (0, leftover),
+        Policy::Spread => (
+            worker.replicas_of(request.group.as_deref()),
+            u128::MAX - leftover,
+        ),
     })
 }
 

@@ -134,6 +134,11 @@ impl PgServer {
                 "-c",
                 "max_connections=300",
             ]);
+        // Profiling: `berth bench place` prints the top statements when this is set.
+        if std::env::var_os("BERTH_PG_STATEMENT_STATS").is_some() {
+            cmd.args(["-c", "shared_preload_libraries=pg_stat_statements"])
+                .args(["-c", "pg_stat_statements.track=all"]);
+        }
         if self.durability == Durability::Fast {
             cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
                 .args(["-c", "full_page_writes=off"]);

@@ -51,6 +51,18 @@ impl Store {
         Ok(out)
     }
 
+    /// The GPUs of `worker_ids` only, ordered by worker id then GPU index: what a capacity
+    /// view refreshes after losing a GPU there, instead of reloading every worker.
+    pub async fn gpus_of(&self, worker_ids: &[String]) -> Result<Vec<GpuRow>, StoreError> {
+        let mut conn = self.conn().await?;
+        Ok(gpus::table
+            .filter(gpus::worker_id.eq_any(worker_ids))
+            .select(GpuRow::as_select())
+            .order((gpus::worker_id, gpus::idx))
+            .load(&mut conn)
+            .await?)
+    }
+
     /// How many instances of each replica group hold GPUs on each worker:
     /// `(worker, group, instances)`.
     pub async fn replicas(&self) -> Result<Vec<(String, String, i64)>, StoreError> {

@@ -116,6 +116,39 @@ impl QueryFragment<Pg> for StartUpsertMany<'_> {
     }
 }
 
+/// The grouped forward reports (`reports::FORWARD_MANY`): parallel arrays.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ForwardMany<'a> {
+    pub ids: &'a [&'a str],
+    pub versions: &'a [i64],
+    pub workers: &'a [&'a str],
+    pub states: &'a [&'a str],
+}
+
+impl QueryId for ForwardMany<'_> {
+    type QueryId = ForwardMany<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for ForwardMany<'_> {
+    type SqlType = (Text, BigInt, Text, BigInt);
+}
+
+impl QueryFragment<Pg> for ForwardMany<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        for seg in segments(crate::reports::FORWARD_MANY) {
+            match seg {
+                Seg::Text(t) => out.push_sql(t),
+                Seg::Param(1) => out.push_bind_param::<Array<Text>, _>(self.ids)?,
+                Seg::Param(2) => out.push_bind_param::<Array<BigInt>, _>(self.versions)?,
+                Seg::Param(3) => out.push_bind_param::<Array<Text>, _>(self.workers)?,
+                Seg::Param(_) => out.push_bind_param::<Array<Text>, _>(self.states)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

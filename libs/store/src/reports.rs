@@ -11,6 +11,46 @@ use diesel::upsert::excluded;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use std::collections::BTreeMap;
 
+/// A `starting` or `running` report of a placement on one worker; see
+/// [`Store::forward_reports`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub worker_id: String,
+    pub instance_id: String,
+    pub version: i64,
+    /// `Starting` or `Running` (anything else counts as `Running`).
+    pub state: ReportedState,
+}
+
+fn forward_state(reported: ReportedState) -> InstanceState {
+    if reported == ReportedState::Starting {
+        InstanceState::Starting
+    } else {
+        InstanceState::Running
+    }
+}
+
+/// Many `starting`/`running` reports in one statement; `$1`..`$4` are parallel arrays
+/// (instance id, version, worker, target state), one row per placement. The rows are locked
+/// in id order first, like every writer that locks several instances, so two groups never
+/// deadlock; the update then checks each row again on its latest version.
+pub(crate) const FORWARD_MANY: &str = "\
+    WITH f AS ( \
+        SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[]) \
+            AS f(id, version, worker_id, to_state) \
+    ), locked AS ( \
+        SELECT i.id FROM instances i JOIN f ON i.id = f.id \
+        WHERE i.version = f.version AND i.worker_id = f.worker_id \
+          AND (i.state = 'scheduled' OR (i.state = 'starting' AND f.to_state = 'running')) \
+        ORDER BY i.id FOR UPDATE OF i \
+    ) \
+    UPDATE instances i SET state = f.to_state, reason = NULL, updated_at = now() \
+    FROM f \
+    WHERE i.id = f.id AND i.id IN (SELECT id FROM locked) \
+      AND i.version = f.version AND i.worker_id = f.worker_id \
+      AND (i.state = 'scheduled' OR (i.state = 'starting' AND f.to_state = 'running')) \
+    RETURNING i.id, i.version, i.worker_id, i.cmd_seq";
+
 /// What a heartbeat changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Beat {
@@ -157,6 +197,72 @@ impl Store {
     /// (`error`). A `shared` report comes from one of several workers an instance is
     /// spread over: that part is marked ready, and the instance runs once every part is.
     /// Returns the transitions made.
+    /// Applies many `starting`/`running` reports of single-worker placements in one
+    /// statement: the common case of [`Store::apply_report`], which moves only the instance
+    /// row forward. Answers in the order of `reports`: the transition made, or `None` when
+    /// the report changed nothing (not the current placement on that worker, or not a step
+    /// forward). Of the same report twice, or `starting` and `running` of one placement in
+    /// one group, only the furthest step is applied; the others answer `None`, as they
+    /// would once it is.
+    pub async fn forward_reports(
+        &self,
+        reports: &[Forward],
+    ) -> Result<Vec<Option<Transition>>, StoreError> {
+        // One row per placement, in instance id order (the row lock order of every writer).
+        let key = |r: &Forward| (r.instance_id.clone(), r.version, r.worker_id.clone());
+        let mut chosen: BTreeMap<(String, i64, String), usize> = BTreeMap::new();
+        for (i, r) in reports.iter().enumerate() {
+            chosen
+                .entry(key(r))
+                .and_modify(|k| {
+                    if r.state == ReportedState::Running {
+                        *k = i;
+                    }
+                })
+                .or_insert(i);
+        }
+        let rows: Vec<&Forward> = chosen.values().map(|&i| &reports[i]).collect();
+        let ids: Vec<&str> = rows.iter().map(|r| r.instance_id.as_str()).collect();
+        let versions: Vec<i64> = rows.iter().map(|r| r.version).collect();
+        let workers: Vec<&str> = rows.iter().map(|r| r.worker_id.as_str()).collect();
+        let states: Vec<&str> = rows
+            .iter()
+            .map(|r| forward_state(r.state).as_str())
+            .collect();
+        let mut conn = self.conn().await?;
+        let moved: Vec<(String, i64, String, i64)> = crate::prepared::ForwardMany {
+            ids: &ids,
+            versions: &versions,
+            workers: &workers,
+            states: &states,
+        }
+        .load(&mut conn)
+        .await?;
+        let moved: BTreeMap<(String, i64, String), i64> = moved
+            .into_iter()
+            .map(|(id, version, worker, cmd_seq)| ((id, version, worker), cmd_seq))
+            .collect();
+        Ok(reports
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let k = key(r);
+                if chosen.get(&k) != Some(&i) {
+                    return None;
+                }
+                Some(Transition {
+                    instance_id: r.instance_id.clone(),
+                    state: forward_state(r.state),
+                    version: r.version,
+                    cmd_seq: *moved.get(&k)?,
+                    worker_id: Some(r.worker_id.clone()),
+                    gpus: Vec::new(),
+                    reason: None,
+                })
+            })
+            .collect())
+    }
+
     pub async fn apply_report(
         &self,
         worker_id: &str,

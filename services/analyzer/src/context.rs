@@ -53,6 +53,8 @@ pub struct Ctx {
     pub commands: PullConsumer,
     /// Start intents, recorded in groups.
     pub intents: crate::intents::Intents,
+    /// `starting`/`running` reports, applied in groups.
+    pub forwards: crate::grouped::Grouped<berth_store::reports::Forward, status::Forwarded>,
     /// Acks of published events, waited for in the background.
     /// A state change was committed: the event relay has something to publish.
     pub events_wake: Notify,
@@ -160,6 +162,7 @@ impl Analyzer {
         let stats = Arc::new(Stats::default());
         let snapshot = Snapshot::new(config.policy == berth_fit::Policy::Spread);
         let intents = crate::intents::Intents::spawn(store.clone(), stats.clone());
+        let forwards = status::spawn_forwards(store.clone());
         let ctx = Arc::new(Ctx {
             config,
             store,
@@ -171,6 +174,7 @@ impl Analyzer {
             wake: Notify::new(),
             commands: commands.clone(),
             intents,
+            forwards,
             events_wake: Notify::new(),
             snapshot,
             profiles: Default::default(),

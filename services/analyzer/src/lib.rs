@@ -5,6 +5,7 @@ pub mod commands;
 pub mod config;
 pub mod context;
 pub mod events;
+pub mod grouped;
 pub mod hooks;
 pub mod intake;
 pub mod intents;

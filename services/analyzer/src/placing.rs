@@ -233,7 +233,12 @@ async fn place_until_settled(
                 );
                 ctx.stats.capacity_conflicts.inc();
                 ctx.stats.refits.inc();
-                if let Err(e) = ctx.snapshot.refresh_since(&ctx.store, began).await {
+                let workers: Vec<String> = placement
+                    .parts
+                    .iter()
+                    .map(|p| p.worker_id.clone())
+                    .collect();
+                if let Err(e) = ctx.snapshot.refresh_workers(&ctx.store, &workers).await {
                     return Settled::Handled(transient(&e));
                 }
             }

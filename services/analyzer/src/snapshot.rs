@@ -131,6 +131,41 @@ impl Snapshot {
         Ok(())
     }
 
+    /// Reloads the free VRAM of `worker_ids` only (holds in flight there stay deducted):
+    /// losing a GPU to another analyzer says exactly which part of the view was stale.
+    /// Workers added or removed meanwhile wait for the periodic refresh.
+    pub async fn refresh_workers(
+        &self,
+        store: &Store,
+        worker_ids: &[String],
+    ) -> Result<(), StoreError> {
+        let rows = store.gpus_of(worker_ids).await?;
+        let Ok(mut inner) = self.inner.lock() else {
+            return Ok(());
+        };
+        let inner = &mut *inner;
+        for row in &rows {
+            let Some(&w) = inner.by_id.get(&row.worker_id) else {
+                continue;
+            };
+            let index = row.idx.unsigned_abs();
+            if let Some(gpu) = inner.workers[w].gpus.iter_mut().find(|g| g.index == index) {
+                gpu.free_bytes = u64::try_from(row.free_bytes()).unwrap_or(0);
+            }
+        }
+        for hold in inner.holds.values() {
+            for part in &hold.placement.parts {
+                if worker_ids.contains(&part.worker_id)
+                    && let Some(&w) = inner.by_id.get(&part.worker_id)
+                {
+                    // VRAM only: the replica counts were not reloaded.
+                    part.apply(&mut inner.workers[w], None, false);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Refreshes unless a refresh started at or after `since` already happened.
     pub async fn refresh_since(&self, store: &Store, since: Instant) -> Result<(), StoreError> {
         let _one_at_a_time = self.reloading.lock().await;

@@ -1,13 +1,49 @@
 //! Agent reports: registrations, heartbeats, and instance status.
 
+use crate::grouped::Grouped;
 use crate::{
     context::Ctx,
     intake::{Handled, pull_loop},
 };
 use async_nats::jetstream::{Message, consumer::PullConsumer};
 use berth_proto::{StatusMsg, status::ReportedState};
+use berth_retry::{RetryPolicy, retry};
+use berth_store::{Store, StoreError, Transition, reports::Forward};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+
+/// Most reports in one grouped statement, and such statements in flight at once.
+const MAX_GROUP: usize = 256;
+const GROUPS_IN_FLIGHT: usize = 2;
+
+/// A group of forward reports could not be applied (already logged); each is redelivered.
+#[derive(Debug, Clone, Copy)]
+pub struct NotApplied;
+
+pub type Forwarded = Result<Option<Transition>, NotApplied>;
+
+/// Applies `starting`/`running` reports of single-worker placements in groups.
+pub fn spawn_forwards(store: Store) -> Grouped<Forward, Forwarded> {
+    Grouped::spawn(MAX_GROUP, GROUPS_IN_FLIGHT, move |reports: Vec<Forward>| {
+        let store = store.clone();
+        async move {
+            let applied = retry(
+                "apply reports",
+                RetryPolicy::QUICK,
+                StoreError::is_transient,
+                || store.forward_reports(&reports),
+            )
+            .await;
+            match applied {
+                Ok(moved) => moved.into_iter().map(Ok).collect(),
+                Err(e) => {
+                    tracing::warn!(%e, n = reports.len(), "cannot apply reports; they will be redelivered");
+                    vec![Err(NotApplied); reports.len()]
+                }
+            }
+        }
+    })
+}
 
 pub async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: CancellationToken) {
     let concurrency = ctx.config.concurrency;
@@ -86,18 +122,32 @@ async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
         } => {
             let span = tracing::info_span!("report", instance_id, version, worker_id);
             let _enter = span.enter();
-            match ctx
-                .store
-                .apply_report(
-                    worker_id,
-                    instance_id,
-                    *version,
-                    *state,
-                    reason.as_deref(),
-                    *shared,
-                )
-                .await
-            {
+            let applied =
+                if !*shared && matches!(state, ReportedState::Starting | ReportedState::Running) {
+                    // The common case, one step forward on one worker: grouped with the others.
+                    let forward = Forward {
+                        worker_id: worker_id.clone(),
+                        instance_id: instance_id.clone(),
+                        version: *version,
+                        state: *state,
+                    };
+                    match ctx.forwards.call(forward).await {
+                        Ok(Ok(moved)) => Ok(moved.into_iter().collect()),
+                        Ok(Err(NotApplied)) | Err(_) => return Handled::Retry,
+                    }
+                } else {
+                    ctx.store
+                        .apply_report(
+                            worker_id,
+                            instance_id,
+                            *version,
+                            *state,
+                            reason.as_deref(),
+                            *shared,
+                        )
+                        .await
+                };
+            match applied {
                 Ok(transitions) => {
                     for t in &transitions {
                         ctx.stats.reports_applied.inc();
