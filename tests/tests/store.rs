@@ -390,3 +390,172 @@ async fn grouped_reports_move_only_current_placements_forward() {
     assert_eq!(late, [None]);
     assert_eq!(store.instance("a").await.unwrap().unwrap().state, "running");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_commits_are_each_all_or_nothing() {
+    use berth_store::placement::{GpuClaim, PlacementCommit};
+    let servers = servers();
+    let store = store_with_worker(&servers).await;
+    let gpus = |n: u32| -> Vec<GpuInfo> {
+        (0..n)
+            .map(|index| GpuInfo {
+                index,
+                name: "H100".into(),
+                uuid: String::new(),
+                total_bytes: 80 * GIB,
+                system_reserved_bytes: GIB,
+            })
+            .collect()
+    };
+    store
+        .register_worker("w2", &BTreeMap::new(), &gpus(2))
+        .await
+        .unwrap();
+    for id in ["a", "b", "c", "d", "e", "f", "g"] {
+        store.apply_start(id, 1, spec()).await.unwrap();
+    }
+    let claim = |worker: &str, idx: u32, gib: i64| GpuClaim {
+        worker_id: worker.into(),
+        idx,
+        bytes: gib * GIB,
+    };
+    let commit = |id: &str, version: i64, claims: Vec<GpuClaim>| PlacementCommit {
+        id: id.into(),
+        version,
+        claims,
+        group: Some("m".into()),
+    };
+    // w1:0 has 79 GiB free, w2:0 and w2:1 79 GiB each.
+    let outcomes = store
+        .commit_many(&[
+            // a and b share w1:0 and fit together (30 + 40).
+            commit("a", 1, vec![claim("w1", 0, 30)]),
+            commit("b", 1, vec![claim("w1", 0, 40)]),
+            // c and d together overfill w2:1 (50 + 50): neither commits; d's claim on w2:0
+            // is left alone.
+            commit("c", 1, vec![claim("w2", 1, 50)]),
+            commit("d", 1, vec![claim("w2", 0, 10), claim("w2", 1, 50)]),
+            // e's version moved: its 79 GiB on w2:0 counts for nothing.
+            commit("e", 7, vec![claim("w2", 0, 79)]),
+            // f spans two workers, led by w2.
+            commit("f", 1, vec![claim("w2", 0, 20), claim("w1", 0, 5)]),
+            // a again in the same group: decided after the first, so its version moved.
+            commit("a", 1, vec![claim("w2", 0, 1)]),
+        ])
+        .await
+        .unwrap();
+    let kinds: Vec<String> = outcomes
+        .iter()
+        .map(|o| match o {
+            CommitOutcome::Committed(t) => {
+                format!("{}@{:?}{:?}", t.state.as_str(), t.worker_id, t.gpus)
+            }
+            CommitOutcome::VersionMoved => "moved".into(),
+            CommitOutcome::CapacityGone { worker_id, gpu } => format!("gone {worker_id}:{gpu}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "scheduled@Some(\"w1\")[0]",
+            "scheduled@Some(\"w1\")[0]",
+            "gone w2:1",
+            "gone w2:1",
+            "moved",
+            "scheduled@Some(\"w2\")[0]",
+            "moved",
+        ]
+    );
+    let reserved: Vec<(String, i32, i64)> = store
+        .gpus()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| (g.worker_id, g.idx, g.reserved_bytes / GIB))
+        .collect();
+    assert_eq!(
+        reserved,
+        [
+            ("w1".into(), 0, 75),
+            ("w2".into(), 0, 20),
+            ("w2".into(), 1, 0)
+        ]
+    );
+    for (id, want) in [
+        ("a", "scheduled"),
+        ("c", "analyzing"),
+        ("d", "analyzing"),
+        ("f", "scheduled"),
+        ("g", "analyzing"),
+    ] {
+        assert_eq!(
+            store.instance(id).await.unwrap().unwrap().state,
+            want,
+            "{id}"
+        );
+    }
+    let mut allocs: Vec<(String, String, i32, i64)> = store
+        .allocations()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.instance_id, a.worker_id, a.gpu_idx, a.bytes / GIB))
+        .collect();
+    allocs.sort();
+    assert_eq!(
+        allocs,
+        [
+            ("a".into(), "w1".into(), 0, 30),
+            ("b".into(), "w1".into(), 0, 40),
+            ("f".into(), "w1".into(), 0, 5),
+            ("f".into(), "w2".into(), 0, 20),
+        ]
+    );
+    let mut replicas = store.replicas().await.unwrap();
+    replicas.sort();
+    assert_eq!(
+        replicas,
+        [("w1".into(), "m".into(), 3), ("w2".into(), "m".into(), 1)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_groups_never_overcommit_a_gpu() {
+    use berth_store::placement::{GpuClaim, PlacementCommit};
+    let servers = servers();
+    let store = store_with_worker(&servers).await;
+    let ids: Vec<String> = (0..40).map(|i| format!("i{i:02}")).collect();
+    for id in &ids {
+        store.apply_start(id, 1, spec()).await.unwrap();
+    }
+    // Twenty groups of two racing, each instance wanting 10 GiB of w1:0's 79 GiB: whole
+    // groups fit until the GPU is nearly full, and never more than it has.
+    let groups: Vec<Vec<PlacementCommit>> = ids
+        .chunks(2)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .map(|id| PlacementCommit {
+                    id: id.clone(),
+                    version: 1,
+                    claims: vec![GpuClaim {
+                        worker_id: "w1".into(),
+                        idx: 0,
+                        bytes: 10 * GIB,
+                    }],
+                    group: None,
+                })
+                .collect()
+        })
+        .collect();
+    let outcomes = join_all(groups.iter().map(|g| store.commit_many(g))).await;
+    let committed = outcomes
+        .into_iter()
+        .flat_map(|o| o.unwrap())
+        .filter(|o| matches!(o, CommitOutcome::Committed(_)))
+        .count();
+    let reserved = store.gpus().await.unwrap()[0].reserved_bytes;
+    assert_eq!(reserved, committed as i64 * 10 * GIB);
+    assert!(reserved <= 79 * GIB, "{reserved}");
+    assert!(committed >= 6, "only {committed} committed");
+}

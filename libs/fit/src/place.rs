@@ -202,35 +202,44 @@ fn choose_gpus(
     {
         return None;
     }
+    // Hoisted out of the per-GPU loop: most requests take any GPU, at a fixed need.
+    let any_gpu = request.gpu_name.is_none() && request.gpu_ids.is_empty();
+    let fixed_need = shape.claim.is_none().then_some(shape.vram_per_gpu);
+    let offer = |g: &crate::Gpu| {
+        if !any_gpu && !request.accepts(&worker.id, g) {
+            return None;
+        }
+        let need = match fixed_need {
+            Some(need) => need,
+            None => shape.need_on(g.total_bytes)?,
+        };
+        let left = g.free_bytes.checked_sub(need)?;
+        Some((
+            left,
+            crate::Slot {
+                index: g.index,
+                bytes: need,
+            },
+        ))
+    };
+    // Best first per policy; the index breaks ties.
+    let by_policy = |a: &(u64, crate::Slot), b: &(u64, crate::Slot)| match policy {
+        Policy::Binpack => (a.0, a.1.index).cmp(&(b.0, b.1.index)),
+        Policy::Spread => (Reverse(a.0), a.1.index).cmp(&(Reverse(b.0), b.1.index)),
+    };
     chosen.clear();
-    chosen.extend(
-        worker
-            .gpus
-            .iter()
-            .filter(|g| request.accepts(&worker.id, g))
-            .filter_map(|g| {
-                let need = shape.need_on(g.total_bytes)?;
-                let left = g.free_bytes.checked_sub(need)?;
-                Some((
-                    left,
-                    crate::Slot {
-                        index: g.index,
-                        bytes: need,
-                    },
-                ))
-            }),
-    );
+    if k == 1 {
+        chosen.extend(worker.gpus.iter().filter_map(offer).min_by(by_policy));
+    } else {
+        chosen.extend(worker.gpus.iter().filter_map(offer));
+        if chosen.len() > k {
+            // Only which k GPUs matter (their order is set later): select, not sort.
+            chosen.select_nth_unstable_by(k - 1, by_policy);
+            chosen.truncate(k);
+        }
+    }
     if chosen.len() < k {
         return None;
-    }
-    if chosen.len() > k {
-        // Only which k GPUs matter (their order is set later), so select rather than sort.
-        let by_policy = |a: &(u64, crate::Slot), b: &(u64, crate::Slot)| match policy {
-            Policy::Binpack => (a.0, a.1.index).cmp(&(b.0, b.1.index)),
-            Policy::Spread => (Reverse(a.0), a.1.index).cmp(&(Reverse(b.0), b.1.index)),
-        };
-        chosen.select_nth_unstable_by(k - 1, by_policy);
-        chosen.truncate(k);
     }
     let leftover: u128 = chosen.iter().map(|(left, _)| u128::from(*left)).sum();
     Some(match policy {

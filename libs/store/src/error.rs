@@ -10,6 +10,9 @@ pub enum StoreError {
     Migration(String),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    /// A grouped statement failed; each request of the group gets this copy of the reason.
+    #[error("grouped statement failed: {0}")]
+    Group(String),
 }
 
 impl StoreError {

@@ -7,6 +7,7 @@ use crate::{
 use berth_proto::InstanceState;
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
+use std::collections::{BTreeMap, HashMap, btree_map::Entry};
 
 /// The outcome of a placement commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,21 +161,118 @@ impl Store {
                 gpu: lost.map_or(0, |c| c.idx),
             });
         }
-        let mut gpus: Vec<u32> = claims
+        Ok(CommitOutcome::Committed(scheduled(
+            id, version, cmd_seq, claims,
+        )))
+    }
+
+    /// Commits several placements in one statement, each exactly as [`Store::commit_claims`]
+    /// would on its own: its version check, a reservation on each claimed GPU, all or
+    /// nothing. Answers in the order of `commits`. Placements of one group that claim the
+    /// same GPU are checked together: if their sum no longer fits, every one of them gets
+    /// `CapacityGone` (and refits), so nothing is ever overcommitted. Instances are locked
+    /// in id order, then GPUs in (worker, index) order, like every other writer.
+    pub async fn commit_many(
+        &self,
+        commits: &[PlacementCommit],
+    ) -> Result<Vec<CommitOutcome>, StoreError> {
+        let mut out: Vec<Option<CommitOutcome>> = vec![None; commits.len()];
+        // A second commit for the same instance in one group goes in a later statement.
+        let mut rest: Vec<usize> = (0..commits.len()).collect();
+        while !rest.is_empty() {
+            let mut round: BTreeMap<&str, usize> = BTreeMap::new();
+            let mut later = Vec::new();
+            for i in rest {
+                match round.entry(commits[i].id.as_str()) {
+                    Entry::Vacant(e) => {
+                        e.insert(i);
+                    }
+                    Entry::Occupied(_) => later.push(i),
+                }
+            }
+            let chosen: Vec<usize> = round.into_values().collect();
+            let outcomes = if let [one] = chosen[..] {
+                let c = &commits[one];
+                vec![
+                    self.commit_claims(&c.id, c.version, &c.claims, c.group.as_deref())
+                        .await?,
+                ]
+            } else {
+                self.commit_group(commits, &chosen).await?
+            };
+            for (i, o) in chosen.into_iter().zip(outcomes) {
+                out[i] = Some(o);
+            }
+            rest = later;
+        }
+        out.into_iter()
+            .map(|o| o.ok_or_else(|| StoreError::Corrupt("a commit went unanswered".into())))
+            .collect()
+    }
+
+    /// One statement for `commits[i]` for each `i` in `chosen` (distinct instances, in id
+    /// order).
+    async fn commit_group(
+        &self,
+        commits: &[PlacementCommit],
+        chosen: &[usize],
+    ) -> Result<Vec<CommitOutcome>, StoreError> {
+        let mut arrays = GroupArrays::default();
+        for &i in chosen {
+            let c = &commits[i];
+            let Some(leader) = <[GpuClaim]>::first(&c.claims).map(|g| g.worker_id.clone()) else {
+                return Err(StoreError::Corrupt(format!(
+                    "placement of {} claims no GPU",
+                    c.id
+                )));
+            };
+            arrays.ids.push(c.id.clone());
+            arrays.versions.push(c.version);
+            arrays.leaders.push(leader);
+            arrays.groups.push(c.group.clone());
+            let mut sorted: Vec<&GpuClaim> = c.claims.iter().collect();
+            sorted.sort_unstable_by(|a, b| (&a.worker_id, a.idx).cmp(&(&b.worker_id, b.idx)));
+            for g in sorted {
+                arrays.claim_ids.push(c.id.clone());
+                arrays.claim_workers.push(g.worker_id.clone());
+                arrays.claim_idxs.push(i32::try_from(g.idx).map_err(|_| {
+                    StoreError::Corrupt(format!("GPU index out of range in {:?}", c.claims))
+                })?);
+                arrays.claim_bytes.push(g.bytes);
+            }
+        }
+        let mut conn = self.conn().await?;
+        let rows: Vec<GroupRow> = crate::prepared::CommitMany { arrays: &arrays }
+            .load(&mut conn)
+            .await?;
+        let by_id: HashMap<String, GroupRow> = rows.into_iter().map(|r| (r.0.clone(), r)).collect();
+        chosen
             .iter()
-            .filter(|c| c.worker_id == leader)
-            .map(|c| c.idx)
-            .collect();
-        gpus.sort_unstable();
-        Ok(CommitOutcome::Committed(Transition {
-            instance_id: id.to_owned(),
-            state: InstanceState::Scheduled,
-            version,
-            cmd_seq,
-            worker_id: Some(leader),
-            gpus,
-            reason: None,
-        }))
+            .map(|&i| {
+                let c = &commits[i];
+                let Some((_, cmd_seq, committed, lost)) = by_id.get(&c.id) else {
+                    return Err(StoreError::Corrupt(format!(
+                        "no answer for the commit of {}",
+                        c.id
+                    )));
+                };
+                let Some(cmd_seq) = *cmd_seq else {
+                    return Ok(CommitOutcome::VersionMoved);
+                };
+                if !committed {
+                    let (worker_id, gpu) = lost
+                        .as_ref()
+                        .and_then(|l| l.iter().next())
+                        .and_then(|key| key.rsplit_once(':'))
+                        .map(|(w, i)| (w.to_owned(), i.parse().unwrap_or(0)))
+                        .unwrap_or_default();
+                    return Ok(CommitOutcome::CapacityGone { worker_id, gpu });
+                }
+                Ok(CommitOutcome::Committed(scheduled(
+                    &c.id, c.version, cmd_seq, &c.claims,
+                )))
+            })
+            .collect()
     }
 
     /// Moves `id` from `analyzing` at `version` to `pending` with `reason`. `None` when the
@@ -234,6 +332,105 @@ impl Store {
         }))
     }
 }
+
+/// The `scheduled` transition of a committed placement: reported under the first claim's
+/// worker, with its GPUs.
+fn scheduled(id: &str, version: i64, cmd_seq: i64, claims: &[GpuClaim]) -> Transition {
+    let leader = <[GpuClaim]>::first(claims).map(|c| c.worker_id.clone());
+    let mut gpus: Vec<u32> = claims
+        .iter()
+        .filter(|c| Some(&c.worker_id) == leader.as_ref())
+        .map(|c| c.idx)
+        .collect();
+    gpus.sort_unstable();
+    Transition {
+        instance_id: id.to_owned(),
+        state: InstanceState::Scheduled,
+        version,
+        cmd_seq,
+        worker_id: leader,
+        gpus,
+        reason: None,
+    }
+}
+
+/// One placement to commit; see [`Store::commit_many`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacementCommit {
+    pub id: String,
+    pub version: i64,
+    /// The first claim's worker leads.
+    pub claims: Vec<GpuClaim>,
+    pub group: Option<String>,
+}
+
+/// The parameters of [`COMMIT_MANY`]: per instance, then per claim.
+#[derive(Debug, Default)]
+pub(crate) struct GroupArrays {
+    pub ids: Vec<String>,
+    pub versions: Vec<i64>,
+    pub leaders: Vec<String>,
+    pub groups: Vec<Option<String>>,
+    pub claim_ids: Vec<String>,
+    pub claim_workers: Vec<String>,
+    pub claim_idxs: Vec<i32>,
+    pub claim_bytes: Vec<i64>,
+}
+
+/// (instance id, cmd_seq if its version still matched, committed, claims that had no room)
+type GroupRow = (String, Option<i64>, bool, Option<Vec<String>>);
+
+/// Several placement commits in one statement; see [`Store::commit_many`]. `$1`..`$4` are
+/// per instance (id, version, leader, replica group), `$5`..`$8` per claim (instance id,
+/// worker, index, bytes). Claims of instances whose version moved are left out before the
+/// room check; GPUs are checked against the sum of the remaining claims on them.
+pub(crate) const COMMIT_MANY: &str = "\
+    WITH req AS ( \
+        SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[]) \
+            AS r(id, version, leader, grp) \
+    ), inst AS ( \
+        SELECT i.id, i.cmd_seq FROM instances i JOIN req ON i.id = req.id \
+        WHERE i.version = req.version AND i.state = 'analyzing' \
+        ORDER BY i.id FOR UPDATE OF i \
+    ), want AS ( \
+        SELECT * FROM unnest($5::text[], $6::text[], $7::int[], $8::bigint[]) \
+            AS w(id, worker_id, idx, bytes) \
+        WHERE w.id IN (SELECT id FROM inst) \
+    ), need AS ( \
+        SELECT worker_id, idx, sum(bytes) AS bytes FROM want GROUP BY worker_id, idx \
+    ), g AS ( \
+        SELECT gpus.worker_id, gpus.idx, \
+            gpus.reserved_bytes + need.bytes + gpus.system_reserved_bytes \
+                + gpus.used_outside_bytes <= gpus.total_bytes AS room \
+        FROM gpus JOIN need ON gpus.worker_id = need.worker_id AND gpus.idx = need.idx \
+        ORDER BY gpus.worker_id, gpus.idx FOR UPDATE OF gpus \
+    ), lost AS ( \
+        SELECT want.id, want.worker_id || ':' || want.idx AS gpu FROM want \
+        LEFT JOIN g ON g.worker_id = want.worker_id AND g.idx = want.idx \
+        WHERE g.room IS NOT TRUE \
+    ), ok AS ( \
+        SELECT id FROM inst WHERE id NOT IN (SELECT id FROM lost) \
+    ), cas AS ( \
+        UPDATE instances SET state = 'scheduled', worker_id = req.leader, reason = NULL, \
+            updated_at = now() \
+        FROM req WHERE instances.id = req.id AND req.id IN (SELECT id FROM ok) \
+        RETURNING 1 \
+    ), okneed AS ( \
+        SELECT worker_id, idx, sum(bytes) AS bytes FROM want \
+        WHERE id IN (SELECT id FROM ok) GROUP BY worker_id, idx \
+    ), res AS ( \
+        UPDATE gpus SET reserved_bytes = gpus.reserved_bytes + okneed.bytes \
+        FROM okneed WHERE gpus.worker_id = okneed.worker_id AND gpus.idx = okneed.idx \
+        RETURNING 1 \
+    ), ins AS ( \
+        INSERT INTO allocations (instance_id, worker_id, gpu_idx, version, bytes, replica_group) \
+        SELECT want.id, want.worker_id, want.idx, req.version, want.bytes, req.grp \
+        FROM want JOIN req ON req.id = want.id WHERE want.id IN (SELECT id FROM ok) \
+        RETURNING 1 \
+    ) \
+    SELECT req.id, inst.cmd_seq, req.id IN (SELECT id FROM ok) AS committed, \
+        (SELECT array_agg(lost.gpu) FROM lost WHERE lost.id = req.id) AS lost \
+    FROM req LEFT JOIN inst ON inst.id = req.id";
 
 /// A GPU a placement reserves, and how much.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -116,6 +116,41 @@ impl QueryFragment<Pg> for StartUpsertMany<'_> {
     }
 }
 
+/// The grouped placement commit (`placement::COMMIT_MANY`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CommitMany<'a> {
+    pub arrays: &'a crate::placement::GroupArrays,
+}
+
+impl QueryId for CommitMany<'_> {
+    type QueryId = CommitMany<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for CommitMany<'_> {
+    type SqlType = (Text, Nullable<BigInt>, Bool, Nullable<Array<Text>>);
+}
+
+impl QueryFragment<Pg> for CommitMany<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let a = self.arrays;
+        for seg in segments(crate::placement::COMMIT_MANY) {
+            match seg {
+                Seg::Text(t) => out.push_sql(t),
+                Seg::Param(1) => out.push_bind_param::<Array<Text>, _>(&a.ids)?,
+                Seg::Param(2) => out.push_bind_param::<Array<BigInt>, _>(&a.versions)?,
+                Seg::Param(3) => out.push_bind_param::<Array<Text>, _>(&a.leaders)?,
+                Seg::Param(4) => out.push_bind_param::<Array<Nullable<Text>>, _>(&a.groups)?,
+                Seg::Param(5) => out.push_bind_param::<Array<Text>, _>(&a.claim_ids)?,
+                Seg::Param(6) => out.push_bind_param::<Array<Text>, _>(&a.claim_workers)?,
+                Seg::Param(7) => out.push_bind_param::<Array<Integer>, _>(&a.claim_idxs)?,
+                Seg::Param(_) => out.push_bind_param::<Array<BigInt>, _>(&a.claim_bytes)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The grouped forward reports (`reports::FORWARD_MANY`): parallel arrays.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ForwardMany<'a> {

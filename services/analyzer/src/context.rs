@@ -53,6 +53,11 @@ pub struct Ctx {
     pub commands: PullConsumer,
     /// Start intents, recorded in groups.
     pub intents: crate::intents::Intents,
+    /// Placement commits, in groups.
+    pub commits: crate::grouped::Grouped<
+        berth_store::placement::PlacementCommit,
+        Result<berth_store::placement::CommitOutcome, berth_store::StoreError>,
+    >,
     /// `starting`/`running` reports, applied in groups.
     pub forwards: crate::grouped::Grouped<berth_store::reports::Forward, status::Forwarded>,
     /// Acks of published events, waited for in the background.
@@ -163,6 +168,7 @@ impl Analyzer {
         let snapshot = Snapshot::new(config.policy == berth_fit::Policy::Spread);
         let intents = crate::intents::Intents::spawn(store.clone(), stats.clone());
         let forwards = status::spawn_forwards(store.clone());
+        let commits = crate::placing::spawn_commits(store.clone());
         let ctx = Arc::new(Ctx {
             config,
             store,
@@ -175,6 +181,7 @@ impl Analyzer {
             commands: commands.clone(),
             intents,
             forwards,
+            commits,
             events_wake: Notify::new(),
             snapshot,
             profiles: Default::default(),

@@ -1,11 +1,12 @@
 //! From intent to placement: the superseded check, the fit, and the CAS commit.
 
+use crate::grouped::Grouped;
 use crate::{FitRecord, context::Ctx, intake::Handled};
 use berth_fit::{FitError, Gpu, Part, Placement, Request, Slot, Worker};
 use berth_proto::{AgentMsg, StartSpec};
 use berth_store::{
-    GpuRow, StoreError, WorkerRow,
-    placement::{CommitOutcome, GpuClaim},
+    GpuRow, Store, StoreError, WorkerRow,
+    placement::{CommitOutcome, GpuClaim, PlacementCommit},
 };
 use std::{
     collections::{BTreeMap, HashMap},
@@ -347,12 +348,49 @@ async fn commit(
             })
         })
         .collect();
+    // Grouped with the other commits in hand (see `grouped.rs`); each stays all or nothing.
     let committed = ctx
-        .store
-        .commit_claims(id, version, &claims, request.group.as_deref())
-        .await;
+        .commits
+        .call(PlacementCommit {
+            id: id.to_owned(),
+            version,
+            claims,
+            group: request.group.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Group(e.to_string())));
     ctx.stats.commit_micros.record(began.elapsed());
     Some(committed)
+}
+
+/// Most placements in one grouped commit, and such statements in flight at once.
+const MAX_COMMIT_GROUP: usize = 64;
+const COMMIT_GROUPS_IN_FLIGHT: usize = 4;
+
+/// Commits placements in groups: one statement for the placements decided at the same
+/// moment, each still checked and applied all or nothing.
+pub fn spawn_commits(store: Store) -> Grouped<PlacementCommit, Result<CommitOutcome, StoreError>> {
+    Grouped::spawn(
+        MAX_COMMIT_GROUP,
+        COMMIT_GROUPS_IN_FLIGHT,
+        move |commits: Vec<PlacementCommit>| {
+            let store = store.clone();
+            async move {
+                // Not retried here: a commit whose answer was lost may have landed, and only
+                // the redelivered command (which finds it placed) can tell.
+                match store.commit_many(&commits).await {
+                    Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+                    Err(e) => {
+                        let reason = e.to_string();
+                        commits
+                            .iter()
+                            .map(|_| Err(StoreError::Group(reason.clone())))
+                            .collect()
+                    }
+                }
+            }
+        },
+    )
 }
 
 async fn settle_pending(
