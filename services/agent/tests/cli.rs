@@ -46,17 +46,11 @@ fn bad_inventories_and_flags_are_refused() {
     }
 }
 
-#[test]
-fn print_inventory_shows_what_would_be_registered() {
+/// `berth-agent --print-inventory` for one worker of the demo inventory, parsed.
+fn print_inventory(worker: &str) -> serde_json::Value {
     let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/../../ops/inventory/demo.toml");
     let out = Command::new(env!("CARGO_BIN_EXE_berth-agent"))
-        .args([
-            "--inventory",
-            demo,
-            "--worker",
-            "gpu-b",
-            "--print-inventory",
-        ])
+        .args(["--inventory", demo, "--worker", worker, "--print-inventory"])
         .output()
         .expect("run berth-agent");
     assert!(
@@ -64,7 +58,12 @@ fn print_inventory_shows_what_would_be_registered() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[test]
+fn print_inventory_shows_what_would_be_registered() {
+    let doc = print_inventory("gpu-b");
     assert_eq!(doc[0]["worker"], "gpu-b");
     assert_eq!(doc[0]["gpus"].as_array().map(Vec::len), Some(2));
     assert_eq!(doc[0]["gpus"][0]["total_bytes"], 40_i64 << 30);
@@ -77,23 +76,7 @@ fn print_inventory_shows_what_would_be_registered() {
 
 #[test]
 fn print_inventory_shows_the_memory_the_first_heartbeat_reports() {
-    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/../../ops/inventory/demo.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_berth-agent"))
-        .args([
-            "--inventory",
-            demo,
-            "--worker",
-            "gpu-c",
-            "--print-inventory",
-        ])
-        .output()
-        .expect("run berth-agent");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let doc = print_inventory("gpu-c");
     let used: Vec<i64> = doc[0]["usage"]
         .as_array()
         .expect("usage is a list")
