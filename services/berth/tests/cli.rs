@@ -344,6 +344,18 @@ fn bench_scenarios_run_at_a_tiny_size() {
             "{run}"
         );
         assert!(run["ratio_to_ceiling"].as_f64().unwrap() > 0.0, "{run}");
+        let rounds: Vec<f64> = run["ceiling_rounds_per_s"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(serde_json::Value::as_f64)
+            .collect();
+        assert_eq!(rounds.len(), 3, "{run}");
+        assert_eq!(
+            Some(rounds[0]),
+            run["ceiling_commits_per_s"].as_f64(),
+            "the ceiling is the best round: {run}"
+        );
         assert!(
             run["publish_to_commit_ms"]["p99"].as_f64().is_some(),
             "{run}"
