@@ -166,7 +166,7 @@ fn best_candidates<'w>(
         if i % CANCEL_POLL_EVERY == 0 && cancelled() {
             return Err(FitError::Cancelled);
         }
-        let Some(rank) = choose_gpus(worker, request, shape, policy, &mut scratch) else {
+        let Some(rank) = choose_gpus(worker, request, shape, policy, cut, &mut scratch) else {
             continue;
         };
         if cut.is_some_and(|cut| rank >= cut) {
@@ -189,17 +189,27 @@ fn best_candidates<'w>(
 
 /// Picks, into `chosen`, the GPUs of `worker` that fit the shape per policy (each with the
 /// free bytes it would have left), and returns the worker's rank for it; `None` when the
-/// worker cannot take it.
+/// worker cannot take it, or cannot beat `cut`.
 fn choose_gpus(
     worker: &Worker,
     request: &Request,
     shape: &Shape,
     policy: Policy,
+    cut: Option<(u32, u128)>,
     chosen: &mut Vec<(u64, crate::Slot)>,
 ) -> Option<(u32, u128)> {
     let k = shape.gpus_per_worker as usize;
     if k == 0 || worker.gpus.len() < k || !worker.schedulable || !worker.matches(&request.selector)
     {
+        return None;
+    }
+    // Under spread the replica count ranks first: a worker with more replicas than the ones
+    // kept cannot win whatever its GPUs, so they are not looked at.
+    let replicas = match policy {
+        Policy::Spread => worker.replicas_of(request.group.as_deref()),
+        Policy::Binpack => 0,
+    };
+    if cut.is_some_and(|(r, _)| replicas > r) {
         return None;
     }
     // Hoisted out of the per-GPU loop: most requests take any GPU, at a fixed need.
@@ -244,10 +254,7 @@ fn choose_gpus(
     let leftover: u128 = chosen.iter().map(|(left, _)| u128::from(*left)).sum();
     Some(match policy {
         Policy::Binpack => (0, leftover),
-        Policy::Spread => (
-            worker.replicas_of(request.group.as_deref()),
-            u128::MAX - leftover,
-        ),
+        Policy::Spread => (replicas, u128::MAX - leftover),
     })
 }
 

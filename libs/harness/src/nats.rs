@@ -101,6 +101,11 @@ impl NatsServer {
         self.port
     }
 
+    /// The server's process id while it runs (benchmarks read its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Stops the server (its JetStream data stays on disk).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

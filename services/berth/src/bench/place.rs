@@ -3,7 +3,7 @@
 use super::{
     cluster::{self, GIB},
     procs,
-    stats::{micros_to_ms, ms, peak_rss_mib, summary},
+    stats::{cpu_seconds, micros_to_ms, ms, peak_rss_mib, summary},
 };
 use anyhow::{Context, Result, bail};
 use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks};
@@ -202,6 +202,25 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
         analyzers.push(Analyzer::start(c, Hooks::default()).await?);
     }
 
+    // CPU per part of the system over the run itself (publish to settled).
+    let analyzer_pids: Vec<u32> = procs.iter().filter_map(procs::AnalyzerProc::pid).collect();
+    let cpu_roots = [
+        (
+            "postgres",
+            servers.pg.pid().into_iter().collect::<Vec<_>>(),
+            true,
+        ),
+        ("nats", servers.nats.pid().into_iter().collect(), true),
+        ("bench_process", vec![std::process::id()], false),
+        ("analyzer_processes", analyzer_pids, true),
+    ];
+    let cpu_now = || -> Vec<f64> {
+        cpu_roots
+            .iter()
+            .map(|(_, pids, tree)| cpu_seconds(pids, *tree).unwrap_or(f64::NAN))
+            .collect()
+    };
+    let cpu_before = cpu_now();
     let n = args.instances;
     let published: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
     let began = Instant::now();
@@ -255,6 +274,11 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let settled_in = began.elapsed();
+    let cpu_used: Vec<f64> = cpu_now()
+        .into_iter()
+        .zip(&cpu_before)
+        .map(|(after, before)| after - before)
+        .collect();
     if std::env::var_os("BERTH_PG_STATEMENT_STATS").is_some() {
         print_statement_stats(&db).await?;
     }
@@ -315,6 +339,14 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
             .flat_map(|s| micros_to_ms(s.commit_micros.take()))
             .collect();
         let rate = placed as f64 / window;
+        let cpu_total: f64 = cpu_used.iter().filter(|c| c.is_finite()).sum();
+        let round2 = |x: f64| (x * 100.0).round() / 100.0;
+        let cpu_parts: serde_json::Map<String, Value> = cpu_roots
+            .iter()
+            .zip(&cpu_used)
+            .filter(|((name, _, _), _)| args.processes || *name != "analyzer_processes")
+            .map(|((name, _, _), used)| ((*name).to_owned(), json!(round2(*used))))
+            .collect();
         let per_group =
             (count("starts_grouped") as f64 / count("start_groups").max(1) as f64 * 10.0).round()
                 / 10.0;
@@ -340,6 +372,9 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
             "refits": count("refits"),
             "start_intents_per_statement": per_group,
             "events_failed": count("events_failed"),
+            "cpu_s_during_run": cpu_parts,
+            "cores_busy_during_run": round2(cpu_total / settled_in.as_secs_f64().max(1e-9)),
+            "cpu_ms_per_placement": round2(cpu_total * 1000.0 / (placed.max(1) as f64)),
             "analyzer_processes": args.processes,
             "peak_rss_mib_bench_process": peak_rss_mib(None),
             "peak_rss_mib_analyzer_processes": rss,
@@ -424,10 +459,12 @@ async fn ceiling(base_url: &str, connections: u32) -> Result<Vec<f64>> {
 /// the statements PostgreSQL spent the most time in, to stderr: where a run's database time
 /// went. Execution time includes waiting for locks and for a CPU.
 async fn print_statement_stats(db: &str) -> Result<()> {
-    let sql = "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; \
+    let sql = "SET pg_stat_statements.track = 'top'; CREATE EXTENSION IF NOT EXISTS pg_stat_statements; \
         SELECT round(total_exec_time::numeric, 1) AS ms, calls, rows, \
                left(regexp_replace(query, '\\s+', ' ', 'g'), 160) AS statement \
-        FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 20";
+        FROM pg_stat_statements \
+        WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+        ORDER BY total_exec_time DESC LIMIT 20";
     let psql = berth_harness::find_pg_bin()?.join("psql");
     let out = tokio::process::Command::new(psql)
         .arg(db)

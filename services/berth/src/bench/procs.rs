@@ -118,6 +118,10 @@ impl AnalyzerProc {
     }
 
     /// Peak resident memory so far (Linux `VmHWM`), in MiB.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     pub fn peak_rss_mib(&self) -> Option<f64> {
         super::stats::peak_rss_mib(Some(self.child.id()?))
     }

@@ -44,3 +44,56 @@ pub fn peak_rss_mib(pid: Option<u32>) -> Option<f64> {
         .ok()?;
     Some((kib / 1024.0 * 10.0).round() / 10.0)
 }
+
+/// CPU seconds (user + system) used so far by the processes `roots`, and with `descendants`
+/// everything started under them, read from `/proc`: what a benchmark's parts cost, per
+/// part. Processes that already exited are not counted. `None` where `/proc` cannot be read.
+pub fn cpu_seconds(roots: &[u32], descendants: bool) -> Option<f64> {
+    let ticks = 100.0; // USER_HZ: 100 on every Linux target that berth builds for
+    let mut procs: Vec<(u32, u32, f64)> = Vec::new(); // (pid, parent, seconds)
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the command name, which may hold spaces, in parentheses.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let (Some(ppid), Some(utime), Some(stime)) = (
+            f.get(1).and_then(|v| v.parse::<u32>().ok()),
+            f.get(11).and_then(|v| v.parse::<f64>().ok()),
+            f.get(12).and_then(|v| v.parse::<f64>().ok()),
+        ) else {
+            continue;
+        };
+        procs.push((pid, ppid, (utime + stime) / ticks));
+    }
+    let mut inside: std::collections::HashSet<u32> = roots.iter().copied().collect();
+    // Parents come before children in no particular order: repeat until nothing is added.
+    while descendants {
+        let before = inside.len();
+        for (pid, ppid, _) in &procs {
+            if inside.contains(ppid) {
+                inside.insert(*pid);
+            }
+        }
+        if inside.len() == before {
+            break;
+        }
+    }
+    Some(
+        procs
+            .iter()
+            .filter(|(pid, _, _)| inside.contains(pid))
+            .map(|(_, _, s)| s)
+            .sum(),
+    )
+}
