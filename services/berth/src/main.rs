@@ -68,7 +68,8 @@ async fn main() -> Result<()> {
         Cmd::Stop(args) => publish::stop(&cli.nats_url, args).await,
         Cmd::Ps(args) => ps::run(&cli.database_url, &cli.nats_url, args).await,
         Cmd::Watch(args) => watch::run(&cli.nats_url, args).await,
-        Cmd::Bench(cmd) => bench::run(cmd).await,
+        // Boxed: the benchmark's future is large, and only it needs to be.
+        Cmd::Bench(cmd) => Box::pin(bench::run(cmd)).await,
         Cmd::Estimate(args) => estimate::run(&args),
         Cmd::Migrate => {
             let applied = berth_store::migrate(&cli.database_url).await?;

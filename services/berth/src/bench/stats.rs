@@ -78,15 +78,17 @@ pub fn cpu_seconds(roots: &[u32], descendants: bool) -> Option<f64> {
     }
     let mut inside: std::collections::HashSet<u32> = roots.iter().copied().collect();
     // Parents come before children in no particular order: repeat until nothing is added.
-    while descendants {
-        let before = inside.len();
-        for (pid, ppid, _) in &procs {
-            if inside.contains(ppid) {
-                inside.insert(*pid);
+    if descendants {
+        loop {
+            let before = inside.len();
+            for (pid, ppid, _) in &procs {
+                if inside.contains(ppid) {
+                    inside.insert(*pid);
+                }
             }
-        }
-        if inside.len() == before {
-            break;
+            if inside.len() == before {
+                break;
+            }
         }
     }
     Some(
