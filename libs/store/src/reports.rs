@@ -272,50 +272,23 @@ impl Store {
         reason: Option<&str>,
         shared: bool,
     ) -> Result<Vec<Transition>, StoreError> {
-        let mut conn = self.conn().await?;
-        // On one worker, `starting` and `running` touch only the instance row: one
-        // conditional update.
-        let forward_from: &[&str] = match reported {
-            _ if shared => &[],
-            ReportedState::Starting => &["scheduled"],
-            ReportedState::Running => &["scheduled", "starting"],
-            ReportedState::Stopped | ReportedState::Error => &[],
-        };
-        if !forward_from.is_empty() {
-            let to = if reported == ReportedState::Running {
-                InstanceState::Running
-            } else {
-                InstanceState::Starting
+        // On one worker, `starting` and `running` touch only the instance row: the grouped
+        // forward statement, with one report.
+        if !shared && matches!(reported, ReportedState::Starting | ReportedState::Running) {
+            let forward = Forward {
+                worker_id: worker_id.to_owned(),
+                instance_id: id.to_owned(),
+                version,
+                state: reported,
             };
-            let moved: Option<(i64, Option<String>)> = diesel::update(
-                instances::table
-                    .find(id)
-                    .filter(instances::version.eq(version))
-                    .filter(instances::worker_id.eq(worker_id))
-                    .filter(instances::state.eq_any(forward_from)),
-            )
-            .set((
-                instances::state.eq(to.as_str()),
-                instances::reason.eq(None::<String>),
-                instances::updated_at.eq(diesel::dsl::now),
-            ))
-            .returning((instances::cmd_seq, instances::worker_id))
-            .get_result(&mut conn)
-            .await
-            .optional()?;
-            return Ok(moved
-                .map(|(cmd_seq, worker_id)| Transition {
-                    instance_id: id.to_owned(),
-                    state: to,
-                    version,
-                    cmd_seq,
-                    worker_id,
-                    gpus: Vec::new(),
-                    reason: None,
-                })
+            return Ok(self
+                .forward_reports(std::slice::from_ref(&forward))
+                .await?
                 .into_iter()
+                .flatten()
                 .collect());
         }
+        let mut conn = self.conn().await?;
         (*conn)
             .transaction::<_, StoreError, _>(async |conn| {
                 let Some(row) = instances::table
