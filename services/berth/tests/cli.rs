@@ -312,27 +312,29 @@ fn estimate_reads_model_files() {
     }
 }
 
+/// `berth bench place` on 4 workers × 2 GPUs with 24 starts, plus `extra` flags: its JSON.
+fn tiny_place(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "bench",
+        "place",
+        "--workers",
+        "4",
+        "--gpus-per-worker",
+        "2",
+        "--instances",
+        "24",
+        "--timeout",
+        "60",
+    ];
+    args.extend_from_slice(extra);
+    let out = berth(&args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_str(&stdout(&out)).expect("bench prints JSON")
+}
+
 #[test]
 fn bench_scenarios_run_at_a_tiny_size() {
-    let out = berth(
-        &[
-            "bench",
-            "place",
-            "--workers",
-            "4",
-            "--gpus-per-worker",
-            "2",
-            "--instances",
-            "24",
-            "--analyzers",
-            "1,2",
-            "--timeout",
-            "60",
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let doc = tiny_place(&["--analyzers", "1,2"]);
     let runs = doc["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2);
     for run in runs {
@@ -360,30 +362,17 @@ fn bench_scenarios_run_at_a_tiny_size() {
             run["publish_to_commit_ms"]["p99"].as_f64().is_some(),
             "{run}"
         );
+        // The database did work during the run, and the figures say so.
+        assert!(
+            run["cpu_s_during_run"]["postgres"].as_f64().is_some()
+                && run["cpu_ms_per_placement"].as_f64().unwrap() > 0.0,
+            "{run}"
+        );
     }
 
     // The same with the analyzer as a process of its own (berth-analyzer is built next to
     // berth by `cargo build --workspace`), which reports its peak memory.
-    let out = berth(
-        &[
-            "bench",
-            "place",
-            "--workers",
-            "4",
-            "--gpus-per-worker",
-            "2",
-            "--instances",
-            "24",
-            "--analyzers",
-            "1",
-            "--processes",
-            "--timeout",
-            "60",
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let doc = tiny_place(&["--analyzers", "1", "--processes"]);
     let run = &doc["runs"][0];
     assert_eq!(
         run["placed"].as_u64().unwrap() + run["pending"].as_u64().unwrap(),
@@ -392,6 +381,12 @@ fn bench_scenarios_run_at_a_tiny_size() {
     );
     let rss = run["peak_rss_mib_analyzer_processes"].as_array().unwrap();
     assert!(rss.len() == 1 && rss[0].as_f64().unwrap() > 1.0, "{run}");
+    assert!(
+        run["cpu_s_during_run"]["analyzer_processes"]
+            .as_f64()
+            .is_some(),
+        "{run}"
+    );
 
     let out = berth(
         &[
