@@ -117,20 +117,10 @@ impl Store {
         claims: &[GpuClaim],
         group: Option<&str>,
     ) -> Result<CommitOutcome, StoreError> {
-        let Some(leader) = claims.first().map(|c| c.worker_id.clone()) else {
-            return Err(StoreError::Corrupt(format!(
-                "placement of {id} claims no GPU"
-            )));
-        };
-        let mut sorted: Vec<&GpuClaim> = claims.iter().collect();
-        sorted.sort_unstable_by(|a, b| (&a.worker_id, a.idx).cmp(&(&b.worker_id, b.idx)));
-        let workers: Vec<String> = sorted.iter().map(|c| c.worker_id.clone()).collect();
-        let idxs = sorted
-            .iter()
-            .map(|c| i32::try_from(c.idx))
-            .collect::<Result<Vec<i32>, _>>()
-            .map_err(|_| StoreError::Corrupt(format!("GPU index out of range in {claims:?}")))?;
-        let bytes: Vec<i64> = sorted.iter().map(|c| c.bytes).collect();
+        let (leader, sorted) = in_lock_order(id, claims)?;
+        let workers: Vec<String> = sorted.iter().map(|(c, _)| c.worker_id.clone()).collect();
+        let idxs: Vec<i32> = sorted.iter().map(|(_, idx)| *idx).collect();
+        let bytes: Vec<i64> = sorted.iter().map(|(c, _)| c.bytes).collect();
         let mut conn = self.conn().await?;
         let (cmd_seq, committed, full, present): CommitRow = crate::prepared::Commit {
             id,
@@ -149,13 +139,13 @@ impl Store {
         if !committed {
             let full = full.unwrap_or_default();
             let present = present.unwrap_or_default();
-            let lost = sorted
-                .iter()
+            let in_order = || sorted.iter().map(|(c, _)| *c);
+            let lost = in_order()
                 .find(|c| {
                     let key = format!("{}:{}", c.worker_id, c.idx);
                     full.contains(&key) || !present.contains(&key)
                 })
-                .or_else(|| <[&GpuClaim]>::first(&sorted));
+                .or_else(|| in_order().next());
             return Ok(CommitOutcome::CapacityGone {
                 worker_id: lost.map(|c| c.worker_id.clone()).unwrap_or_default(),
                 gpu: lost.map_or(0, |c| c.idx),
@@ -220,24 +210,15 @@ impl Store {
         let mut arrays = GroupArrays::default();
         for &i in chosen {
             let c = &commits[i];
-            let Some(leader) = <[GpuClaim]>::first(&c.claims).map(|g| g.worker_id.clone()) else {
-                return Err(StoreError::Corrupt(format!(
-                    "placement of {} claims no GPU",
-                    c.id
-                )));
-            };
+            let (leader, sorted) = in_lock_order(&c.id, &c.claims)?;
             arrays.ids.push(c.id.clone());
             arrays.versions.push(c.version);
             arrays.leaders.push(leader);
             arrays.groups.push(c.group.clone());
-            let mut sorted: Vec<&GpuClaim> = c.claims.iter().collect();
-            sorted.sort_unstable_by(|a, b| (&a.worker_id, a.idx).cmp(&(&b.worker_id, b.idx)));
-            for g in sorted {
+            for (g, idx) in sorted {
                 arrays.claim_ids.push(c.id.clone());
                 arrays.claim_workers.push(g.worker_id.clone());
-                arrays.claim_idxs.push(i32::try_from(g.idx).map_err(|_| {
-                    StoreError::Corrupt(format!("GPU index out of range in {:?}", c.claims))
-                })?);
+                arrays.claim_idxs.push(idx);
                 arrays.claim_bytes.push(g.bytes);
             }
         }
@@ -331,6 +312,26 @@ impl Store {
             reason: Some(reason.to_owned()),
         }))
     }
+}
+
+/// A placement's leader and its claims in lock order, each with its stored index.
+type Ordered<'c> = (String, Vec<(&'c GpuClaim, i32)>);
+
+/// The leader (the first claim's worker) and the claims in (worker, index) order, the GPU
+/// row lock order, each with its index as stored. Refuses a placement without claims.
+fn in_lock_order<'c>(id: &str, claims: &'c [GpuClaim]) -> Result<Ordered<'c>, StoreError> {
+    let Some(leader) = <[GpuClaim]>::first(claims).map(|c| c.worker_id.clone()) else {
+        return Err(StoreError::Corrupt(format!(
+            "placement of {id} claims no GPU"
+        )));
+    };
+    let mut sorted = claims
+        .iter()
+        .map(|c| i32::try_from(c.idx).map(|idx| (c, idx)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| StoreError::Corrupt(format!("GPU index out of range in {claims:?}")))?;
+    sorted.sort_unstable_by(|(a, _), (b, _)| (&a.worker_id, a.idx).cmp(&(&b.worker_id, b.idx)));
+    Ok((leader, sorted))
 }
 
 /// The `scheduled` transition of a committed placement: reported under the first claim's
