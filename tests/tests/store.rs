@@ -559,3 +559,96 @@ async fn concurrent_groups_never_overcommit_a_gpu() {
     assert!(reserved <= 79 * GIB, "{reserved}");
     assert!(committed >= 6, "only {committed} committed");
 }
+
+/// The outbox trigger runs once per statement: every instance a grouped statement changes
+/// gets exactly one event, with its GPUs on `scheduled`, and a statement that changes no
+/// state records nothing.
+#[tokio::test]
+async fn grouped_statements_record_one_event_per_change() {
+    use berth_store::{
+        commands::StartIntent,
+        outbox::Relayed,
+        placement::{GpuClaim, PlacementCommit},
+        reports::Forward,
+    };
+    let servers = servers();
+    let store = store_with_worker(&servers).await;
+    let intents: Vec<StartIntent> = ["c", "a", "b"]
+        .iter()
+        .map(|id| StartIntent {
+            id: (*id).into(),
+            seq: 1,
+            spec: spec(),
+        })
+        .collect();
+    store.apply_starts(&intents).await.unwrap();
+    // Older commands: stale, nothing changes.
+    let older: Vec<StartIntent> = intents
+        .iter()
+        .map(|i| StartIntent {
+            seq: 0,
+            ..i.clone()
+        })
+        .collect();
+    store.apply_starts(&older).await.unwrap();
+    let commit = |id: &str, version: i64, gib: i64| PlacementCommit {
+        id: id.into(),
+        version,
+        claims: vec![GpuClaim {
+            worker_id: "w1".into(),
+            idx: 0,
+            bytes: gib * GIB,
+        }],
+        group: None,
+    };
+    // c's version moved: no change, no event.
+    store
+        .commit_many(&[commit("b", 1, 30), commit("a", 1, 40), commit("c", 9, 1)])
+        .await
+        .unwrap();
+    let report = |id: &str, state| Forward {
+        worker_id: "w1".into(),
+        instance_id: id.into(),
+        version: 1,
+        state,
+    };
+    store
+        .forward_reports(&[
+            report("b", ReportedState::Starting),
+            report("a", ReportedState::Running),
+            report("c", ReportedState::Running), // not placed: no change
+        ])
+        .await
+        .unwrap();
+    let seen = std::sync::Mutex::new(Vec::new());
+    let relayed = store
+        .relay_events(100, |events| {
+            seen.lock().unwrap().extend(events.into_iter().map(|e| {
+                let e = e.event;
+                format!(
+                    "{} {} v{} {:?}",
+                    e.instance_id,
+                    e.state.as_str(),
+                    e.version,
+                    e.gpus
+                )
+            }));
+            async { Ok(()) }
+        })
+        .await
+        .unwrap();
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(relayed, Relayed::Sent(seen.len()));
+    assert_eq!(
+        seen,
+        [
+            "a analyzing v1 []",
+            "b analyzing v1 []",
+            "c analyzing v1 []",
+            "a scheduled v1 [0]",
+            "b scheduled v1 [0]",
+            "a running v1 []",
+            "b starting v1 []",
+        ]
+    );
+}

@@ -139,6 +139,13 @@ impl PgServer {
             cmd.args(["-c", "shared_preload_libraries=pg_stat_statements"])
                 .args(["-c", "pg_stat_statements.track=all"]);
         }
+        // Profiling: extra server settings, `name=value` separated by spaces (for example
+        // `BERTH_PG_SETTINGS="shared_preload_libraries=auto_explain auto_explain.log_min_duration=0"`).
+        if let Ok(settings) = std::env::var("BERTH_PG_SETTINGS") {
+            for setting in settings.split_whitespace() {
+                cmd.args(["-c", setting]);
+            }
+        }
         if self.durability == Durability::Fast {
             cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
                 .args(["-c", "full_page_writes=off"]);

@@ -100,7 +100,7 @@ impl Store {
 
     /// Events waiting to be relayed.
     pub async fn outbox_len(&self) -> Result<i64, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.scan_conn().await?;
         Ok(event_outbox::table.count().get_result(&mut conn).await?)
     }
 }

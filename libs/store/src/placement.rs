@@ -25,7 +25,7 @@ pub enum CommitOutcome {
 impl Store {
     /// Every worker with its GPUs, ordered by worker id then GPU index.
     pub async fn capacity(&self) -> Result<Vec<(WorkerRow, Vec<GpuRow>)>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.scan_conn().await?;
         let ws: Vec<WorkerRow> = workers::table
             .select(WorkerRow::as_select())
             .order(workers::id)
@@ -67,7 +67,7 @@ impl Store {
     /// How many instances of each replica group hold GPUs on each worker:
     /// `(worker, group, instances)`.
     pub async fn replicas(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.scan_conn().await?;
         let rows: Vec<(String, Option<String>, i64)> = allocations::table
             .filter(allocations::replica_group.is_not_null())
             .group_by((allocations::worker_id, allocations::replica_group))
@@ -390,9 +390,12 @@ pub(crate) const COMMIT_MANY: &str = "\
         SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[]) \
             AS r(id, version, leader, grp) \
     ), inst AS ( \
-        SELECT i.id, i.cmd_seq FROM instances i JOIN req ON i.id = req.id \
-        WHERE i.version = req.version AND i.state = 'analyzing' \
-        ORDER BY i.id FOR UPDATE OF i \
+        SELECT l.id, l.cmd_seq FROM (SELECT id, version FROM req ORDER BY id) r \
+        CROSS JOIN LATERAL ( \
+            SELECT i.id, i.cmd_seq FROM instances i \
+            WHERE i.id = r.id AND i.version = r.version AND i.state = 'analyzing' \
+            FOR UPDATE \
+        ) l \
     ), want AS ( \
         SELECT * FROM unnest($5::text[], $6::text[], $7::int[], $8::bigint[]) \
             AS w(id, worker_id, idx, bytes) \
@@ -400,11 +403,13 @@ pub(crate) const COMMIT_MANY: &str = "\
     ), need AS ( \
         SELECT worker_id, idx, sum(bytes) AS bytes FROM want GROUP BY worker_id, idx \
     ), g AS ( \
-        SELECT gpus.worker_id, gpus.idx, \
-            gpus.reserved_bytes + need.bytes + gpus.system_reserved_bytes \
-                + gpus.used_outside_bytes <= gpus.total_bytes AS room \
-        FROM gpus JOIN need ON gpus.worker_id = need.worker_id AND gpus.idx = need.idx \
-        ORDER BY gpus.worker_id, gpus.idx FOR UPDATE OF gpus \
+        SELECT l.* FROM (SELECT * FROM need ORDER BY worker_id, idx) n CROSS JOIN LATERAL ( \
+            SELECT gpus.worker_id, gpus.idx, \
+                gpus.reserved_bytes + n.bytes + gpus.system_reserved_bytes \
+                    + gpus.used_outside_bytes <= gpus.total_bytes AS room \
+            FROM gpus WHERE gpus.worker_id = n.worker_id AND gpus.idx = n.idx \
+            FOR UPDATE \
+        ) l \
     ), lost AS ( \
         SELECT want.id, want.worker_id || ':' || want.idx AS gpu FROM want \
         LEFT JOIN g ON g.worker_id = want.worker_id AND g.idx = want.idx \
@@ -414,14 +419,15 @@ pub(crate) const COMMIT_MANY: &str = "\
     ), cas AS ( \
         UPDATE instances SET state = 'scheduled', worker_id = req.leader, reason = NULL, \
             updated_at = now() \
-        FROM req WHERE instances.id = req.id AND req.id IN (SELECT id FROM ok) \
+        FROM req WHERE instances.id = ANY (ARRAY(SELECT id FROM ok)) AND instances.id = req.id \
         RETURNING 1 \
     ), okneed AS ( \
         SELECT worker_id, idx, sum(bytes) AS bytes FROM want \
         WHERE id IN (SELECT id FROM ok) GROUP BY worker_id, idx \
     ), res AS ( \
         UPDATE gpus SET reserved_bytes = gpus.reserved_bytes + okneed.bytes \
-        FROM okneed WHERE gpus.worker_id = okneed.worker_id AND gpus.idx = okneed.idx \
+        FROM okneed WHERE gpus.worker_id = ANY (ARRAY(SELECT worker_id FROM okneed)) \
+            AND gpus.worker_id = okneed.worker_id AND gpus.idx = okneed.idx \
         RETURNING 1 \
     ), ins AS ( \
         INSERT INTO allocations (instance_id, worker_id, gpu_idx, version, bytes, replica_group) \
@@ -453,12 +459,14 @@ pub(crate) const COMMIT: &str = "\
     ), want AS ( \
         SELECT * FROM unnest($4::text[], $5::int[], $6::bigint[]) AS w(worker_id, idx, bytes) \
     ), g AS ( \
-        SELECT gpus.worker_id, gpus.idx, \
-            gpus.reserved_bytes + want.bytes + gpus.system_reserved_bytes \
-                + gpus.used_outside_bytes <= gpus.total_bytes AS room \
-        FROM gpus JOIN want ON gpus.worker_id = want.worker_id AND gpus.idx = want.idx \
-        WHERE EXISTS (SELECT 1 FROM inst) \
-        ORDER BY gpus.worker_id, gpus.idx FOR UPDATE OF gpus \
+        SELECT l.* FROM (SELECT * FROM want WHERE EXISTS (SELECT 1 FROM inst) \
+                         ORDER BY worker_id, idx) w CROSS JOIN LATERAL ( \
+            SELECT gpus.worker_id, gpus.idx, \
+                gpus.reserved_bytes + w.bytes + gpus.system_reserved_bytes \
+                    + gpus.used_outside_bytes <= gpus.total_bytes AS room \
+            FROM gpus WHERE gpus.worker_id = w.worker_id AND gpus.idx = w.idx \
+            FOR UPDATE \
+        ) l \
     ), ok AS ( \
         SELECT EXISTS (SELECT 1 FROM inst) \
            AND (SELECT count(*) FROM g WHERE room) = cardinality($5::int[]) AS go \
@@ -470,7 +478,8 @@ pub(crate) const COMMIT: &str = "\
     ), res AS ( \
         UPDATE gpus SET reserved_bytes = gpus.reserved_bytes + want.bytes \
         FROM ok, want \
-        WHERE ok.go AND gpus.worker_id = want.worker_id AND gpus.idx = want.idx \
+        WHERE ok.go AND gpus.worker_id = ANY ($4::text[]) \
+            AND gpus.worker_id = want.worker_id AND gpus.idx = want.idx \
         RETURNING gpus.worker_id, gpus.idx, want.bytes \
     ), ins AS ( \
         INSERT INTO allocations (instance_id, worker_id, gpu_idx, version, bytes, replica_group) \

@@ -2,13 +2,14 @@
 
 use crate::StoreError;
 use diesel_async::{
-    AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl,
+    AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection,
     pooled_connection::{
         AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
         deadpool::{Object, Pool},
     },
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use futures::future::BoxFuture;
 
 /// The SQL under `migrations/`, compiled into every binary.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations");
@@ -19,8 +20,15 @@ const MIGRATION_LOCK: i64 = 0x6265_7274_685f_6d67; // "berth_mg"
 /// A pool of connections to berth's database.
 #[derive(Clone)]
 pub struct Store {
+    /// For the statements on the placement path: key lookups with fixed plans ([`setup`]).
     pool: Pool<AsyncPgConnection>,
+    /// For the few queries that read a whole table (capacity loads, the sweeper, `ps`), with
+    /// the planner's defaults, so that they may scan.
+    scans: Pool<AsyncPgConnection>,
 }
+
+/// Connections in the pool for whole-table reads: they are rare (every second at most).
+const SCAN_CONNECTIONS: usize = 2;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -31,37 +39,58 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// A pool of at most `max_size` connections; connections are made lazily.
+    /// A pool of at most `max_size` connections for the placement path, and a small one for
+    /// whole-table reads; connections are made lazily.
     pub fn connect(url: &str, max_size: usize) -> Result<Store, StoreError> {
-        // A checkout only checks that the connection is open and has no broken transaction
-        // (the default also runs `SELECT 1`: one more round trip for every statement). A
-        // connection lost since fails its first query with an error callers retry.
-        let mut config = ManagerConfig::default();
-        config.recycling_method = RecyclingMethod::Fast;
-        config.custom_setup = Box::new(|url| Box::pin(setup(url.to_owned())));
-        let manager =
-            AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, config);
-        let pool = Pool::builder(manager)
-            .max_size(max_size.max(1))
-            .build()
-            .map_err(|e| StoreError::Pool(e.to_string()))?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool: pool(url, max_size.max(1), |url| Box::pin(setup(url.to_owned())))?,
+            scans: pool(url, SCAN_CONNECTIONS, |url| {
+                let url = url.to_owned();
+                Box::pin(async move { AsyncPgConnection::establish(&url).await })
+            })?,
+        })
     }
 
     pub(crate) async fn conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
         Ok(self.pool.get().await?)
     }
+
+    /// A connection for a query that reads a whole table (or most of it).
+    pub(crate) async fn scan_conn(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
+        Ok(self.scans.get().await?)
+    }
 }
 
-/// A new pooled connection. Every statement berth sends is prepared and looks rows up by key,
-/// so the generic plan is the right one. By default PostgreSQL plans a prepared statement
-/// anew for its first five executions and then whenever a custom plan looks cheaper, which it
-/// kept doing for the commit CTE: planning was about a quarter of its CPU time in
-/// `berth bench place`.
+type Setup = fn(&str) -> BoxFuture<'_, diesel::ConnectionResult<AsyncPgConnection>>;
+
+fn pool(url: &str, max_size: usize, setup: Setup) -> Result<Pool<AsyncPgConnection>, StoreError> {
+    // A checkout only checks that the connection is open and has no broken transaction (the
+    // default also runs `SELECT 1`: one more round trip for every statement). A connection
+    // lost since fails its first query with an error callers retry.
+    let mut config = ManagerConfig::default();
+    config.recycling_method = RecyclingMethod::Fast;
+    config.custom_setup = Box::new(setup);
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, config);
+    Pool::builder(manager)
+        .max_size(max_size)
+        .build()
+        .map_err(|e| StoreError::Pool(e.to_string()))
+}
+
+/// A new pooled connection. Every statement berth sends on the placement path is prepared
+/// and reaches rows through their keys, so the generic plan is the right one. By default
+/// PostgreSQL plans a prepared statement anew for its first five executions and then whenever
+/// a custom plan looks cheaper, which it kept doing for the commit CTE: planning was about a
+/// quarter of its CPU time in `berth bench place`.
+///
+/// The generic plan is made once, at a statement's first use on the connection, often while
+/// the tables are still nearly empty, when scanning a whole table looks cheaper than an index
+/// probe; that plan would then stay while the table grows to thousands of rows. With
+/// sequential scans off, a key lookup is always planned as one. Queries that have no index
+/// to use (the sweeper's, by state) still scan.
 async fn setup(url: String) -> diesel::ConnectionResult<AsyncPgConnection> {
     let mut conn = AsyncPgConnection::establish(&url).await?;
-    diesel::sql_query("SET plan_cache_mode = force_generic_plan")
-        .execute(&mut conn)
+    conn.batch_execute("SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off")
         .await
         .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
     Ok(conn)

@@ -18,7 +18,7 @@ pub struct GpuViolation {
 
 impl Store {
     pub async fn instances(&self) -> Result<Vec<InstanceRow>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.scan_conn().await?;
         Ok(instances::table
             .select(InstanceRow::as_select())
             .order(instances::id)
@@ -38,7 +38,7 @@ impl Store {
 
     /// How many instances are in each state.
     pub async fn count_by_state(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.scan_conn().await?;
         Ok(instances::table
             .group_by(instances::state)
             .select((instances::state, diesel::dsl::count_star()))
@@ -47,7 +47,7 @@ impl Store {
     }
 
     pub async fn allocations(&self) -> Result<Vec<AllocationRow>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.scan_conn().await?;
         Ok(allocations::table
             .select(AllocationRow::as_select())
             .order((allocations::instance_id, allocations::gpu_idx))
@@ -56,7 +56,7 @@ impl Store {
     }
 
     pub async fn gpus(&self) -> Result<Vec<GpuRow>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.scan_conn().await?;
         Ok(gpus::table
             .select(GpuRow::as_select())
             .order((gpus::worker_id, gpus::idx))
@@ -67,7 +67,7 @@ impl Store {
     /// GPUs reserved past their capacity, or whose reserved total differs from the sum of
     /// their allocations. Empty when the books are right. One statement, so one snapshot.
     pub async fn gpu_violations(&self) -> Result<Vec<GpuViolation>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.scan_conn().await?;
         let rows: Vec<GpuBooks> = diesel::sql_query(
             "SELECT g.worker_id, g.idx, g.total_bytes, g.system_reserved_bytes, g.reserved_bytes, \
                     COALESCE(SUM(a.bytes), 0)::BIGINT AS allocated \

@@ -33,20 +33,24 @@ fn forward_state(reported: ReportedState) -> InstanceState {
 /// Many `starting`/`running` reports in one statement; `$1`..`$4` are parallel arrays
 /// (instance id, version, worker, target state), one row per placement. The rows are locked
 /// in id order first, like every writer that locks several instances, so two groups never
-/// deadlock; the update then checks each row again on its latest version.
+/// deadlock; the update then checks each row again on its latest version. Every row is
+/// reached through its key (a lateral lookup, `= ANY`), so the plan, made once per
+/// connection, stays a few index probes however much the table has grown since.
 pub(crate) const FORWARD_MANY: &str = "\
     WITH f AS ( \
         SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[]) \
             AS f(id, version, worker_id, to_state) \
     ), locked AS ( \
-        SELECT i.id FROM instances i JOIN f ON i.id = f.id \
-        WHERE i.version = f.version AND i.worker_id = f.worker_id \
-          AND (i.state = 'scheduled' OR (i.state = 'starting' AND f.to_state = 'running')) \
-        ORDER BY i.id FOR UPDATE OF i \
+        SELECT l.id FROM (SELECT * FROM f ORDER BY id) s CROSS JOIN LATERAL ( \
+            SELECT i.id FROM instances i \
+            WHERE i.id = s.id AND i.version = s.version AND i.worker_id = s.worker_id \
+              AND (i.state = 'scheduled' OR (i.state = 'starting' AND s.to_state = 'running')) \
+            FOR UPDATE \
+        ) l \
     ) \
     UPDATE instances i SET state = f.to_state, reason = NULL, updated_at = now() \
     FROM f \
-    WHERE i.id = f.id AND i.id IN (SELECT id FROM locked) \
+    WHERE i.id = ANY (ARRAY(SELECT id FROM locked)) AND i.id = f.id \
       AND i.version = f.version AND i.worker_id = f.worker_id \
       AND (i.state = 'scheduled' OR (i.state = 'starting' AND f.to_state = 'running')) \
     RETURNING i.id, i.version, i.worker_id, i.cmd_seq";

@@ -30,7 +30,7 @@ impl Store {
         state: InstanceState,
         limit: i64,
     ) -> Result<Vec<InstanceRow>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.scan_conn().await?;
         Ok(instances::table
             .filter(instances::state.eq(state.as_str()))
             .order(instances::updated_at)
@@ -48,7 +48,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<InstanceRow>, StoreError> {
         let names: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
-        let mut conn = self.conn().await?;
+        let mut conn = self.scan_conn().await?;
         Ok(instances::table
             .filter(instances::state.eq_any(names))
             .filter(instances::updated_at.lt(ago(older_than)))
@@ -73,7 +73,7 @@ impl Store {
     /// Marks schedulable workers whose last heartbeat is older than `silent_for` as not
     /// schedulable; returns their ids.
     pub async fn mark_unreachable(&self, silent_for: Duration) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.scan_conn().await?;
         Ok(diesel::update(
             workers::table
                 .filter(workers::schedulable.eq(true))
@@ -87,7 +87,7 @@ impl Store {
 
     /// Workers silent for longer than `gone_after` that still hold GPUs for some instance.
     pub async fn gone_workers(&self, gone_after: Duration) -> Result<Vec<String>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.scan_conn().await?;
         Ok(workers::table
             .inner_join(allocations::table.on(allocations::worker_id.eq(workers::id)))
             .filter(workers::schedulable.eq(false))
@@ -162,7 +162,7 @@ impl Store {
     /// (`pending`, `error`, `stopped`): stages of a multi-worker placement left behind when
     /// another stage failed or went silent. `(id, version)`, at most `limit`.
     pub async fn stranded(&self, limit: i64) -> Result<Vec<(String, i64)>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.scan_conn().await?;
         Ok(instances::table
             .filter(instances::state.eq_any(["pending", "error", "stopped"]))
             .filter(diesel::dsl::exists(

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 /// Most intents in one statement.
 const MAX_GROUP: usize = 256;
-/// Statements in flight at once: one more group gathers while one is in the database.
-const GROUPS_IN_FLIGHT: usize = 2;
+/// Statements in flight at once: the next group gathers while one is in the database (see
+/// `placing::COMMIT_GROUPS_IN_FLIGHT`).
+const GROUPS_IN_FLIGHT: usize = 1;
 
 /// The database could not record the intent (already logged); the command is redelivered.
 #[derive(Debug, Clone, Copy, thiserror::Error)]

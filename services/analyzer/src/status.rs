@@ -12,9 +12,10 @@ use berth_store::{Store, StoreError, Transition, reports::Forward};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// Most reports in one grouped statement, and such statements in flight at once.
+/// Most reports in one grouped statement, and such statements in flight at once (one, as
+/// for commits: see `placing::COMMIT_GROUPS_IN_FLIGHT`).
 const MAX_GROUP: usize = 256;
-const GROUPS_IN_FLIGHT: usize = 2;
+const GROUPS_IN_FLIGHT: usize = 1;
 
 /// A group of forward reports could not be applied (already logged); each is redelivered.
 #[derive(Debug, Clone, Copy)]
