@@ -431,3 +431,15 @@ fn bench_scenarios_run_at_a_tiny_size() {
         );
     }
 }
+
+/// A server setting PostgreSQL does not know, passed through `BERTH_PG_SETTINGS`, stops the
+/// bench before it starts, with the server's own complaint.
+#[test]
+fn a_bad_server_setting_is_refused_with_the_servers_reason() {
+    let out = berth(
+        &["bench", "place", "--workers", "1", "--instances", "1"],
+        &[("BERTH_PG_SETTINGS", "no_such_setting=1")],
+    );
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(stderr(&out).contains("no_such_setting"), "{}", stderr(&out));
+}
