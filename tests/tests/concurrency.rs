@@ -103,7 +103,7 @@ async fn three_analyzers_never_overcommit() {
                     free_bytes: g.free_bytes().unsigned_abs(),
                 })
                 .collect(),
-            replicas: BTreeMap::new(),
+            replicas: Default::default(),
         })
         .collect();
     for r in &pending {

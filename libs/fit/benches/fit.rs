@@ -47,7 +47,7 @@ fn cluster(n_gpus: usize) -> Vec<Worker> {
                 ]),
                 schedulable: next() % 20 != 0,
                 gpus,
-                replicas: BTreeMap::from([(format!("m{}", w % 7), 1)]),
+                replicas: [(format!("m{}", w % 7), 1)].into_iter().collect(),
             }
         })
         .collect()

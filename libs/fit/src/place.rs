@@ -1,6 +1,6 @@
 //! The placement search: shapes in order of preference, workers in order, GPUs by policy.
 
-use crate::{FitError, Request, Shape, Worker, explain_no_fit};
+use crate::{FitError, GroupKey, Request, Shape, Worker, explain_no_fit};
 use std::cmp::Reverse;
 
 /// How to choose among workers and GPUs that all fit.
@@ -105,9 +105,19 @@ pub fn place_from(
         first % workers.len()
     };
     let order = || workers[first..].iter().chain(&workers[..first]);
+    let group = match policy {
+        Policy::Spread => request.group.as_deref().map(GroupKey::new),
+        Policy::Binpack => None,
+    };
     for (i, shape) in request.shapes.iter().enumerate() {
         let want = shape.workers.max(1) as usize;
-        let best = best_candidates(order(), want, request, shape, policy, cancelled)?;
+        let search = Search {
+            request,
+            shape,
+            policy,
+            group,
+        };
+        let best = best_candidates(order(), want, &search, cancelled)?;
         if best.len() < want {
             continue;
         }
@@ -148,9 +158,7 @@ const CANCEL_POLL_EVERY: usize = 64;
 fn best_candidates<'w>(
     workers: impl Iterator<Item = &'w Worker>,
     want: usize,
-    request: &Request,
-    shape: &Shape,
-    policy: Policy,
+    search: &Search<'_>,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<Vec<Candidate<'w>>, FitError> {
     // Stable sorts keep equal ranks in the order the workers were met: ties go to the first.
@@ -166,7 +174,7 @@ fn best_candidates<'w>(
         if i % CANCEL_POLL_EVERY == 0 && cancelled() {
             return Err(FitError::Cancelled);
         }
-        let Some(rank) = choose_gpus(worker, request, shape, policy, cut, &mut scratch) else {
+        let Some(rank) = choose_gpus(worker, search, cut, &mut scratch) else {
             continue;
         };
         if cut.is_some_and(|cut| rank >= cut) {
@@ -187,17 +195,30 @@ fn best_candidates<'w>(
     Ok(best)
 }
 
+/// What one shape's search looks for.
+struct Search<'r> {
+    request: &'r Request,
+    shape: &'r Shape,
+    policy: Policy,
+    /// The request's replica group under spread (hashed once for all workers).
+    group: Option<GroupKey<'r>>,
+}
+
 /// Picks, into `chosen`, the GPUs of `worker` that fit the shape per policy (each with the
 /// free bytes it would have left), and returns the worker's rank for it; `None` when the
 /// worker cannot take it, or cannot beat `cut`.
 fn choose_gpus(
     worker: &Worker,
-    request: &Request,
-    shape: &Shape,
-    policy: Policy,
+    search: &Search<'_>,
     cut: Option<(u32, u128)>,
     chosen: &mut Vec<(u64, crate::Slot)>,
 ) -> Option<(u32, u128)> {
+    let Search {
+        request,
+        shape,
+        policy,
+        group,
+    } = *search;
     let k = shape.gpus_per_worker as usize;
     if k == 0 || worker.gpus.len() < k || !worker.schedulable || !worker.matches(&request.selector)
     {
@@ -205,10 +226,7 @@ fn choose_gpus(
     }
     // Under spread the replica count ranks first: a worker with more replicas than the ones
     // kept cannot win whatever its GPUs, so they are not looked at.
-    let replicas = match policy {
-        Policy::Spread => worker.replicas_of(request.group.as_deref()),
-        Policy::Binpack => 0,
-    };
+    let replicas = worker.replicas_of(group);
     if cut.is_some_and(|(r, _)| replicas > r) {
         return None;
     }
@@ -261,7 +279,7 @@ fn choose_gpus(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Claim, Gpu};
+    use crate::{Claim, Gpu, Replicas};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
@@ -283,7 +301,7 @@ mod tests {
                     free_bytes: f * GIB,
                 })
                 .collect(),
-            replicas: BTreeMap::new(),
+            replicas: Replicas::default(),
         }
     }
 
@@ -451,7 +469,7 @@ mod tests {
     #[test]
     fn spread_keeps_replicas_apart() {
         let mut a = worker("a", "x", &[80, 80]);
-        a.replicas.insert("llama".into(), 1);
+        a.replicas.set("llama", 1);
         let b = worker("b", "x", &[40, 40]);
         let mut r = req(20, 1);
         r.group = Some("llama".into());

@@ -2,6 +2,7 @@
 
 use crate::{
     AnalyzerConfig, Hooks, Stats, intake, metrics,
+    recent::Recent,
     snapshot::{self, Snapshot},
     status, sweeper, watch,
 };
@@ -19,8 +20,6 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a heard command is remembered: far longer than the stream takes to store it.
 const RECENT_FOR: Duration = Duration::from_secs(1);
-/// Remembered commands before the old ones are dropped.
-const RECENT_CAP: usize = 4096;
 
 /// A fit in flight: its command's sequence and spec, and the token that cancels it.
 #[derive(Debug)]
@@ -42,7 +41,7 @@ pub struct Ctx {
     pub in_flight: Mutex<HashMap<String, InFlight>>,
     /// The last command the watch heard per instance, and when: a command published just
     /// before a fit begins may not be stored yet when the fit asks the stream.
-    pub recent: Mutex<HashMap<String, (Instant, Option<Command>)>>,
+    pub recent: Mutex<Recent>,
     /// Capacity may have appeared: pending instances should be looked at again.
     pub wake: Notify,
     /// Free VRAM as this analyzer sees it.
@@ -118,10 +117,7 @@ impl Ctx {
     pub fn heard(&self, instance_id: &str, command: Option<Command>) {
         self.suspect(instance_id, command.as_ref());
         if let Ok(mut recent) = self.recent.lock() {
-            if recent.len() >= RECENT_CAP {
-                recent.retain(|_, (at, _)| at.elapsed() < RECENT_FOR);
-            }
-            recent.insert(instance_id.to_owned(), (Instant::now(), command));
+            recent.insert(instance_id, command, Instant::now());
         }
     }
 
@@ -129,9 +125,9 @@ impl Ctx {
     /// may be newer than the fit about to run, and not stored yet).
     pub fn heard_other_lately(&self, instance_id: &str, spec: &StartSpec) -> bool {
         self.recent.lock().is_ok_and(|recent| {
-            recent.get(instance_id).is_some_and(|(at, cmd)| {
-                at.elapsed() < RECENT_FOR && !matches!(cmd, Some(Command::Start(s)) if s == spec)
-            })
+            recent
+                .get(instance_id, Instant::now())
+                .is_some_and(|cmd| !matches!(cmd, Some(Command::Start(s)) if s == spec))
         })
     }
 
@@ -176,7 +172,7 @@ impl Analyzer {
             stats: stats.clone(),
             hooks,
             in_flight: Mutex::new(HashMap::new()),
-            recent: Mutex::new(HashMap::new()),
+            recent: Mutex::new(Recent::new(RECENT_FOR)),
             wake: Notify::new(),
             commands: commands.clone(),
             intents,

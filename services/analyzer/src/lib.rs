@@ -12,6 +12,7 @@ pub mod intents;
 pub mod metrics;
 pub mod needs;
 pub mod placing;
+pub mod recent;
 pub mod snapshot;
 pub mod stats;
 pub mod status;

@@ -2,7 +2,7 @@
 
 use crate::grouped::Grouped;
 use crate::{FitRecord, context::Ctx, intake::Handled};
-use berth_fit::{FitError, Gpu, Part, Placement, Request, Slot, Worker};
+use berth_fit::{FitError, Gpu, Part, Placement, Replicas, Request, Slot, Worker};
 use berth_proto::{AgentMsg, StartSpec};
 use berth_store::{
     GpuRow, Store, StoreError, WorkerRow,
@@ -440,12 +440,12 @@ pub(crate) fn to_fit_workers(
     capacity: Vec<(WorkerRow, Vec<GpuRow>)>,
     replicas: Vec<(String, String, i64)>,
 ) -> Vec<Worker> {
-    let mut per_worker: HashMap<String, BTreeMap<String, u32>> = HashMap::new();
+    let mut per_worker: HashMap<String, Replicas> = HashMap::new();
     for (worker, group, n) in replicas {
         per_worker
             .entry(worker)
             .or_default()
-            .insert(group, u32::try_from(n).unwrap_or(u32::MAX));
+            .set(&group, u32::try_from(n).unwrap_or(u32::MAX));
     }
     capacity
         .into_iter()
