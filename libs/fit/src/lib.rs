@@ -60,9 +60,12 @@ pub struct Worker {
 }
 
 /// Replica counts per group on one worker. The spread search asks every worker for the
-/// request's group, so this is a short inline list compared by a hash computed once per
-/// request ([`GroupKey`]): a map keyed by `String` cost a string compare per entry, through
-/// pointers to the heap, and was 40 % of the search.
+/// request's group, so this is a short list compared by a hash computed once per request
+/// ([`GroupKey`]) and the name's length, both stored inline: a map keyed by `String` cost a
+/// string compare per entry, through pointers to the heap, and was 40 % of the search. Two
+/// names are taken as the same group when their 64-bit hashes and lengths agree; a
+/// collision (about 1 in 10^13 for a thousand groups) would only shift which worker spread
+/// prefers, never what fits.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Replicas(Vec<ReplicaCount>);
 
@@ -97,7 +100,7 @@ impl Replicas {
     pub fn get(&self, group: GroupKey<'_>) -> u32 {
         self.0
             .iter()
-            .find(|e| e.hash == group.hash && *e.group == *group.name)
+            .find(|e| e.hash == group.hash && e.group.len() == group.name.len())
             .map_or(0, |e| e.count)
     }
 
@@ -107,7 +110,7 @@ impl Replicas {
         match self
             .0
             .iter()
-            .position(|e| e.hash == key.hash && *e.group == *group)
+            .position(|e| e.hash == key.hash && e.group.len() == group.len())
         {
             Some(i) if count == 0 => {
                 self.0.swap_remove(i);
