@@ -19,7 +19,7 @@ const POLL: Duration = Duration::from_millis(50);
 /// transaction of four statements and a publish per event; woken by every change, at a
 /// steady 200 placements/s the relay ran almost five rounds per placement and cost more than
 /// the placements themselves. Events are at most this much later.
-const GATHER: Duration = Duration::from_millis(20);
+const GATHER: Duration = Duration::from_millis(10);
 
 /// After a failed round the relay waits this long, doubling up to `MAX_BACKOFF`, so a NATS
 /// or PostgreSQL outage is not met with a warning every 50 ms.
@@ -38,64 +38,45 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(GATHER) => {}
         }
-        let pause = match drain(&ctx).await {
-            Round::Drained => {
-                backoff = FIRST_BACKOFF;
-                continue;
-            }
-            // Another analyzer's relay has the turn and sends our events too (it polls the
-            // outbox); asking again at each of our own changes would only cost statements.
-            Round::Busy => POLL,
-            Round::Failed => {
-                let pause = backoff;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                pause
-            }
-        };
+        if drain(&ctx).await {
+            backoff = FIRST_BACKOFF;
+            continue;
+        }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(pause) => {}
+            () = tokio::time::sleep(backoff) => {}
         }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-/// How [`drain`] ended.
-enum Round {
-    /// Nothing more was waiting.
-    Drained,
-    /// Another relay holds the turn.
-    Busy,
-    /// A round failed (logged and counted).
-    Failed,
-}
-
-/// Relays until nothing is waiting, another relay has the turn, or a round fails.
-async fn drain(ctx: &Ctx) -> Round {
+/// Relays until nothing is waiting or another relay has the turn (true), or a round fails
+/// (false).
+async fn drain(ctx: &Ctx) -> bool {
     loop {
         match ctx
             .store
             .relay_events(BATCH, |events| publish_all(&ctx.bus, events))
             .await
         {
-            Ok(Relayed::Sent(0)) => return Round::Drained,
-            Ok(Relayed::Busy) => return Round::Busy,
+            Ok(Relayed::Sent(0) | Relayed::Busy) => return true,
             Ok(Relayed::Sent(n)) => {
                 ctx.stats
                     .events_published
                     .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
                 // A short round took everything that was waiting: no empty round to confirm.
                 if i64::try_from(n).is_ok_and(|n| n < BATCH) {
-                    return Round::Drained;
+                    return true;
                 }
             }
             Err(Ok(e)) => {
                 ctx.stats.events_failed.inc();
                 tracing::warn!(e, "cannot publish events; will retry");
-                return Round::Failed;
+                return false;
             }
             Err(Err(e)) => {
                 tracing::warn!(%e, "cannot read the event outbox; will retry");
-                return Round::Failed;
+                return false;
             }
         }
     }
