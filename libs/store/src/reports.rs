@@ -194,13 +194,6 @@ impl Store {
         Ok(Some(beat))
     }
 
-    /// Applies an agent's report about `id`. Reports name the version they were given and
-    /// move the instance only along the lifecycle (a late `starting` after `running` is
-    /// ignored), so reordered or old reports are harmless. `stopped` and `error` release the
-    /// reporting worker's allocations of older versions (`stopped`) or up to this version
-    /// (`error`). A `shared` report comes from one of several workers an instance is
-    /// spread over: that part is marked ready, and the instance runs once every part is.
-    /// Returns the transitions made.
     /// Applies many `starting`/`running` reports of single-worker placements in one
     /// statement: the common case of [`Store::apply_report`], which moves only the instance
     /// row forward. Answers in the order of `reports`: the transition made, or `None` when
@@ -267,6 +260,13 @@ impl Store {
             .collect())
     }
 
+    /// Applies an agent's report about `id`. Reports name the version they were given and
+    /// move the instance only along the lifecycle (a late `starting` after `running` is
+    /// ignored), so reordered or old reports are harmless. `stopped` and `error` release the
+    /// reporting worker's allocations of older versions (`stopped`) or up to this version
+    /// (`error`). A `shared` report comes from one of several workers an instance is
+    /// spread over: that part is marked ready, and the instance runs once every part is.
+    /// Returns the transitions made.
     pub async fn apply_report(
         &self,
         worker_id: &str,

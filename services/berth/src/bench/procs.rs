@@ -117,11 +117,12 @@ impl AnalyzerProc {
         Ok(body)
     }
 
-    /// Peak resident memory so far (Linux `VmHWM`), in MiB.
+    /// The process id while it runs (the bench reads its CPU time).
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }
 
+    /// Peak resident memory so far (Linux `VmHWM`), in MiB.
     pub fn peak_rss_mib(&self) -> Option<f64> {
         super::stats::peak_rss_mib(Some(self.child.id()?))
     }
