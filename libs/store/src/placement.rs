@@ -381,11 +381,33 @@ pub(crate) struct GroupArrays {
 /// (instance id, cmd_seq if its version still matched, committed, claims that had no room)
 type GroupRow = (String, Option<i64>, bool, Option<Vec<String>>);
 
+/// The room check of both commit statements, written once: the claimed GPUs of `$claims`
+/// (a query with `worker_id`, `idx` and `bytes` columns, at most one row per GPU) locked in
+/// (worker, index) order, the order of every writer, each reached through its key and with
+/// `room` true when it can take the bytes on its latest version (including what is used
+/// outside berth). The `gpus_no_overcommit` CHECK is the last line of defence behind it.
+macro_rules! gpus_with_room {
+    ($claims:literal) => {
+        concat!(
+            "SELECT l.* FROM (",
+            $claims,
+            " ORDER BY worker_id, idx) c CROSS JOIN LATERAL ( \
+                SELECT gpus.worker_id, gpus.idx, \
+                    gpus.reserved_bytes + c.bytes + gpus.system_reserved_bytes \
+                        + gpus.used_outside_bytes <= gpus.total_bytes AS room \
+                FROM gpus WHERE gpus.worker_id = c.worker_id AND gpus.idx = c.idx \
+                FOR UPDATE \
+            ) l"
+        )
+    };
+}
+
 /// Several placement commits in one statement; see [`Store::commit_many`]. `$1`..`$4` are
 /// per instance (id, version, leader, replica group), `$5`..`$8` per claim (instance id,
 /// worker, index, bytes). Claims of instances whose version moved are left out before the
 /// room check; GPUs are checked against the sum of the remaining claims on them.
-pub(crate) const COMMIT_MANY: &str = "\
+pub(crate) const COMMIT_MANY: &str = concat!(
+    "\
     WITH req AS ( \
         SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[]) \
             AS r(id, version, leader, grp) \
@@ -403,13 +425,9 @@ pub(crate) const COMMIT_MANY: &str = "\
     ), need AS ( \
         SELECT worker_id, idx, sum(bytes) AS bytes FROM want GROUP BY worker_id, idx \
     ), g AS ( \
-        SELECT l.* FROM (SELECT * FROM need ORDER BY worker_id, idx) n CROSS JOIN LATERAL ( \
-            SELECT gpus.worker_id, gpus.idx, \
-                gpus.reserved_bytes + n.bytes + gpus.system_reserved_bytes \
-                    + gpus.used_outside_bytes <= gpus.total_bytes AS room \
-            FROM gpus WHERE gpus.worker_id = n.worker_id AND gpus.idx = n.idx \
-            FOR UPDATE \
-        ) l \
+    ",
+    gpus_with_room!("SELECT * FROM need"),
+    " \
     ), lost AS ( \
         SELECT want.id, want.worker_id || ':' || want.idx AS gpu FROM want \
         LEFT JOIN g ON g.worker_id = want.worker_id AND g.idx = want.idx \
@@ -437,7 +455,8 @@ pub(crate) const COMMIT_MANY: &str = "\
     ) \
     SELECT req.id, inst.cmd_seq, req.id IN (SELECT id FROM ok) AS committed, \
         (SELECT array_agg(lost.gpu) FROM lost WHERE lost.id = req.id) AS lost \
-    FROM req LEFT JOIN inst ON inst.id = req.id";
+    FROM req LEFT JOIN inst ON inst.id = req.id"
+);
 
 /// A GPU a placement reserves, and how much.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -452,21 +471,17 @@ pub struct GpuClaim {
 /// in (worker, index) order, checks every GPU has room on its latest version (including
 /// what is used outside berth), and only then changes anything: all or nothing. `$4`, `$5`
 /// and `$6` are the claims as parallel arrays (worker, index, bytes).
-pub(crate) const COMMIT: &str = "\
+pub(crate) const COMMIT: &str = concat!(
+    "\
     WITH inst AS ( \
         SELECT cmd_seq FROM instances \
         WHERE id = $1 AND version = $2 AND state = 'analyzing' FOR UPDATE \
     ), want AS ( \
         SELECT * FROM unnest($4::text[], $5::int[], $6::bigint[]) AS w(worker_id, idx, bytes) \
     ), g AS ( \
-        SELECT l.* FROM (SELECT * FROM want WHERE EXISTS (SELECT 1 FROM inst) \
-                         ORDER BY worker_id, idx) w CROSS JOIN LATERAL ( \
-            SELECT gpus.worker_id, gpus.idx, \
-                gpus.reserved_bytes + w.bytes + gpus.system_reserved_bytes \
-                    + gpus.used_outside_bytes <= gpus.total_bytes AS room \
-            FROM gpus WHERE gpus.worker_id = w.worker_id AND gpus.idx = w.idx \
-            FOR UPDATE \
-        ) l \
+    ",
+    gpus_with_room!("SELECT * FROM want WHERE EXISTS (SELECT 1 FROM inst)"),
+    " \
     ), ok AS ( \
         SELECT EXISTS (SELECT 1 FROM inst) \
            AND (SELECT count(*) FROM g WHERE room) = cardinality($5::int[]) AS go \
@@ -489,6 +504,7 @@ pub(crate) const COMMIT: &str = "\
     SELECT (SELECT cmd_seq FROM inst) AS cmd_seq, \
            (SELECT go FROM ok) AS committed, \
            (SELECT array_agg(worker_id || ':' || idx) FROM g WHERE NOT room) AS full, \
-           (SELECT array_agg(worker_id || ':' || idx) FROM g) AS present";
+           (SELECT array_agg(worker_id || ':' || idx) FROM g) AS present"
+);
 
 type CommitRow = (Option<i64>, bool, Option<Vec<String>>, Option<Vec<String>>);
