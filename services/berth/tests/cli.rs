@@ -358,10 +358,12 @@ fn bench_scenarios_run_at_a_tiny_size() {
             run["ceiling_commits_per_s"].as_f64(),
             "the ceiling is the best round: {run}"
         );
-        assert!(
-            run["publish_to_commit_ms"]["p99"].as_f64().is_some(),
-            "{run}"
+        // Commit first, then the event that reports it.
+        let (commit, event) = (
+            run["publish_to_commit_ms"]["p50"].as_f64().unwrap(),
+            run["publish_to_event_ms"]["p50"].as_f64().unwrap(),
         );
+        assert!(commit <= event + 1.0, "{run}");
         // The database did work during the run, and the figures say so.
         assert!(
             run["cpu_s_during_run"]["postgres"].as_f64().is_some()
@@ -409,10 +411,31 @@ fn bench_scenarios_run_at_a_tiny_size() {
     );
     assert!(doc["survivors_running_after_s"].as_f64().is_some(), "{doc}");
 
+    // Every decided command gets a line, in publish order.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("latencies.csv");
+    tiny_place(&["--latency-log", log.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("publish_unix_ms,publish_to_commit_ms,publish_to_event_ms")
+    );
+    let rows: Vec<Vec<f64>> = lines
+        .map(|l| l.split(',').map(|x| x.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(rows.len(), 24, "{text}");
+    assert!(rows.windows(2).all(|w| w[0][0] <= w[1][0]), "{text}");
+    assert!(rows.iter().all(|r| r.len() == 3 && r[1] >= 0.0), "{text}");
+
     let cases: &[(&[&str], &str)] = &[
         (
             &["bench", "place", "--fill", "1.5"],
             "not between 0 and 0.99",
+        ),
+        (
+            &["bench", "place", "--latency-log", "/nonexistent/dir/l.csv"],
+            "cannot write the latency log /nonexistent/dir/l.csv",
         ),
         (&["bench", "place", "--analyzers", "0"], "--analyzers"),
         (&["bench", "place", "--policy", "random"], "--policy"),

@@ -3,7 +3,7 @@
 use super::{
     cluster::{self, GIB},
     procs,
-    stats::{cpu_seconds, micros_to_ms, ms, peak_rss_mib, summary},
+    stats::{cpu_seconds, micros_to_ms, ms, peak_rss_mib, summary, unix_ms_now},
 };
 use anyhow::{Context, Result, bail};
 use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks};
@@ -62,6 +62,11 @@ pub struct PlaceArgs {
     /// Give up waiting for the instances to settle after this many seconds.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     timeout: u64,
+    /// Also write every command's latencies to this CSV file (with several analyzer counts,
+    /// the last run's): `publish_unix_ms,publish_to_commit_ms,publish_to_event_ms`, in
+    /// publish order, to see when in a run the slow ones happened.
+    #[arg(long)]
+    latency_log: Option<std::path::PathBuf>,
 }
 
 fn parse_fill(s: &str) -> Result<f64, String> {
@@ -124,14 +129,81 @@ pub async fn run(args: PlaceArgs) -> Result<Value> {
     }))
 }
 
+/// Per decided command, in publish order: when it was published (Unix ms), publish to
+/// commit and publish to event (ms). The commit time is the one its transaction wrote into
+/// the event (whole milliseconds, so each figure is up to 1 ms short); the event time is when
+/// the subscriber had it, which adds the event relay's delay.
+fn latencies(
+    decided: &HashMap<String, Decided>,
+    published: &HashMap<String, Published>,
+) -> Vec<(f64, f64, f64)> {
+    let mut lines: Vec<(f64, f64, f64)> = decided
+        .iter()
+        .filter_map(|(id, d)| {
+            let p = published.get(id)?;
+            Some((
+                p.unix_ms,
+                (d.committed_unix_ms as f64 - p.unix_ms).max(0.0),
+                ms(d.seen.duration_since(p.at)),
+            ))
+        })
+        .collect();
+    lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+    lines
+}
+
+/// `--latency-log`: a CSV line per decided command.
+fn write_latency_log(
+    (path, out): &mut (std::path::PathBuf, std::io::BufWriter<std::fs::File>),
+    lines: &[(f64, f64, f64)],
+) -> Result<()> {
+    use std::io::Write;
+    let written = (|| {
+        writeln!(
+            out,
+            "publish_unix_ms,publish_to_commit_ms,publish_to_event_ms"
+        )?;
+        for (at, commit, event) in lines {
+            writeln!(out, "{at:.3},{commit:.3},{event:.3}")?;
+        }
+        out.flush()
+    })();
+    written.with_context(|| format!("cannot write the latency log {}", path.display()))
+}
+
 /// What the event subscriber saw per instance.
 #[derive(Default)]
 struct Seen {
-    decided: HashMap<String, (InstanceState, Instant)>,
+    /// The deciding event (`scheduled`, `pending` or `error`): when it reached the
+    /// subscriber, and when its transaction committed (the event's `at_ms`).
+    decided: HashMap<String, Decided>,
     running: usize,
 }
 
+struct Decided {
+    state: InstanceState,
+    seen: Instant,
+    committed_unix_ms: i64,
+}
+
+/// When a command was published, on both clocks: `Instant` to compare with when its event
+/// was seen, wall time to compare with the commit time the database wrote into the event.
+struct Published {
+    at: Instant,
+    unix_ms: f64,
+}
+
 async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
+    // Opened first, so a path that cannot be written fails before the run, not after it.
+    let mut latency_log = args
+        .latency_log
+        .as_ref()
+        .map(|path| {
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot write the latency log {}", path.display()))
+                .map(|f| (path.clone(), std::io::BufWriter::new(f)))
+        })
+        .transpose()?;
     let servers = tokio::task::spawn_blocking(TestServers::start).await??;
     let db = servers.pg.url();
     berth_store::migrate(&db).await?;
@@ -162,7 +234,11 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
                 let Ok(mut s) = seen.lock() else { return };
                 match ev.state {
                     InstanceState::Scheduled | InstanceState::Pending | InstanceState::Error => {
-                        s.decided.entry(ev.instance_id).or_insert((ev.state, now));
+                        s.decided.entry(ev.instance_id).or_insert(Decided {
+                            state: ev.state,
+                            seen: now,
+                            committed_unix_ms: ev.at_ms,
+                        });
                     }
                     InstanceState::Running => s.running += 1,
                     _ => {}
@@ -222,7 +298,7 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
     };
     let cpu_before = cpu_now();
     let n = args.instances;
-    let published: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let published: Arc<Mutex<HashMap<String, Published>>> = Arc::new(Mutex::new(HashMap::new()));
     let began = Instant::now();
     let pace = args
         .rate
@@ -236,7 +312,10 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
                     tokio::time::sleep_until((began + p * i).into()).await;
                 }
                 let id = format!("b{i:07}");
-                let at = Instant::now();
+                let at = Published {
+                    at: Instant::now(),
+                    unix_ms: unix_ms_now(),
+                };
                 bus.publish_command(&id, &cmd).await?;
                 if let Ok(mut m) = published.lock() {
                     m.insert(id, at);
@@ -258,7 +337,7 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
             let placed = s
                 .decided
                 .values()
-                .filter(|(st, _)| *st == InstanceState::Scheduled)
+                .filter(|d| d.state == InstanceState::Scheduled)
                 .count();
             (s.decided.len(), s.running, placed)
         };
@@ -313,21 +392,22 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
         let placed = s
             .decided
             .values()
-            .filter(|(st, _)| *st == InstanceState::Scheduled)
+            .filter(|d| d.state == InstanceState::Scheduled)
             .count();
         let pending = s
             .decided
             .values()
-            .filter(|(st, _)| *st == InstanceState::Pending)
+            .filter(|d| d.state == InstanceState::Pending)
             .count();
         let errors = s.decided.len() - placed - pending;
-        let last_commit = s.decided.values().map(|(_, t)| *t).max().unwrap_or(began);
+        let last_commit = s.decided.values().map(|d| d.seen).max().unwrap_or(began);
         let window = last_commit.duration_since(began).as_secs_f64().max(1e-9);
-        let mut latencies: Vec<f64> = s
-            .decided
-            .iter()
-            .filter_map(|(id, (_, t))| Some(ms(t.duration_since(*published.get(id)?))))
-            .collect();
+        let lines = latencies(&s.decided, &published);
+        let mut to_commit: Vec<f64> = lines.iter().map(|l| l.1).collect();
+        let mut to_event: Vec<f64> = lines.iter().map(|l| l.2).collect();
+        if let Some(log) = &mut latency_log {
+            write_latency_log(log, &lines)?;
+        }
         // Per-decision timings are sampled in process only.
         let stats: Vec<_> = analyzers.iter().map(|a| a.stats.clone()).collect();
         let mut fit_ms: Vec<f64> = stats
@@ -363,7 +443,8 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
             "publish_s": (published_in.as_secs_f64() * 1000.0).round() / 1000.0,
             "first_publish_to_last_commit_s": (window * 1000.0).round() / 1000.0,
             "all_running_s": (settled_in.as_secs_f64() * 1000.0).round() / 1000.0,
-            "publish_to_commit_ms": summary(&mut latencies),
+            "publish_to_commit_ms": summary(&mut to_commit),
+            "publish_to_event_ms": summary(&mut to_event),
             "fit_ms": summary(&mut fit_ms),
             "commit_tx_ms": summary(&mut commit_ms),
             "fits": count("fits_computed"),

@@ -99,3 +99,11 @@ pub fn cpu_seconds(roots: &[u32], descendants: bool) -> Option<f64> {
             .sum(),
     )
 }
+
+/// Wall-clock milliseconds since the Unix epoch, with sub-millisecond precision.
+pub fn unix_ms_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
