@@ -2,12 +2,60 @@
 
 use crate::{
     GpuRow, Store, StoreError, Transition, WorkerRow,
-    schema::{allocations, gpus, instances, workers},
+    schema::{gpus, instances, workers},
 };
 use berth_proto::InstanceState;
-use diesel::prelude::*;
+use diesel::{
+    dsl::sql,
+    prelude::*,
+    sql_types::{BigInt, Bool, Nullable, Text},
+};
 use diesel_async::RunQueryDsl;
 use std::collections::{BTreeMap, HashMap, btree_map::Entry};
+
+/// Workers and GPUs read in one snapshot; see [`Store::capacity_since`].
+#[derive(Debug, Clone)]
+pub struct CapacityRead {
+    /// The snapshot this read saw, as `pg_snapshot` text: the `since` of the next read.
+    pub snapshot: String,
+    /// Ordered by id.
+    pub workers: Vec<WorkerRow>,
+    /// Ordered by worker id, then index.
+    pub gpus: Vec<GpuRow>,
+    /// Rows in each table at this snapshot (not only the ones read).
+    pub worker_count: i64,
+    pub gpu_count: i64,
+}
+
+impl CapacityRead {
+    /// Each worker read with the GPUs read for it, ordered by worker id then GPU index.
+    pub fn grouped(self) -> Vec<(WorkerRow, Vec<GpuRow>)> {
+        let mut out: Vec<(WorkerRow, Vec<GpuRow>)> =
+            self.workers.into_iter().map(|w| (w, Vec::new())).collect();
+        let mut at = 0;
+        for g in self.gpus {
+            while at < out.len() && out[at].0.id < g.worker_id {
+                at += 1;
+            }
+            if let Some((w, list)) = out.get_mut(at)
+                && w.id == g.worker_id
+            {
+                list.push(g);
+            }
+        }
+        out
+    }
+}
+
+#[derive(QueryableByName)]
+struct ReplicaCountRow {
+    #[diesel(sql_type = Text)]
+    worker_id: String,
+    #[diesel(sql_type = Text)]
+    replica_group: String,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
 
 /// The outcome of a placement commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,31 +73,60 @@ pub enum CommitOutcome {
 impl Store {
     /// Every worker with its GPUs, ordered by worker id then GPU index.
     pub async fn capacity(&self) -> Result<Vec<(WorkerRow, Vec<GpuRow>)>, StoreError> {
+        let read = self.capacity_since(None).await?;
+        Ok(read.grouped())
+    }
+
+    /// The workers and GPUs, all of them (`since` = `None`) or only the rows written by
+    /// transactions that the snapshot `since` (an earlier read's [`CapacityRead::snapshot`])
+    /// could not see: what changed since that read, committed or in flight then. Read in one
+    /// snapshot, with the number of rows each table has now, so a reader can tell that rows
+    /// were deleted (what it holds, with the changes applied, is more than there is).
+    pub async fn capacity_since(&self, since: Option<&str>) -> Result<CapacityRead, StoreError> {
+        let since = since.map(str::to_owned);
         let mut conn = self.scan_conn().await?;
-        let ws: Vec<WorkerRow> = workers::table
-            .select(WorkerRow::as_select())
-            .order(workers::id)
-            .load(&mut conn)
-            .await?;
-        let gs: Vec<GpuRow> = gpus::table
-            .select(GpuRow::as_select())
-            .order((gpus::worker_id, gpus::idx))
-            .load(&mut conn)
-            .await?;
-        let mut out: Vec<(WorkerRow, Vec<GpuRow>)> =
-            ws.into_iter().map(|w| (w, Vec::new())).collect();
-        let mut at = 0;
-        for g in gs {
-            while at < out.len() && out[at].0.id < g.worker_id {
-                at += 1;
-            }
-            if let Some((w, list)) = out.get_mut(at)
-                && w.id == g.worker_id
-            {
-                list.push(g);
-            }
-        }
-        Ok(out)
+        conn.build_transaction()
+            .repeatable_read()
+            .read_only()
+            .run::<_, StoreError, _>(async |conn| {
+                let snapshot: String = diesel::select(sql::<Text>("pg_current_snapshot()::text"))
+                    .get_result(conn)
+                    .await?;
+                // Every row for a first read; else the rows `since` could not see.
+                let changed = |since: &Option<String>| {
+                    sql::<Bool>("(")
+                        .bind::<Nullable<Text>, _>(since.clone())
+                        .sql("::pg_snapshot IS NULL OR NOT pg_visible_in_snapshot(changed_xid, ")
+                        .bind::<Nullable<Text>, _>(since.clone())
+                        .sql("::pg_snapshot))")
+                };
+                let workers: Vec<WorkerRow> = workers::table
+                    .filter(changed(&since))
+                    .select(WorkerRow::as_select())
+                    .order(workers::id)
+                    .load(conn)
+                    .await?;
+                let gpus: Vec<GpuRow> = gpus::table
+                    .filter(changed(&since))
+                    .select(GpuRow::as_select())
+                    .order((gpus::worker_id, gpus::idx))
+                    .load(conn)
+                    .await?;
+                let (worker_count, gpu_count): (i64, i64) = diesel::select((
+                    sql::<BigInt>("(SELECT count(*) FROM workers)"),
+                    sql::<BigInt>("(SELECT count(*) FROM gpus)"),
+                ))
+                .get_result(conn)
+                .await?;
+                Ok(CapacityRead {
+                    snapshot,
+                    workers,
+                    gpus,
+                    worker_count,
+                    gpu_count,
+                })
+            })
+            .await
     }
 
     /// The GPUs of `worker_ids` only, ordered by worker id then GPU index: what a capacity
@@ -68,20 +145,20 @@ impl Store {
     /// `(worker, group, instances)`.
     pub async fn replicas(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
         let mut conn = self.scan_conn().await?;
-        let rows: Vec<(String, Option<String>, i64)> = allocations::table
-            .filter(allocations::replica_group.is_not_null())
-            .group_by((allocations::worker_id, allocations::replica_group))
-            .select((
-                allocations::worker_id,
-                allocations::replica_group,
-                diesel::dsl::count(allocations::instance_id).aggregate_distinct(),
-            ))
-            .load(&mut conn)
-            .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(w, g, n)| Some((w, g?, n)))
-            .collect())
+        // Distinct (worker, group, instance) first, then a count: `count(DISTINCT …)` sorted
+        // the rows of every group on its own and took 25 ms for 2,000 allocations.
+        let rows: Vec<(String, String, i64)> = diesel::sql_query(
+            "SELECT worker_id, replica_group, count(*) AS n FROM ( \
+               SELECT DISTINCT worker_id, replica_group, instance_id FROM allocations \
+               WHERE replica_group IS NOT NULL) d \
+             GROUP BY worker_id, replica_group",
+        )
+        .load::<ReplicaCountRow>(&mut conn)
+        .await?
+        .into_iter()
+        .map(|r| (r.worker_id, r.replica_group, r.n))
+        .collect();
+        Ok(rows)
     }
 
     /// Commits a placement on one worker with the same bytes on each GPU; see

@@ -22,8 +22,11 @@ pub struct AnalyzerConfig {
     /// How long a command may sit unacknowledged with an analyzer (that may have died)
     /// before JetStream hands it to another. All analyzers must agree.
     pub ack_wait: Duration,
-    /// How often the in-memory view of free VRAM is reloaded from the database.
+    /// How often the in-memory view of free VRAM reads what changed in the database.
     pub refresh_every: Duration,
+    /// How often it reloads every worker and GPU instead, with the replica counts: rows
+    /// deleted and replicas other analyzers placed show only then.
+    pub full_refresh_every: Duration,
     /// How often the sweeper looks for pending, stuck and orphaned instances.
     pub sweep_every: Duration,
     /// An instance `analyzing` or `stopping` longer than this is handled again.
@@ -51,6 +54,7 @@ impl AnalyzerConfig {
             metrics_addr: None,
             sweep_every: Duration::from_secs(5),
             refresh_every: Duration::from_secs(1),
+            full_refresh_every: Duration::from_secs(30),
             stuck_after: Duration::from_secs(60),
             unreachable_after: Duration::from_secs(15),
             gone_after: Duration::from_secs(60),

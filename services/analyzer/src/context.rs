@@ -196,6 +196,7 @@ impl Analyzer {
         tasks.spawn(snapshot::keep_fresh(
             ctx.clone(),
             ctx.config.refresh_every,
+            ctx.config.full_refresh_every,
             shutdown.clone(),
         ));
         tasks.spawn(sweeper::run(ctx, shutdown.clone()));

@@ -436,6 +436,17 @@ fn transient(e: &StoreError) -> Handled {
 }
 
 /// The fit's view of the cluster: free VRAM per GPU, labels and replica counts per worker.
+/// A GPU row as the fit sees it.
+pub(crate) fn to_fit_gpu(g: &GpuRow) -> Gpu {
+    Gpu {
+        index: g.idx.unsigned_abs(),
+        name: g.name.clone(),
+        uuid: g.uuid.clone(),
+        total_bytes: u64::try_from(g.total_bytes).unwrap_or(0),
+        free_bytes: u64::try_from(g.free_bytes()).unwrap_or(0),
+    }
+}
+
 pub(crate) fn to_fit_workers(
     capacity: Vec<(WorkerRow, Vec<GpuRow>)>,
     replicas: Vec<(String, String, i64)>,
@@ -453,16 +464,7 @@ pub(crate) fn to_fit_workers(
             labels: serde_json::from_value::<BTreeMap<String, String>>(w.labels)
                 .unwrap_or_default(),
             schedulable: w.schedulable,
-            gpus: gpus
-                .iter()
-                .map(|g| Gpu {
-                    index: g.idx.unsigned_abs(),
-                    name: g.name.clone(),
-                    uuid: g.uuid.clone(),
-                    total_bytes: u64::try_from(g.total_bytes).unwrap_or(0),
-                    free_bytes: u64::try_from(g.free_bytes()).unwrap_or(0),
-                })
-                .collect(),
+            gpus: gpus.iter().map(to_fit_gpu).collect(),
             replicas: per_worker.remove(&w.id).unwrap_or_default(),
             id: w.id,
         })

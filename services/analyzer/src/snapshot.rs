@@ -1,17 +1,20 @@
 //! The analyzer's in-memory view of free VRAM, so a decision costs no database read.
 //!
-//! Loaded in full at start and refreshed periodically (and on demand before a "nothing fits"
-//! verdict or after losing a GPU to another analyzer). A fit takes a *hold* on the GPUs it
+//! Loaded in full at start, then kept fresh by reading only the worker and GPU rows written
+//! since the previous read (`Store::capacity_since`): every second, before a "nothing fits"
+//! verdict, and for the GPUs of the workers where a GPU was lost to another analyzer. A
+//! full reload, with the replica counts, runs now and then to catch what a change read
+//! cannot show (rows deleted; replicas placed or released by other analyzers). A fit takes a *hold* on the GPUs it
 //! chose, deducted at once, so concurrent fits in this analyzer choose other GPUs; the hold
 //! is settled when the commit lands and given back when it does not. The view may be
 //! slightly stale about other analyzers: that costs a capacity conflict at commit (the
 //! database refuses, never overcommits), not correctness.
 
-use crate::placing::to_fit_workers;
-use berth_fit::{FitError, Placement, Policy, Request, Worker, place, place_from};
-use berth_store::{Store, StoreError};
+use crate::placing::{to_fit_gpu, to_fit_workers};
+use berth_fit::{FitError, Placement, Policy, Replicas, Request, Worker, place, place_from};
+use berth_store::{Store, StoreError, placement::CapacityRead};
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     hash::{Hash, Hasher},
     sync::Mutex,
     time::Instant,
@@ -32,6 +35,8 @@ struct Inner {
     holds: HashMap<u64, Hold>,
     next_hold: u64,
     loaded: Option<Instant>,
+    /// The snapshot of the last read: the next one reads only rows it could not see.
+    seen: Option<String>,
 }
 
 #[derive(Debug)]
@@ -54,6 +59,7 @@ impl Snapshot {
                 holds: HashMap::new(),
                 next_hold: 0,
                 loaded: None,
+                seen: None,
             }),
             reloading: tokio::sync::Mutex::new(()),
         }
@@ -82,26 +88,128 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Applies rows written since the last read (`read`): workers' labels and state, GPUs'
+    /// figures, new workers and GPUs. The holds in flight are deducted again from each GPU
+    /// read, since the database's figure does not have them. `false` when the view then
+    /// holds more rows than the database has: some were deleted, and only a full reload
+    /// can tell which.
+    fn apply_changes(&mut self, read: CapacityRead) -> bool {
+        for row in read.workers {
+            let labels = serde_json::from_value(row.labels).unwrap_or_default();
+            match self.by_id.get(&row.id) {
+                Some(&w) => {
+                    self.workers[w].labels = labels;
+                    self.workers[w].schedulable = row.schedulable;
+                }
+                None => {
+                    self.by_id.insert(row.id.clone(), self.workers.len());
+                    self.workers.push(Worker {
+                        id: row.id,
+                        labels,
+                        schedulable: row.schedulable,
+                        gpus: Vec::new(),
+                        replicas: Replicas::default(),
+                    });
+                }
+            }
+        }
+        let mut read_gpus: HashSet<(usize, u32)> = HashSet::with_capacity(read.gpus.len());
+        let mut complete = true;
+        for row in &read.gpus {
+            let Some(&w) = self.by_id.get(&row.worker_id) else {
+                complete = false;
+                continue;
+            };
+            let gpu = to_fit_gpu(row);
+            read_gpus.insert((w, gpu.index));
+            let gpus = &mut self.workers[w].gpus;
+            match gpus.binary_search_by_key(&gpu.index, |g| g.index) {
+                Ok(at) => gpus[at] = gpu,
+                Err(at) => gpus.insert(at, gpu),
+            }
+        }
+        if !read_gpus.is_empty() {
+            for hold in self.holds.values() {
+                for part in &hold.placement.parts {
+                    let Some(&w) = self.by_id.get(&part.worker_id) else {
+                        continue;
+                    };
+                    for slot in &part.gpus {
+                        if read_gpus.contains(&(w, slot.index))
+                            && let Some(g) = self.workers[w]
+                                .gpus
+                                .iter_mut()
+                                .find(|g| g.index == slot.index)
+                        {
+                            g.free_bytes = g.free_bytes.saturating_sub(slot.bytes);
+                        }
+                    }
+                }
+            }
+        }
+        let gpus_here: usize = self.workers.iter().map(|w| w.gpus.len()).sum();
+        self.seen = Some(read.snapshot);
+        complete
+            && i64::try_from(self.workers.len()) == Ok(read.worker_count)
+            && i64::try_from(gpus_here) == Ok(read.gpu_count)
+    }
+}
+
 impl Snapshot {
-    /// Reloads free capacity from the database; holds still in flight stay deducted.
+    /// Brings the view up to date with the database: only what changed since the last read,
+    /// or everything (replica counts too) when nothing was read yet. Holds still in flight
+    /// stay deducted.
     pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        self.catch_up(store).await
+    }
+
+    /// Reloads every worker and GPU and the replica counts: what reading changes cannot
+    /// show (rows deleted, replicas that other analyzers placed or released).
+    pub async fn reload_all(&self, store: &Store) -> Result<(), StoreError> {
         let _one_at_a_time = self.reloading.lock().await;
         self.reload(store, true).await
     }
 
-    /// Reloads free capacity; replica counts too with `replicas` (the periodic refresh),
-    /// else the previous counts are kept: a conflict needs fresh VRAM figures, and a replica
-    /// placed elsewhere meanwhile only shifts a preference until the next refresh.
+    /// Applies the rows written since the last read; falls back to a full reload when there
+    /// was no read yet or rows were deleted since.
+    async fn catch_up(&self, store: &Store) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let seen = self.inner.lock().ok().and_then(|i| i.seen.clone());
+        let Some(seen) = seen else {
+            return self.reload(store, true).await;
+        };
+        let read = store.capacity_since(Some(&seen)).await?;
+        let complete = {
+            let Ok(mut inner) = self.inner.lock() else {
+                return Ok(());
+            };
+            let complete = inner.apply_changes(read);
+            inner.loaded = Some(started);
+            complete
+        };
+        if complete {
+            Ok(())
+        } else {
+            self.reload(store, false).await
+        }
+    }
+
+    /// Reloads free capacity; replica counts too with `replicas`, else the previous counts
+    /// are kept: a replica placed elsewhere meanwhile only shifts a preference until the next
+    /// full reload.
     async fn reload(&self, store: &Store, replicas: bool) -> Result<(), StoreError> {
         let started = Instant::now();
-        let capacity = store.capacity().await?;
+        let read = store.capacity_since(None).await?;
+        let seen = read.snapshot.clone();
         let counts = if self.replicas && replicas {
             Some(store.replicas().await?)
         } else {
             None
         };
         let reload_counts = counts.is_some();
-        let mut workers = to_fit_workers(capacity, counts.unwrap_or_default());
+        let mut workers = to_fit_workers(read.grouped(), counts.unwrap_or_default());
         let Ok(mut inner) = self.inner.lock() else {
             return Ok(());
         };
@@ -128,12 +236,13 @@ impl Snapshot {
             inner.adjust(h, false);
         }
         inner.loaded = Some(started);
+        inner.seen = Some(seen);
         Ok(())
     }
 
-    /// Reloads the free VRAM of `worker_ids` only (holds in flight there stay deducted):
-    /// losing a GPU to another analyzer says exactly which part of the view was stale.
-    /// Workers added or removed meanwhile wait for the periodic refresh.
+    /// Reads the GPUs of `worker_ids` again (holds in flight there stay deducted): losing a
+    /// GPU to another analyzer says exactly which part of the view was stale. A GPU the
+    /// database no longer has leaves the view, so it is not chosen again.
     pub async fn refresh_workers(
         &self,
         store: &Store,
@@ -144,14 +253,15 @@ impl Snapshot {
             return Ok(());
         };
         let inner = &mut *inner;
-        for row in &rows {
-            let Some(&w) = inner.by_id.get(&row.worker_id) else {
+        for id in worker_ids {
+            let Some(&w) = inner.by_id.get(id) else {
                 continue;
             };
-            let index = row.idx.unsigned_abs();
-            if let Some(gpu) = inner.workers[w].gpus.iter_mut().find(|g| g.index == index) {
-                gpu.free_bytes = u64::try_from(row.free_bytes()).unwrap_or(0);
-            }
+            inner.workers[w].gpus = rows
+                .iter()
+                .filter(|r| &r.worker_id == id)
+                .map(to_fit_gpu)
+                .collect();
         }
         for hold in inner.holds.values() {
             for part in &hold.placement.parts {
@@ -178,7 +288,7 @@ impl Snapshot {
         if fresh {
             Ok(())
         } else {
-            self.reload(store, false).await
+            self.catch_up(store).await
         }
     }
 
@@ -252,20 +362,29 @@ fn hash(s: &str) -> u64 {
     h.finish()
 }
 
-/// Refreshes `ctx.snapshot` every `every` until `shutdown`.
+/// Brings `ctx.snapshot` up to date every `every`, with a full reload every `full_every`,
+/// until `shutdown`.
 pub async fn keep_fresh(
     ctx: std::sync::Arc<crate::context::Ctx>,
     every: std::time::Duration,
+    full_every: std::time::Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_full = Instant::now();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = ctx.snapshot.refresh(&ctx.store).await {
+        let refreshed = if last_full.elapsed() >= full_every {
+            last_full = Instant::now();
+            ctx.snapshot.reload_all(&ctx.store).await
+        } else {
+            ctx.snapshot.refresh(&ctx.store).await
+        };
+        if let Err(e) = refreshed {
             tracing::warn!(%e, "capacity refresh failed");
         }
     }
