@@ -108,10 +108,48 @@ async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: System
         seq: seq_i,
         spec: spec_json,
     };
+    // In flight from here, and the superseded check (see `placing::place`) is asked while
+    // the intent is recorded rather than after: one round trip less before the fit.
+    let token = ctx.begin_fit(id, seq, &spec);
     // Grouped with the other starts in hand; transient errors were retried there.
-    let Ok(applied) = ctx.intents.apply(intent).await else {
+    let (applied, newest) = tokio::join!(ctx.intents.apply(intent), ctx.bus.last_command_seq(id));
+    let Ok(applied) = applied else {
+        ctx.end_fit(id, seq);
         return Handled::Retry;
     };
+    let StartApplied::Analyzing {
+        transition,
+        release_on,
+    } = applied
+    else {
+        ctx.end_fit(id, seq);
+        return not_placing(ctx, id, &spec, applied).await;
+    };
+    ctx.stats.commands_applied.inc();
+    announce(ctx, &transition).await;
+    if unassign(ctx, id, transition.version, &release_on)
+        .await
+        .is_err()
+    {
+        ctx.end_fit(id, seq);
+        return Handled::Retry;
+    }
+    let began = placing::Began { token, newest };
+    placing::place(
+        ctx,
+        id,
+        seq,
+        transition.version,
+        &spec,
+        picked_at,
+        Some(began),
+    )
+    .await
+}
+
+/// A start that needs no placement: stale, unchanged, or placed already (the assignments
+/// are sent again).
+async fn not_placing(ctx: &Ctx, id: &str, spec: &StartSpec, applied: StartApplied) -> Handled {
     match applied {
         StartApplied::Stale { current_seq } => {
             tracing::debug!(current_seq, "stale start ignored");
@@ -130,25 +168,13 @@ async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: System
         } => {
             // A redelivery after a crash between commit and assignment: send them again.
             let placement = placing::placement_of(&worker_id, &claims);
-            match placing::send_assignments(ctx, id, version, &spec, &placement).await {
+            match placing::send_assignments(ctx, id, version, spec, &placement).await {
                 Ok(()) => Handled::Done,
                 Err(_) => Handled::Retry,
             }
         }
-        StartApplied::Analyzing {
-            transition,
-            release_on,
-        } => {
-            ctx.stats.commands_applied.inc();
-            announce(ctx, &transition).await;
-            if unassign(ctx, id, transition.version, &release_on)
-                .await
-                .is_err()
-            {
-                return Handled::Retry;
-            }
-            placing::place(ctx, id, seq, transition.version, &spec, picked_at).await
-        }
+        // Placed by the caller; never passed here.
+        StartApplied::Analyzing { .. } => Handled::Retry,
     }
 }
 

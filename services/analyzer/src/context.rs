@@ -77,6 +77,12 @@ impl Ctx {
         self.supersede(instance_id, seq);
         let token = CancellationToken::new();
         if let Ok(mut map) = self.in_flight.lock() {
+            // A fit for a newer command is in flight here: this command is stale (its intent
+            // will say so), and must not take that fit's place, which the watch cancels.
+            if map.get(instance_id).is_some_and(|f| f.seq > seq) {
+                token.cancel();
+                return token;
+            }
             let fit = InFlight {
                 seq,
                 spec: spec.clone(),

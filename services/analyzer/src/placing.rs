@@ -20,8 +20,16 @@ enum Settled {
     Cancelled,
 }
 
+/// A fit registered in flight ([`Ctx::begin_fit`]) and the superseded check asked after
+/// that, both done by the caller while the start's intent was being recorded.
+pub struct Began {
+    pub token: tokio_util::sync::CancellationToken,
+    pub newest: Result<Option<u64>, berth_bus::BusError>,
+}
+
 /// Places `id` (now `analyzing` at `version` for command `seq`), or leaves it `pending` with
-/// the reason nothing fits.
+/// the reason nothing fits. `began`: the first attempt's registration and check, if the
+/// caller made them.
 pub async fn place(
     ctx: &Ctx,
     id: &str,
@@ -29,13 +37,20 @@ pub async fn place(
     version: i64,
     spec: &StartSpec,
     picked_at: SystemTime,
+    mut began: Option<Began>,
 ) -> Handled {
     loop {
         // In flight from here: a newer command heard from now on cancels this fit, and one
         // stored before is seen by the check below. No gap between the two.
-        let token = ctx.begin_fit(id, seq, spec);
+        let (token, newest) = match began.take() {
+            Some(b) => (b.token, b.newest),
+            None => {
+                let token = ctx.begin_fit(id, seq, spec);
+                (token, ctx.bus.last_command_seq(id).await)
+            }
+        };
         // No wasted work: a command that is no longer the newest costs no fit.
-        match ctx.bus.last_command_seq(id).await {
+        match newest {
             Ok(Some(last)) if last > seq => {
                 tracing::debug!(last, "superseded before the fit; skipped");
                 ctx.stats.fits_skipped_superseded.inc();
