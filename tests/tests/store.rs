@@ -652,3 +652,35 @@ async fn grouped_statements_record_one_event_per_change() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warming_a_store_writes_nothing() {
+    let servers = servers();
+    let store = store_with_worker(&servers).await;
+    let gpus_before = store.gpus().await.unwrap();
+    let outbox_before = store.outbox_len().await.unwrap();
+    store.warm().await.unwrap();
+    assert!(store.instances().await.unwrap().is_empty());
+    assert!(store.allocations().await.unwrap().is_empty());
+    assert_eq!(store.outbox_len().await.unwrap(), outbox_before);
+    let gpus_after = store.gpus().await.unwrap();
+    assert_eq!(
+        gpus_after
+            .iter()
+            .map(|g| g.reserved_bytes)
+            .collect::<Vec<_>>(),
+        gpus_before
+            .iter()
+            .map(|g| g.reserved_bytes)
+            .collect::<Vec<_>>()
+    );
+    // The warmed connections work as before.
+    store.apply_start("x", 1, spec()).await.unwrap();
+    assert!(matches!(
+        store
+            .commit_placement("x", 1, "w1", &[0], 10 * GIB)
+            .await
+            .unwrap(),
+        CommitOutcome::Committed(_)
+    ));
+}

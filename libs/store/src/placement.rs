@@ -456,7 +456,7 @@ pub(crate) struct GroupArrays {
 }
 
 /// (instance id, cmd_seq if its version still matched, committed, claims that had no room)
-type GroupRow = (String, Option<i64>, bool, Option<Vec<String>>);
+pub(crate) type GroupRow = (String, Option<i64>, bool, Option<Vec<String>>);
 
 /// The room check of both commit statements, written once: the claimed GPUs of `$claims`
 /// (a query with `worker_id`, `idx` and `bytes` columns, at most one row per GPU) locked in
@@ -584,4 +584,4 @@ pub(crate) const COMMIT: &str = concat!(
            (SELECT array_agg(worker_id || ':' || idx) FROM g) AS present"
 );
 
-type CommitRow = (Option<i64>, bool, Option<Vec<String>>, Option<Vec<String>>);
+pub(crate) type CommitRow = (Option<i64>, bool, Option<Vec<String>>, Option<Vec<String>>);

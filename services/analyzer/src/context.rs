@@ -163,6 +163,7 @@ impl Analyzer {
     pub async fn start(config: AnalyzerConfig, hooks: Hooks) -> anyhow::Result<Analyzer> {
         berth_store::migrate(&config.database_url).await?;
         let store = Store::connect(&config.database_url, config.pool_size)?;
+        store.warm().await?;
         let bus = Bus::connect(&config.nats_url, &config.name).await?;
         let commands = bus.command_consumer(config.ack_wait).await?;
         let reports = bus.status_consumer().await?;
