@@ -24,8 +24,8 @@ pub struct AnalyzerConfig {
     pub ack_wait: Duration,
     /// How often the in-memory view of free VRAM reads what changed in the database.
     pub refresh_every: Duration,
-    /// How often it reloads every worker and GPU instead, with the replica counts: rows
-    /// deleted and replicas other analyzers placed show only then.
+    /// How often it reloads every worker and GPU instead, with the replica counts: the
+    /// replicas other analyzers placed or released show only then (spread's preference).
     pub full_refresh_every: Duration,
     /// How often the sweeper looks for pending, stuck and orphaned instances.
     pub sweep_every: Duration,

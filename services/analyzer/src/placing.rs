@@ -40,8 +40,9 @@ pub async fn place(
     mut began: Option<Began>,
 ) -> Handled {
     loop {
-        // In flight from here: a newer command heard from now on cancels this fit, and one
-        // stored before is seen by the check below. No gap between the two.
+        // In flight from the registration on (here, or the caller's): a newer command heard
+        // from then on cancels this fit, and one stored before is seen by the check, which
+        // is asked after the registration. No gap between the two.
         let (token, newest) = match began.take() {
             Some(b) => (b.token, b.newest),
             None => {
@@ -450,7 +451,6 @@ fn transient(e: &StoreError) -> Handled {
     Handled::Retry
 }
 
-/// The fit's view of the cluster: free VRAM per GPU, labels and replica counts per worker.
 /// A GPU row as the fit sees it.
 pub(crate) fn to_fit_gpu(g: &GpuRow) -> Gpu {
     Gpu {
@@ -462,6 +462,7 @@ pub(crate) fn to_fit_gpu(g: &GpuRow) -> Gpu {
     }
 }
 
+/// The fit's view of the cluster: free VRAM per GPU, labels and replica counts per worker.
 pub(crate) fn to_fit_workers(
     capacity: Vec<(WorkerRow, Vec<GpuRow>)>,
     replicas: Vec<(String, String, i64)>,

@@ -1,10 +1,11 @@
 //! The analyzer's in-memory view of free VRAM, so a decision costs no database read.
 //!
 //! Loaded in full at start, then kept fresh by reading only the worker and GPU rows written
-//! since the previous read (`Store::capacity_since`): every second, before a "nothing fits"
-//! verdict, and for the GPUs of the workers where a GPU was lost to another analyzer. A
-//! full reload, with the replica counts, runs now and then to catch what a change read
-//! cannot show (rows deleted; replicas placed or released by other analyzers). A fit takes a *hold* on the GPUs it
+//! since the previous read (`Store::capacity_since`): every second and before a "nothing
+//! fits" verdict; the GPUs of the workers where a GPU was lost to another analyzer are read
+//! again at once. Rows deleted since (seen in the row counts) turn a read into a full
+//! reload, and a full reload with the replica counts (replicas placed or released by other
+//! analyzers) runs every `full_refresh_every`. A fit takes a *hold* on the GPUs it
 //! chose, deducted at once, so concurrent fits in this analyzer choose other GPUs; the hold
 //! is settled when the commit lands and given back when it does not. The view may be
 //! slightly stale about other analyzers: that costs a capacity conflict at commit (the
