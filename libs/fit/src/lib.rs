@@ -96,31 +96,33 @@ impl<'a> GroupKey<'a> {
 }
 
 impl Replicas {
-    /// Replicas of `group` here.
-    pub fn get(&self, group: GroupKey<'_>) -> u32 {
+    fn position(&self, group: GroupKey<'_>) -> Option<usize> {
         self.0
             .iter()
-            .find(|e| e.hash == group.hash && e.group.len() == group.name.len())
-            .map_or(0, |e| e.count)
+            .position(|e| e.hash == group.hash && e.group.len() == group.name.len())
+    }
+
+    /// Replicas of `group` here.
+    pub fn get(&self, group: GroupKey<'_>) -> u32 {
+        self.position(group).map_or(0, |i| self.0[i].count)
     }
 
     /// Sets the count of `group` (a count of 0 removes it).
     pub fn set(&mut self, group: &str, count: u32) {
-        let key = GroupKey::new(group);
-        match self
-            .0
-            .iter()
-            .position(|e| e.hash == key.hash && e.group.len() == group.len())
-        {
+        self.set_key(GroupKey::new(group), count);
+    }
+
+    fn set_key(&mut self, group: GroupKey<'_>, count: u32) {
+        match self.position(group) {
             Some(i) if count == 0 => {
                 self.0.swap_remove(i);
             }
             Some(i) => self.0[i].count = count,
             None if count == 0 => {}
             None => self.0.push(ReplicaCount {
-                hash: key.hash,
+                hash: group.hash,
                 count,
-                group: group.into(),
+                group: group.name.into(),
             }),
         }
     }
@@ -256,13 +258,14 @@ pub enum FitError {
 impl Worker {
     /// One more replica of `group` here, or with `give_back` one less.
     pub fn count_replica(&mut self, group: &str, give_back: bool) {
-        let n = self.replicas.get(GroupKey::new(group));
+        let key = GroupKey::new(group);
+        let n = self.replicas.get(key);
         let n = if give_back {
             n.saturating_sub(1)
         } else {
             n.saturating_add(1)
         };
-        self.replicas.set(group, n);
+        self.replicas.set_key(key, n);
     }
 
     /// Replicas of `group` on this worker.

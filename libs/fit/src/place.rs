@@ -60,7 +60,16 @@ impl Part {
     /// or with `give_back` returns them: how a view of the cluster follows its own decisions
     /// until it is reloaded.
     pub fn apply(&self, worker: &mut Worker, group: Option<&str>, give_back: bool) {
-        for slot in &self.gpus {
+        self.apply_vram(worker, give_back, |_| true);
+        if let Some(group) = group {
+            worker.count_replica(group, give_back);
+        }
+    }
+
+    /// Only the VRAM of [`Part::apply`], and only on the GPUs whose index `on` accepts: a
+    /// view that has just read some GPUs again deducts what it holds on those alone.
+    pub fn apply_vram(&self, worker: &mut Worker, give_back: bool, on: impl Fn(u32) -> bool) {
+        for slot in self.gpus.iter().filter(|s| on(s.index)) {
             if let Some(g) = worker.gpus.iter_mut().find(|g| g.index == slot.index) {
                 g.free_bytes = if give_back {
                     g.free_bytes.saturating_add(slot.bytes)
@@ -68,9 +77,6 @@ impl Part {
                     g.free_bytes.saturating_sub(slot.bytes)
                 };
             }
-        }
-        if let Some(group) = group {
-            worker.count_replica(group, give_back);
         }
     }
 }

@@ -90,6 +90,19 @@ impl Inner {
 }
 
 impl Inner {
+    /// Deducts the VRAM of the holds in flight again from the GPUs `read` accepts (worker
+    /// position, GPU index): those were just read from the database, which does not have
+    /// the holds yet. Replica counts are left alone.
+    fn deduct_holds_on(&mut self, read: impl Fn(usize, u32) -> bool) {
+        for hold in self.holds.values() {
+            for part in &hold.placement.parts {
+                if let Some(&w) = self.by_id.get(&part.worker_id) {
+                    part.apply_vram(&mut self.workers[w], false, |index| read(w, index));
+                }
+            }
+        }
+    }
+
     /// Applies rows written since the last read (`read`): workers' labels and state, GPUs'
     /// figures, new workers and GPUs. The holds in flight are deducted again from each GPU
     /// read, since the database's figure does not have them. `false` when the view then
@@ -131,23 +144,7 @@ impl Inner {
             }
         }
         if !read_gpus.is_empty() {
-            for hold in self.holds.values() {
-                for part in &hold.placement.parts {
-                    let Some(&w) = self.by_id.get(&part.worker_id) else {
-                        continue;
-                    };
-                    for slot in &part.gpus {
-                        if read_gpus.contains(&(w, slot.index))
-                            && let Some(g) = self.workers[w]
-                                .gpus
-                                .iter_mut()
-                                .find(|g| g.index == slot.index)
-                        {
-                            g.free_bytes = g.free_bytes.saturating_sub(slot.bytes);
-                        }
-                    }
-                }
-            }
+            self.deduct_holds_on(|w, index| read_gpus.contains(&(w, index)));
         }
         let gpus_here: usize = self.workers.iter().map(|w| w.gpus.len()).sum();
         self.seen = Some(read.snapshot);
@@ -253,27 +250,19 @@ impl Snapshot {
         let Ok(mut inner) = self.inner.lock() else {
             return Ok(());
         };
-        let inner = &mut *inner;
+        let mut read: HashSet<usize> = HashSet::with_capacity(worker_ids.len());
         for id in worker_ids {
             let Some(&w) = inner.by_id.get(id) else {
                 continue;
             };
+            read.insert(w);
             inner.workers[w].gpus = rows
                 .iter()
                 .filter(|r| &r.worker_id == id)
                 .map(to_fit_gpu)
                 .collect();
         }
-        for hold in inner.holds.values() {
-            for part in &hold.placement.parts {
-                if worker_ids.contains(&part.worker_id)
-                    && let Some(&w) = inner.by_id.get(&part.worker_id)
-                {
-                    // VRAM only: the replica counts were not reloaded.
-                    part.apply(&mut inner.workers[w], None, false);
-                }
-            }
-        }
+        inner.deduct_holds_on(|w, _| read.contains(&w));
         Ok(())
     }
 
