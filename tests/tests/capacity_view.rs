@@ -3,7 +3,7 @@
 //! loaded from scratch, and a read must return the changed rows, not the whole cluster.
 
 use berth_analyzer::snapshot::Snapshot;
-use berth_fit::{Policy, Request, Worker};
+use berth_fit::{Lane, Policy, Request, Worker};
 use berth_proto::{GpuInfo, status::GpuUsage, status::ReportedState};
 use berth_store::Store;
 use berth_tests::GIB;
@@ -185,7 +185,7 @@ async fn a_read_returns_only_what_changed_including_what_was_in_flight() {
     view.refresh(&store).await.unwrap();
     let request = Request::simple(70 * GIB as u64, 1);
     let (placement, _hold) = view
-        .fit(&request, Policy::Binpack, "y", &|| false)
+        .fit(&request, Policy::Binpack, "y", Lane::ALL, &|| false)
         .expect("fits");
     let part = &placement.parts[0];
     let held = (part.worker_id.clone(), part.gpus[0].index);

@@ -43,6 +43,7 @@ async fn metrics_show_counters_states_and_backlog() {
         "berth_instances{state=\"pending\"} 1",
         "berth_instances{state=\"stopped\"} 0",
         "berth_commands_backlog 0",
+        "berth_analyzers_alive 1",
         "# EOF",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");

@@ -14,6 +14,7 @@ mod estimate;
 mod explain;
 pub mod gguf;
 pub mod hf;
+mod lane;
 mod place;
 mod plan;
 pub mod profile;
@@ -23,7 +24,8 @@ pub use estimate::{
     LlamaCppOptions, MAX_BATCH, MAX_CONTEXT, MAX_GPUS, VllmKvDtype, VllmOptions, estimate,
 };
 pub use explain::explain_no_fit;
-pub use place::{Part, Placement, Policy, Slot, place, place_from};
+pub use lane::Lane;
+pub use place::{Order, Part, Placement, Policy, Slot, place, place_from};
 pub use plan::{MAX_SEARCH_GPUS, MAX_SEARCH_WORKERS, Scaling, shapes};
 pub use profile::{
     Attention, Experts, ExplicitProfile, ModelProfile, ModelRef, ProfileError, ProfileFormat,

@@ -1,6 +1,6 @@
 //! The placement search: shapes in order of preference, workers in order, GPUs by policy.
 
-use crate::{FitError, GroupKey, Request, Shape, Worker, explain_no_fit};
+use crate::{FitError, GroupKey, Lane, Request, Shape, Worker, explain_no_fit};
 use std::cmp::Reverse;
 
 /// How to choose among workers and GPUs that all fit.
@@ -93,18 +93,32 @@ pub fn place(
     policy: Policy,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<Placement, FitError> {
-    place_from(workers, 0, request, policy, cancelled)
+    place_from(workers, Order::default(), request, policy, cancelled)
 }
 
-/// [`place`], meeting workers from index `first` on (wrapping around), so that callers
-/// deciding for different instances at once break ties differently.
+/// How a search meets the workers: see [`place_from`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Order {
+    /// The index of the worker met first (wrapping around): ties go to the worker met first.
+    pub first: usize,
+    /// The workers preferred.
+    pub lane: Lane,
+}
+
+/// [`place`], meeting workers from `order.first` on (wrapping around), so that callers
+/// deciding for different instances at once break ties differently, and preferring the
+/// workers of `order.lane`, so that callers deciding at the same moment rarely choose the
+/// same GPUs: a worker outside the lane is chosen only where too few in it can take the
+/// shape, or (under spread) where it holds no replica of the group and those in the lane
+/// that can all hold one. The shapes keep their order: a lane never makes a later shape win.
 pub fn place_from(
     workers: &[Worker],
-    first: usize,
+    order: Order,
     request: &Request,
     policy: Policy,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<Placement, FitError> {
+    let Order { first, lane } = order;
     let first = if workers.is_empty() {
         0
     } else {
@@ -122,6 +136,7 @@ pub fn place_from(
             shape,
             policy,
             group,
+            lane,
         };
         let best = best_candidates(order(), want, &search, cancelled)?;
         if best.len() < want {
@@ -133,11 +148,21 @@ pub fn place_from(
     Err(FitError::NoFit(explain_no_fit(workers, request)))
 }
 
+/// How good a worker is for a shape, lower first: whether it holds a replica of the
+/// request's group at all, whether it is outside the lane, how many replicas of the group it
+/// holds (those three under spread only), then the free VRAM its GPUs would have left
+/// (binpack) or its complement (spread).
+///
+/// Keeping replicas apart comes first; balancing their counts comes after the lane, because
+/// a view knows the counts of other analyzers' lanes only from its last full reload: ranking
+/// those counts first would send each analyzer into the others' lanes, where they wrongly
+/// look emptier.
+type Rank = (bool, bool, u32, u128);
+
 /// A worker that can take a shape's share, with the GPUs it would use.
 struct Candidate<'w> {
     worker: &'w Worker,
-    /// Lower is better.
-    rank: (u32, u128),
+    rank: Rank,
     slots: Vec<crate::Slot>,
 }
 
@@ -174,7 +199,7 @@ fn best_candidates<'w>(
     };
     let mut best: Vec<Candidate<'w>> = Vec::new();
     // Once `want` are kept, the rank a newcomer must beat (a tie goes to the one kept).
-    let mut cut: Option<(u32, u128)> = None;
+    let mut cut: Option<Rank> = None;
     let mut scratch = Vec::new();
     for (i, worker) in workers.enumerate() {
         if i % CANCEL_POLL_EVERY == 0 && cancelled() {
@@ -208,6 +233,7 @@ struct Search<'r> {
     policy: Policy,
     /// The request's replica group under spread (hashed once for all workers).
     group: Option<GroupKey<'r>>,
+    lane: Lane,
 }
 
 /// Picks, into `chosen`, the GPUs of `worker` that fit the shape per policy (each with the
@@ -216,24 +242,27 @@ struct Search<'r> {
 fn choose_gpus(
     worker: &Worker,
     search: &Search<'_>,
-    cut: Option<(u32, u128)>,
+    cut: Option<Rank>,
     chosen: &mut Vec<(u64, crate::Slot)>,
-) -> Option<(u32, u128)> {
+) -> Option<Rank> {
     let Search {
         request,
         shape,
         policy,
         group,
+        lane,
     } = *search;
     let k = shape.gpus_per_worker as usize;
     if k == 0 || worker.gpus.len() < k || !worker.schedulable || !worker.matches(&request.selector)
     {
         return None;
     }
-    // Under spread the replica count ranks first: a worker with more replicas than the ones
-    // kept cannot win whatever its GPUs, so they are not looked at.
+    // The replica count (spread) and the lane rank before the GPUs: a worker that loses to
+    // the ones kept on those cannot win whatever its GPUs, so they are not looked at.
     let replicas = worker.replicas_of(group);
-    if cut.is_some_and(|(r, _)| replicas > r) {
+    let outside = !lane.holds(&worker.id);
+    let held = replicas > 0;
+    if cut.is_some_and(|(h, o, r, _)| (held, outside, replicas) > (h, o, r)) {
         return None;
     }
     // Hoisted out of the per-GPU loop: most requests take any GPU, at a fixed need.
@@ -277,8 +306,8 @@ fn choose_gpus(
     }
     let leftover: u128 = chosen.iter().map(|(left, _)| u128::from(*left)).sum();
     Some(match policy {
-        Policy::Binpack => (0, leftover),
-        Policy::Spread => (replicas, u128::MAX - leftover),
+        Policy::Binpack => (false, outside, 0, leftover),
+        Policy::Spread => (held, outside, replicas, u128::MAX - leftover),
     })
 }
 
@@ -354,9 +383,13 @@ mod tests {
     #[test]
     fn place_from_rotates_ties() {
         let ws = [worker("a", "x", &[40]), worker("b", "x", &[40])];
-        let p = place_from(&ws, 1, &req(20, 1), Policy::Binpack, &never()).unwrap();
+        let from = |first| Order {
+            first,
+            lane: Lane::ALL,
+        };
+        let p = place_from(&ws, from(1), &req(20, 1), Policy::Binpack, &never()).unwrap();
         assert_eq!(p.worker_id(), "b");
-        let p = place_from(&ws, 2, &req(20, 1), Policy::Binpack, &never()).unwrap();
+        let p = place_from(&ws, from(2), &req(20, 1), Policy::Binpack, &never()).unwrap();
         assert_eq!(p.worker_id(), "a");
     }
 
@@ -487,6 +520,83 @@ mod tests {
         assert_eq!(p.worker_id(), "a");
     }
 
+    /// The lane of two holding `id`, and an id in the other lane.
+    fn lane_and_stranger(id: &str) -> (Lane, String) {
+        let lane = (0..2)
+            .filter_map(|i| Lane::new(i, 2))
+            .find(|l| l.holds(id))
+            .unwrap();
+        let stranger = (0..)
+            .map(|i| format!("s{i}"))
+            .find(|s| !lane.holds(s))
+            .unwrap();
+        (lane, stranger)
+    }
+
+    fn in_lane(lane: Lane) -> Order {
+        Order { first: 0, lane }
+    }
+
+    #[test]
+    fn a_lane_is_preferred_over_a_better_worker_outside_it() {
+        let (lane, stranger) = lane_and_stranger("mine");
+        let ws = [worker(&stranger, "x", &[21]), worker("mine", "x", &[60])];
+        let p = place_from(&ws, in_lane(lane), &req(20, 1), Policy::Binpack, &never()).unwrap();
+        assert_eq!(p.worker_id(), "mine", "the tighter fit is outside the lane");
+        let ws = [worker(&stranger, "x", &[80]), worker("mine", "x", &[30])];
+        let p = place_from(&ws, in_lane(lane), &req(20, 1), Policy::Spread, &never()).unwrap();
+        assert_eq!(
+            p.worker_id(),
+            "mine",
+            "the emptier worker is outside the lane"
+        );
+        // Without a lane, the better worker wins.
+        assert_eq!(
+            place(&ws, &req(20, 1), Policy::Spread, &never())
+                .unwrap()
+                .worker_id(),
+            stranger
+        );
+    }
+
+    #[test]
+    fn a_worker_outside_the_lane_is_taken_when_the_lane_cannot_do() {
+        let (lane, stranger) = lane_and_stranger("mine");
+        let ws = [worker("mine", "x", &[10]), worker(&stranger, "x", &[40])];
+        let p = place_from(&ws, in_lane(lane), &req(20, 1), Policy::Binpack, &never()).unwrap();
+        assert_eq!(p.worker_id(), stranger);
+        // Spread: a worker without a replica of the group outweighs the lane…
+        let mut mine = worker("mine", "x", &[80]);
+        mine.replicas.set("llama", 1);
+        let mut other = worker(&stranger, "x", &[40]);
+        let mut r = req(20, 1);
+        r.group = Some("llama".into());
+        let ws = [mine.clone(), other.clone()];
+        let p = place_from(&ws, in_lane(lane), &r, Policy::Spread, &never()).unwrap();
+        assert_eq!(p.worker_id(), stranger);
+        // … but once both hold one, the lane outweighs their counts.
+        mine.replicas.set("llama", 3);
+        other.replicas.set("llama", 1);
+        let ws = [mine, other];
+        let p = place_from(&ws, in_lane(lane), &r, Policy::Spread, &never()).unwrap();
+        assert_eq!(p.worker_id(), "mine");
+        assert_eq!(
+            place(&ws, &r, Policy::Spread, &never())
+                .unwrap()
+                .worker_id(),
+            stranger
+        );
+        // A lane never makes a later shape win: the first shape fits only outside it.
+        let ws = [
+            worker("mine", "x", &[30, 30]),
+            worker(&stranger, "x", &[50]),
+        ];
+        let mut r = req(50, 1);
+        r.shapes.push(Shape::new(25 * GIB, 2));
+        let p = place_from(&ws, in_lane(lane), &r, Policy::Binpack, &never()).unwrap();
+        assert_eq!((p.shape, p.worker_id()), (0, stranger.as_str()));
+    }
+
     #[test]
     fn distributed_shapes_use_several_workers() {
         let ws = [
@@ -534,7 +644,9 @@ mod tests {
             shapes in proptest::collection::vec((1u64..60, 1u32..4, 1u32..3), 1..4),
             spread in any::<bool>(),
             first in 0usize..8,
+            lane in (1u32..4).prop_flat_map(|count| (0..count, Just(count))),
         ) {
+            let lane = Lane::new(lane.0, lane.1).unwrap();
             let ws: Vec<_> = frees.iter().enumerate()
                 .map(|(i, f)| worker(&format!("w{i}"), "x", f)).collect();
             let policy = if spread { Policy::Spread } else { Policy::Binpack };
@@ -542,18 +654,21 @@ mod tests {
                 shapes: shapes.iter().map(|&(v, g, w)| Shape { workers: w, ..Shape::new(v * GIB, g) }).collect(),
                 ..Request::default()
             };
-            let fits = |s: &Shape| {
-                let ok = ws.iter().filter(|w| {
-                    w.gpus.iter().filter(|g| g.free_bytes >= s.vram_per_gpu).count()
-                        >= s.gpus_per_worker as usize
-                }).count();
-                ok >= s.workers as usize
+            let can_take = |w: &Worker, s: &Shape| {
+                w.gpus.iter().filter(|g| g.free_bytes >= s.vram_per_gpu).count()
+                    >= s.gpus_per_worker as usize
             };
-            match place_from(&ws, first, &r, policy, &never()) {
+            let fits = |s: &Shape| ws.iter().filter(|w| can_take(w, s)).count() >= s.workers as usize;
+            match place_from(&ws, Order { first, lane }, &r, policy, &never()) {
                 Ok(p) => {
                     let s = &r.shapes[p.shape];
                     prop_assert!(r.shapes[..p.shape].iter().all(|e| !fits(e)));
                     prop_assert_eq!(p.parts.len(), s.workers as usize);
+                    // Workers outside the lane only make up for those missing in it (no
+                    // group here, so no replica counts).
+                    let in_lane = ws.iter().filter(|w| lane.holds(&w.id) && can_take(w, s)).count();
+                    let outside = p.parts.iter().filter(|x| !lane.holds(&x.worker_id)).count();
+                    prop_assert_eq!(outside, (s.workers as usize).saturating_sub(in_lane));
                     let mut ids: Vec<_> = p.parts.iter().map(|x| x.worker_id.clone()).collect();
                     ids.sort();
                     ids.dedup();

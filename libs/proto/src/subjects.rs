@@ -10,6 +10,11 @@ pub const AGENT_PREFIX: &str = "berth.agent";
 pub const STATUS_PREFIX: &str = "berth.status";
 /// State-change events, by instance.
 pub const EVENTS_PREFIX: &str = "berth.events.instance";
+/// Analyzers' heartbeats: the payload is the sender's member id (UTF-8). Core NATS, not
+/// JetStream: only the analyzers alive now matter.
+pub const ANALYZERS_ALIVE: &str = "berth.analyzers.alive";
+/// An analyzer shutting down: the payload is its member id.
+pub const ANALYZERS_GONE: &str = "berth.analyzers.gone";
 
 /// Longest id accepted for an instance or a worker.
 pub const MAX_ID_LEN: usize = 128;

@@ -33,6 +33,9 @@ pub struct AnalyzerConfig {
     pub stuck_after: Duration,
     /// A worker without heartbeats this long is no longer chosen.
     pub unreachable_after: Duration,
+    /// How often this analyzer tells the others it is alive (for the lanes, see `peers`);
+    /// one silent for three times this long is taken for gone. All analyzers must agree.
+    pub heartbeat_every: Duration,
     /// Where to serve `/metrics`; `None` serves nothing.
     pub metrics_addr: Option<SocketAddr>,
     /// A worker without heartbeats this long loses its instances: they are placed elsewhere.
@@ -58,6 +61,7 @@ impl AnalyzerConfig {
             stuck_after: Duration::from_secs(60),
             unreachable_after: Duration::from_secs(15),
             gone_after: Duration::from_secs(60),
+            heartbeat_every: Duration::from_millis(500),
         }
     }
 }

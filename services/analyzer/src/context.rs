@@ -46,6 +46,8 @@ pub struct Ctx {
     pub wake: Notify,
     /// Free VRAM as this analyzer sees it.
     pub snapshot: Snapshot,
+    /// The other analyzers alive, and this one's lane.
+    pub peers: Arc<crate::peers::Peers>,
     /// Model profiles read from files.
     pub profiles: crate::needs::ProfileCache,
     /// The shared command consumer, for backlog figures.
@@ -154,6 +156,8 @@ impl Ctx {
 #[derive(Debug)]
 pub struct Analyzer {
     pub stats: Arc<Stats>,
+    /// The analyzers this one hears, and its lane.
+    pub peers: Arc<crate::peers::Peers>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -169,6 +173,11 @@ impl Analyzer {
         let reports = bus.status_consumer().await?;
         let stats = Arc::new(Stats::default());
         let snapshot = Snapshot::new(config.policy == berth_fit::Policy::Spread);
+        let peers = Arc::new(crate::peers::Peers::new(
+            crate::peers::Peers::member_id(&config.name),
+            3 * config.heartbeat_every,
+        ));
+        let heartbeats = crate::peers::subscribe(bus.client()).await?;
         let intents = crate::intents::Intents::spawn(store.clone(), stats.clone());
         let forwards = status::spawn_forwards(store.clone());
         let commits = crate::placing::spawn_commits(store.clone());
@@ -187,6 +196,7 @@ impl Analyzer {
             commits,
             events_wake: Notify::new(),
             snapshot,
+            peers,
             profiles: Default::default(),
         });
         ctx.snapshot.refresh(&ctx.store).await?;
@@ -206,9 +216,18 @@ impl Analyzer {
             ctx.config.full_refresh_every,
             shutdown.clone(),
         ));
+        tasks.spawn(crate::peers::run(
+            ctx.bus.client().clone(),
+            ctx.peers.clone(),
+            heartbeats,
+            ctx.config.heartbeat_every,
+            shutdown.clone(),
+        ));
+        let peers = ctx.peers.clone();
         tasks.spawn(sweeper::run(ctx, shutdown.clone()));
         Ok(Analyzer {
             stats,
+            peers,
             shutdown,
             tasks,
         })

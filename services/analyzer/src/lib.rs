@@ -11,6 +11,7 @@ pub mod intake;
 pub mod intents;
 pub mod metrics;
 pub mod needs;
+pub mod peers;
 pub mod placing;
 pub mod recent;
 pub mod snapshot;

@@ -52,6 +52,12 @@ async fn metrics(ctx: Arc<Ctx>) -> String {
         let _ = writeln!(out, "# TYPE berth_commands_in_flight gauge");
         let _ = writeln!(out, "berth_commands_in_flight {in_flight}");
     }
+    let _ = writeln!(
+        out,
+        "# HELP berth_analyzers_alive Analyzers this one hears, itself included: the workers are dealt out among them."
+    );
+    let _ = writeln!(out, "# TYPE berth_analyzers_alive gauge");
+    let _ = writeln!(out, "berth_analyzers_alive {}", ctx.peers.alive());
     out.push_str("# EOF\n");
     out
 }

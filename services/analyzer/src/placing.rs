@@ -179,7 +179,9 @@ async fn place_until_settled(
         let began = std::time::Instant::now();
         let searched = ctx
             .snapshot
-            .fit(&request, ctx.config.policy, id, &|| token.is_cancelled());
+            .fit(&request, ctx.config.policy, id, ctx.peers.lane(), &|| {
+                token.is_cancelled()
+            });
         let took = began.elapsed();
         ctx.stats.fit_seconds.0.observe(took.as_secs_f64());
         ctx.stats.fit_micros.record(took);

@@ -12,7 +12,9 @@
 //! database refuses, never overcommits), not correctness.
 
 use crate::placing::{to_fit_gpu, to_fit_workers};
-use berth_fit::{FitError, Placement, Policy, Replicas, Request, Worker, place, place_from};
+use berth_fit::{
+    FitError, Lane, Order, Placement, Policy, Replicas, Request, Worker, place, place_from,
+};
 use berth_store::{Store, StoreError, placement::CapacityRead};
 use std::{
     collections::{HashMap, HashSet},
@@ -301,14 +303,15 @@ impl Snapshot {
         self.inner.lock().is_ok_and(|i| i.loaded.is_some())
     }
 
-    /// Chooses GPUs for `request` and holds them. Among equally good candidates the choice
-    /// depends on `salt` (the instance id), so analyzers working on different instances at
-    /// the same moment rarely pick the same GPU.
+    /// Chooses GPUs for `request`, preferring the workers of `lane`, and holds them. Among
+    /// equally good candidates the choice depends on `salt` (the instance id), so fits of
+    /// different instances at the same moment rarely pick the same GPU.
     pub fn fit(
         &self,
         request: &Request,
         policy: Policy,
         salt: &str,
+        lane: Lane,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(Placement, Hold), FitError> {
         let Ok(mut inner) = self.inner.lock() else {
@@ -317,7 +320,8 @@ impl Snapshot {
             ));
         };
         let first = usize::try_from(hash(salt)).unwrap_or(0);
-        let chosen = place_from(&inner.workers, first, request, policy, cancelled)?;
+        let order = Order { first, lane };
+        let chosen = place_from(&inner.workers, order, request, policy, cancelled)?;
         inner.next_hold += 1;
         let hold = Hold {
             id: inner.next_hold,

@@ -23,7 +23,7 @@ pub enum BenchCmd {
 
 pub async fn run(cmd: BenchCmd) -> Result<()> {
     let doc = match cmd {
-        BenchCmd::Place(args) => place::run(args).await?,
+        BenchCmd::Place(args) => Box::pin(place::run(args)).await?,
         BenchCmd::Storm(args) => storm::run(args).await?,
     };
     println!("{}", serde_json::to_string_pretty(&doc)?);
