@@ -12,7 +12,11 @@ use tokio_util::sync::CancellationToken;
 const BATCH: i64 = 1000;
 
 pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(ctx.config.sweep_every);
+    // Analyzers started together would sweep at the same moments, their scans competing
+    // with each other and with placements: each starts at a random point of the period.
+    let every = ctx.config.sweep_every;
+    let phase = every.mul_f64(rand::random::<f64>());
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let full = tokio::select! {

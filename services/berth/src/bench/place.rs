@@ -300,6 +300,7 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
     let n = args.instances;
     let published: Arc<Mutex<HashMap<String, Published>>> = Arc::new(Mutex::new(HashMap::new()));
     let began = Instant::now();
+    let began_unix_ms = unix_ms_now();
     let pace = args
         .rate
         .map(|r| Duration::from_secs_f64(1.0 / f64::from(r)));
@@ -400,8 +401,14 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
             .filter(|d| d.state == InstanceState::Pending)
             .count();
         let errors = s.decided.len() - placed - pending;
-        let last_commit = s.decided.values().map(|d| d.seen).max().unwrap_or(began);
-        let window = last_commit.duration_since(began).as_secs_f64().max(1e-9);
+        // To the last commit by the database's clock (in the event), not to when its event
+        // reached the bench: the relay's delay is not placement time.
+        let last_commit_unix_ms = s
+            .decided
+            .values()
+            .map(|d| d.committed_unix_ms as f64)
+            .fold(began_unix_ms, f64::max);
+        let window = ((last_commit_unix_ms - began_unix_ms) / 1000.0).max(1e-9);
         let lines = latencies(&s.decided, &published);
         let mut to_commit: Vec<f64> = lines.iter().map(|l| l.1).collect();
         let mut to_event: Vec<f64> = lines.iter().map(|l| l.2).collect();
