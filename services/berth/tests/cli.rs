@@ -364,6 +364,10 @@ fn bench_scenarios_run_at_a_tiny_size() {
             run["publish_to_event_ms"]["p50"].as_f64().unwrap(),
         );
         assert!(commit <= event + 1.0, "{run}");
+        // The window ends at the last commit: it holds every command's publish to commit.
+        let window_ms = run["first_publish_to_last_commit_s"].as_f64().unwrap() * 1000.0;
+        let slowest = run["publish_to_commit_ms"]["max"].as_f64().unwrap();
+        assert!(window_ms + 1.0 >= slowest && window_ms > 0.0, "{run}");
         // The database did work during the run, and the figures say so.
         assert!(
             run["cpu_s_during_run"]["postgres"].as_f64().is_some()
