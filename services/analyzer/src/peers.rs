@@ -168,15 +168,18 @@ pub async fn run(
                 None => break,
                 Some(msg) => {
                     let Ok(id) = std::str::from_utf8(&msg.payload) else { continue };
-                    if msg.subject.as_str() == ANALYZERS_GONE {
-                        peers.gone(id)
-                    } else {
-                        let joined = peers.heard(id, Instant::now());
-                        // A newcomer hears the others at once, not at their next beat.
-                        if joined.is_some() {
-                            beat().await;
+                    match msg.subject.as_str() {
+                        ANALYZERS_GONE => peers.gone(id),
+                        ANALYZERS_ALIVE => {
+                            let joined = peers.heard(id, Instant::now());
+                            // A newcomer hears the others at once, not at their next beat.
+                            if joined.is_some() {
+                                beat().await;
+                            }
+                            joined
                         }
-                        joined
+                        // Another subject under the wildcard: not ours to read.
+                        _ => None,
                     }
                 }
             },
