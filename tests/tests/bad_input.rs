@@ -1,9 +1,9 @@
 //! Bad input never crashes a worker: every malformed command is dead-lettered with its
 //! original bytes and a reason, the instance shows the error, and the analyzer keeps serving.
 
-use berth_bus::{DLQ_REASON, DLQ_SEQ, DLQ_STREAM};
+use berth_bus::{DLQ_MAX_BODY, DLQ_REASON, DLQ_SEQ, DLQ_STREAM};
 use berth_proto::InstanceState;
-use berth_tests::{Fleet, GIB, worker};
+use berth_tests::{Fleet, GIB, wait_until, worker};
 use bytes::Bytes;
 use serde::Serialize;
 use std::{collections::BTreeMap, time::Duration};
@@ -103,7 +103,13 @@ async fn malformed_commands_are_dead_lettered_and_marked() {
             .get_last_raw_message_by_subject(&format!("berth.dlq.cmd.{id}"))
             .await
             .unwrap();
-        assert_eq!(&dead.payload[..], &payload[..], "{id}: original bytes kept");
+        // The original bytes, up to the size of the largest valid command.
+        let kept = payload.len().min(DLQ_MAX_BODY);
+        assert_eq!(
+            &dead.payload[..],
+            &payload[..kept],
+            "{id}: original bytes kept"
+        );
         let header = |name: &str| dead.headers.get(name).map(|v| v.as_str().to_owned());
         assert!(header(DLQ_REASON).unwrap().contains(expected), "{id}");
         assert_eq!(header(DLQ_SEQ).unwrap(), seq.to_string());
@@ -164,7 +170,53 @@ async fn a_bad_command_does_not_hide_a_running_instance() {
         fleet.store.allocations().await.expect("allocations").len(),
         1
     );
+    // Automation hears of the rejection: an event with the note, the state unchanged.
+    let noted = wait_until("the rejection's event", LIMIT, || async {
+        let history = fleet.bus.history("m", 64).await.ok()?;
+        history.into_iter().find(|e| e.cmd_seq == seq as i64)
+    })
+    .await;
+    assert_eq!(
+        (noted.state, noted.version, noted.reason.as_deref()),
+        (
+            InstanceState::Running,
+            before.version,
+            Some(reason.as_str())
+        )
+    );
     // And it still stops normally.
     fleet.stop_instance("m").await;
     fleet.wait_state("m", InstanceState::Stopped, LIMIT).await;
+}
+
+/// The first event of an instance that a stop or a bad command creates carries the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_instances_created_by_a_stop_or_a_bad_command_carry_the_reason() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_analyzer(Default::default()).await;
+    let stop = berth_proto::Command::Stop(berth_proto::StopSpec {
+        reason: Some("decommissioned".into()),
+    });
+    fleet
+        .bus
+        .publish_command("fresh", &stop)
+        .await
+        .expect("stop");
+    fleet
+        .bus
+        .publish_raw_command("bad", Bytes::from(map(&[("op", "explode")])), None)
+        .await
+        .expect("publish");
+    for (id, state, words) in [
+        ("fresh", InstanceState::Stopped, "decommissioned"),
+        ("bad", InstanceState::Error, "explode"),
+    ] {
+        let event = wait_until(&format!("{id}'s event"), LIMIT, || async {
+            let history = fleet.bus.history(id, 8).await.ok()?;
+            history.into_iter().find(|e| e.state == state)
+        })
+        .await;
+        let reason = event.reason.unwrap_or_default();
+        assert!(reason.contains(words), "{id}: {reason:?}");
+    }
 }

@@ -35,6 +35,12 @@ pub const DLQ_REASON: &str = "Berth-Reason";
 pub const DLQ_SUBJECT: &str = "Berth-Subject";
 /// Header of a dead letter: its sequence in `BERTH_CMD`.
 pub const DLQ_SEQ: &str = "Berth-Seq";
+/// Header of a dead letter whose body was cut to [`DLQ_MAX_BODY`]: the original length.
+pub const DLQ_ORIGINAL_BYTES: &str = "Berth-Original-Bytes";
+/// Most bytes of a rejected command kept in its dead letter: as large as a valid command may
+/// be, so a copy of anything larger (up to the server's payload limit) still fits with its
+/// headers, and the reason is never lost to a copy that cannot be stored.
+pub const DLQ_MAX_BODY: usize = berth_proto::command::MAX_COMMAND_BYTES;
 
 /// JetStream's answer to an event sent with [`Bus::send_event`].
 pub type EventAck = std::pin::Pin<Box<dyn Future<Output = Result<(), BusError>> + Send>>;
@@ -269,6 +275,12 @@ impl Bus {
         headers.insert(DLQ_REASON, sanitize_header(reason).as_str());
         headers.insert(DLQ_SUBJECT, sanitize_header(original_subject).as_str());
         headers.insert(DLQ_SEQ, seq.to_string().as_str());
+        let payload = if payload.len() > DLQ_MAX_BODY {
+            headers.insert(DLQ_ORIGINAL_BYTES, payload.len().to_string().as_str());
+            payload.slice(..DLQ_MAX_BODY)
+        } else {
+            payload
+        };
         self.js
             .publish_with_headers(subjects::dlq_subject(instance_id), headers, payload)
             .await

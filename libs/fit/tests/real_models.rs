@@ -1,5 +1,6 @@
 //! Real model files, when `ops/fetch-models.sh` has fetched them into `<workspace>/.berth/models`.
-//! Without them these tests print a note and pass, so `cargo test` works offline.
+//! Without them these tests print a note and pass, so `cargo test` works offline; under CI
+//! (`CI` set), where the test command fetches them, they fail instead.
 
 use berth_fit::gguf::{GgmlType, GgufLimits, read_gguf};
 use berth_fit::{
@@ -16,6 +17,12 @@ fn smollm2() -> Option<PathBuf> {
     if path.is_file() {
         Some(path)
     } else {
+        // ops/test.sh fetches it: under CI its absence is a failure, not a skip.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} is absent under CI",
+            path.display()
+        );
         println!(
             "note: {} is absent; run ops/fetch-models.sh to test against it",
             path.display()

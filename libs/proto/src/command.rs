@@ -97,6 +97,17 @@ pub struct StopSpec {
     pub reason: Option<String>,
 }
 
+impl StopSpec {
+    /// A reason is shown with the instance: bounded, one line, no control characters.
+    pub fn validate(&self) -> Result<(), String> {
+        match &self.reason {
+            Some(r) => crate::text::check("reason", r, crate::text::MAX_REASON_BYTES)
+                .map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {
     #[error("payload is {len} bytes; commands are limited to {max} bytes")]
@@ -148,8 +159,8 @@ impl Command {
                 "the payload must be a MessagePack map".into(),
             ));
         }
-        let envelope: Envelope =
-            rmp_serde::from_slice(bytes).map_err(|e| CommandError::Undecodable(e.to_string()))?;
+        let envelope: Envelope = crate::codec::decode_raw(bytes)
+            .map_err(|e| CommandError::Undecodable(e.to_string()))?;
         let op = envelope.op.ok_or(CommandError::MissingOp)?;
         let op_name = match op {
             Tag::Text(t) if t == "start" => "start",
@@ -157,12 +168,16 @@ impl Command {
             Tag::Text(other) => return Err(CommandError::UnknownOp(other)),
             Tag::Other(_) => return Err(CommandError::UnknownOp("<not a string>".into())),
         };
-        let cmd: Command = rmp_serde::from_slice(bytes).map_err(|e| CommandError::BadFields {
-            op: op_name,
-            detail: e.to_string(),
-        })?;
-        if let Command::Start(spec) = &cmd {
-            spec.validate().map_err(CommandError::Invalid)?;
+        let cmd: Command =
+            crate::codec::decode_raw(bytes).map_err(|e| CommandError::BadFields {
+                op: op_name,
+                detail: e.to_string(),
+            })?;
+        match &cmd {
+            Command::Start(spec) => spec.validate().map_err(CommandError::Invalid)?,
+            Command::Stop(spec) => spec
+                .validate()
+                .map_err(|detail| CommandError::BadFields { op: "stop", detail })?,
         }
         Ok(cmd)
     }
@@ -251,7 +266,10 @@ impl StartSpec {
                 self.selector.len()
             ));
         }
-        Ok(())
+        // Every text, the model's options included: the spec is stored as jsonb, which
+        // refuses a NUL, and shown in terminals.
+        let as_json = serde_json::to_value(self).map_err(|e| e.to_string())?;
+        crate::text::check_all(&as_json).map_err(|e| e.to_string())
     }
 
     /// VRAM per GPU as an unsigned count, valid after [`StartSpec::validate`].
@@ -469,10 +487,92 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn text_with_control_characters_is_refused_in_every_field() {
+        let nul = |raw: serde_json::Value| Command::decode(&crate::encode(&raw).unwrap());
+        for (raw, field) in [
+            (
+                serde_json::json!({"op": "start", "vram_bytes": 1, "model": "a\u{0}b"}),
+                "model",
+            ),
+            (
+                serde_json::json!({"op": "start", "vram_bytes": 1, "selector": {"zone": "a\u{0}"}}),
+                "selector.zone",
+            ),
+            (
+                serde_json::json!({"op": "start", "model_ref": {"path": "/m\u{0}.gguf"}}),
+                "model_ref.path",
+            ),
+            (
+                serde_json::json!({"op": "start", "vram_bytes": 1, "gpu_ids": ["w\n0"]}),
+                "gpu_ids",
+            ),
+        ] {
+            match nul(raw) {
+                Err(CommandError::Invalid(why)) => assert!(why.contains(field), "{why}"),
+                other => panic!("{field}: expected a refusal, got {other:?}"),
+            }
+        }
+        match nul(serde_json::json!({"op": "stop", "reason": "bye\u{0}"})) {
+            Err(CommandError::BadFields { op: "stop", detail }) => {
+                assert!(detail.contains("reason"), "{detail}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(matches!(
+            nul(serde_json::json!({"op": "stop", "reason": "x".repeat(5000)})),
+            Err(CommandError::BadFields { .. })
+        ));
+        assert!(nul(serde_json::json!({"op": "stop", "reason": "maintenance ✓"})).is_ok());
+    }
+
+    #[test]
+    fn deeply_nested_commands_are_refused() {
+        // The nesting sits inside a start's field, where the decoder recurses into it.
+        let mut bytes = vec![0x82, 0xa2, b'o', b'p', 0xa5];
+        bytes.extend_from_slice(b"start");
+        bytes.extend_from_slice(&[0xa5]);
+        bytes.extend_from_slice(b"extra");
+        bytes.extend_from_slice(&crate::codec::tests::nested_maps(5_000));
+        let handle = std::thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(move || Command::decode(&bytes))
+            .unwrap();
+        assert!(matches!(
+            handle.join().unwrap(),
+            Err(CommandError::Undecodable(why)) if why.contains("depth")
+        ));
+    }
+
     proptest::proptest! {
         #[test]
-        fn decode_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
-            let _ = Command::decode(&bytes);
+        fn whatever_decodes_round_trips(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            // Never a panic; and a command that decodes is the same after encoding again.
+            if let Ok(cmd) = Command::decode(&bytes) {
+                proptest::prop_assert_eq!(Command::decode(&cmd.encode().unwrap()).unwrap(), cmd);
+            }
+        }
+
+        #[test]
+        fn starts_with_any_text_round_trip_or_are_refused_by_name(
+            model in "\\PC{0,40}|[\\x00-\\x1f]{1,3}",
+            zone in "\\PC{0,10}|a\\x00b",
+        ) {
+            let cmd = Command::Start(StartSpec {
+                model: model.clone(),
+                selector: BTreeMap::from([("zone".to_owned(), zone.clone())]),
+                ..StartSpec::claim(1 << 30, 1)
+            });
+            match Command::decode(&cmd.encode().unwrap()) {
+                Ok(back) => {
+                    proptest::prop_assert_eq!(back, cmd);
+                    proptest::prop_assert!(!model.chars().chain(zone.chars()).any(char::is_control));
+                }
+                Err(CommandError::Invalid(why)) => {
+                    proptest::prop_assert!(why.contains("control character") || why.contains("bytes long"), "{}", why);
+                }
+                Err(other) => proptest::prop_assert!(false, "{other}"),
+            }
         }
 
         #[test]

@@ -9,10 +9,12 @@ pub mod agent;
 pub mod codec;
 pub mod command;
 pub mod event;
+pub mod lifecycle;
 pub mod size;
 pub mod state;
 pub mod status;
 pub mod subjects;
+pub mod text;
 
 pub use agent::AgentMsg;
 pub use codec::{CodecError, decode, encode};

@@ -82,6 +82,12 @@ pub fn dlq_subject(instance_id: Option<&str>) -> String {
     }
 }
 
+/// The worker id of a status subject, if the subject is one.
+pub fn worker_of_status_subject(subject: &str) -> Option<&str> {
+    let id = subject.strip_prefix(STATUS_PREFIX)?.strip_prefix('.')?;
+    validate_id(id).ok().map(|()| id)
+}
+
 /// The instance id of a command subject, if the subject is one.
 pub fn instance_of_cmd_subject(subject: &str) -> Option<&str> {
     let id = subject.strip_prefix(CMD_PREFIX)?.strip_prefix('.')?;
@@ -108,6 +114,8 @@ mod tests {
         }
         assert_eq!(instance_of_cmd_subject("berth.cmd.instance.a.b"), None);
         assert_eq!(instance_of_cmd_subject("berth.cmd.other.a"), None);
+        assert_eq!(worker_of_status_subject("berth.status.w-1"), Some("w-1"));
+        assert_eq!(worker_of_status_subject("berth.status.w.1"), None);
         assert_eq!(dlq_subject(Some("a.b")), "berth.dlq.cmd.unknown");
     }
 }

@@ -6,7 +6,7 @@ use crate::{
     models::{AllocationRow, InstanceRow},
     schema::{allocations, instances},
 };
-use berth_proto::InstanceState;
+use berth_proto::{InstanceState, lifecycle};
 use diesel::prelude::*;
 use diesel_async::{
     AsyncConnection, AsyncPgConnection, RunQueryDsl, pooled_connection::deadpool::Object,
@@ -81,10 +81,6 @@ pub struct StartIntent {
     pub seq: i64,
     pub spec: serde_json::Value,
 }
-
-/// States in which a redelivered command (same sequence) is worked on again, because the
-/// analyzer that applied it may have died before finishing.
-const REDO_STATES: [&str; 1] = ["analyzing"];
 
 impl Store {
     /// Records a start command with sequence `seq` for `id`.
@@ -196,12 +192,22 @@ impl Store {
         seq: i64,
         reason: Option<String>,
     ) -> Result<StopApplied, StoreError> {
+        let reason = reason.as_deref().map(berth_proto::text::reason);
         let mut conn = self.conn().await?;
         let id = id.to_owned();
         (*conn)
             .transaction::<_, StoreError, _>(async |conn| {
-                let Some(row) = lock_or_create(conn, &id, seq, "stopped", "stopped", None).await?
-                else {
+                let created = lock_or_create(
+                    conn,
+                    &id,
+                    seq,
+                    "stopped",
+                    "stopped",
+                    None,
+                    reason.as_deref(),
+                )
+                .await?;
+                let Some(row) = created else {
                     return Ok(StopApplied::Stopped(Transition {
                         instance_id: id.clone(),
                         state: InstanceState::Stopped,
@@ -219,11 +225,7 @@ impl Store {
                     });
                 }
                 let workers = holding_workers(conn, &id).await?;
-                let state = if workers.is_empty() {
-                    InstanceState::Stopped
-                } else {
-                    InstanceState::Stopping
-                };
+                let state = lifecycle::after_stop(!workers.is_empty());
                 let version = if redo { row.version } else { row.version + 1 };
                 diesel::update(instances::table.find(&id))
                     .set((
@@ -269,22 +271,19 @@ impl Store {
     ) -> Result<Option<Transition>, StoreError> {
         let mut conn = self.conn().await?;
         let id = id.to_owned();
-        let reason = reason.to_owned();
+        let reason = berth_proto::text::reason(reason);
         (*conn)
             .transaction::<_, StoreError, _>(async |conn| {
-                let row = match lock_or_create(conn, &id, seq, "stopped", "error", None).await? {
-                    None => {
-                        diesel::update(instances::table.find(&id))
-                            .set(instances::reason.eq(&reason))
-                            .execute(conn)
-                            .await?;
-                        return Ok(Some(error_transition(&id, seq, 1, reason)));
-                    }
+                let created =
+                    lock_or_create(conn, &id, seq, "stopped", "error", None, Some(&reason)).await?;
+                let row = match created {
+                    None => return Ok(Some(error_transition(&id, seq, 1, reason))),
                     Some(row) if row.cmd_seq < seq => row,
                     Some(_) => return Ok(None),
                 };
                 if !holding_workers(conn, &id).await?.is_empty() {
-                    let note = format!("command {seq} rejected: {reason}");
+                    let note =
+                        berth_proto::text::reason(&format!("command {seq} rejected: {reason}"));
                     diesel::update(instances::table.find(&id))
                         .set((
                             instances::reason.eq(&note),
@@ -335,7 +334,7 @@ async fn start_closely(
     (**conn)
         .transaction::<_, StoreError, _>(async |conn| {
             let Some(row) =
-                lock_or_create(conn, &id, seq, "running", "analyzing", Some(spec)).await?
+                lock_or_create(conn, &id, seq, "running", "analyzing", Some(spec), None).await?
             else {
                 return Ok(StartApplied::Analyzing {
                     transition: analyzing(&id, seq, 1),
@@ -345,14 +344,13 @@ async fn start_closely(
             if row.cmd_seq == seq && row.state == InstanceState::Scheduled.as_str() {
                 return already_placed(conn, &row).await;
             }
-            if !(row.cmd_seq < seq
-                || (row.cmd_seq == seq && REDO_STATES.contains(&row.state.as_str())))
-            {
+            let state = row.lifecycle_state()?;
+            if !(row.cmd_seq < seq || (row.cmd_seq == seq && lifecycle::REDO.contains(&state))) {
                 return Ok(StartApplied::Stale {
                     current_seq: row.cmd_seq,
                 });
             }
-            let placed = matches!(row.state.as_str(), "scheduled" | "starting" | "running");
+            let placed = lifecycle::is_placed(state);
             if row.cmd_seq < seq && placed && row.spec.as_ref() == Some(spec) {
                 diesel::update(instances::table.find(&id))
                     .set(instances::cmd_seq.eq(seq))
@@ -417,11 +415,13 @@ async fn lock_or_create(
     desired: &str,
     state: &str,
     spec: Option<&serde_json::Value>,
+    reason: Option<&str>,
 ) -> Result<Option<InstanceRow>, StoreError> {
     let inserted = diesel::insert_into(instances::table)
         .values((
             instances::id.eq(id),
             instances::spec.eq(spec),
+            instances::reason.eq(reason),
             instances::desired.eq(desired),
             instances::state.eq(state),
             instances::cmd_seq.eq(seq),

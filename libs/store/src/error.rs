@@ -16,21 +16,55 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Errors worth retrying: lost connections, serialization failures and deadlocks.
+    /// Errors worth retrying: lost connections, serialization failures, deadlocks, and a
+    /// server that is shutting down, starting, or no longer the primary.
     pub fn is_transient(&self) -> bool {
         match self {
             StoreError::Pool(_) => true,
             StoreError::Db(DieselError::DatabaseError(kind, info)) => match kind {
                 DatabaseErrorKind::SerializationFailure
                 | DatabaseErrorKind::ClosedConnection
-                | DatabaseErrorKind::UnableToSendCommand => true,
-                // 40P01 deadlock_detected, 57P01 admin_shutdown, 08xxx connection exceptions
+                | DatabaseErrorKind::UnableToSendCommand
+                | DatabaseErrorKind::ReadOnlyTransaction => true,
+                // 40P01 deadlock_detected, 57P01 admin_shutdown, 57P03 cannot_connect_now,
+                // 08xxx connection exceptions (diesel does not expose the SQLSTATE)
                 _ => {
                     let msg = info.message();
-                    msg.contains("deadlock") || msg.contains("terminating connection")
+                    msg.contains("deadlock")
+                        || msg.contains("terminating connection")
+                        || msg.contains("the database system is")
+                        || msg.contains("connection")
                 }
             },
             StoreError::Db(DieselError::BrokenTransactionManager) => true,
+            _ => false,
+        }
+    }
+
+    /// The database refused the data itself: a value it cannot hold (SQLSTATE class 22, such
+    /// as a NUL in text) or a row that breaks a constraint. The same statement can only fail
+    /// again, so the command that carried the data is at fault, not the database.
+    pub fn is_refusal(&self) -> bool {
+        /// Messages of PostgreSQL's data exceptions that text or numbers from a command can
+        /// cause (diesel keeps the message, not the SQLSTATE).
+        const DATA_EXCEPTIONS: [&str; 8] = [
+            "invalid byte sequence",
+            "unsupported Unicode escape sequence",
+            "null character not permitted",
+            "invalid input syntax",
+            "out of range",
+            "value too long",
+            "numeric field overflow",
+            "invalid escape sequence",
+        ];
+        match self {
+            StoreError::Db(DieselError::DatabaseError(kind, info)) => {
+                matches!(
+                    kind,
+                    DatabaseErrorKind::CheckViolation | DatabaseErrorKind::NotNullViolation
+                ) || DATA_EXCEPTIONS.iter().any(|m| info.message().contains(m))
+            }
+            StoreError::Db(DieselError::SerializationError(_)) => true,
             _ => false,
         }
     }

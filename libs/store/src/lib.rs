@@ -23,3 +23,66 @@ pub mod sweep;
 pub use error::StoreError;
 pub use models::{AllocationRow, GpuRow, InstanceRow, Transition, WorkerRow};
 pub use pool::{Store, create_database, migrate};
+
+/// The SQL statements' state literals are the lifecycle's sets (`berth_proto::lifecycle`):
+/// a change of a rule there fails here until the statement follows.
+#[cfg(test)]
+mod sql_follows_the_lifecycle {
+    use berth_proto::{
+        InstanceState as S,
+        lifecycle::{self, sql_list},
+        status::ReportedState as R,
+    };
+    use std::collections::BTreeSet;
+
+    /// Every quoted word of `sql` that names a state.
+    fn state_literals(sql: &str) -> BTreeSet<S> {
+        sql.split('\'')
+            .skip(1)
+            .step_by(2)
+            .filter_map(|word| word.parse().ok())
+            .collect()
+    }
+
+    #[test]
+    fn every_state_literal_of_the_statements_is_a_lifecycle_rule() {
+        // A start: analyzing, unless it would change nothing on a placed instance.
+        let start = crate::commands::START_UPSERT_MANY;
+        assert!(start.contains(&format!("state = '{}'", lifecycle::ANALYZING)));
+        assert!(start.contains(&format!(
+            "instances.state IN ({})",
+            sql_list(&lifecycle::PLACED)
+        )));
+        let mut want: BTreeSet<S> = lifecycle::PLACED.into();
+        want.insert(lifecycle::ANALYZING);
+        assert_eq!(state_literals(start), want);
+
+        // A commit: from analyzing (at the analysis's version) to scheduled.
+        for commit in [crate::placement::COMMIT, crate::placement::COMMIT_MANY] {
+            assert!(commit.contains(&format!("state = '{}'", lifecycle::ANALYZING)));
+            assert!(commit.contains("SET state = 'scheduled'"));
+            assert_eq!(
+                state_literals(commit),
+                BTreeSet::from([lifecycle::ANALYZING, S::Scheduled])
+            );
+        }
+
+        // Forward reports: starting from scheduled, running from scheduled or starting.
+        assert_eq!(lifecycle::report_moves_from(R::Starting), [S::Scheduled]);
+        assert_eq!(
+            lifecycle::report_moves_from(R::Running),
+            [S::Scheduled, S::Starting]
+        );
+        let forward = crate::reports::FORWARD_MANY;
+        for alias in ["s", "f"] {
+            let rule = format!(
+                "(i.state = 'scheduled' OR (i.state = 'starting' AND {alias}.to_state = 'running'))"
+            );
+            assert!(forward.contains(&rule), "{rule}");
+        }
+        assert_eq!(
+            state_literals(forward),
+            BTreeSet::from([S::Scheduled, S::Starting, S::Running])
+        );
+    }
+}

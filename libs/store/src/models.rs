@@ -20,6 +20,20 @@ pub struct InstanceRow {
     pub updated_at: DateTime<Utc>,
 }
 
+impl InstanceRow {
+    /// The stored state, decoded; a value outside the lifecycle is corrupt data.
+    pub fn lifecycle_state(&self) -> Result<InstanceState, crate::StoreError> {
+        parse_state(&self.state)
+    }
+}
+
+/// Decodes a stored state.
+pub(crate) fn parse_state(state: &str) -> Result<InstanceState, crate::StoreError> {
+    state
+        .parse()
+        .map_err(|e| crate::StoreError::Corrupt(format!("{e}")))
+}
+
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = workers)]
 pub struct WorkerRow {

@@ -35,7 +35,8 @@ struct OutboxRow {
 /// An event waiting in the outbox, with the id that makes re-sending it harmless.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEvent {
-    /// Unique per state change (`instance:version:state`): NATS drops a second copy.
+    /// Unique per change (`instance:version:state:cmd_seq`; the sequence tells a rejected
+    /// command's note from the state it leaves alone): NATS drops a second copy.
     pub msg_id: String,
     pub event: InstanceEvent,
 }
@@ -129,7 +130,7 @@ fn to_event(r: OutboxRow) -> Result<OutboxEvent, StoreError> {
         .parse()
         .map_err(|_| StoreError::Corrupt(format!("outbox state {:?}", r.state)))?;
     Ok(OutboxEvent {
-        msg_id: format!("{}:{}:{}", r.instance_id, r.version, r.state),
+        msg_id: format!("{}:{}:{}:{}", r.instance_id, r.version, r.state, r.cmd_seq),
         event: InstanceEvent {
             instance_id: r.instance_id,
             state,
@@ -137,7 +138,15 @@ fn to_event(r: OutboxRow) -> Result<OutboxEvent, StoreError> {
             cmd_seq: r.cmd_seq,
             worker_id: r.worker_id,
             gpus: r.gpus.iter().map(|g| g.unsigned_abs()).collect(),
-            reason: r.reason,
+            // Cut here too: rows written before reasons were bounded must not make an
+            // event NATS refuses, which would hold up every event behind it.
+            reason: r.reason.map(|why| {
+                if why.len() > berth_proto::text::MAX_REASON_BYTES {
+                    berth_proto::text::reason(&why)
+                } else {
+                    why
+                }
+            }),
             at_ms: r.at.timestamp_millis(),
         },
     })

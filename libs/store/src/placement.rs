@@ -363,6 +363,7 @@ impl Store {
         state: InstanceState,
         reason: &str,
     ) -> Result<Option<Transition>, StoreError> {
+        let reason = berth_proto::text::reason(reason);
         let mut conn = self.conn().await?;
         let seq: Option<i64> = diesel::update(
             instances::table
@@ -372,7 +373,7 @@ impl Store {
         )
         .set((
             instances::state.eq(state.as_str()),
-            instances::reason.eq(reason),
+            instances::reason.eq(&reason),
             instances::updated_at.eq(diesel::dsl::now),
         ))
         .returning(instances::cmd_seq)
@@ -386,7 +387,7 @@ impl Store {
             cmd_seq,
             worker_id: None,
             gpus: Vec::new(),
-            reason: Some(reason.to_owned()),
+            reason: Some(reason),
         }))
     }
 }

@@ -5,7 +5,7 @@ use crate::{
     models::{AllocationRow, InstanceRow},
     schema::{allocations, gpus, instances, workers},
 };
-use berth_proto::{GpuInfo, GpuUsage, InstanceState, status::ReportedState};
+use berth_proto::{GpuInfo, GpuUsage, InstanceState, lifecycle, status::ReportedState};
 use diesel::prelude::*;
 use diesel::upsert::excluded;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
@@ -168,9 +168,9 @@ impl Store {
         if usage.is_empty() {
             return Ok(Some(beat));
         }
-        let known: Vec<(i32, i64)> = gpus::table
+        let known: Vec<(i32, i64, i64)> = gpus::table
             .filter(gpus::worker_id.eq(worker_id))
-            .select((gpus::idx, gpus::used_outside_bytes))
+            .select((gpus::idx, gpus::used_outside_bytes, gpus::total_bytes))
             .load(&mut conn)
             .await?;
         for u in usage {
@@ -178,10 +178,12 @@ impl Store {
             else {
                 continue;
             };
-            let used = i64::try_from(used).unwrap_or(i64::MAX);
-            let Some(&(_, old)) = known.iter().find(|(i, _)| *i == idx) else {
+            let Some(&(_, old, total)) = known.iter().find(|(i, _, _)| *i == idx) else {
                 continue;
             };
+            // No GPU has more in use than it has: a larger figure is a broken or hostile
+            // agent, and would keep the GPU out of service even after it is corrected.
+            let used = i64::try_from(used).unwrap_or(i64::MAX).min(total);
             if old == used {
                 continue;
             }
@@ -292,6 +294,8 @@ impl Store {
                 .flatten()
                 .collect());
         }
+        // Agents copy reasons from server logs: one line, bounded.
+        let reason = reason.map(berth_proto::text::reason);
         let mut conn = self.conn().await?;
         (*conn)
             .transaction::<_, StoreError, _>(async |conn| {
@@ -311,38 +315,44 @@ impl Store {
                     } else {
                         row.worker_id.as_deref() == Some(worker_id)
                     };
-                let state = row.state.as_str();
+                let state = row.lifecycle_state()?;
                 let mut out = Vec::new();
                 match reported {
-                    ReportedState::Starting if current && state == "scheduled" => {
-                        out.push(set_state(conn, &row, InstanceState::Starting, None).await?);
-                    }
-                    ReportedState::Running
-                        if current && matches!(state, "scheduled" | "starting") =>
-                    {
+                    ReportedState::Starting | ReportedState::Running => {
+                        let next = lifecycle::after_report(state, reported).filter(|_| current);
                         // Reports of one instance serialize on its row lock, so the last
-                        // part to report sees every other part ready.
-                        if !shared || all_ready_after(conn, id, worker_id, version).await? {
-                            out.push(set_state(conn, &row, InstanceState::Running, None).await?);
+                        // part to report `running` sees every other part ready.
+                        let all_ready = reported == ReportedState::Starting
+                            || !shared
+                            || (next.is_some()
+                                && all_ready_after(conn, id, worker_id, version).await?);
+                        if let Some(next) = next.filter(|_| all_ready) {
+                            out.push(set_state(conn, &row, next, None).await?);
                         }
                     }
-                    ReportedState::Starting | ReportedState::Running => {}
-                    ReportedState::Stopped => {
+                    // A stop is confirmed at the version its unassign named: the instance's
+                    // (a stop) or one past a stale placement's (a fence), never beyond the
+                    // next version, so a forged version cannot free the current placement.
+                    ReportedState::Stopped if version <= row.version.saturating_add(1) => {
                         release(conn, id, worker_id, Upto::Before(version)).await?;
                     }
+                    ReportedState::Stopped => {}
+                    // A failure is of a placement berth made: none lies past the current one.
+                    ReportedState::Error if version > row.version => {}
                     ReportedState::Error => {
                         release(conn, id, worker_id, Upto::Through(version)).await?;
-                        if current && matches!(state, "scheduled" | "starting" | "running") {
-                            let why = reason.unwrap_or("backend failed");
-                            out.push(set_state(conn, &row, InstanceState::Error, Some(why)).await?);
+                        if let Some(next) =
+                            lifecycle::after_report(state, reported).filter(|_| current)
+                        {
+                            let why = reason.as_deref().unwrap_or("backend failed");
+                            out.push(set_state(conn, &row, next, Some(why)).await?);
                         }
                     }
                 }
-                if state == "stopping" && !holds_any(conn, id).await? {
-                    out.push(
-                        set_state(conn, &row, InstanceState::Stopped, row.reason.as_deref())
-                            .await?,
-                    );
+                if state == InstanceState::Stopping
+                    && let Some(next) = lifecycle::after_release(state, holds_any(conn, id).await?)
+                {
+                    out.push(set_state(conn, &row, next, row.reason.as_deref()).await?);
                 }
                 Ok(out)
             })
@@ -448,7 +458,7 @@ impl Store {
         let Some((current, state, leader)) = row else {
             return Ok(false);
         };
-        if current != version || !["scheduled", "starting", "running"].contains(&state.as_str()) {
+        if current != version || !lifecycle::is_placed(crate::models::parse_state(&state)?) {
             return Ok(false);
         }
         if leader.as_deref() == Some(worker_id) {

@@ -5,7 +5,7 @@ use crate::{
     reports::{Upto, holds_any, release},
     schema::{allocations, instances, workers},
 };
-use berth_proto::InstanceState;
+use berth_proto::{InstanceState, lifecycle};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
@@ -114,26 +114,28 @@ impl Store {
                 let freed = release(conn, id, worker_id, Upto::All).await?;
                 // Placed here: the current placement had this worker, as its only or as one
                 // of several (then the other parts are stopped when it is placed again).
-                let placed_here = (row.worker_id.as_deref() == Some(worker_id)
-                    || freed.iter().any(|a| a.version == row.version))
-                    && ["scheduled", "starting", "running"].contains(&row.state.as_str());
+                let placed_there = row.worker_id.as_deref() == Some(worker_id)
+                    || freed.iter().any(|a| a.version == row.version);
+                let current = row.lifecycle_state()?;
                 let holds_more = holds_any(conn, id).await?;
-                let (state, reason) = if placed_here {
-                    (
-                        InstanceState::Pending,
-                        format!("worker {worker_id} stopped answering; placing again"),
-                    )
-                } else if row.state == "stopping" && !holds_more {
-                    (
-                        InstanceState::Stopped,
-                        format!("worker {worker_id} stopped answering; its GPUs were released"),
-                    )
-                } else {
-                    return Ok(Evicted {
-                        transition: None,
-                        replace: false,
-                    });
-                };
+                let (state, reason) =
+                    match lifecycle::after_worker_lost(current, placed_there, holds_more) {
+                        Some(InstanceState::Pending) => (
+                            InstanceState::Pending,
+                            format!("worker {worker_id} stopped answering; placing again"),
+                        ),
+                        Some(next) => (
+                            next,
+                            format!("worker {worker_id} stopped answering; its GPUs were released"),
+                        ),
+                        None => {
+                            return Ok(Evicted {
+                                transition: None,
+                                replace: false,
+                            });
+                        }
+                    };
+                let placed_here = state == InstanceState::Pending;
                 diesel::update(instances::table.find(id))
                     .set((
                         instances::state.eq(state.as_str()),
@@ -164,7 +166,7 @@ impl Store {
     pub async fn stranded(&self, limit: i64) -> Result<Vec<(String, i64)>, StoreError> {
         let mut conn = self.scan_conn().await?;
         Ok(instances::table
-            .filter(instances::state.eq_any(["pending", "error", "stopped"]))
+            .filter(instances::state.eq_any(lifecycle::UNPLACED_AT_REST.map(InstanceState::as_str)))
             .filter(diesel::dsl::exists(
                 allocations::table
                     .filter(allocations::instance_id.eq(instances::id))

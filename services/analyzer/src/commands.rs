@@ -1,6 +1,6 @@
 //! Handling one command message: decode, dead-letter bad input, apply start or stop.
 
-use crate::{context::Ctx, intake::Handled, placing};
+use crate::{context::Ctx, intake::Handled, intents::NotRecorded, placing};
 use async_nats::jetstream::Message;
 use berth_proto::{AgentMsg, Command, StartSpec, StopSpec, subjects::instance_of_cmd_subject};
 use berth_retry::{RetryPolicy, retry};
@@ -33,10 +33,14 @@ pub async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
             return dead_letter(ctx, msg, None, seq, &reason).await;
         };
         ctx.supersede(id, seq);
-        match Command::decode(&msg.payload) {
-            Err(e) => dead_letter(ctx, msg, Some(id), seq, &e.to_string()).await,
+        let handled = match Command::decode(&msg.payload) {
+            Err(e) => return dead_letter(ctx, msg, Some(id), seq, &e.to_string()).await,
             Ok(Command::Start(spec)) => start(ctx, id, seq, spec, picked_at).await,
             Ok(Command::Stop(spec)) => stop(ctx, id, seq, spec).await,
+        };
+        match handled {
+            Handled::Refused(why) => dead_letter(ctx, msg, Some(id), seq, &why).await,
+            other => other,
         }
     }
     .instrument(span)
@@ -52,10 +56,17 @@ where
     retry(what, RetryPolicy::QUICK, StoreError::is_transient, op).await
 }
 
+/// A store error as the command's outcome: redelivered while the database is unavailable,
+/// refused (dead-lettered) when the database refuses the command's data or fails in a way
+/// that retrying cannot mend, so no command is retried forever.
 fn outcome<T>(r: Result<T, StoreError>) -> Result<T, Handled> {
     r.map_err(|e| {
-        tracing::warn!(%e, "database unavailable; command will be redelivered");
-        Handled::Retry
+        if e.is_transient() {
+            tracing::warn!(%e, "database unavailable; command will be redelivered");
+            Handled::Retry
+        } else {
+            Handled::Refused(format!("the database refused the command: {e}"))
+        }
     })
 }
 
@@ -87,6 +98,10 @@ async fn dead_letter(
             Ok(None) => {
                 ctx.stats.commands_stale.inc();
             }
+            Err(Handled::Refused(why)) => {
+                // The copy is in the dead-letter stream; the instance keeps its state.
+                tracing::error!(why, "cannot mark the instance for a rejected command");
+            }
             Err(h) => return h,
         }
     }
@@ -113,9 +128,15 @@ async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: System
     let token = ctx.begin_fit(id, seq, &spec);
     // Grouped with the other starts in hand; transient errors were retried there.
     let (applied, newest) = tokio::join!(ctx.intents.apply(intent), ctx.bus.last_command_seq(id));
-    let Ok(applied) = applied else {
-        ctx.end_fit(id, seq);
-        return Handled::Retry;
+    let applied = match applied {
+        Ok(applied) => applied,
+        Err(not_recorded) => {
+            ctx.end_fit(id, seq);
+            return match not_recorded {
+                NotRecorded::Unavailable => Handled::Retry,
+                NotRecorded::Refused(why) => Handled::Refused(why),
+            };
+        }
     };
     let StartApplied::Analyzing {
         transition,

@@ -10,12 +10,15 @@ use tokio_util::sync::CancellationToken;
 use crate::{commands, context::Ctx};
 
 /// How a handler finished with a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handled {
     /// Done (applied, stale, or dead-lettered): acknowledge.
     Done,
     /// A dependency is down: redeliver after a while.
     Retry,
+    /// The message itself is at fault (the database refused its data for good): the command
+    /// handler dead-letters it; acknowledged like `Done` if it reaches the pull loop.
+    Refused(String),
 }
 
 /// Redelivery delay after a transient failure.
@@ -102,6 +105,10 @@ pub async fn pull_loop<H, Fut>(
                 let outcome = keep_alive(&msg, fut).await;
                 let ack = match outcome {
                     Handled::Done => msg.ack().await,
+                    Handled::Refused(why) => {
+                        tracing::warn!(why, "{what}: message refused");
+                        msg.ack().await
+                    }
                     Handled::Retry => msg.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await,
                 };
                 if let Err(e) = ack {

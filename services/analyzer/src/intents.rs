@@ -15,10 +15,16 @@ const MAX_GROUP: usize = 256;
 /// `placing::COMMIT_GROUPS_IN_FLIGHT`).
 const GROUPS_IN_FLIGHT: usize = 1;
 
-/// The database could not record the intent (already logged); the command is redelivered.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("start intent not recorded")]
-pub struct NotRecorded;
+/// Why an intent was not recorded (already logged).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NotRecorded {
+    /// The database is unavailable: the command is redelivered.
+    #[error("start intent not recorded")]
+    Unavailable,
+    /// The database refused the intent's data for good: the command is at fault.
+    #[error("the database refused the start: {0}")]
+    Refused(String),
+}
 
 type Recorded = Result<StartApplied, NotRecorded>;
 
@@ -38,7 +44,10 @@ impl Intents {
 
     /// Records `intent` (in a group with whatever else is waiting) and says what it did.
     pub async fn apply(&self, intent: StartIntent) -> Recorded {
-        self.0.call(intent).await.map_err(|_| NotRecorded)?
+        self.0
+            .call(intent)
+            .await
+            .map_err(|_| NotRecorded::Unavailable)?
     }
 }
 
@@ -61,18 +70,20 @@ async fn record(store: Store, stats: Arc<Stats>, intents: Vec<StartIntent>) -> V
             let mut out = Vec::with_capacity(intents.len());
             for intent in &intents {
                 out.push(match store.apply_starts(std::slice::from_ref(intent)).await {
-                    Ok(mut r) => r.pop().ok_or(NotRecorded),
+                    Ok(mut r) => r.pop().ok_or(NotRecorded::Unavailable),
+                    Err(e) if e.is_refusal() => Err(NotRecorded::Refused(e.to_string())),
                     Err(e) => {
                         tracing::warn!(%e, instance_id = intent.id, "cannot record the start intent; it will be redelivered");
-                        Err(NotRecorded)
+                        Err(NotRecorded::Unavailable)
                     }
                 });
             }
             out
         }
+        Err(e) if e.is_refusal() => vec![Err(NotRecorded::Refused(e.to_string())); intents.len()],
         Err(e) => {
             tracing::warn!(%e, n = intents.len(), "cannot record start intents; the commands will be redelivered");
-            vec![Err(NotRecorded); intents.len()]
+            vec![Err(NotRecorded::Unavailable); intents.len()]
         }
     }
 }

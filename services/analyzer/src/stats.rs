@@ -71,6 +71,8 @@ pub struct Stats {
     pub refits: Counter,
     pub pending: Counter,
     pub reports_applied: Counter,
+    /// Agent reports dropped: undecodable, implausible, or sent on another worker's subject.
+    pub reports_rejected: Counter,
     pub fits_timed_out: Counter,
     pub commands_watched: Counter,
     pub republished: Counter,
@@ -142,7 +144,7 @@ impl Stats {
         );
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, &Counter); 23] {
+    fn counters(&self) -> [(&'static str, &'static str, &Counter); 24] {
         [
             (
                 "commands_applied",
@@ -209,6 +211,11 @@ impl Stats {
                 "reports_applied",
                 "Agent reports that changed an instance",
                 &self.reports_applied,
+            ),
+            (
+                "reports_rejected",
+                "Agent reports dropped: undecodable, implausible, or about another worker than their subject names",
+                &self.reports_rejected,
             ),
             (
                 "fits_timed_out",

@@ -78,11 +78,25 @@ async fn fence_if_stale(
     Ok(())
 }
 
+/// Decodes a report and checks it against its subject: an agent speaks only for the worker
+/// its subject names (the server's permissions say who may publish there).
+fn checked_report(subject: &str, payload: &[u8]) -> Result<StatusMsg, String> {
+    let report = StatusMsg::decode(payload)?;
+    match berth_proto::subjects::worker_of_status_subject(subject) {
+        Some(worker) if worker == report.worker_id() => Ok(report),
+        _ => Err(format!(
+            "report about worker {:?} sent on {subject:?}",
+            report.worker_id()
+        )),
+    }
+}
+
 async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
-    let report: StatusMsg = match berth_proto::decode(&msg.payload) {
+    let report = match checked_report(&msg.subject, &msg.payload) {
         Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(subject = %msg.subject, %e, "dropping undecodable agent report");
+        Err(why) => {
+            tracing::warn!(subject = %msg.subject, why, "dropping agent report");
+            ctx.stats.reports_rejected.inc();
             return Handled::Done;
         }
     };
