@@ -40,34 +40,6 @@ impl StoreError {
             _ => false,
         }
     }
-
-    /// The database refused the data itself: a value it cannot hold (SQLSTATE class 22, such
-    /// as a NUL in text) or a row that breaks a constraint. The same statement can only fail
-    /// again, so the command that carried the data is at fault, not the database.
-    pub fn is_refusal(&self) -> bool {
-        /// Messages of PostgreSQL's data exceptions that text or numbers from a command can
-        /// cause (diesel keeps the message, not the SQLSTATE).
-        const DATA_EXCEPTIONS: [&str; 8] = [
-            "invalid byte sequence",
-            "unsupported Unicode escape sequence",
-            "null character not permitted",
-            "invalid input syntax",
-            "out of range",
-            "value too long",
-            "numeric field overflow",
-            "invalid escape sequence",
-        ];
-        match self {
-            StoreError::Db(DieselError::DatabaseError(kind, info)) => {
-                matches!(
-                    kind,
-                    DatabaseErrorKind::CheckViolation | DatabaseErrorKind::NotNullViolation
-                ) || DATA_EXCEPTIONS.iter().any(|m| info.message().contains(m))
-            }
-            StoreError::Db(DieselError::SerializationError(_)) => true,
-            _ => false,
-        }
-    }
 }
 
 impl From<diesel_async::pooled_connection::deadpool::PoolError> for StoreError {

@@ -21,7 +21,8 @@ pub enum NotRecorded {
     /// The database is unavailable: the command is redelivered.
     #[error("start intent not recorded")]
     Unavailable,
-    /// The database refused the intent's data for good: the command is at fault.
+    /// The database refused the intent for good (its data, or an error retrying cannot
+    /// mend): the command is dead-lettered rather than retried forever.
     #[error("the database refused the start: {0}")]
     Refused(String),
 }
@@ -71,7 +72,7 @@ async fn record(store: Store, stats: Arc<Stats>, intents: Vec<StartIntent>) -> V
             for intent in &intents {
                 out.push(match store.apply_starts(std::slice::from_ref(intent)).await {
                     Ok(mut r) => r.pop().ok_or(NotRecorded::Unavailable),
-                    Err(e) if e.is_refusal() => Err(NotRecorded::Refused(e.to_string())),
+                    Err(e) if !e.is_transient() => Err(NotRecorded::Refused(e.to_string())),
                     Err(e) => {
                         tracing::warn!(%e, instance_id = intent.id, "cannot record the start intent; it will be redelivered");
                         Err(NotRecorded::Unavailable)
@@ -80,7 +81,9 @@ async fn record(store: Store, stats: Arc<Stats>, intents: Vec<StartIntent>) -> V
             }
             out
         }
-        Err(e) if e.is_refusal() => vec![Err(NotRecorded::Refused(e.to_string())); intents.len()],
+        Err(e) if !e.is_transient() => {
+            vec![Err(NotRecorded::Refused(e.to_string())); intents.len()]
+        }
         Err(e) => {
             tracing::warn!(%e, n = intents.len(), "cannot record start intents; the commands will be redelivered");
             vec![Err(NotRecorded::Unavailable); intents.len()]
