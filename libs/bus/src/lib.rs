@@ -15,7 +15,7 @@ pub mod grouping;
 mod newest;
 mod topology;
 
-pub use error::BusError;
+pub use error::{BusError, Source};
 pub use topology::{
     AGENT_STREAM, CMD_CONSUMER, CMD_STREAM, DEFAULT_ACK_WAIT, DLQ_STREAM, EVENTS_STREAM,
     STATUS_CONSUMER, STATUS_STREAM,
@@ -69,13 +69,19 @@ impl Bus {
             .retry_on_initial_connect()
             .connect(url)
             .await
-            .map_err(|e| BusError::Connect(format!("{url}: {e}")))?;
+            .map_err(|source| BusError::Connect {
+                url: url.to_owned(),
+                source,
+            })?;
         let js = jetstream::new(client.clone());
         topology::provision(&js).await?;
-        let cmd_stream = js
-            .get_stream_no_info(CMD_STREAM)
-            .await
-            .map_err(|e| BusError::Provision(e.to_string()))?;
+        let cmd_stream =
+            js.get_stream_no_info(CMD_STREAM)
+                .await
+                .map_err(|e| BusError::Provision {
+                    what: format!("stream {CMD_STREAM}"),
+                    source: e.into(),
+                })?;
         let newest = newest::Newest::spawn(client.clone(), cmd_stream.clone());
         Ok(Bus {
             client,
@@ -116,7 +122,7 @@ impl Bus {
         match self.cmd_stream.direct_get_last_for_subject(subject).await {
             Ok(msg) => Ok(Some((msg.sequence, msg.payload))),
             Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(BusError::Request(e.to_string())),
+            Err(e) => Err(BusError::request("newest command", e)),
         }
     }
 
@@ -128,12 +134,12 @@ impl Bus {
         limit: usize,
     ) -> Result<Vec<InstanceEvent>, BusError> {
         use futures::StreamExt;
-        let request = |e: &dyn std::fmt::Display| BusError::Request(e.to_string());
+        let request = |e: Source| BusError::request("instance history", e);
         let stream = self
             .js
             .get_stream(EVENTS_STREAM)
             .await
-            .map_err(|e| request(&e))?;
+            .map_err(|e| request(e.into()))?;
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::Config {
                 filter_subject: subjects::event_subject(instance_id)?,
@@ -143,16 +149,16 @@ impl Bus {
                 ..Default::default()
             })
             .await
-            .map_err(|e| request(&e))?;
+            .map_err(|e| request(e.into()))?;
         let mut batch = consumer
             .fetch()
             .max_messages(limit)
             .messages()
             .await
-            .map_err(|e| request(&e))?;
+            .map_err(|e| request(e.into()))?;
         let mut out = Vec::new();
         while let Some(msg) = batch.next().await {
-            let msg = msg.map_err(|e| request(&e))?;
+            let msg = msg.map_err(&request)?;
             if let Ok(ev) = berth_proto::decode::<InstanceEvent>(&msg.payload) {
                 out.push(ev);
             }
@@ -169,7 +175,7 @@ impl Bus {
             .js
             .get_stream(DLQ_STREAM)
             .await
-            .map_err(|e| BusError::Request(e.to_string()))?;
+            .map_err(|e| BusError::request("dead letters", e))?;
         match stream
             .get_last_raw_message_by_subject(&subjects::dlq_subject(Some(instance_id)))
             .await
@@ -182,7 +188,7 @@ impl Bus {
             Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
                 Ok(None)
             }
-            Err(e) => Err(BusError::Request(e.to_string())),
+            Err(e) => Err(BusError::request("last dead letter", e)),
         }
     }
 
@@ -212,16 +218,16 @@ impl Bus {
         }
         let ack = self
             .js
-            .publish_with_headers(subject, headers, payload)
+            .publish_with_headers(subject.clone(), headers, payload)
             .await
-            .map_err(|e| BusError::Publish(e.to_string()))?
+            .map_err(|e| BusError::publish(&subject, e))?
             .await;
         match ack {
             Ok(ack) => Ok(ack.sequence),
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
                 Err(BusError::Superseded)
             }
-            Err(e) => Err(BusError::Publish(e.to_string())),
+            Err(e) => Err(BusError::publish(subject, e)),
         }
     }
 
@@ -281,12 +287,13 @@ impl Bus {
         } else {
             payload
         };
+        let subject = subjects::dlq_subject(instance_id);
         self.js
-            .publish_with_headers(subjects::dlq_subject(instance_id), headers, payload)
+            .publish_with_headers(subject.clone(), headers, payload)
             .await
-            .map_err(|e| BusError::Publish(e.to_string()))?
+            .map_err(|e| BusError::publish(&subject, e))?
             .await
-            .map_err(|e| BusError::Publish(e.to_string()))?;
+            .map_err(|e| BusError::publish(subject, e))?;
         Ok(())
     }
 
@@ -320,25 +327,26 @@ impl Bus {
         let message = async_nats::jetstream::message::PublishMessage::build()
             .payload(berth_proto::encode(event)?.into())
             .message_id(msg_id);
+        let subject = subjects::event_subject(&event.instance_id)?;
         let ack = self
             .js
-            .send_publish(subjects::event_subject(&event.instance_id)?, message)
+            .send_publish(subject.clone(), message)
             .await
-            .map_err(|e| BusError::Publish(e.to_string()))?;
+            .map_err(|e| BusError::publish(&subject, e))?;
         Ok(Box::pin(async move {
             ack.await
                 .map(drop)
-                .map_err(|e| BusError::Publish(e.to_string()))
+                .map_err(|e| BusError::publish(subject, e))
         }))
     }
 
     async fn publish_durable(&self, subject: String, payload: Vec<u8>) -> Result<(), BusError> {
         self.js
-            .publish(subject, payload.into())
+            .publish(subject.clone(), payload.into())
             .await
-            .map_err(|e| BusError::Publish(e.to_string()))?
+            .map_err(|e| BusError::publish(&subject, e))?
             .await
-            .map_err(|e| BusError::Publish(e.to_string()))?;
+            .map_err(|e| BusError::publish(subject, e))?;
         Ok(())
     }
 }

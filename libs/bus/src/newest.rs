@@ -4,7 +4,7 @@
 //! it is as fresh as a direct get of each one; any doubt about it (an error, a timeout, an
 //! answer that looks incomplete) falls back to one direct get per subject.
 
-use crate::{BusError, CMD_STREAM};
+use crate::{BusError, CMD_STREAM, Source};
 use async_nats::{Client, StatusCode, jetstream::stream::Stream};
 use futures::StreamExt;
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -36,10 +36,10 @@ impl Newest {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send((subject, reply))
-            .map_err(|_| BusError::Request("the lookup task has stopped".into()))?;
+            .map_err(|_| BusError::request("newest command", "the lookup task has stopped"))?;
         answer
             .await
-            .map_err(|_| BusError::Request("the lookup task has stopped".into()))?
+            .map_err(|_| BusError::request("newest command", "the lookup task has stopped"))?
     }
 }
 
@@ -86,7 +86,7 @@ pub(crate) async fn single(stream: &Stream<()>, subject: &str) -> Result<Option<
         Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
             Ok(None)
         }
-        Err(e) => Err(BusError::Request(e.to_string())),
+        Err(e) => Err(BusError::request("newest command", e)),
     }
 }
 
@@ -97,12 +97,12 @@ async fn multi_last(
     client: &Client,
     subjects: &[String],
 ) -> Result<HashMap<String, u64>, BusError> {
-    let request = |e: &dyn std::fmt::Display| BusError::Request(e.to_string());
+    let request = |e: Source| BusError::request("newest commands", e);
     let inbox = client.new_inbox();
     let mut answers = client
         .subscribe(inbox.clone())
         .await
-        .map_err(|e| request(&e))?;
+        .map_err(|e| request(e.into()))?;
     let body = serde_json::json!({ "multi_last": subjects, "batch": subjects.len() });
     client
         .publish_with_reply(
@@ -111,7 +111,7 @@ async fn multi_last(
             body.to_string().into(),
         )
         .await
-        .map_err(|e| request(&e))?;
+        .map_err(|e| request(e.into()))?;
     let mut found = HashMap::new();
     while let Some(msg) = answers.next().await {
         let header = |name: &str| {
@@ -124,9 +124,9 @@ async fn multi_last(
             None => {
                 let (Some(subject), Some(seq)) = (header("Nats-Subject"), header("Nats-Sequence"))
                 else {
-                    return Err(request(&"an answer without subject or sequence"));
+                    return Err(request("an answer without subject or sequence".into()));
                 };
-                let seq = seq.parse::<u64>().map_err(|e| request(&e))?;
+                let seq = seq.parse::<u64>().map_err(|e| request(e.into()))?;
                 found.insert(subject, seq);
             }
             Some(StatusCode::NOT_FOUND) => return Ok(found),
@@ -134,16 +134,19 @@ async fn multi_last(
             Some(code) if code.as_u16() == 204 => {
                 return match header("Nats-Num-Pending").as_deref() {
                     Some("0") | None => Ok(found),
-                    Some(n) => Err(request(&format!("{n} answers left unsent"))),
+                    Some(n) => Err(request(format!("{n} answers left unsent").into())),
                 };
             }
             Some(code) => {
-                return Err(request(&format!(
-                    "status {code}: {}",
-                    msg.description.as_deref().unwrap_or("")
-                )));
+                return Err(request(
+                    format!(
+                        "status {code}: {}",
+                        msg.description.as_deref().unwrap_or("")
+                    )
+                    .into(),
+                ));
             }
         }
     }
-    Err(request(&"the answer ended early"))
+    Err(request("the answer ended early".into()))
 }

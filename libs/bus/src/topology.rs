@@ -75,7 +75,10 @@ pub(crate) async fn provision(js: &jetstream::Context) -> Result<(), BusError> {
         let name = config.name.clone();
         js.create_or_update_stream(config)
             .await
-            .map_err(|e| BusError::Provision(format!("stream {name}: {e}")))?;
+            .map_err(|e| BusError::Provision {
+                what: format!("stream {name}"),
+                source: e.into(),
+            })?;
     }
     Ok(())
 }
@@ -99,7 +102,10 @@ async fn consumer(
     let name = config.durable_name.clone().unwrap_or_default();
     js.create_consumer_on_stream(config, stream)
         .await
-        .map_err(|e| BusError::Provision(format!("consumer {name} on {stream}: {e}")))
+        .map_err(|e| BusError::Provision {
+            what: format!("consumer {name} on {stream}"),
+            source: e.into(),
+        })
 }
 
 pub(crate) async fn command_consumer(

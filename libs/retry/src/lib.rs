@@ -67,6 +67,38 @@ where
     .await
 }
 
+/// How [`retry_until`] ended without a result.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Interrupted<E> {
+    /// A permanent error, or the last transient one when the policy gave up.
+    #[error(transparent)]
+    Failed(E),
+    /// `shutdown` fired first.
+    #[error("stopped: shutting down")]
+    Shutdown,
+}
+
+/// [`retry`] that also stops when `shutdown` fires, for loops that retry a long time (the
+/// [`RetryPolicy::PATIENT`] ones): a process shutting down does not wait on a server that
+/// is gone, and a permanent error ends at once as with [`retry`].
+pub async fn retry_until<T, E, Op, Fut>(
+    what: &str,
+    policy: RetryPolicy,
+    is_transient: impl Fn(&E) -> bool,
+    shutdown: &tokio_util::sync::CancellationToken,
+    op: Op,
+) -> Result<T, Interrupted<E>>
+where
+    Op: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    tokio::select! {
+        () = shutdown.cancelled() => Err(Interrupted::Shutdown),
+        done = retry(what, policy, is_transient, op) => done.map_err(Interrupted::Failed),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +139,36 @@ mod tests {
         .await;
         assert_eq!(out, Err("bad input".to_owned()));
         assert_eq!(tries.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_patient_retry_stops_at_shutdown_and_at_a_permanent_error() {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let tries = AtomicU32::new(0);
+        let stopper = shutdown.clone();
+        let out: Result<(), Interrupted<String>> = retry_until(
+            "op",
+            RetryPolicy::PATIENT,
+            |_| true,
+            &shutdown,
+            || {
+                // The server never answers; shutdown comes after a few tries.
+                if tries.fetch_add(1, Ordering::SeqCst) == 2 {
+                    stopper.cancel();
+                }
+                async { Err("unavailable".to_owned()) }
+            },
+        )
+        .await;
+        assert_eq!(out, Err(Interrupted::Shutdown));
+        let refused: Result<(), Interrupted<String>> = retry_until(
+            "op",
+            RetryPolicy::PATIENT,
+            |e: &String| e != "refused",
+            &tokio_util::sync::CancellationToken::new(),
+            || async { Err("refused".to_owned()) },
+        )
+        .await;
+        assert_eq!(refused, Err(Interrupted::Failed("refused".to_owned())));
     }
 }

@@ -4,7 +4,7 @@ use crate::{AgentStats, Usage, WorkerSpec};
 use async_nats::jetstream::AckKind;
 use berth_bus::{Bus, BusError};
 use berth_proto::{AgentMsg, StatusMsg, status::ReportedState};
-use berth_retry::{RetryPolicy, retry};
+use berth_retry::{Interrupted, RetryPolicy, retry, retry_until};
 use futures::StreamExt;
 use std::{collections::HashMap, sync::Arc, time::Duration};
 use tokio::task::JoinSet;
@@ -46,7 +46,14 @@ impl Agent {
             labels: config.worker.labels.clone(),
             gpus: config.worker.gpus.clone(),
         };
-        report(&bus, &id, &register).await?;
+        // Until the agent is started, dropping this future is how a caller gives up.
+        retry(
+            "register",
+            RetryPolicy::PATIENT,
+            BusError::is_transient,
+            || bus.publish_status(&id, &register),
+        )
+        .await?;
         let consumer = bus.agent_consumer(&id).await?;
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -84,11 +91,19 @@ impl Agent {
     }
 }
 
-async fn report(bus: &Bus, worker_id: &str, msg: &StatusMsg) -> Result<(), BusError> {
-    retry(
+/// Sends a report, retrying while NATS is unavailable; stops at a permanent refusal and at
+/// shutdown.
+async fn report(
+    bus: &Bus,
+    worker_id: &str,
+    msg: &StatusMsg,
+    shutdown: &CancellationToken,
+) -> Result<(), Interrupted<BusError>> {
+    retry_until(
         "agent report",
         RetryPolicy::PATIENT,
         BusError::is_transient,
+        shutdown,
         || bus.publish_status(worker_id, msg),
     )
     .await
@@ -177,7 +192,7 @@ async fn assignments(
             };
             let result = match berth_proto::decode::<AgentMsg>(&msg.payload) {
                 Ok(m) => {
-                    let done = apply(&bus, &worker_id, &mut backends, &stats, m).await;
+                    let done = apply(&bus, &worker_id, &mut backends, &stats, m, &shutdown).await;
                     let running = i64::try_from(backends.running.len()).unwrap_or(i64::MAX);
                     stats
                         .running
@@ -192,7 +207,14 @@ async fn assignments(
             };
             let ack = match result {
                 Ok(()) => msg.ack().await,
-                Err(_) => {
+                // Shutting down: whoever runs this worker next gets it again.
+                Err(Interrupted::Shutdown) => break 'outer,
+                // NATS will never take the report: retrying the message cannot help.
+                Err(Interrupted::Failed(e)) if !e.is_transient() => {
+                    tracing::error!(%e, "report refused for good; assignment dropped");
+                    msg.ack().await
+                }
+                Err(Interrupted::Failed(_)) => {
                     msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
                         .await
                 }
@@ -210,7 +232,8 @@ async fn apply(
     backends: &mut Backends,
     stats: &AgentStats,
     msg: AgentMsg,
-) -> Result<(), BusError> {
+    shutdown: &CancellationToken,
+) -> Result<(), Interrupted<BusError>> {
     let label = AgentStats::worker(worker_id);
     let instance_report =
         |instance_id: &str, version: i64, state: ReportedState, shared| StatusMsg::Instance {
@@ -253,6 +276,7 @@ async fn apply(
                 bus,
                 worker_id,
                 &instance_report(&instance_id, version, ReportedState::Starting, shared),
+                shutdown,
             )
             .await?;
             tracing::info!(?gpus, ?workers, "backend started (simulated)");
@@ -261,6 +285,7 @@ async fn apply(
                 bus,
                 worker_id,
                 &instance_report(&instance_id, version, ReportedState::Running, shared),
+                shutdown,
             )
             .await
         }
@@ -289,6 +314,7 @@ async fn apply(
                 bus,
                 worker_id,
                 &instance_report(&instance_id, version, ReportedState::Stopped, false),
+                shutdown,
             )
             .await
         }
