@@ -2,7 +2,7 @@
 //! directory), estimates, and reserves exactly the estimate; a bad model reference ends in
 //! `error` with a reason that names it.
 
-use berth_fit::{EstimateOptions, LlamaCppOptions, ModelRef, estimate, profile_from_path};
+use berth_models::{EstimateOptions, LlamaCppOptions, ModelRef, estimate, profile_from_path};
 use berth_proto::{Command, InstanceState, StartSpec};
 use berth_tests::{Fleet, worker, write_llama_8b_config};
 use std::{path::Path, time::Duration};

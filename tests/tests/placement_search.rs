@@ -2,9 +2,10 @@
 //! two workers, partial offload, vLLM's share of each GPU, explicit GPU ids, replicas kept
 //! apart under spread, and memory used outside berth (live, from heartbeats).
 
-use berth_fit::{
-    EstimateOptions, LlamaCppOptions, ModelRef, Scaling, Shape, VllmOptions, estimate,
-    profile_from_path, shapes,
+use berth_fit::Shape;
+use berth_models::{
+    EstimateOptions, LlamaCppOptions, ModelRef, Scaling, VllmOptions, estimate, profile_from_path,
+    shapes,
 };
 use berth_proto::{Command, GpuUsage, InstanceState, StartSpec, StatusMsg};
 use berth_store::AllocationRow;

@@ -1,16 +1,12 @@
-//! Placement against synthetic clusters, and profiling a real GGUF file.
+//! Placement against synthetic clusters.
 //!
-//! `cargo bench -p berth-fit` (add `-- --quick` for a short run). The GGUF benchmark needs
-//! `ops/fetch-models.sh` to have run; without the file it is skipped with a note.
+//! `cargo bench -p berth-fit` (add `-- --quick` for a short run). Profiling and estimating a
+//! real model file is benchmarked in `berth-models` (`libs/models/benches/models.rs`).
 
-use berth_fit::{
-    Claim, EstimateOptions, Gpu, LlamaCppOptions, Policy, Request, Shape, Worker, estimate, place,
-    profile_from_path,
-};
+use berth_fit::{Claim, Gpu, Policy, Request, Shape, Worker, place};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::path::PathBuf;
 
 const GIB: u64 = 1 << 30;
 const GPUS_PER_WORKER: usize = 8;
@@ -99,29 +95,5 @@ fn placement(c: &mut Criterion) {
     g.finish();
 }
 
-fn smollm2() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.berth/models");
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    path.is_file().then_some(path)
-}
-
-fn profiling(c: &mut Criterion) {
-    let Some(path) = smollm2() else {
-        eprintln!("skipping the GGUF benchmark: run ops/fetch-models.sh first");
-        return;
-    };
-    c.bench_function("profile/SmolLM2-135M-Q4_1.gguf", |b| {
-        b.iter(|| profile_from_path(black_box(&path)))
-    });
-    let Ok(profile) = profile_from_path(&path) else {
-        return;
-    };
-    let opts = EstimateOptions::LlamaCpp(LlamaCppOptions::default());
-    // Errors are values here too: the benchmark measures the call either way.
-    c.bench_function("estimate/llama.cpp/SmolLM2", |b| {
-        b.iter(|| estimate(black_box(&profile), black_box(&opts)))
-    });
-}
-
-criterion_group!(benches, placement, profiling);
+criterion_group!(benches, placement);
 criterion_main!(benches);

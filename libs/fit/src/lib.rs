@@ -1,36 +1,17 @@
-//! Placement: given a snapshot of the cluster's free VRAM and an instance's needs, choose a
-//! worker and GPUs, or explain what was short; and the memory estimates behind those needs.
+//! Placement: given a snapshot of the cluster's free VRAM and an instance's needs ([`Request`]:
+//! the [`Shape`]s it can run in), choose a worker and GPUs, or explain what was short.
 //!
-//! Pure and deterministic: no network, no async, no clock. The only I/O is reading the headers
-//! of the model files a caller points [`profile_from_path`] at. The same snapshot and request
-//! give the same answer, which keeps it fast to test and to benchmark.
-//!
-//! - [`gguf`]: GGUF header reader (metadata, tensor infos, ggml type table).
-//! - [`hf`]: Hugging Face `config.json` + safetensors headers.
-//! - [`profile`]: [`ModelProfile`], from either, or from numbers ([`ExplicitProfile`]).
-//! - [`estimate()`]: llama.cpp- and vLLM-style memory estimates ([`Estimate`]).
+//! Pure and deterministic: no I/O, no async, no clock. The same snapshot and request give the
+//! same answer, which keeps it fast to test and to benchmark. Where the shapes come from (model
+//! files, memory estimates) is `berth-models`' business.
 
-mod estimate;
 mod explain;
-pub mod gguf;
-pub mod hf;
 mod lane;
 mod place;
-mod plan;
-pub mod profile;
 
-pub use estimate::{
-    Backend, Claim, CustomClaim, Estimate, EstimateError, EstimateOptions, GpuMemory, KvCacheType,
-    LlamaCppOptions, MAX_BATCH, MAX_CONTEXT, MAX_GPUS, VllmKvDtype, VllmOptions, estimate,
-};
 pub use explain::explain_no_fit;
 pub use lane::Lane;
 pub use place::{Order, Part, Placement, Policy, Slot, place, place_from};
-pub use plan::{MAX_SEARCH_GPUS, MAX_SEARCH_WORKERS, Scaling, shapes};
-pub use profile::{
-    Attention, Experts, ExplicitProfile, ModelProfile, ModelRef, ProfileError, ProfileFormat,
-    WeightBytes, WeightDtype, profile_from_path,
-};
 
 use std::collections::BTreeMap;
 
@@ -257,6 +238,28 @@ pub enum FitError {
     Cancelled,
 }
 
+/// The share of each GPU a backend takes regardless of need (vLLM's
+/// `gpu_memory_utilization`): `fraction × GPU total + extra_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Claim {
+    pub fraction: f64,
+    /// Allocated outside the fraction (CUDA graphs in vLLM before it profiled them).
+    pub extra_bytes: u64,
+}
+
+impl Claim {
+    /// The bytes claimed on a GPU of `total_bytes`: `⌈fraction × total⌉ + extra`.
+    pub fn share_of(&self, total_bytes: u64) -> u64 {
+        let share = (total_bytes as f64 * self.fraction).ceil();
+        let share = if share.is_finite() && share >= 0.0 {
+            share.min(u64::MAX as f64) as u64
+        } else {
+            0
+        };
+        share.saturating_add(self.extra_bytes)
+    }
+}
+
 impl Worker {
     /// One more replica of `group` here, or with `give_back` one less.
     pub fn count_replica(&mut self, group: &str, give_back: bool) {
@@ -282,7 +285,8 @@ impl Worker {
     }
 }
 
-pub(crate) fn gib(bytes: u64) -> String {
+/// Bytes in IEC units ("20.0 GiB"), as explanations and estimate tables show them.
+pub fn gib(bytes: u64) -> String {
     bytesize::ByteSize::b(bytes).display().iec().to_string()
 }
 

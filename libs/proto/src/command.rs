@@ -50,11 +50,11 @@ pub struct StartSpec {
     /// Hugging Face directory readable by the analyzers), `{"explicit": {...}}` (numbers), or
     /// `{"profile": {...}}` (a full profile).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model_ref: Option<Box<berth_fit::ModelRef>>,
+    pub model_ref: Option<Box<berth_options::ModelRef>>,
     /// The backend that will run it and its options, for the estimate (default: llama.cpp,
     /// full offload, the model's context, `gpus` GPUs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend: Option<Box<berth_fit::EstimateOptions>>,
+    pub backend: Option<Box<berth_options::EstimateOptions>>,
     /// Only these GPUs: `worker:index` or GPU UUIDs. The instance waits (`pending`) until
     /// enough of them have room.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -62,7 +62,7 @@ pub struct StartSpec {
     /// How far the placement search may scale an estimated model: more GPUs per worker,
     /// several workers, partial offload (needs `model_ref`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scaling: Option<berth_fit::Scaling>,
+    pub scaling: Option<berth_options::Scaling>,
     /// Replicas of one group are kept on different workers under the spread policy
     /// (default: `model`, when given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -387,10 +387,10 @@ mod tests {
             gpus: 1,
             selector: BTreeMap::new(),
             gpu_name: None,
-            model_ref: Some(Box::new(berth_fit::ModelRef::Path(
+            model_ref: Some(Box::new(berth_options::ModelRef::Path(
                 "/models/smollm2.gguf".into(),
             ))),
-            backend: Some(Box::new(berth_fit::EstimateOptions::LlamaCpp(
+            backend: Some(Box::new(berth_options::EstimateOptions::LlamaCpp(
                 Default::default(),
             ))),
             ..StartSpec::default()
@@ -400,12 +400,12 @@ mod tests {
 
     #[test]
     fn placement_options_round_trip_and_are_checked() {
-        let path = || Some(Box::new(berth_fit::ModelRef::Path("/m.gguf".into())));
+        let path = || Some(Box::new(berth_options::ModelRef::Path("/m.gguf".into())));
         let ok = StartSpec {
             model: "llama".into(),
             model_ref: path(),
             gpu_ids: vec!["w1:0".into(), "GPU-abc".into()],
-            scaling: Some(berth_fit::Scaling {
+            scaling: Some(berth_options::Scaling {
                 max_gpus: Some(8),
                 max_workers: Some(2),
                 partial_offload: true,
@@ -452,7 +452,7 @@ mod tests {
             ),
             (
                 StartSpec {
-                    scaling: Some(berth_fit::Scaling {
+                    scaling: Some(berth_options::Scaling {
                         max_gpus: Some(0),
                         ..Default::default()
                     }),

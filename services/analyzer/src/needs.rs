@@ -2,7 +2,8 @@
 //! estimate from its model (a file's headers, a profile, or numbers) and backend options.
 //! Profiles read from files are cached by path, size and modification time.
 
-use berth_fit::{EstimateOptions, LlamaCppOptions, ModelProfile, ModelRef, Request, Shape, shapes};
+use berth_fit::{Request, Shape};
+use berth_models::{EstimateOptions, LlamaCppOptions, ModelProfile, ModelRef, resolve, shapes};
 use berth_proto::StartSpec;
 use std::{
     collections::HashMap,
@@ -26,7 +27,7 @@ impl ProfileCache {
     /// Runs file reads on the blocking pool.
     pub async fn resolve(&self, model: &ModelRef) -> Result<Arc<ModelProfile>, String> {
         let ModelRef::Path(path) = model else {
-            return model.resolve().map(Arc::new).map_err(|e| e.to_string());
+            return resolve(model).map(Arc::new).map_err(|e| e.to_string());
         };
         let meta = std::fs::metadata(path).map_err(|e| format!("model {}: {e}", path.display()))?;
         let key = (path.clone(), meta.len(), meta.modified().ok());
@@ -34,7 +35,7 @@ impl ProfileCache {
             return Ok(hit);
         }
         let owned = model.clone();
-        let profile = tokio::task::spawn_blocking(move || owned.resolve())
+        let profile = tokio::task::spawn_blocking(move || resolve(&owned))
             .await
             .map_err(|e| format!("profile task failed: {e}"))?
             .map_err(|e| format!("model {}: {e}", path.display()))?;

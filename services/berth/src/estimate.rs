@@ -1,8 +1,9 @@
 //! `berth estimate`: what a model needs on the GPUs, from its own files.
 
 use anyhow::{Context, Result, bail};
-use berth_fit::{
-    EstimateOptions, KvCacheType, LlamaCppOptions, Scaling, Shape, VllmOptions, estimate,
+use berth_fit::Shape;
+use berth_models::{
+    EstimateOptions, KvCacheType, LlamaCppOptions, Scaling, VllmOptions, estimate,
     profile_from_path, shapes,
 };
 use clap::Args;
@@ -16,7 +17,7 @@ pub struct BackendArgs {
     backend: String,
     /// Context length in tokens (llama.cpp `--ctx-size`, vLLM `--max-model-len`); default:
     /// the model's own.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=berth_fit::MAX_CONTEXT))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=berth_models::MAX_CONTEXT))]
     ctx: Option<u64>,
     /// llama.cpp: layers to offload to the GPUs (default: all).
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=100_000))]
@@ -82,11 +83,11 @@ impl BackendArgs {
 pub struct ScalingArgs {
     /// Try every GPU count up to this many on one worker that the model can be split over
     /// (vLLM tensor-parallel sizes), fewest first.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(berth_fit::MAX_SEARCH_GPUS)))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(berth_models::MAX_SEARCH_GPUS)))]
     max_gpus: Option<u32>,
     /// Allow spreading the model over up to this many workers (one pipeline stage each)
     /// when it fits on no single worker.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(berth_fit::MAX_SEARCH_WORKERS)))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(berth_models::MAX_SEARCH_WORKERS)))]
     max_workers: Option<u32>,
     /// llama.cpp: keep some layers in host memory when no full offload fits.
     #[arg(long)]

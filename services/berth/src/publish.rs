@@ -99,7 +99,7 @@ pub async fn start(nats_url: &str, args: StartArgs) -> Result<()> {
                     path.display()
                 );
             }
-            Some(Box::new(berth_fit::ModelRef::Path(path)))
+            Some(Box::new(berth_models::ModelRef::Path(path)))
         }
         None => None,
     };

@@ -7,7 +7,7 @@
 //! rows use either vLLM's own memory-profiling log (everything but the KV cache, before CUDA
 //! graphs are captured) or `nvidia-smi`.
 
-use berth_fit::{
+use berth_models::{
     Estimate, EstimateOptions, ExplicitProfile, LlamaCppOptions, ModelProfile, VllmOptions,
     WeightDtype, estimate,
 };

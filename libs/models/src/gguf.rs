@@ -15,11 +15,16 @@
 //! corrupt or hostile file costs at most the bytes it really has (bounded by the limits) and
 //! ends in a [`GgufError`], never a panic or a huge allocation.
 
+use crate::read::ProfileError;
+use berth_options::{
+    Attention, Experts, MAX_LAYERS, ModelProfile, ProfileFormat, WeightBytes, layer_count,
+    pattern_layers,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
 pub const GGUF_DEFAULT_ALIGNMENT: u64 = 32;
@@ -989,6 +994,277 @@ impl<R: BufRead> Reader<R> {
     }
 }
 
+// Profiles: what the estimators read, from a parsed header.
+/// Profiles a GGUF file; for a split model (`…-00001-of-00003.gguf`) every shard's header is
+/// read and the tensors summed.
+pub fn profile_from_gguf_path(path: &Path) -> Result<ModelProfile, ProfileError> {
+    let limits = GgufLimits::default();
+    let read = |p: &Path| {
+        read_gguf(p, &limits).map_err(|source| ProfileError::Gguf {
+            path: p.to_owned(),
+            source,
+        })
+    };
+    let mut file = read(path)?;
+    let count = file.get_u64("split.count").ok().flatten().unwrap_or(1);
+    if count > 1 {
+        let shards = split_paths(path, count).ok_or_else(|| {
+            ProfileError::invalid(
+                path.display().to_string(),
+                format!("split.count is {count} but the name is not NAME-00001-of-NNNNN.gguf"),
+            )
+        })?;
+        for shard in shards.iter().skip(1) {
+            let other = read(shard)?;
+            file.tensors.extend(other.tensors);
+        }
+    }
+    profile_from_gguf(&file)
+}
+
+/// `NAME-00001-of-00003.gguf` → the paths of all three shards.
+fn split_paths(first: &Path, count: u64) -> Option<Vec<PathBuf>> {
+    if count > 10_000 {
+        return None;
+    }
+    let name = first.file_name()?.to_str()?;
+    let stem = name.strip_suffix(".gguf")?;
+    let (prefix, tail) = stem.rsplit_once("-of-")?;
+    let (prefix, _index) = prefix.rsplit_once('-')?;
+    if tail.parse::<u64>().ok()? != count {
+        return None;
+    }
+    let dir = first.parent().unwrap_or(Path::new("."));
+    Some(
+        (1..=count)
+            .map(|i| dir.join(format!("{prefix}-{i:05}-of-{count:05}.gguf")))
+            .collect(),
+    )
+}
+
+/// Architectures whose sliding-window layers llama.cpp lays out in a fixed pattern
+/// (`hparams.set_swa_pattern(n)`: layer `il` uses the window when `il % n < n − 1`).
+fn swa_pattern(arch: &str) -> Option<u32> {
+    match arch {
+        "gemma2" | "gpt-oss" | "openai-moe" => Some(2),
+        "cohere2" => Some(4),
+        "gemma3" => Some(6),
+        _ => None,
+    }
+}
+
+/// Builds a profile from a parsed GGUF header; it passes [`ModelProfile::validate`].
+pub fn profile_from_gguf(g: &GgufFile) -> Result<ModelProfile, ProfileError> {
+    let arch = g
+        .architecture()
+        .ok_or_else(|| ProfileError::Missing("general.architecture".into()))?
+        .to_owned();
+    let key = |k: &str| format!("{arch}.{k}");
+    let num = |k: &str| -> Result<Option<u64>, ProfileError> {
+        let full = key(k);
+        match g.get(&full) {
+            None => Ok(None),
+            Some(v) => scalar_or_max(v)
+                .map(Some)
+                .ok_or_else(|| ProfileError::invalid(full, "not a non-negative integer")),
+        }
+    };
+    let u32_of = |k: &str, v: u64| {
+        u32::try_from(v).map_err(|_| ProfileError::invalid(key(k), format!("{v} is out of range")))
+    };
+
+    let layers = num("block_count")?.ok_or_else(|| ProfileError::Missing(key("block_count")))?;
+    let n_layers = layer_count(&key("block_count"), layers)?;
+    let n_embd = u32_of(
+        "embedding_length",
+        num("embedding_length")?.ok_or_else(|| ProfileError::Missing(key("embedding_length")))?,
+    )?;
+    let n_ff = u32_of(
+        "feed_forward_length",
+        num("feed_forward_length")?.unwrap_or(0),
+    )?;
+    let context = num("context_length")?.unwrap_or(0);
+    let heads = u32_of(
+        "attention.head_count",
+        num("attention.head_count")?.unwrap_or(0),
+    )?;
+
+    let kv_key = key("attention.head_count_kv");
+    let (kv_heads, kv_per_layer) = match g.get(&kv_key) {
+        None => (heads, Vec::new()),
+        Some(MetaValue::Array { items, .. }) => {
+            let per: Vec<u32> = items
+                .iter()
+                .map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
+                .collect::<Option<_>>()
+                .ok_or_else(|| ProfileError::invalid(&kv_key, "not a list of head counts"))?;
+            // A list of the wrong length is kept for the validator to refuse.
+            let max = per.iter().copied().max().unwrap_or(0);
+            if per.len() == n_layers as usize && per.iter().all(|&h| h == max) {
+                (max, Vec::new())
+            } else {
+                (max, per)
+            }
+        }
+        Some(v) => (
+            v.as_u64()
+                .and_then(|x| u32::try_from(x).ok())
+                .ok_or_else(|| ProfileError::invalid(&kv_key, "not a head count"))?,
+            Vec::new(),
+        ),
+    };
+    let head_dim_default = n_embd.checked_div(heads).unwrap_or(0);
+    let key_length = match num("attention.key_length")? {
+        Some(v) => u32_of("attention.key_length", v)?,
+        None => head_dim_default,
+    };
+    let value_length = match num("attention.value_length")? {
+        Some(v) => u32_of("attention.value_length", v)?,
+        None => key_length,
+    };
+
+    let sliding_window = num("attention.sliding_window")?
+        .filter(|&w| w > 0)
+        .map(|w| u32_of("attention.sliding_window", w))
+        .transpose()?;
+    let sliding_layers = match sliding_window {
+        None => Vec::new(),
+        Some(_) => match g.get(&key("attention.sliding_window_pattern")) {
+            Some(MetaValue::Array { items, .. }) if items.len() == n_layers as usize => {
+                items.iter().map(|v| v.as_bool().unwrap_or(false)).collect()
+            }
+            Some(v) if v.as_u64().is_some_and(|p| p > 0 && p <= MAX_LAYERS) => {
+                pattern_layers(n_layers, v.as_u64().unwrap_or(1) as u32)
+            }
+            _ => match swa_pattern(&arch) {
+                Some(p) => pattern_layers(n_layers, p),
+                // Unknown layout: assume full attention everywhere (over-estimates, safely).
+                None => Vec::new(),
+            },
+        },
+    };
+
+    let experts = match num("expert_count")? {
+        Some(c) if c > 0 => Some(Experts {
+            count: u32_of("expert_count", c)?,
+            used: u32_of("expert_used_count", num("expert_used_count")?.unwrap_or(0))?,
+        }),
+        _ => None,
+    };
+    let opt32 = |k: &str| -> Result<Option<u32>, ProfileError> {
+        num(k)?.filter(|&v| v > 0).map(|v| u32_of(k, v)).transpose()
+    };
+    let kv_lora_rank = opt32("attention.kv_lora_rank")?;
+    let q_lora_rank = opt32("attention.q_lora_rank")?;
+    let rope_dim = if kv_lora_rank.is_some() {
+        opt32("rope.dimension_count")?
+    } else {
+        None
+    };
+
+    let vocab_size = match num("vocab_size")? {
+        Some(v) => u32_of("vocab_size", v)?,
+        None => g
+            .get("tokenizer.ggml.tokens")
+            .and_then(MetaValue::array_len)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0),
+    };
+
+    // Weights, split the way llama.cpp places them.
+    let mut layer_bytes = vec![0u64; n_layers as usize];
+    let (mut input, mut output, mut output_head, mut embd) = (0u64, 0u64, 0u64, 0u64);
+    let mut by_type: Vec<(GgmlType, u64)> = Vec::new();
+    for t in &g.tensors {
+        let b = t.bytes();
+        match by_type.iter_mut().find(|(ty, _)| *ty == t.ggml_type) {
+            Some((_, n)) => *n = n.saturating_add(b),
+            None => by_type.push((t.ggml_type, b)),
+        }
+        match t.block_index() {
+            Some(i) if (i as usize) < layer_bytes.len() => {
+                layer_bytes[i as usize] = layer_bytes[i as usize].saturating_add(b)
+            }
+            _ => {
+                let base = t.name.split('.').next().unwrap_or("");
+                match base {
+                    "token_embd" => {
+                        embd = embd.saturating_add(b);
+                        input = input.saturating_add(b);
+                    }
+                    "position_embd" | "token_types" | "token_embd_norm" => {
+                        input = input.saturating_add(b)
+                    }
+                    "output" => {
+                        output_head = output_head.saturating_add(b);
+                        output = output.saturating_add(b);
+                    }
+                    // output_norm, rope_freqs, extra (e.g. next-token) blocks: with the output.
+                    _ => output = output.saturating_add(b),
+                }
+            }
+        }
+    }
+    if output_head == 0 {
+        // Tied embeddings: llama.cpp duplicates token_embd as the output head.
+        output = output.saturating_add(embd);
+    }
+    let weight_dtype = by_type
+        .iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(t, _)| t.name().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+
+    let profile = ModelProfile {
+        format: ProfileFormat::Gguf,
+        name: g.get_str("general.name").ok().flatten().map(str::to_owned),
+        architecture: arch,
+        weight_dtype,
+        parameters: g.parameter_count(),
+        weights: WeightBytes {
+            total: g.tensor_bytes(),
+            input,
+            output,
+            layers: layer_bytes,
+            exact: true,
+        },
+        layers: n_layers,
+        context_length: context,
+        embedding_length: n_embd,
+        feed_forward_length: n_ff,
+        vocab_size,
+        attention: Attention {
+            heads,
+            kv_heads,
+            kv_heads_per_layer: kv_per_layer,
+            key_length,
+            value_length,
+            sliding_window,
+            sliding_layers,
+            kv_lora_rank,
+            q_lora_rank,
+            rope_dim,
+        },
+        experts,
+    };
+    profile.validate()?;
+    Ok(profile)
+}
+
+/// A number, or the largest of a per-layer list of numbers.
+fn scalar_or_max(v: &MetaValue) -> Option<u64> {
+    match v {
+        MetaValue::Array { items, .. } => {
+            let mut max = 0;
+            for i in items {
+                max = max.max(i.as_u64()?);
+            }
+            Some(max)
+        }
+        _ => v.as_u64(),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod testutil {
     //! A small GGUF writer for tests: valid files, and pieces to break them with.
@@ -1590,10 +1866,10 @@ mod tests {
             let start = std::time::Instant::now();
             if let Ok(g) = parse(&bytes) {
                 // Whatever parses must also profile and estimate without panicking.
-                if let Ok(p) = crate::profile::profile_from_gguf(&g) {
+                if let Ok(p) = profile_from_gguf(&g) {
                     for opts in [
-                        crate::EstimateOptions::LlamaCpp(crate::LlamaCppOptions::default()),
-                        crate::EstimateOptions::Vllm(crate::VllmOptions::default()),
+                        berth_options::EstimateOptions::LlamaCpp(Default::default()),
+                        berth_options::EstimateOptions::Vllm(Default::default()),
                     ] {
                         if let Ok(e) = crate::estimate(&p, &opts) {
                             let _ = e.to_table();
@@ -1613,5 +1889,218 @@ mod tests {
             bytes.extend(tail);
             let _ = parse(&bytes);
         }
+    }
+}
+
+#[cfg(test)]
+mod profile_tests {
+    use super::testutil::*;
+    use super::*;
+    use crate::read::profile_from_path;
+
+    #[test]
+    fn profile_of_the_tiny_llama() {
+        let bytes = tiny_llama(3);
+        let g = parse_gguf(&bytes[..], &GgufLimits::default()).unwrap();
+        let p = profile_from_gguf(&g).unwrap();
+        assert_eq!(p.format, ProfileFormat::Gguf);
+        assert_eq!(p.architecture, "llama");
+        assert_eq!(p.name.as_deref(), Some("tiny"));
+        assert_eq!(p.layers, 2);
+        assert_eq!(p.context_length, 2048);
+        assert_eq!(p.embedding_length, 64);
+        assert_eq!(p.feed_forward_length, 128);
+        assert_eq!(p.vocab_size, 256);
+        assert_eq!(p.attention.heads, 4);
+        assert_eq!(p.attention.kv_heads, 2);
+        assert_eq!(p.attention.key_length, 16);
+        assert_eq!(p.attention.value_length, 16);
+        assert_eq!(p.experts, None);
+        let embd = GgmlType::Q8_0.row_bytes(64).unwrap() * 256;
+        assert_eq!(p.weights.input, embd);
+        // Tied: the output head is the embedding copy, plus the norm.
+        assert_eq!(p.weights.output, embd + 64 * 4);
+        assert_eq!(
+            p.weights.total,
+            p.weights.input + p.weights.layers.iter().sum::<u64>() + 64 * 4
+        );
+        assert_eq!(p.weights.layers[0], p.weights.layers[1]);
+        assert_eq!(p.parameters, g.parameter_count());
+        // The profile survives JSON.
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<ModelProfile>(&json).unwrap(), p);
+    }
+
+    fn arch_file(arch: &str, extra: Vec<(String, MetaValue)>) -> GgufFile {
+        let mut kvs: Vec<(String, MetaValue)> = vec![
+            ("general.architecture".into(), string(arch)),
+            (format!("{arch}.block_count"), MetaValue::U32(12)),
+            (format!("{arch}.embedding_length"), MetaValue::U32(1024)),
+            (format!("{arch}.attention.head_count"), MetaValue::U32(8)),
+        ];
+        kvs.extend(extra);
+        let refs: Vec<(&str, MetaValue)> =
+            kvs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let bytes = file(3, &refs, &[]);
+        parse_gguf(&bytes[..], &GgufLimits::default()).unwrap()
+    }
+
+    #[test]
+    fn sliding_window_patterns() {
+        let g = arch_file(
+            "gemma3",
+            vec![(
+                "gemma3.attention.sliding_window".into(),
+                MetaValue::U32(1024),
+            )],
+        );
+        let p = profile_from_gguf(&g).unwrap();
+        assert_eq!(p.attention.sliding_window, Some(1024));
+        let full: Vec<usize> = (0..12).filter(|&i| !p.is_sliding(i)).collect();
+        assert_eq!(full, vec![5, 11]);
+
+        // An explicit pattern array wins; an unknown architecture without one slides nowhere.
+        let pattern = MetaValue::Array {
+            elem: ValueType::Bool,
+            items: (0..12).map(|i| MetaValue::Bool(i % 3 != 0)).collect(),
+        };
+        let g = arch_file(
+            "newarch",
+            vec![
+                (
+                    "newarch.attention.sliding_window".into(),
+                    MetaValue::U32(64),
+                ),
+                ("newarch.attention.sliding_window_pattern".into(), pattern),
+            ],
+        );
+        let p = profile_from_gguf(&g).unwrap();
+        assert_eq!((0..12).filter(|&i| p.is_sliding(i)).count(), 8);
+        let g = arch_file(
+            "newarch",
+            vec![(
+                "newarch.attention.sliding_window".into(),
+                MetaValue::U32(64),
+            )],
+        );
+        assert_eq!(
+            (0..12)
+                .filter(|&i| profile_from_gguf(&g).unwrap().is_sliding(i))
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn per_layer_kv_heads_moe_and_mla() {
+        let kv = MetaValue::Array {
+            elem: ValueType::U32,
+            items: (0..12)
+                .map(|i| MetaValue::U32(if i % 4 == 3 { 0 } else { 2 }))
+                .collect(),
+        };
+        let g = arch_file(
+            "deepseek2",
+            vec![
+                ("deepseek2.attention.head_count_kv".into(), kv),
+                ("deepseek2.expert_count".into(), MetaValue::U32(64)),
+                ("deepseek2.expert_used_count".into(), MetaValue::U32(6)),
+                (
+                    "deepseek2.attention.kv_lora_rank".into(),
+                    MetaValue::U32(512),
+                ),
+                (
+                    "deepseek2.attention.q_lora_rank".into(),
+                    MetaValue::U32(1536),
+                ),
+                ("deepseek2.rope.dimension_count".into(), MetaValue::U32(64)),
+                ("deepseek2.attention.key_length".into(), MetaValue::U32(576)),
+                (
+                    "deepseek2.attention.value_length".into(),
+                    MetaValue::U32(512),
+                ),
+            ],
+        );
+        let p = profile_from_gguf(&g).unwrap();
+        assert_eq!(p.attention.kv_heads, 2);
+        assert_eq!(p.kv_heads_of(3), 0);
+        assert_eq!(p.kv_heads_of(4), 2);
+        assert_eq!(p.experts, Some(Experts { count: 64, used: 6 }));
+        assert_eq!(p.attention.kv_lora_rank, Some(512));
+        assert_eq!(p.attention.q_lora_rank, Some(1536));
+        assert_eq!(p.attention.rope_dim, Some(64));
+        assert_eq!(
+            (p.attention.key_length, p.attention.value_length),
+            (576, 512)
+        );
+    }
+
+    #[test]
+    fn bad_architecture_values_are_errors() {
+        for (k, v, want) in [
+            ("x.block_count", MetaValue::U64(1 << 40), "layers"),
+            (
+                "x.block_count",
+                string("many"),
+                "not a non-negative integer",
+            ),
+            (
+                "x.embedding_length",
+                MetaValue::U64(1 << 40),
+                "out of range",
+            ),
+        ] {
+            let g = arch_file("x", vec![]);
+            let mut g = g;
+            g.metadata.insert(k.into(), v);
+            let err = profile_from_gguf(&g).unwrap_err().to_string();
+            assert!(err.contains(want), "{k}: {err}");
+        }
+        let mut g = arch_file("x", vec![]);
+        g.metadata.remove("general.architecture");
+        assert!(matches!(
+            profile_from_gguf(&g),
+            Err(ProfileError::Missing(_))
+        ));
+    }
+
+    #[test]
+    fn split_names() {
+        let v = split_paths(Path::new("/m/Big-Q4_K_M-00001-of-00003.gguf"), 3).unwrap();
+        assert_eq!(v[2], Path::new("/m/Big-Q4_K_M-00003-of-00003.gguf"));
+        assert!(split_paths(Path::new("/m/Big.gguf"), 3).is_none());
+        assert!(split_paths(Path::new("/m/Big-00001-of-00002.gguf"), 3).is_none());
+    }
+
+    #[test]
+    fn split_files_are_summed() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = |name: &str| Tensor {
+            name: name.into(),
+            dims: vec![32, 4],
+            ty: GgmlType::F16,
+        };
+        let meta = |idx: u16| {
+            vec![
+                ("general.architecture", string("llama")),
+                ("llama.block_count", MetaValue::U32(2)),
+                ("llama.embedding_length", MetaValue::U32(32)),
+                ("split.count", MetaValue::U16(2)),
+                ("split.no", MetaValue::U16(idx)),
+            ]
+        };
+        let a = file(3, &meta(0), &[t("blk.0.attn_q.weight")]);
+        let b = file(3, &meta(1), &[t("blk.1.attn_q.weight")]);
+        let first = dir.path().join("m-00001-of-00002.gguf");
+        std::fs::write(&first, a).unwrap();
+        let second = dir.path().join("m-00002-of-00002.gguf");
+        std::fs::write(&second, b).unwrap();
+        let p = profile_from_path(&first).unwrap();
+        assert_eq!(p.weights.layers, vec![256, 256]);
+        std::fs::remove_file(&second).unwrap();
+        assert!(matches!(
+            profile_from_path(&first),
+            Err(ProfileError::Gguf { .. })
+        ));
     }
 }

@@ -2,8 +2,8 @@
 //! Without them these tests print a note and pass, so `cargo test` works offline; under CI
 //! (`CI` set), where the test command fetches them, they fail instead.
 
-use berth_fit::gguf::{GgmlType, GgufLimits, read_gguf};
-use berth_fit::{
+use berth_models::gguf::{GgmlType, GgufLimits, read_gguf};
+use berth_models::{
     EstimateOptions, LlamaCppOptions, ProfileFormat, VllmOptions, estimate, profile_from_path,
 };
 use std::path::PathBuf;
@@ -145,7 +145,7 @@ fn every_fetched_gguf_parses() {
 /// truncations): the parser answers with a value or an error, quickly, never a panic.
 #[test]
 fn mutated_smollm2_headers_never_panic() {
-    use berth_fit::gguf::parse_gguf;
+    use berth_models::gguf::parse_gguf;
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestRunner};
 

@@ -6,53 +6,10 @@
 mod llama_cpp;
 mod vllm;
 
-pub use llama_cpp::{KvCacheType, LlamaCppOptions};
-pub use vllm::{VllmKvDtype, VllmOptions};
-
-use crate::profile::ModelProfile;
-use crate::{Shape, gib};
+use berth_fit::{Claim, Shape, gib};
+use berth_options::{EstimateError, EstimateOptions, ModelProfile};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
-
-pub(crate) const MIB: u64 = 1 << 20;
-pub(crate) const GIB: u64 = 1 << 30;
-/// Most GPUs one instance may span.
-pub const MAX_GPUS: u32 = 4096;
-/// Largest batch, micro-batch or parallel-sequence count accepted.
-pub const MAX_BATCH: u32 = 1 << 24;
-/// Longest context accepted, tokens.
-pub const MAX_CONTEXT: u64 = 1 << 32;
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EstimateError {
-    #[error("invalid model profile: {0}")]
-    InvalidProfile(String),
-    #[error("invalid backend options: {0}")]
-    InvalidOptions(String),
-}
-
-/// Which backend will run the model, with its options. Serialized with a `backend` tag:
-/// `{"backend": "llama_cpp", "context": 8192}`, `{"backend": "vllm", "tensor_parallel": 2}`,
-/// `{"backend": "custom", "bytes_per_gpu": 1073741824, "gpus": 1}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "backend", rename_all = "snake_case")]
-pub enum EstimateOptions {
-    LlamaCpp(LlamaCppOptions),
-    Vllm(VllmOptions),
-    /// An explicit claim: no estimate, the caller says what to reserve.
-    Custom(CustomClaim),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CustomClaim {
-    pub bytes_per_gpu: u64,
-    #[serde(default = "one")]
-    pub gpus: u32,
-}
-
-fn one() -> u32 {
-    1
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -86,28 +43,6 @@ impl GpuMemory {
                 .saturating_add(compute)
                 .saturating_add(overhead),
         }
-    }
-}
-
-/// The share of each GPU a backend takes regardless of need (vLLM's
-/// `gpu_memory_utilization`): `fraction × GPU total + extra_bytes`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Claim {
-    pub fraction: f64,
-    /// Allocated outside the fraction (CUDA graphs in vLLM before it profiled them).
-    pub extra_bytes: u64,
-}
-
-impl Claim {
-    /// The bytes claimed on a GPU of `total_bytes`: `⌈fraction × total⌉ + extra`.
-    pub fn share_of(&self, total_bytes: u64) -> u64 {
-        let share = (total_bytes as f64 * self.fraction).ceil();
-        let share = if share.is_finite() && share >= 0.0 {
-            share.min(u64::MAX as f64) as u64
-        } else {
-            0
-        };
-        share.saturating_add(self.extra_bytes)
     }
 }
 
@@ -148,19 +83,6 @@ pub fn estimate(profile: &ModelProfile, opts: &EstimateOptions) -> Result<Estima
             notes: vec!["explicit claim, not estimated".into()],
         },
     })
-}
-
-impl EstimateOptions {
-    pub fn validate(&self) -> Result<(), EstimateError> {
-        match self {
-            Self::LlamaCpp(o) => o.validate(),
-            Self::Vllm(o) => o.validate(),
-            Self::Custom(c) if c.gpus > MAX_GPUS => Err(EstimateError::InvalidOptions(format!(
-                "gpus must be at most {MAX_GPUS}"
-            ))),
-            Self::Custom(_) => Ok(()),
-        }
-    }
 }
 
 impl Estimate {
@@ -301,7 +223,10 @@ pub(crate) fn pad(x: u64, to: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::{ExplicitProfile, WeightDtype};
+    use berth_options::{
+        CustomClaim, ExplicitProfile, GIB, KvCacheType, LlamaCppOptions, MAX_BATCH, MAX_CONTEXT,
+        VllmKvDtype, VllmOptions, WeightDtype,
+    };
 
     pub(crate) fn llama3_8b() -> ModelProfile {
         ExplicitProfile {
@@ -448,7 +373,7 @@ mod tests {
         big.embedding_length = u32::MAX;
         big.feed_forward_length = u32::MAX;
         big.vocab_size = u32::MAX;
-        big.experts = Some(crate::Experts {
+        big.experts = Some(berth_options::Experts {
             count: u32::MAX,
             used: u32::MAX,
         });

@@ -9,56 +9,12 @@
 //! - llama.cpp partial offload, when [`Scaling::partial_offload`] allows and no full offload
 //!   fits: fewer layers on the GPU, the rest in host memory.
 
-use crate::{
-    EstimateError, EstimateOptions, ModelProfile, Shape,
-    estimate::{MAX_GPUS, estimate},
-};
-use serde::{Deserialize, Serialize};
+use crate::estimate;
+use berth_fit::Shape;
+use berth_options::{EstimateError, EstimateOptions, MAX_GPUS, ModelProfile, Scaling};
 
-/// Most GPUs per worker a search may try.
-pub const MAX_SEARCH_GPUS: u32 = 64;
-/// Most workers one instance may span.
-pub const MAX_SEARCH_WORKERS: u32 = 16;
 /// Partial-offload steps tried (fractions of the layers, largest first).
 const OFFLOAD_STEPS: u32 = 8;
-
-/// How far the placement search may go beyond the backend options' own GPU count.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Scaling {
-    /// Try every GPU count up to this many on one worker that the backend can split the model
-    /// over, fewest first; the backend options' own count (`tensor_parallel`, `gpus`) is then
-    /// ignored. `None`: exactly the options' count.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_gpus: Option<u32>,
-    /// Allow spreading the model over up to this many workers (one pipeline stage each) when
-    /// it fits on no single worker. `None` or 1: one worker.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_workers: Option<u32>,
-    /// llama.cpp only: when no full offload fits anywhere, keep some layers in host memory.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub partial_offload: bool,
-}
-
-impl Scaling {
-    pub fn validate(&self) -> Result<(), EstimateError> {
-        let bad = |what: String| Err(EstimateError::InvalidOptions(what));
-        if self.max_gpus.is_some_and(|g| g == 0 || g > MAX_SEARCH_GPUS) {
-            return bad(format!("max_gpus must be 1..={MAX_SEARCH_GPUS}"));
-        }
-        if self
-            .max_workers
-            .is_some_and(|w| w == 0 || w > MAX_SEARCH_WORKERS)
-        {
-            return bad(format!("max_workers must be 1..={MAX_SEARCH_WORKERS}"));
-        }
-        Ok(())
-    }
-
-    fn workers(&self) -> u32 {
-        self.max_workers.unwrap_or(1).max(1)
-    }
-}
 
 /// The shapes to try for `profile` under `options` and `scaling`, most preferred first:
 /// fewest GPUs on one worker, then more GPUs, then several workers, then partial offload.
@@ -175,7 +131,9 @@ fn tensor_parallel_sizes(p: &ModelProfile, max: u32) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ExplicitProfile, LlamaCppOptions, VllmOptions, WeightDtype};
+    use berth_options::{
+        ExplicitProfile, LlamaCppOptions, MAX_SEARCH_WORKERS, VllmOptions, WeightDtype,
+    };
 
     fn model(heads: u32, kv_heads: u32, layers: u32) -> ModelProfile {
         ExplicitProfile {

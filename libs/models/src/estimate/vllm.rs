@@ -2,114 +2,8 @@
 //! for `max_model_len`, the activation peak of the profiling run, non-torch memory and CUDA
 //! graphs, and the `gpu_memory_utilization` claim.
 
-use super::{
-    Backend, Claim, Estimate, EstimateError, GIB, GpuMemory, MAX_BATCH, MAX_CONTEXT, MAX_GPUS, MIB,
-};
-use crate::profile::ModelProfile;
-use serde::{Deserialize, Serialize};
-
-/// `--kv-cache-dtype`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VllmKvDtype {
-    /// The model's activation dtype: 16-bit.
-    #[default]
-    Auto,
-    Fp8,
-    Fp8E4m3,
-    Fp8E5m2,
-}
-
-impl VllmKvDtype {
-    pub fn bytes(self) -> u64 {
-        match self {
-            Self::Auto => 2,
-            Self::Fp8 | Self::Fp8E4m3 | Self::Fp8E5m2 => 1,
-        }
-    }
-}
-
-/// vLLM engine arguments that change memory use. Missing JSON fields take the defaults.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct VllmOptions {
-    /// `--tensor-parallel-size`.
-    pub tensor_parallel: u32,
-    /// `--pipeline-parallel-size`.
-    pub pipeline_parallel: u32,
-    /// `--max-model-len`; `None` is the model's context length.
-    pub max_model_len: Option<u64>,
-    /// Full-length sequences the KV cache must hold at once for the instance to be useful
-    /// (vLLM refuses to start below one).
-    pub concurrent_sequences: u32,
-    /// `--max-num-seqs`: sizes the sampler's share of the profiling run.
-    pub max_num_seqs: u32,
-    /// `--max-num-batched-tokens`: the profiling run's batch.
-    pub max_num_batched_tokens: u32,
-    pub kv_cache_dtype: VllmKvDtype,
-    /// `--block-size`, tokens per KV block.
-    pub block_size: u32,
-    /// `--enforce-eager`: no CUDA graphs.
-    pub enforce_eager: bool,
-    /// `--gpu-memory-utilization`: the share of each GPU the instance takes, whatever it
-    /// needs. `None` reserves only the estimate (as with `--kv-cache-memory`).
-    pub gpu_memory_utilization: Option<f64>,
-    /// CUDA context, cuBLAS, NCCL buffers … per GPU.
-    pub non_torch_bytes: u64,
-    /// Added per GPU when more than one GPU (NCCL, custom all-reduce buffers).
-    pub multi_gpu_bytes: u64,
-    pub cuda_graph_bytes: u64,
-    /// vLLM ≥ 0.21 profiles CUDA graph memory inside the utilization share; older versions
-    /// allocated it on top.
-    pub cuda_graphs_in_share: bool,
-}
-
-impl Default for VllmOptions {
-    fn default() -> Self {
-        Self {
-            tensor_parallel: 1,
-            pipeline_parallel: 1,
-            max_model_len: None,
-            concurrent_sequences: 1,
-            max_num_seqs: 256,
-            max_num_batched_tokens: 8192,
-            kv_cache_dtype: VllmKvDtype::Auto,
-            block_size: 16,
-            enforce_eager: false,
-            gpu_memory_utilization: Some(0.9),
-            non_torch_bytes: GIB + GIB / 2,
-            multi_gpu_bytes: GIB + GIB / 2,
-            cuda_graph_bytes: 512 * MIB,
-            cuda_graphs_in_share: true,
-        }
-    }
-}
-
-impl VllmOptions {
-    pub fn validate(&self) -> Result<(), EstimateError> {
-        let bad = |what: String| Err(EstimateError::InvalidOptions(what));
-        let gpus = u64::from(self.tensor_parallel) * u64::from(self.pipeline_parallel);
-        if self.tensor_parallel == 0 || self.pipeline_parallel == 0 || gpus > u64::from(MAX_GPUS) {
-            return bad(format!(
-                "tensor_parallel × pipeline_parallel must be 1..={MAX_GPUS}"
-            ));
-        }
-        if self.block_size == 0 || self.max_num_batched_tokens > MAX_BATCH {
-            return bad(format!(
-                "block_size must be positive and max_num_batched_tokens at most {MAX_BATCH}"
-            ));
-        }
-        if self.max_model_len.is_some_and(|l| l > MAX_CONTEXT) {
-            return bad(format!("max_model_len must be at most {MAX_CONTEXT}"));
-        }
-        if let Some(u) = self.gpu_memory_utilization
-            && !(u > 0.0 && u <= 1.0)
-        {
-            return bad(format!("gpu_memory_utilization {u} is not in (0, 1]"));
-        }
-        Ok(())
-    }
-}
+use super::{Backend, Claim, Estimate, GpuMemory};
+use berth_options::{ModelProfile, VllmOptions};
 
 pub(super) fn estimate(p: &ModelProfile, o: &VllmOptions) -> Estimate {
     let mut notes = Vec::new();
@@ -247,9 +141,10 @@ pub(super) fn estimate(p: &ModelProfile, o: &VllmOptions) -> Estimate {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{EstimateOptions, estimate as run};
+    use super::super::estimate as run;
     use super::*;
     use crate::estimate::tests::llama3_8b;
+    use berth_options::{EstimateOptions, GIB, MIB, VllmKvDtype};
 
     fn est(p: &ModelProfile, o: VllmOptions) -> Estimate {
         run(p, &EstimateOptions::Vllm(o)).unwrap()

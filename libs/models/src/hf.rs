@@ -1,9 +1,9 @@
 //! Hugging Face model directories: `config.json` for the shape; safetensors headers (or
 //! `model.safetensors.index.json`) for exact weight bytes.
 
-use crate::profile::{
-    Attention, Experts, MAX_LAYERS, ModelProfile, ProfileError, ProfileFormat, WeightBytes,
-    pattern_layers,
+use crate::read::ProfileError;
+use berth_options::{
+    Attention, Experts, MAX_LAYERS, ModelProfile, ProfileFormat, WeightBytes, pattern_layers,
 };
 use serde_json::{Map, Value};
 use std::fs::File;
@@ -315,7 +315,8 @@ fn dtype_bits(name: &str) -> Option<(String, f64)> {
 }
 
 /// Builds a profile from a parsed `config.json` and, when available, the weights read from
-/// the files. Without them the weight bytes are estimated from the shape and dtype.
+/// the files. Without them the weight bytes are estimated from the shape and dtype. The
+/// profile passes [`ModelProfile::validate`].
 pub fn profile_from_config(
     config: &Value,
     weights: Option<&HfWeights>,
@@ -327,13 +328,7 @@ pub fn profile_from_config(
     };
     let layers = u(&["num_hidden_layers", "n_layer", "num_layers"])
         .ok_or_else(|| ProfileError::Missing("num_hidden_layers".into()))?;
-    if layers == 0 || layers > MAX_LAYERS {
-        return Err(ProfileError::invalid(
-            "num_hidden_layers",
-            format!("{layers} layers"),
-        ));
-    }
-    let layers = layers as u32;
+    let layers = berth_options::layer_count("num_hidden_layers", layers)?;
     let hidden = u32_of(
         "hidden_size",
         u(&["hidden_size", "n_embd", "d_model"])
@@ -533,7 +528,7 @@ pub fn profile_from_config(
             )
         }
     };
-    Ok(ModelProfile {
+    let profile = ModelProfile {
         format: ProfileFormat::HuggingFace,
         architecture: arch,
         name: config
@@ -562,13 +557,15 @@ pub fn profile_from_config(
             rope_dim: kv_lora_rank.and(rope_dim),
         },
         experts,
-    })
+    };
+    profile.validate()?;
+    Ok(profile)
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::profile::profile_from_path;
+    use crate::read::profile_from_path;
     use serde_json::json;
 
     /// Llama-3-8B's config.json (the keys that matter).
@@ -906,8 +903,8 @@ pub(crate) mod tests {
                 "qk_nope_head_dim": nope, "qk_rope_head_dim": heads, "head_dim": kv,
             });
             if let Ok(p) = profile_from_config(&c, None) {
-                let _ = crate::estimate(&p, &crate::EstimateOptions::Vllm(Default::default()));
-                let _ = crate::estimate(&p, &crate::EstimateOptions::LlamaCpp(Default::default()));
+                let _ = crate::estimate(&p, &berth_options::EstimateOptions::Vllm(Default::default()));
+                let _ = crate::estimate(&p, &berth_options::EstimateOptions::LlamaCpp(Default::default()));
             }
         }
     }

@@ -1,119 +1,36 @@
 //! llama.cpp-style estimate: weights of the offloaded layers and the output layer, KV cache
 //! by context and cache type, compute buffers, and a fixed CUDA footprint per GPU.
 
-use super::{
-    Backend, Estimate, EstimateError, GpuMemory, MAX_BATCH, MAX_CONTEXT, MAX_GPUS, MIB, pad,
-};
+use super::{Backend, Estimate, GpuMemory, pad};
 use crate::gguf::GgmlType;
-use crate::profile::ModelProfile;
-use serde::{Deserialize, Serialize};
+use berth_options::{KvCacheType, LlamaCppOptions, ModelProfile};
 
-/// KV cache element types llama.cpp accepts (`--cache-type-k/-v`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KvCacheType {
-    F32,
-    #[default]
-    F16,
-    Bf16,
-    Q8_0,
-    Q4_0,
-    Q4_1,
-    Iq4Nl,
-    Q5_0,
-    Q5_1,
-}
-
-impl KvCacheType {
-    pub fn ggml_type(self) -> GgmlType {
-        match self {
-            Self::F32 => GgmlType::F32,
-            Self::F16 => GgmlType::F16,
-            Self::Bf16 => GgmlType::BF16,
-            Self::Q8_0 => GgmlType::Q8_0,
-            Self::Q4_0 => GgmlType::Q4_0,
-            Self::Q4_1 => GgmlType::Q4_1,
-            Self::Iq4Nl => GgmlType::IQ4_NL,
-            Self::Q5_0 => GgmlType::Q5_0,
-            Self::Q5_1 => GgmlType::Q5_1,
-        }
-    }
-
-    /// Bytes of a row of `n` elements, a partial last block counted whole.
-    pub fn row_bytes(self, n: u64) -> u64 {
-        let t = self.ggml_type();
-        n.div_ceil(t.block_size()).saturating_mul(t.type_size())
-    }
-}
-
-/// llama.cpp server options that change memory use. Missing JSON fields take the defaults.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct LlamaCppOptions {
-    /// `--ctx-size`; `None` sizes the cache for the model's trained context.
-    pub context: Option<u64>,
-    /// `--n-gpu-layers`; `None` offloads every layer and the output layer. `layers + 1` is the
-    /// same as `None`; `layers` keeps the output layer on the host.
-    pub gpu_layers: Option<u32>,
-    /// GPUs to split the offloaded layers across (`--split-mode layer`, even split).
-    pub gpus: u32,
-    pub cache_type_k: KvCacheType,
-    pub cache_type_v: KvCacheType,
-    /// `--flash-attn`: attention scores are not materialised, so the compute buffer does not
-    /// grow with the context.
-    pub flash_attention: bool,
-    /// `--ubatch-size`.
-    pub ubatch: u32,
-    /// `--parallel`: sequences sharing the context (sizes sliding-window caches).
-    pub parallel: u32,
-    /// `--swa-full`: full-size cache for sliding-window layers.
-    pub swa_full: bool,
-    /// CUDA context, cuBLAS workspace and the like, per GPU used.
-    pub overhead_per_gpu: u64,
-}
-
-impl Default for LlamaCppOptions {
-    fn default() -> Self {
-        Self {
-            context: None,
-            gpu_layers: None,
-            gpus: 1,
-            cache_type_k: KvCacheType::F16,
-            cache_type_v: KvCacheType::F16,
-            flash_attention: true,
-            ubatch: 512,
-            parallel: 1,
-            swa_full: false,
-            overhead_per_gpu: DEFAULT_OVERHEAD,
+impl From<KvCacheType> for GgmlType {
+    fn from(t: KvCacheType) -> GgmlType {
+        match t {
+            KvCacheType::F32 => GgmlType::F32,
+            KvCacheType::F16 => GgmlType::F16,
+            KvCacheType::Bf16 => GgmlType::BF16,
+            KvCacheType::Q8_0 => GgmlType::Q8_0,
+            KvCacheType::Q4_0 => GgmlType::Q4_0,
+            KvCacheType::Q4_1 => GgmlType::Q4_1,
+            KvCacheType::Iq4Nl => GgmlType::IQ4_NL,
+            KvCacheType::Q5_0 => GgmlType::Q5_0,
+            KvCacheType::Q5_1 => GgmlType::Q5_1,
         }
     }
 }
 
-/// Per-GPU CUDA footprint outside llama.cpp's own buffers (context, cuBLAS, kernels).
-pub const DEFAULT_OVERHEAD: u64 = 400 * MIB;
+/// Bytes of a row of `n` elements of cache type `t`, a partial last block counted whole.
+fn kv_row_bytes(t: KvCacheType, n: u64) -> u64 {
+    let t = GgmlType::from(t);
+    n.div_ceil(t.block_size()).saturating_mul(t.type_size())
+}
+
 /// llama.cpp pads the KV cache size to this many cells.
 const KV_PAD: u64 = 256;
 /// When no context is given and the model states none.
 const FALLBACK_CONTEXT: u64 = 4096;
-
-impl LlamaCppOptions {
-    pub fn validate(&self) -> Result<(), EstimateError> {
-        let bad = |what: &str| Err(EstimateError::InvalidOptions(what.into()));
-        if self.gpus == 0 || self.gpus > MAX_GPUS {
-            return bad(&format!("gpus must be 1..={MAX_GPUS}"));
-        }
-        if self.ubatch == 0 || self.ubatch > MAX_BATCH {
-            return bad(&format!("ubatch must be 1..={MAX_BATCH}"));
-        }
-        if self.parallel == 0 || self.parallel > MAX_BATCH {
-            return bad(&format!("parallel must be 1..={MAX_BATCH}"));
-        }
-        if self.context.is_some_and(|c| c > MAX_CONTEXT) {
-            return bad(&format!("context must be at most {MAX_CONTEXT}"));
-        }
-        Ok(())
-    }
-}
 
 pub(super) fn estimate(p: &ModelProfile, o: &LlamaCppOptions) -> Estimate {
     let mut notes = Vec::new();
@@ -166,15 +83,15 @@ pub(super) fn estimate(p: &ModelProfile, o: &LlamaCppOptions) -> Estimate {
             kv_size
         };
         let kv_heads = u64::from(p.kv_heads_of(il));
-        let k_row = o
-            .cache_type_k
-            .row_bytes(u64::from(p.attention.key_length) * kv_heads);
+        let k_row = kv_row_bytes(o.cache_type_k, u64::from(p.attention.key_length) * kv_heads);
         // MLA with a V-less cache (llama.cpp PR 19067): the latent lives in K alone.
         let v_row = if mla_k_only {
             0
         } else {
-            o.cache_type_v
-                .row_bytes(u64::from(p.attention.value_length) * kv_heads)
+            kv_row_bytes(
+                o.cache_type_v,
+                u64::from(p.attention.value_length) * kv_heads,
+            )
         };
         let layer_kv = k_row.saturating_add(v_row).saturating_mul(cells);
         match gpu_of(il) {
@@ -252,9 +169,10 @@ pub(super) fn estimate(p: &ModelProfile, o: &LlamaCppOptions) -> Estimate {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{EstimateOptions, GIB, estimate as run};
+    use super::super::estimate as run;
     use super::*;
     use crate::estimate::tests::llama3_8b;
+    use berth_options::{DEFAULT_OVERHEAD, EstimateOptions, GIB};
 
     fn est(p: &ModelProfile, o: LlamaCppOptions) -> Estimate {
         run(p, &EstimateOptions::LlamaCpp(o)).unwrap()
@@ -306,7 +224,7 @@ mod tests {
 
     #[test]
     fn full_offload_holds_every_weight_but_the_input() {
-        let p = crate::profile::profile_from_gguf(
+        let p = crate::gguf::profile_from_gguf(
             &crate::gguf::parse_gguf(
                 &crate::gguf::testutil::tiny_llama(3)[..],
                 &crate::gguf::GgufLimits::default(),
@@ -371,7 +289,7 @@ mod tests {
     fn sliding_window_layers_are_capped() {
         let mut p = llama3_8b();
         p.attention.sliding_window = Some(1024);
-        p.attention.sliding_layers = crate::profile::pattern_layers(32, 2);
+        p.attention.sliding_layers = berth_options::pattern_layers(32, 2);
         let e = est(
             &p,
             LlamaCppOptions {

@@ -1,0 +1,26 @@
+//! Models: reading a model's files into a [`ModelProfile`], estimating the memory it needs
+//! under a backend's options, and the placement [`Shape`](berth_fit::Shape)s those estimates
+//! give.
+//!
+//! Pure and deterministic but for one kind of I/O: reading the headers of the model files a
+//! caller points [`profile_from_path`] (or [`resolve`]) at. The option types a start command
+//! carries are `berth-options`' and re-exported here; the placement search is `berth-fit`'s.
+//!
+//! - [`gguf`]: GGUF header reader (metadata, tensor infos, ggml type table), and the profile
+//!   of a GGUF file.
+//! - [`hf`]: Hugging Face `config.json` + safetensors headers, and the profile they give.
+//! - [`profile_from_path`], [`resolve`]: the profile of a path, or of what a command names.
+//!   Every profile passes the one validator, [`ModelProfile::validate`].
+//! - [`estimate()`]: llama.cpp- and vLLM-style memory estimates ([`Estimate`]).
+//! - [`shapes`]: the shapes an estimated model can run in, for the placement search.
+
+mod estimate;
+pub mod gguf;
+pub mod hf;
+mod plan;
+mod read;
+
+pub use berth_options::*;
+pub use estimate::{Backend, Estimate, GpuMemory, estimate};
+pub use plan::shapes;
+pub use read::{ProfileError, profile_from_path, resolve};

@@ -1,0 +1,243 @@
+//! The backend a start command names and the options that change its memory use
+//! ([`EstimateOptions`]): plain serde types, checked by their `validate` methods. The
+//! estimators that read them are in `berth-models`.
+
+use serde::{Deserialize, Serialize};
+
+/// Bytes in a MiB and a GiB.
+pub const MIB: u64 = 1 << 20;
+pub const GIB: u64 = 1 << 30;
+/// Most GPUs one instance may span.
+pub const MAX_GPUS: u32 = 4096;
+/// Largest batch, micro-batch or parallel-sequence count accepted.
+pub const MAX_BATCH: u32 = 1 << 24;
+/// Longest context accepted, tokens.
+pub const MAX_CONTEXT: u64 = 1 << 32;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EstimateError {
+    #[error("invalid model profile: {0}")]
+    InvalidProfile(String),
+    #[error("invalid backend options: {0}")]
+    InvalidOptions(String),
+}
+
+/// Which backend will run the model, with its options. Serialized with a `backend` tag:
+/// `{"backend": "llama_cpp", "context": 8192}`, `{"backend": "vllm", "tensor_parallel": 2}`,
+/// `{"backend": "custom", "bytes_per_gpu": 1073741824, "gpus": 1}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "snake_case")]
+pub enum EstimateOptions {
+    LlamaCpp(LlamaCppOptions),
+    Vllm(VllmOptions),
+    /// An explicit claim: no estimate, the caller says what to reserve.
+    Custom(CustomClaim),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomClaim {
+    pub bytes_per_gpu: u64,
+    #[serde(default = "one")]
+    pub gpus: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl EstimateOptions {
+    pub fn validate(&self) -> Result<(), EstimateError> {
+        match self {
+            Self::LlamaCpp(o) => o.validate(),
+            Self::Vllm(o) => o.validate(),
+            Self::Custom(c) if c.gpus > MAX_GPUS => Err(EstimateError::InvalidOptions(format!(
+                "gpus must be at most {MAX_GPUS}"
+            ))),
+            Self::Custom(_) => Ok(()),
+        }
+    }
+}
+
+/// KV cache element types llama.cpp accepts (`--cache-type-k/-v`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvCacheType {
+    F32,
+    #[default]
+    F16,
+    Bf16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Iq4Nl,
+    Q5_0,
+    Q5_1,
+}
+
+/// llama.cpp server options that change memory use. Missing JSON fields take the defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LlamaCppOptions {
+    /// `--ctx-size`; `None` sizes the cache for the model's trained context.
+    pub context: Option<u64>,
+    /// `--n-gpu-layers`; `None` offloads every layer and the output layer. `layers + 1` is the
+    /// same as `None`; `layers` keeps the output layer on the host.
+    pub gpu_layers: Option<u32>,
+    /// GPUs to split the offloaded layers across (`--split-mode layer`, even split).
+    pub gpus: u32,
+    pub cache_type_k: KvCacheType,
+    pub cache_type_v: KvCacheType,
+    /// `--flash-attn`: attention scores are not materialised, so the compute buffer does not
+    /// grow with the context.
+    pub flash_attention: bool,
+    /// `--ubatch-size`.
+    pub ubatch: u32,
+    /// `--parallel`: sequences sharing the context (sizes sliding-window caches).
+    pub parallel: u32,
+    /// `--swa-full`: full-size cache for sliding-window layers.
+    pub swa_full: bool,
+    /// CUDA context, cuBLAS workspace and the like, per GPU used.
+    pub overhead_per_gpu: u64,
+}
+
+impl Default for LlamaCppOptions {
+    fn default() -> Self {
+        Self {
+            context: None,
+            gpu_layers: None,
+            gpus: 1,
+            cache_type_k: KvCacheType::F16,
+            cache_type_v: KvCacheType::F16,
+            flash_attention: true,
+            ubatch: 512,
+            parallel: 1,
+            swa_full: false,
+            overhead_per_gpu: DEFAULT_OVERHEAD,
+        }
+    }
+}
+
+/// Per-GPU CUDA footprint outside llama.cpp's own buffers (context, cuBLAS, kernels).
+pub const DEFAULT_OVERHEAD: u64 = 400 * MIB;
+
+impl LlamaCppOptions {
+    pub fn validate(&self) -> Result<(), EstimateError> {
+        let bad = |what: &str| Err(EstimateError::InvalidOptions(what.into()));
+        if self.gpus == 0 || self.gpus > MAX_GPUS {
+            return bad(&format!("gpus must be 1..={MAX_GPUS}"));
+        }
+        if self.ubatch == 0 || self.ubatch > MAX_BATCH {
+            return bad(&format!("ubatch must be 1..={MAX_BATCH}"));
+        }
+        if self.parallel == 0 || self.parallel > MAX_BATCH {
+            return bad(&format!("parallel must be 1..={MAX_BATCH}"));
+        }
+        if self.context.is_some_and(|c| c > MAX_CONTEXT) {
+            return bad(&format!("context must be at most {MAX_CONTEXT}"));
+        }
+        Ok(())
+    }
+}
+
+/// `--kv-cache-dtype`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VllmKvDtype {
+    /// The model's activation dtype: 16-bit.
+    #[default]
+    Auto,
+    Fp8,
+    Fp8E4m3,
+    Fp8E5m2,
+}
+
+impl VllmKvDtype {
+    pub fn bytes(self) -> u64 {
+        match self {
+            Self::Auto => 2,
+            Self::Fp8 | Self::Fp8E4m3 | Self::Fp8E5m2 => 1,
+        }
+    }
+}
+
+/// vLLM engine arguments that change memory use. Missing JSON fields take the defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VllmOptions {
+    /// `--tensor-parallel-size`.
+    pub tensor_parallel: u32,
+    /// `--pipeline-parallel-size`.
+    pub pipeline_parallel: u32,
+    /// `--max-model-len`; `None` is the model's context length.
+    pub max_model_len: Option<u64>,
+    /// Full-length sequences the KV cache must hold at once for the instance to be useful
+    /// (vLLM refuses to start below one).
+    pub concurrent_sequences: u32,
+    /// `--max-num-seqs`: sizes the sampler's share of the profiling run.
+    pub max_num_seqs: u32,
+    /// `--max-num-batched-tokens`: the profiling run's batch.
+    pub max_num_batched_tokens: u32,
+    pub kv_cache_dtype: VllmKvDtype,
+    /// `--block-size`, tokens per KV block.
+    pub block_size: u32,
+    /// `--enforce-eager`: no CUDA graphs.
+    pub enforce_eager: bool,
+    /// `--gpu-memory-utilization`: the share of each GPU the instance takes, whatever it
+    /// needs. `None` reserves only the estimate (as with `--kv-cache-memory`).
+    pub gpu_memory_utilization: Option<f64>,
+    /// CUDA context, cuBLAS, NCCL buffers … per GPU.
+    pub non_torch_bytes: u64,
+    /// Added per GPU when more than one GPU (NCCL, custom all-reduce buffers).
+    pub multi_gpu_bytes: u64,
+    pub cuda_graph_bytes: u64,
+    /// vLLM ≥ 0.21 profiles CUDA graph memory inside the utilization share; older versions
+    /// allocated it on top.
+    pub cuda_graphs_in_share: bool,
+}
+
+impl Default for VllmOptions {
+    fn default() -> Self {
+        Self {
+            tensor_parallel: 1,
+            pipeline_parallel: 1,
+            max_model_len: None,
+            concurrent_sequences: 1,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 8192,
+            kv_cache_dtype: VllmKvDtype::Auto,
+            block_size: 16,
+            enforce_eager: false,
+            gpu_memory_utilization: Some(0.9),
+            non_torch_bytes: GIB + GIB / 2,
+            multi_gpu_bytes: GIB + GIB / 2,
+            cuda_graph_bytes: 512 * MIB,
+            cuda_graphs_in_share: true,
+        }
+    }
+}
+
+impl VllmOptions {
+    pub fn validate(&self) -> Result<(), EstimateError> {
+        let bad = |what: String| Err(EstimateError::InvalidOptions(what));
+        let gpus = u64::from(self.tensor_parallel) * u64::from(self.pipeline_parallel);
+        if self.tensor_parallel == 0 || self.pipeline_parallel == 0 || gpus > u64::from(MAX_GPUS) {
+            return bad(format!(
+                "tensor_parallel × pipeline_parallel must be 1..={MAX_GPUS}"
+            ));
+        }
+        if self.block_size == 0 || self.max_num_batched_tokens > MAX_BATCH {
+            return bad(format!(
+                "block_size must be positive and max_num_batched_tokens at most {MAX_BATCH}"
+            ));
+        }
+        if self.max_model_len.is_some_and(|l| l > MAX_CONTEXT) {
+            return bad(format!("max_model_len must be at most {MAX_CONTEXT}"));
+        }
+        if let Some(u) = self.gpu_memory_utilization
+            && !(u > 0.0 && u <= 1.0)
+        {
+            return bad(format!("gpu_memory_utilization {u} is not in (0, 1]"));
+        }
+        Ok(())
+    }
+}
