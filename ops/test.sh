@@ -60,6 +60,10 @@ while IFS='=' read -r key value; do
 done <.berth/env
 export PYTHONPATH="$PWD/.berth/py${PYTHONPATH:+:$PYTHONPATH}"
 
+# Every binary, also with `-p`: the CLI and chaos tests run the ones next to the binary
+# under test (`berth up` runs berth-analyzer and berth-agent, `berth bench` runs berth-bench).
+cargo build --workspace --bins
+
 rc=0
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --profile ci "$@" || rc=$?

@@ -18,6 +18,31 @@ pub fn workspace_root() -> Option<PathBuf> {
         .find(|dir| dir.join("ops/setup.sh").is_file())
 }
 
+/// A binary of this workspace next to the running one (`cargo build` puts them all in
+/// `target/<profile>/`): how `berth` finds `berth-analyzer`, `berth-agent` and `berth-bench`,
+/// and `berth-bench` finds `berth-analyzer`. Each is built by the package of the same name.
+pub fn sibling_binary(name: &'static str) -> Result<PathBuf, HarnessError> {
+    let exe = std::env::current_exe().map_err(|e| HarnessError::io("/proc/self/exe", e))?;
+    let bin = exe.with_file_name(name);
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    let release = if exe.parent().and_then(Path::file_name) == Some("release".as_ref()) {
+        " --release"
+    } else {
+        ""
+    };
+    Err(HarnessError::Missing {
+        what: name,
+        hint: format!(
+            "expected at {} (next to {}); build it with `cargo build{release} -p {name}`, or \
+             every berth binary with `cargo build{release} --bins`",
+            bin.display(),
+            exe.display()
+        ),
+    })
+}
+
 /// Values written by `ops/setup.sh` into `.berth/env` (`KEY=VALUE` lines).
 fn setup_env(key: &str) -> Option<String> {
     let text = std::fs::read_to_string(workspace_root()?.join(".berth/env")).ok()?;

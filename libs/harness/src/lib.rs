@@ -10,9 +10,12 @@ mod nats;
 mod postgres;
 mod process;
 
-pub use binaries::{find_nats_server, find_pg_bin, workspace_root};
+pub use binaries::{find_nats_server, find_pg_bin, sibling_binary, workspace_root};
 pub use nats::NatsServer;
+/// The signals [`stop_children`] sends.
+pub use nix::sys::signal::Signal;
 pub use postgres::{Durability, PgServer};
+pub use process::{free_port, stop_children};
 
 use std::path::PathBuf;
 

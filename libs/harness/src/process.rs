@@ -12,7 +12,7 @@ use std::{
 };
 
 /// A port that was free a moment ago on 127.0.0.1.
-pub(crate) fn free_port() -> Result<u16, HarnessError> {
+pub fn free_port() -> Result<u16, HarnessError> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| HarnessError::io("127.0.0.1:0", e))?;
     l.local_addr()
         .map(|a| a.port())
@@ -53,19 +53,28 @@ pub(crate) fn port_open(port: u16) -> bool {
 
 /// Asks the child to stop with `signal`, then kills it if it has not exited within `grace`.
 pub(crate) fn stop_child(child: &mut Child, signal: Signal, grace: Duration) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    if let Ok(pid) = i32::try_from(child.id()) {
-        let _ = kill(Pid::from_raw(pid), signal);
+    stop_children(std::slice::from_mut(child), signal, grace);
+}
+
+/// Asks every child to stop with `signal` at once, then kills those that have not exited
+/// within `grace` (one grace for all of them) and reaps them all.
+pub fn stop_children(children: &mut [Child], signal: Signal, grace: Duration) {
+    for child in children.iter_mut() {
+        if let Ok(None) = child.try_wait()
+            && let Ok(pid) = i32::try_from(child.id())
+        {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
     }
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
+    let exited = |c: &mut Child| matches!(c.try_wait(), Ok(Some(_)));
+    while Instant::now() < deadline && !children.iter_mut().all(exited) {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    for child in children.iter_mut() {
+        if !exited(child) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

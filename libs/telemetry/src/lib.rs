@@ -18,6 +18,16 @@ pub fn init_tracing(json: bool, default_filter: &str) {
     }
 }
 
+/// Resolves at the first Ctrl-C (SIGINT) or SIGTERM: what a terminal, `berth up`, systemd or
+/// Kubernetes send to stop a process, each answered with a clean shutdown.
+pub async fn shutdown_signal() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
+}
+
 /// Serves `GET /metrics` with whatever `render` returns (Prometheus text) until `shutdown`.
 /// Binding errors are returned at once.
 pub async fn serve_metrics<F, Fut>(

@@ -108,9 +108,9 @@ async fn main() -> anyhow::Result<()> {
         );
         tracing::info!(worker = id, "agent running");
     }
-    tokio::signal::ctrl_c()
+    berth_telemetry::shutdown_signal()
         .await
-        .context("waiting for Ctrl-C")?;
+        .context("waiting for Ctrl-C or SIGTERM")?;
     for a in agents {
         a.shutdown().await;
     }

@@ -93,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting the analyzer")?;
     tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        r = berth_telemetry::shutdown_signal() => r.context("waiting for Ctrl-C or SIGTERM")?,
         () = analyzer.stopped() => anyhow::bail!("analyzer loops ended unexpectedly"),
     }
     tracing::info!("shutting down");

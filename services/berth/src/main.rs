@@ -48,9 +48,13 @@ enum Cmd {
     Migrate,
     /// What a model needs on the GPUs, estimated from its own files.
     Estimate(estimate::EstimateArgs),
-    /// Benchmarks on private servers; each prints one JSON document.
-    #[command(subcommand)]
-    Bench(bench::BenchCmd),
+    /// Benchmarks on private servers (`place`, `storm`); each prints one JSON document.
+    /// Runs `berth-bench`, built next to `berth`, with the same arguments.
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[tokio::main]
@@ -68,8 +72,7 @@ async fn main() -> Result<()> {
         Cmd::Stop(args) => publish::stop(&cli.nats_url, args).await,
         Cmd::Ps(args) => ps::run(&cli.database_url, &cli.nats_url, args).await,
         Cmd::Watch(args) => watch::run(&cli.nats_url, args).await,
-        // Boxed: the benchmark's future is large, and only it needs to be.
-        Cmd::Bench(cmd) => Box::pin(bench::run(cmd)).await,
+        Cmd::Bench { args } => bench::run(&args),
         Cmd::Estimate(args) => estimate::run(&args),
         Cmd::Migrate => {
             let applied = berth_store::migrate(&cli.database_url).await?;

@@ -1,12 +1,30 @@
 //! `berth up`: a whole fleet on one machine, for trying berth and for development.
+//!
+//! Private NATS and PostgreSQL servers (the harness), then the `berth-analyzer` and
+//! `berth-agent` binaries built next to `berth` as child processes: N analyzers and one agent
+//! per worker of the inventory. Their logs go to this process's stderr, each line prefixed
+//! with the child's name. Ctrl-C or SIGTERM stops the agents, then the analyzers (SIGTERM,
+//! then SIGKILL after a grace), then the servers.
 
-use anyhow::{Context, Result};
-use berth_agent::{Agent, AgentConfig, Inventory};
-use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks};
-use berth_harness::{Durability, NatsServer, PgServer, workspace_root};
+use anyhow::{Context, Result, bail};
+use berth_harness::{Durability, NatsServer, PgServer, Signal, sibling_binary, workspace_root};
+use berth_store::Store;
+use chrono::Utc;
 use clap::Args;
-use std::{path::PathBuf, time::Duration};
-use tokio::signal::unix::{SignalKind, signal};
+use std::{
+    collections::BTreeSet,
+    io::{BufRead, BufReader, Read, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// How long a child has to stop after SIGTERM before it is killed.
+const GRACE: Duration = Duration::from_secs(10);
+/// How long the agents have to register through the analyzers.
+const STARTUP: Duration = Duration::from_secs(60);
+/// How often `berth up` looks for children that exited.
+const CHECK_EVERY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -28,14 +46,70 @@ pub struct UpArgs {
 }
 
 pub async fn run(args: UpArgs) -> Result<()> {
-    let inventory_path = match args.inventory {
-        Some(p) => p,
+    // Listening from the start: Ctrl-C while the fleet starts stops what was started (the
+    // starting future is dropped, and with it every child and server it holds).
+    let shutdown = berth_telemetry::shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut fleet = tokio::select! {
+        r = &mut shutdown => {
+            r?;
+            bail!("interrupted while starting; what had started is stopped");
+        }
+        fleet = start(args) => fleet?,
+    };
+    println!(
+        "berth is up: NATS {} · PostgreSQL {} · {} analyzers · {} simulated workers from {}",
+        fleet.nats.url(),
+        fleet.pg.url(),
+        fleet.analyzers.names.len(),
+        fleet.agents.names.len(),
+        fleet.inventory.display()
+    );
+    println!("logs of the analyzers and agents: on stderr, each line prefixed with its name");
+    println!("try: berth start demo --vram 20GiB --wait   (Ctrl-C stops everything)");
+
+    let mut check = tokio::time::interval(CHECK_EVERY);
+    loop {
+        tokio::select! {
+            r = &mut shutdown => { r?; break; }
+            _ = check.tick() => {
+                for group in [&mut fleet.analyzers, &mut fleet.agents] {
+                    for (name, pid, status) in group.newly_exited() {
+                        eprintln!("berth up: {name} (pid {pid}) exited ({status}); the rest keep running");
+                    }
+                }
+            }
+        }
+    }
+    println!("stopping…");
+    tokio::task::spawn_blocking(move || drop(fleet)).await?;
+    println!("stopped");
+    Ok(())
+}
+
+/// What `berth up` runs. Fields drop in order: agents, analyzers, then the servers.
+struct Fleet {
+    agents: Children,
+    analyzers: Children,
+    nats: NatsServer,
+    pg: PgServer,
+    inventory: PathBuf,
+}
+
+/// Starts the servers, the analyzers and the agents, and waits until every worker has
+/// registered.
+async fn start(args: UpArgs) -> Result<Fleet> {
+    // The binaries and the inventory first: either missing should fail before anything starts.
+    let analyzer_bin = sibling_binary("berth-analyzer")?;
+    let agent_bin = sibling_binary("berth-agent")?;
+    let inventory = match args.inventory {
+        Some(p) => std::path::absolute(p)?,
         None => workspace_root()
             .context("cannot find ops/inventory/demo.toml; pass --inventory")?
             .join("ops/inventory/demo.toml"),
     };
-    // Read the inventory first: a bad file should fail before anything starts.
-    let inventory = Inventory::load(&inventory_path)?;
+    let workers = inventory_workers(&agent_bin, &inventory)?;
+
     let dir = std::path::absolute(&args.dir)?.join("run");
     let (nats_dir, pg_dir) = (dir.join("nats"), dir.join("pg"));
     let (nats_port, pg_port) = (args.nats_port, args.pg_port);
@@ -47,55 +121,182 @@ pub async fn run(args: UpArgs) -> Result<()> {
             .await?
             .with_context(|| format!("starting PostgreSQL on port {pg_port}"))?;
     tracing::info!(nats = %nats.url(), postgres = %pg.url(), "servers started under {}", dir.display());
-
     let applied = berth_store::migrate(&pg.url()).await?;
     tracing::info!(applied, "migrations done");
-    let mut analyzers = Vec::new();
+
+    let mut fleet = Fleet {
+        agents: Children::default(),
+        analyzers: Children::default(),
+        nats,
+        pg,
+        inventory,
+    };
     for i in 0..args.analyzers {
-        let mut config = AnalyzerConfig::new(nats.url(), pg.url());
-        config.name = format!("analyzer-{i}");
-        analyzers.push(Analyzer::start(config, Hooks::default()).await?);
+        let name = format!("analyzer-{i}");
+        let mut cmd = Command::new(&analyzer_bin);
+        cmd.args([
+            "--nats-url",
+            &fleet.nats.url(),
+            "--database-url",
+            &fleet.pg.url(),
+        ])
+        .args(["--name", &name]);
+        fleet.analyzers.spawn(name, cmd)?;
     }
-    let mut agents = Vec::new();
-    let agent_stats = std::sync::Arc::new(berth_agent::AgentStats::default());
-    for worker in inventory.workers {
-        let id = worker.id.clone();
-        let config = AgentConfig {
-            nats_url: nats.url(),
-            worker,
-            heartbeat: Duration::from_secs(5),
-            stats: agent_stats.clone(),
-        };
-        agents.push(
-            Agent::start(config)
-                .await
-                .with_context(|| format!("agent {id}"))?,
+    let registered_since = Utc::now();
+    for worker in &workers {
+        let mut cmd = Command::new(&agent_bin);
+        cmd.args(["--nats-url", &fleet.nats.url(), "--worker", worker])
+            .arg("--inventory")
+            .arg(&fleet.inventory);
+        fleet.agents.spawn(format!("agent-{worker}"), cmd)?;
+    }
+    wait_registered(&mut fleet, &workers, registered_since).await?;
+    Ok(fleet)
+}
+
+/// The worker ids of `inventory`, as the agent reads it (`--print-inventory`): the file is
+/// checked by the code that will run it, without linking the agent into this client.
+fn inventory_workers(agent_bin: &Path, inventory: &Path) -> Result<Vec<String>> {
+    let out = Command::new(agent_bin)
+        .arg("--inventory")
+        .arg(inventory)
+        .arg("--print-inventory")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", agent_bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} --inventory {} failed ({}): {}",
+            agent_bin.display(),
+            inventory.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    println!(
-        "berth is up: NATS {} · PostgreSQL {} · {} analyzers · {} simulated workers from {}",
-        nats.url(),
-        pg.url(),
-        analyzers.len(),
-        agents.len(),
-        inventory_path.display()
-    );
-    println!("try: berth start demo --vram 20GiB --wait   (Ctrl-C stops everything)");
+    let doc: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+        .context("berth-agent --print-inventory printed no JSON list")?;
+    let workers: Vec<String> = doc
+        .iter()
+        .filter_map(|w| Some(w.get("worker")?.as_str()?.to_owned()))
+        .collect();
+    if workers.is_empty() || workers.len() != doc.len() {
+        bail!("{} lists no workers", inventory.display());
+    }
+    Ok(workers)
+}
 
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
+/// Waits until every worker has registered (a heartbeat recorded after `since`), which also
+/// means an analyzer is taking reports; fails if a child exits first or after [`STARTUP`].
+async fn wait_registered(
+    fleet: &mut Fleet,
+    workers: &[String],
+    since: chrono::DateTime<Utc>,
+) -> Result<()> {
+    let store = Store::connect(&fleet.pg.url(), 1)?;
+    let deadline = Instant::now() + STARTUP;
+    let mut interval = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        interval.tick().await;
+        for group in [&mut fleet.analyzers, &mut fleet.agents] {
+            if let Some((name, pid, status)) = group.newly_exited().into_iter().next() {
+                bail!("{name} (pid {pid}) exited ({status}) while the fleet was starting");
+            }
+        }
+        let fresh: BTreeSet<String> = store
+            .capacity()
+            .await?
+            .into_iter()
+            .filter(|(w, _)| w.last_heartbeat >= since)
+            .map(|(w, _)| w.id)
+            .collect();
+        let missing: Vec<&str> = workers
+            .iter()
+            .filter(|w| !fresh.contains(*w))
+            .map(String::as_str)
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("workers {missing:?} not registered after {STARTUP:?}");
+        }
     }
-    println!("stopping…");
-    for a in agents {
-        a.shutdown().await;
+}
+
+/// Child processes of `berth up`, each with its name. Dropping the group stops them all:
+/// SIGTERM, then SIGKILL for those still running after [`GRACE`].
+#[derive(Default)]
+struct Children {
+    names: Vec<String>,
+    children: Vec<Child>,
+    exited: Vec<bool>,
+}
+
+impl Children {
+    /// Starts `cmd` as `name` with its own metrics port and its output relayed to stderr.
+    fn spawn(&mut self, name: String, mut cmd: Command) -> Result<()> {
+        let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], berth_harness::free_port()?));
+        cmd.args(["--metrics-addr", &metrics.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info,async_nats=warn");
+        }
+        let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        if let Some(out) = child.stdout.take() {
+            relay(&name, out);
+        }
+        if let Some(err) = child.stderr.take() {
+            relay(&name, err);
+        }
+        println!(
+            "{name:<16} pid {:<8} metrics http://{metrics}/metrics",
+            child.id()
+        );
+        self.names.push(name);
+        self.children.push(child);
+        self.exited.push(false);
+        Ok(())
     }
-    for a in analyzers {
-        a.shutdown().await;
+
+    /// The children that exited since the last call: name, pid and how.
+    fn newly_exited(&mut self) -> Vec<(String, u32, String)> {
+        let mut out = Vec::new();
+        for ((child, name), exited) in self
+            .children
+            .iter_mut()
+            .zip(&self.names)
+            .zip(&mut self.exited)
+        {
+            if !*exited && let Ok(Some(status)) = child.try_wait() {
+                *exited = true;
+                out.push((name.clone(), child.id(), status.to_string()));
+            }
+        }
+        out
     }
-    drop(nats);
-    drop(pg);
-    println!("stopped");
-    Ok(())
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        berth_harness::stop_children(&mut self.children, Signal::SIGTERM, GRACE);
+    }
+}
+
+/// Copies a child's output to stderr line by line, prefixed with its name, until it closes.
+fn relay(name: &str, from: impl Read + Send + 'static) {
+    let prefix = format!("{name} | ");
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).split(b'\n').map_while(Result::ok) {
+            let mut err = std::io::stderr().lock();
+            // Nowhere to report a failed write to stderr; keep draining so the child never
+            // blocks on a full pipe.
+            let _ = err
+                .write_all(prefix.as_bytes())
+                .and_then(|()| err.write_all(&line))
+                .and_then(|()| err.write_all(b"\n"));
+        }
+    });
 }

@@ -1,9 +1,12 @@
 //! The `berth` binary as a user runs it: bad input gets a clear error and a non-zero exit;
 //! good input works against real servers.
 
-use berth_harness::TestServers;
+use berth_harness::{Signal, TestServers};
 use std::{
+    collections::BTreeMap,
     io::{BufRead, BufReader},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -107,29 +110,116 @@ fn unreachable_servers_give_a_clear_error() {
     assert!(stderr(&out).contains("127.0.0.1:1"), "{}", stderr(&out));
 }
 
+/// A binary of the workspace next to `berth` (`cargo build --workspace --bins` puts it there;
+/// only `berth` itself is built for this package's tests).
+fn sibling(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_berth")).with_file_name(name);
+    assert!(
+        path.is_file(),
+        "{} not found: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// The processes whose parent is `pid`, with their names (from `/proc`).
+fn children_of(pid: u32) -> Vec<(u32, String)> {
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .filter_map(|e| {
+            let child: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            let (comm, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+            let ppid: u32 = rest.split(' ').nth(1)?.parse().ok()?;
+            (ppid == pid).then(|| (child, comm.to_owned()))
+        })
+        .collect()
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} after {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn start_ps_stop_against_berth_up() {
+    sibling("berth-analyzer");
+    sibling("berth-agent");
     let dir = tempfile::Builder::new()
         .prefix("berth-test-up-")
         .tempdir()
         .unwrap();
+    // As root, PostgreSQL runs as `postgres`, which must reach the data under it.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let port = |p: u16| p.to_string();
     // Free ports: borrow them from a harness server pair, then stop it.
     let (nats_port, pg_port) = {
         let probe = TestServers::start().expect("servers");
         (probe.nats.port(), probe.pg.port())
     };
+    let log = dir.path().join("up.stderr");
     let mut up = Command::new(env!("CARGO_BIN_EXE_berth"))
         .args(["up", "--dir"])
         .arg(dir.path())
         .args(["--nats-port", &port(nats_port), "--pg-port", &port(pg_port)])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    // One line per child with its pid, then the line that says the fleet is ready.
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let ready = lines.next().unwrap().unwrap();
-    assert!(ready.contains("berth is up"), "{ready}");
+    let mut printed: BTreeMap<String, u32> = BTreeMap::new();
+    loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("berth up ended:\n{}", read(&log)))
+            .unwrap();
+        if line.contains("berth is up") {
+            break;
+        }
+        let mut words = line.split_whitespace();
+        let name = words.next().unwrap().to_owned();
+        assert_eq!(words.next(), Some("pid"), "{line}");
+        printed.insert(name, words.next().unwrap().parse().unwrap());
+    }
+    let names: Vec<&str> = printed.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "agent-gpu-a",
+            "agent-gpu-b",
+            "agent-gpu-c",
+            "analyzer-0",
+            "analyzer-1"
+        ]
+    );
+    // Its children: those processes, and the two servers.
+    let children = children_of(up.id());
+    let mut comms: Vec<&str> = children.iter().map(|(_, c)| c.as_str()).collect();
+    comms.sort_unstable();
+    assert_eq!(
+        comms,
+        [
+            "berth-agent",
+            "berth-agent",
+            "berth-agent",
+            "berth-analyzer",
+            "berth-analyzer",
+            "nats-server",
+            "postgres"
+        ],
+        "{children:?}"
+    );
+    assert!(
+        printed
+            .values()
+            .all(|p| children.iter().any(|(c, _)| c == p))
+    );
 
     let nats = format!("nats://127.0.0.1:{nats_port}");
     let db = format!("postgres://postgres@127.0.0.1:{pg_port}/postgres");
@@ -181,20 +271,128 @@ fn start_ps_stop_against_berth_up() {
         stdout(&out)
     );
 
-    // Ctrl-C stops the whole fleet cleanly.
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(up.id()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = up.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "berth up did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "{status}");
+    // A child that dies is reported; the rest keep running.
+    let agent = printed["agent-gpu-b"];
+    kill(agent, Signal::SIGKILL);
+    let said = format!("agent-gpu-b (pid {agent}) exited");
+    wait_for(
+        "no report of the dead agent",
+        Duration::from_secs(30),
+        || read(&log).contains(&said),
+    );
+    assert!(up.try_wait().unwrap().is_none(), "berth up ended");
+
+    // Ctrl-C stops the whole fleet cleanly, and every child with it.
+    kill(up.id(), Signal::SIGINT);
+    let mut status = None;
+    wait_for("berth up did not stop", Duration::from_secs(60), || {
+        status = up.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success(), "{status:?}\n{}", read(&log));
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(rest.iter().any(|l| l == "stopped"), "{rest:?}");
+    let alive = || {
+        children
+            .iter()
+            .filter(|(pid, _)| Path::new(&format!("/proc/{pid}")).exists())
+            .collect::<Vec<_>>()
+    };
+    wait_for(
+        "children outlived berth up",
+        Duration::from_secs(10),
+        || alive().is_empty(),
+    );
+    // The analyzers shut down on the SIGTERM rather than being killed.
+    let logs = read(&log);
+    assert_eq!(
+        logs.lines()
+            .filter(|l| l.starts_with("analyzer-") && l.contains("shutting down"))
+            .count(),
+        2,
+        "{logs}"
+    );
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn kill(pid: u32, signal: Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid fits i32"));
+    nix::sys::signal::kill(pid, signal).expect("send a signal");
+}
+
+/// `berth bench ...` is `berth-bench ...`: the same output and exit status.
+#[test]
+fn bench_runs_berth_bench_with_the_same_arguments() {
+    let bench = sibling("berth-bench");
+    let args = [
+        "bench",
+        "storm",
+        "--instances",
+        "20",
+        "--survivors",
+        "2",
+        "--workers",
+        "2",
+    ];
+    let out = berth(&args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        doc["fits_for_commands_superseded_before_pickup"], 0,
+        "{doc}"
+    );
+    for args in [
+        &["place", "--fill", "1.5"][..],
+        &["storm", "--instances", "10", "--survivors", "50"],
+        &["--help"],
+        &["place", "--help"],
+        &["frobnicate"],
+    ] {
+        let direct = Command::new(&bench).args(args).output().unwrap();
+        let via = berth(&[&["bench"], args].concat(), &[]);
+        assert_eq!(via.status.code(), direct.status.code(), "{args:?}");
+        assert_eq!(stdout(&via), stdout(&direct), "{args:?}");
+        assert_eq!(stderr(&via), stderr(&direct), "{args:?}");
+    }
+    let help = stdout(&berth(&["bench", "--help"], &[]));
+    assert!(help.contains("place") && help.contains("storm"), "{help}");
+}
+
+/// `berth` copied away from its siblings says which one is missing and how to build it,
+/// before it starts anything.
+#[test]
+fn a_missing_sibling_binary_is_named_with_the_build_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let lone = dir.path().join("berth");
+    std::fs::copy(env!("CARGO_BIN_EXE_berth"), &lone).unwrap();
+    let data = dir.path().join("data");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["up", "--dir", data.to_str().unwrap()],
+            "berth-analyzer not found",
+        ),
+        (
+            &["bench", "place", "--workers", "1"],
+            "berth-bench not found",
+        ),
+        (&["bench", "--help"], "berth-bench not found"),
+    ];
+    for (args, expected) in cases {
+        let out = Command::new(&lone).args(*args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = stderr(&out);
+        let package = expected.split(' ').next().unwrap();
+        assert!(
+            err.contains(expected)
+                && err.contains(&format!("cargo build -p {package}"))
+                && err.contains(&lone.with_file_name(package).display().to_string()),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!data.exists(), "berth up started something");
 }
 
 #[test]
@@ -313,163 +511,4 @@ fn estimate_reads_model_files() {
             stderr(&out)
         );
     }
-}
-
-/// `berth bench place` on 4 workers × 2 GPUs with 24 starts, plus `extra` flags: its JSON.
-fn tiny_place(extra: &[&str]) -> serde_json::Value {
-    let mut args = vec![
-        "bench",
-        "place",
-        "--workers",
-        "4",
-        "--gpus-per-worker",
-        "2",
-        "--instances",
-        "24",
-        "--timeout",
-        "60",
-    ];
-    args.extend_from_slice(extra);
-    let out = berth(&args, &[]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    serde_json::from_str(&stdout(&out)).expect("bench prints JSON")
-}
-
-#[test]
-fn bench_scenarios_run_at_a_tiny_size() {
-    let doc = tiny_place(&["--analyzers", "1,2"]);
-    let runs = doc["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 2);
-    for run in runs {
-        let placed = run["placed"].as_u64().unwrap();
-        let pending = run["pending"].as_u64().unwrap();
-        assert_eq!(placed + pending, 24, "{run}");
-        assert!(
-            placed > 0 && run["ceiling_commits_per_s"].as_f64().unwrap() > 0.0,
-            "{run}"
-        );
-        assert!(run["ratio_to_ceiling"].as_f64().unwrap() > 0.0, "{run}");
-        let rounds: Vec<f64> = run["ceiling_rounds_per_s"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(serde_json::Value::as_f64)
-            .collect();
-        assert_eq!(rounds.len(), 3, "{run}");
-        assert_eq!(
-            Some(rounds[0]),
-            run["ceiling_commits_per_s"].as_f64(),
-            "the ceiling is the best round: {run}"
-        );
-        // Commit first, then the event that reports it.
-        let (commit, event) = (
-            run["publish_to_commit_ms"]["p50"].as_f64().unwrap(),
-            run["publish_to_event_ms"]["p50"].as_f64().unwrap(),
-        );
-        assert!(commit <= event + 1.0, "{run}");
-        // The window ends at the last commit: it holds every command's publish to commit.
-        let window_ms = run["first_publish_to_last_commit_s"].as_f64().unwrap() * 1000.0;
-        let slowest = run["publish_to_commit_ms"]["max"].as_f64().unwrap();
-        assert!(window_ms + 1.0 >= slowest && window_ms > 0.0, "{run}");
-        // The database did work during the run, and the figures say so.
-        assert!(
-            run["cpu_s_during_run"]["postgres"].as_f64().is_some()
-                && run["cpu_ms_per_placement"].as_f64().unwrap() > 0.0,
-            "{run}"
-        );
-    }
-
-    // The same with the analyzer as a process of its own (berth-analyzer is built next to
-    // berth by `cargo build --workspace`), which reports its peak memory.
-    let doc = tiny_place(&["--analyzers", "1", "--processes"]);
-    let run = &doc["runs"][0];
-    assert_eq!(
-        run["placed"].as_u64().unwrap() + run["pending"].as_u64().unwrap(),
-        24,
-        "{run}"
-    );
-    let rss = run["peak_rss_mib_analyzer_processes"].as_array().unwrap();
-    assert!(rss.len() == 1 && rss[0].as_f64().unwrap() > 1.0, "{run}");
-    assert!(
-        run["cpu_s_during_run"]["analyzer_processes"]
-            .as_f64()
-            .is_some(),
-        "{run}"
-    );
-
-    let out = berth(
-        &[
-            "bench",
-            "storm",
-            "--instances",
-            "40",
-            "--survivors",
-            "3",
-            "--workers",
-            "4",
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_eq!(
-        doc["fits_for_commands_superseded_before_pickup"], 0,
-        "{doc}"
-    );
-    assert!(doc["survivors_running_after_s"].as_f64().is_some(), "{doc}");
-
-    // Every decided command gets a line, in publish order.
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("latencies.csv");
-    tiny_place(&["--latency-log", log.to_str().unwrap()]);
-    let text = std::fs::read_to_string(&log).unwrap();
-    let mut lines = text.lines();
-    assert_eq!(
-        lines.next(),
-        Some("publish_unix_ms,publish_to_commit_ms,publish_to_event_ms")
-    );
-    let rows: Vec<Vec<f64>> = lines
-        .map(|l| l.split(',').map(|x| x.parse().unwrap()).collect())
-        .collect();
-    assert_eq!(rows.len(), 24, "{text}");
-    assert!(rows.windows(2).all(|w| w[0][0] <= w[1][0]), "{text}");
-    assert!(rows.iter().all(|r| r.len() == 3 && r[1] >= 0.0), "{text}");
-
-    let cases: &[(&[&str], &str)] = &[
-        (
-            &["bench", "place", "--fill", "1.5"],
-            "not between 0 and 0.99",
-        ),
-        (
-            &["bench", "place", "--latency-log", "/nonexistent/dir/l.csv"],
-            "cannot write the latency log /nonexistent/dir/l.csv",
-        ),
-        (&["bench", "place", "--analyzers", "0"], "--analyzers"),
-        (&["bench", "place", "--policy", "random"], "--policy"),
-        (
-            &["bench", "storm", "--instances", "10", "--survivors", "50"],
-            "more than --instances",
-        ),
-    ];
-    for (args, expected) in cases {
-        let out = berth(args, &[]);
-        assert!(!out.status.success(), "{args:?} should fail");
-        assert!(
-            stderr(&out).contains(expected),
-            "{args:?}: {}",
-            stderr(&out)
-        );
-    }
-}
-
-/// A server setting PostgreSQL does not know, passed through `BERTH_PG_SETTINGS`, stops the
-/// bench before it starts, with the server's own complaint.
-#[test]
-fn a_bad_server_setting_is_refused_with_the_servers_reason() {
-    let out = berth(
-        &["bench", "place", "--workers", "1", "--instances", "1"],
-        &[("BERTH_PG_SETTINGS", "no_such_setting=1")],
-    );
-    assert!(!out.status.success(), "{}", stdout(&out));
-    assert!(stderr(&out).contains("no_such_setting"), "{}", stderr(&out));
 }

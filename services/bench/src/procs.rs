@@ -4,8 +4,7 @@
 use anyhow::{Context, Result, bail};
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddr, TcpListener},
-    path::PathBuf,
+    net::{Ipv4Addr, SocketAddr},
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -35,30 +34,12 @@ pub struct AnalyzerProc {
     metrics: SocketAddr,
 }
 
-/// The `berth-analyzer` binary next to this one (both come from the same `cargo build`).
-fn binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("where is this binary")?;
-    let bin = exe.with_file_name("berth-analyzer");
-    if !bin.is_file() {
-        bail!(
-            "{} not found: build it next to berth (cargo build --release -p berth-analyzer)",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
-fn free_addr() -> Result<SocketAddr> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
-    Ok(l.local_addr()?)
-}
-
 impl AnalyzerProc {
     /// Starts analyzer `name` and waits until its metrics endpoint answers (it binds it once
     /// connected to NATS and PostgreSQL).
     pub async fn start(name: &str, s: &Settings) -> Result<AnalyzerProc> {
-        let metrics = free_addr()?;
-        let child = Command::new(binary()?)
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, berth_harness::free_port()?));
+        let child = Command::new(berth_harness::sibling_binary("berth-analyzer")?)
             .args(["--nats-url", &s.nats_url])
             .args(["--database-url", &s.database_url])
             .args(["--name", name])
