@@ -2,7 +2,7 @@
 //! previous read (`Store::capacity_since`): after every kind of change it must equal a view
 //! loaded from scratch, and a read must return the changed rows, not the whole cluster.
 
-use berth_analyzer::snapshot::Snapshot;
+use berth_analyzer::Snapshot;
 use berth_fit::{Lane, Policy, Request, Worker};
 use berth_proto::{GpuInfo, status::GpuUsage, status::ReportedState};
 use berth_store::Store;

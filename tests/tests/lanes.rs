@@ -1,7 +1,7 @@
 //! Analyzers hear each other's heartbeats and deal the workers out among themselves (lanes),
 //! so that decisions made at the same moment rarely reach for the same GPUs.
 
-use berth_analyzer::peers::Peers;
+use berth_analyzer::Peers;
 use berth_tests::{Fleet, wait_until};
 use std::{sync::Arc, time::Duration};
 

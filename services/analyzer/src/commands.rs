@@ -1,11 +1,13 @@
 //! Handling one command message: decode, dead-letter bad input, apply start or stop.
 
-use crate::{context::Ctx, intake::Handled, intents::NotRecorded, placing};
+use crate::{
+    agent_link::placement_of, context::Ctx, intake::Handled, intents::NotRecorded, placing,
+};
 use async_nats::jetstream::Message;
-use berth_proto::{AgentMsg, Command, StartSpec, StopSpec, subjects::instance_of_cmd_subject};
+use berth_proto::{Command, StartSpec, StopSpec, subjects::instance_of_cmd_subject};
 use berth_retry::{RetryPolicy, retry};
 use berth_store::{
-    StoreError, Transition,
+    StoreError,
     commands::{StartApplied, StartIntent, StopApplied},
 };
 use std::time::SystemTime;
@@ -32,7 +34,7 @@ pub async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
             let reason = format!("subject {subject:?} does not name a valid instance id");
             return dead_letter(ctx, msg, None, seq, &reason).await;
         };
-        ctx.supersede(id, seq);
+        ctx.fits.supersede(id, seq);
         let handled = match Command::decode(&msg.payload) {
             Err(e) => return dead_letter(ctx, msg, Some(id), seq, &e.to_string()).await,
             Ok(Command::Start(spec)) => start(ctx, id, seq, spec, picked_at).await,
@@ -94,7 +96,7 @@ async fn dead_letter(
         })
         .await;
         match outcome(marked) {
-            Ok(Some(t)) => announce(ctx, &t).await,
+            Ok(Some(t)) => ctx.events.announce(&t),
             Ok(None) => {
                 ctx.stats.commands_stale.inc();
             }
@@ -125,13 +127,12 @@ async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: System
     };
     // In flight from here, and the superseded check (see `placing::place`) is asked while
     // the intent is recorded rather than after: one round trip less before the fit.
-    let token = ctx.begin_fit(id, seq, &spec);
+    let guard = ctx.fits.begin(id, seq, &spec);
     // Grouped with the other starts in hand; transient errors were retried there.
     let (applied, newest) = tokio::join!(ctx.intents.apply(intent), ctx.bus.last_command_seq(id));
     let applied = match applied {
         Ok(applied) => applied,
         Err(not_recorded) => {
-            ctx.end_fit(id, seq);
             return match not_recorded {
                 NotRecorded::Unavailable => Handled::Retry,
                 NotRecorded::Refused(why) => Handled::Refused(why),
@@ -143,19 +144,20 @@ async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: System
         release_on,
     } = applied
     else {
-        ctx.end_fit(id, seq);
+        drop(guard);
         return not_placing(ctx, id, &spec, applied).await;
     };
     ctx.stats.commands_applied.inc();
-    announce(ctx, &transition).await;
-    if unassign(ctx, id, transition.version, &release_on)
+    ctx.events.announce(&transition);
+    if ctx
+        .agents
+        .unassign(id, transition.version, &release_on)
         .await
         .is_err()
     {
-        ctx.end_fit(id, seq);
         return Handled::Retry;
     }
-    let began = placing::Began { token, newest };
+    let began = placing::Began { guard, newest };
     placing::place(
         ctx,
         id,
@@ -188,8 +190,8 @@ async fn not_placing(ctx: &Ctx, id: &str, spec: &StartSpec, applied: StartApplie
             claims,
         } => {
             // A redelivery after a crash between commit and assignment: send them again.
-            let placement = placing::placement_of(&worker_id, &claims);
-            match placing::send_assignments(ctx, id, version, spec, &placement).await {
+            let placement = placement_of(&worker_id, &claims);
+            match ctx.agents.assign(id, version, spec, &placement).await {
                 Ok(()) => Handled::Done,
                 Err(_) => Handled::Retry,
             }
@@ -216,15 +218,17 @@ async fn stop(ctx: &Ctx, id: &str, seq: u64, spec: StopSpec) -> Handled {
         }
         StopApplied::Stopped(t) => {
             ctx.stats.commands_applied.inc();
-            announce(ctx, &t).await;
+            ctx.events.announce(&t);
         }
         StopApplied::Stopping {
             transition,
             workers,
         } => {
             ctx.stats.commands_applied.inc();
-            announce(ctx, &transition).await;
-            if unassign(ctx, id, transition.version, &workers)
+            ctx.events.announce(&transition);
+            if ctx
+                .agents
+                .unassign(id, transition.version, &workers)
                 .await
                 .is_err()
             {
@@ -233,38 +237,4 @@ async fn stop(ctx: &Ctx, id: &str, seq: u64, spec: StopSpec) -> Handled {
         }
     }
     Handled::Done
-}
-
-/// Tells each of `workers` to stop `id`'s placements older than `version`.
-pub async fn unassign(
-    ctx: &Ctx,
-    id: &str,
-    version: i64,
-    workers: &[String],
-) -> Result<(), berth_bus::BusError> {
-    for worker in workers {
-        let msg = AgentMsg::Unassign {
-            instance_id: id.to_owned(),
-            version,
-        };
-        ctx.bus.publish_agent(worker, &msg).await.inspect_err(|e| {
-            tracing::warn!(%e, worker, "cannot send unassign");
-        })?;
-    }
-    Ok(())
-}
-
-/// Logs a committed transition and wakes the event relay: the event itself was written to
-/// the outbox by the transaction that made the change (see `events.rs`).
-pub async fn announce(ctx: &Ctx, t: &Transition) {
-    tracing::info!(
-        instance_id = %t.instance_id,
-        version = t.version,
-        cmd_seq = t.cmd_seq,
-        state = %t.state,
-        worker = t.worker_id.as_deref().unwrap_or(""),
-        reason = t.reason.as_deref().unwrap_or(""),
-        "state changed"
-    );
-    ctx.events_wake.notify_one();
 }

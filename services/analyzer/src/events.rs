@@ -6,9 +6,36 @@
 
 use crate::context::Ctx;
 use berth_bus::Bus;
-use berth_store::outbox::{OutboxEvent, Relayed};
+use berth_store::{
+    Transition,
+    outbox::{OutboxEvent, Relayed},
+};
 use std::{sync::Arc, time::Duration};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+/// The relay's doorbell: a committed change wakes it (the event itself was written to the
+/// outbox by the transaction that made the change).
+#[derive(Debug, Default)]
+pub(crate) struct Events {
+    wake: Notify,
+}
+
+impl Events {
+    /// Logs a committed transition and wakes the relay.
+    pub(crate) fn announce(&self, t: &Transition) {
+        tracing::info!(
+            instance_id = %t.instance_id,
+            version = t.version,
+            cmd_seq = t.cmd_seq,
+            state = %t.state,
+            worker = t.worker_id.as_deref().unwrap_or(""),
+            reason = t.reason.as_deref().unwrap_or(""),
+            "state changed"
+        );
+        self.wake.notify_one();
+    }
+}
 
 /// Events per round.
 const BATCH: i64 = 512;
@@ -28,12 +55,12 @@ const GATHER: Duration = Duration::from_millis(3);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let mut backoff = FIRST_BACKOFF;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = ctx.events_wake.notified() => {}
+            () = ctx.events.wake.notified() => {}
             () = tokio::time::sleep(POLL) => {}
         }
         tokio::select! {

@@ -1,26 +1,30 @@
 //! berth-analyzer: pulls commands, records intent, computes placements and commits them with a
 //! compare-and-swap; also applies agents' reports. Stateless: run as many as you like.
 
-pub mod commands;
-pub mod config;
-pub mod context;
-pub mod events;
-pub mod grouped;
-pub mod hooks;
-pub mod intake;
-pub mod intents;
-pub mod metrics;
-pub mod needs;
-pub mod peers;
-pub mod placing;
-pub mod recent;
-pub mod snapshot;
-pub mod stats;
-pub mod status;
-pub mod sweeper;
-pub mod watch;
+mod agent_link;
+mod commands;
+mod config;
+mod context;
+mod events;
+mod grouped;
+mod hooks;
+mod in_flight;
+mod intake;
+mod intents;
+mod metrics;
+mod needs;
+mod peers;
+mod placing;
+mod recent;
+mod snapshot;
+mod stats;
+mod status;
+mod sweeper;
+mod watch;
 
 pub use config::AnalyzerConfig;
 pub use context::Analyzer;
 pub use hooks::{Hook, Hooks};
+pub use peers::Peers;
+pub use snapshot::Snapshot;
 pub use stats::{FitRecord, Stats};

@@ -1,17 +1,14 @@
 //! From intent to placement: the superseded check, the fit, and the CAS commit.
 
 use crate::grouped::Grouped;
-use crate::{FitRecord, context::Ctx, intake::Handled};
-use berth_fit::{FitError, Gpu, Part, Placement, Replicas, Request, Slot, Worker};
-use berth_proto::{AgentMsg, StartSpec};
+use crate::{FitRecord, agent_link::to_i64, context::Ctx, in_flight::FitGuard, intake::Handled};
+use berth_fit::{FitError, Placement, Request};
+use berth_proto::StartSpec;
 use berth_store::{
-    GpuRow, Store, StoreError, WorkerRow,
+    Store, StoreError,
     placement::{CommitOutcome, GpuClaim, PlacementCommit},
 };
-use std::{
-    collections::{BTreeMap, HashMap},
-    time::SystemTime,
-};
+use std::time::SystemTime;
 
 /// How a placement attempt ended.
 enum Settled {
@@ -20,11 +17,12 @@ enum Settled {
     Cancelled,
 }
 
-/// A fit registered in flight ([`Ctx::begin_fit`]) and the superseded check asked after
-/// that, both done by the caller while the start's intent was being recorded.
-pub struct Began {
-    pub token: tokio_util::sync::CancellationToken,
-    pub newest: Result<Option<u64>, berth_bus::BusError>,
+/// A fit registered in flight ([`crate::in_flight::InFlight::begin`]) and the superseded
+/// check asked after that, both done by the caller while the start's intent was being
+/// recorded.
+pub(crate) struct Began<'a> {
+    pub(crate) guard: FitGuard<'a>,
+    pub(crate) newest: Result<Option<u64>, berth_bus::BusError>,
 }
 
 /// Places `id` (now `analyzing` at `version` for command `seq`), or leaves it `pending` with
@@ -37,17 +35,17 @@ pub async fn place(
     version: i64,
     spec: &StartSpec,
     picked_at: SystemTime,
-    mut began: Option<Began>,
+    mut began: Option<Began<'_>>,
 ) -> Handled {
     loop {
         // In flight from the registration on (here, or the caller's): a newer command heard
         // from then on cancels this fit, and one stored before is seen by the check, which
         // is asked after the registration. No gap between the two.
-        let (token, newest) = match began.take() {
-            Some(b) => (b.token, b.newest),
+        let (guard, newest) = match began.take() {
+            Some(b) => (b.guard, b.newest),
             None => {
-                let token = ctx.begin_fit(id, seq, spec);
-                (token, ctx.bus.last_command_seq(id).await)
+                let guard = ctx.fits.begin(id, seq, spec);
+                (guard, ctx.bus.last_command_seq(id).await)
             }
         };
         // No wasted work: a command that is no longer the newest costs no fit.
@@ -55,32 +53,30 @@ pub async fn place(
             Ok(Some(last)) if last > seq => {
                 tracing::debug!(last, "superseded before the fit; skipped");
                 ctx.stats.fits_skipped_superseded.inc();
-                ctx.end_fit(id, seq);
                 return Handled::Done;
             }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(%e, "cannot check for newer commands; will retry");
-                ctx.end_fit(id, seq);
                 return Handled::Retry;
             }
         }
         // Another command was heard just before the fit began: it may be newer and not
         // stored yet, so ask again (briefly) before computing anything.
-        if ctx.heard_other_lately(id, spec)
+        if ctx.fits.heard_other_lately(id, spec)
             && matches!(confirm_superseded(ctx, id, seq).await, Ok(true))
         {
             tracing::debug!("superseded by a command heard before the fit; skipped");
             ctx.stats.fits_skipped_superseded.inc();
-            ctx.end_fit(id, seq);
             return Handled::Done;
         }
+        let token = guard.token().clone();
         let settled = tokio::time::timeout(
             ctx.config.fit_timeout,
             place_until_settled(ctx, id, seq, version, spec, picked_at, &token),
         )
         .await;
-        ctx.end_fit(id, seq);
+        drop(guard);
         match settled {
             Ok(Settled::Handled(handled)) => return handled,
             Ok(Settled::Cancelled) => match confirm_superseded(ctx, id, seq).await {
@@ -132,7 +128,7 @@ async fn timed_out(
     );
     match ctx.store.mark_error(id, version, &reason).await {
         Ok(Some(t)) => {
-            crate::commands::announce(ctx, &t).await;
+            ctx.events.announce(&t);
             Handled::Done
         }
         Ok(None) => Handled::Done,
@@ -156,7 +152,7 @@ async fn place_until_settled(
             tracing::warn!(reason, "cannot work out what the instance needs");
             return Settled::Handled(match ctx.store.mark_error(id, version, &reason).await {
                 Ok(Some(t)) => {
-                    crate::commands::announce(ctx, &t).await;
+                    ctx.events.announce(&t);
                     Handled::Done
                 }
                 Ok(None) => Handled::Done,
@@ -226,10 +222,10 @@ async fn place_until_settled(
                 if !shape.is_empty() {
                     tracing::info!(shape, workers = placement.parts.len(), "placed");
                 }
-                crate::commands::announce(ctx, &t).await;
+                ctx.events.announce(&t);
                 // If this fails the message is redelivered and the assignments sent again.
                 return Settled::Handled(
-                    match send_assignments(ctx, id, version, spec, &placement).await {
+                    match ctx.agents.assign(id, version, spec, &placement).await {
                         Ok(()) => Handled::Done,
                         Err(e) => {
                             tracing::warn!(%e, "cannot send assignment; will retry");
@@ -269,69 +265,6 @@ async fn place_until_settled(
         ctx.config.max_refits + 1
     );
     Settled::Handled(settle_pending(ctx, id, seq, version, &request, &reason).await)
-}
-
-/// The placement a commit recorded: one part per worker, `leader` first.
-pub(crate) fn placement_of(leader: &str, claims: &[GpuClaim]) -> Placement {
-    let mut parts: Vec<Part> = Vec::new();
-    for c in claims {
-        let slot = Slot {
-            index: c.idx,
-            bytes: c.bytes.unsigned_abs(),
-        };
-        match parts.iter_mut().find(|p| p.worker_id == c.worker_id) {
-            Some(p) => p.gpus.push(slot),
-            None => parts.push(Part {
-                worker_id: c.worker_id.clone(),
-                gpus: vec![slot],
-            }),
-        }
-    }
-    parts.sort_by_key(|p| p.worker_id != leader);
-    Placement { shape: 0, parts }
-}
-
-/// One assignment per worker of the placement, each naming all of them when there are
-/// several.
-pub(crate) async fn send_assignments(
-    ctx: &Ctx,
-    id: &str,
-    version: i64,
-    spec: &StartSpec,
-    placement: &Placement,
-) -> Result<(), berth_bus::BusError> {
-    let workers: Vec<String> = if placement.parts.len() > 1 {
-        placement
-            .parts
-            .iter()
-            .map(|p| p.worker_id.clone())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    for part in &placement.parts {
-        let bytes: Vec<i64> = part.gpus.iter().map(|s| to_i64(s.bytes)).collect();
-        let max = to_i64(part.max_bytes());
-        let assign = AgentMsg::Assign {
-            instance_id: id.to_owned(),
-            version,
-            gpus: part.indexes(),
-            vram_bytes_per_gpu: max,
-            spec: spec.clone(),
-            gpu_bytes: if bytes.iter().all(|b| *b == max) {
-                Vec::new()
-            } else {
-                bytes
-            },
-            workers: workers.clone(),
-        };
-        ctx.bus.publish_agent(&part.worker_id, &assign).await?;
-    }
-    Ok(())
-}
-
-fn to_i64(bytes: u64) -> i64 {
-    i64::try_from(bytes).unwrap_or(i64::MAX)
 }
 
 /// The hook, the last cancellation check, and the CAS commit. `None`: cancelled.
@@ -426,7 +359,7 @@ async fn settle_pending(
     match ctx.store.mark_pending(id, version, reason).await {
         Ok(Some(t)) => {
             ctx.stats.pending.inc();
-            crate::commands::announce(ctx, &t).await;
+            ctx.events.announce(&t);
             // Capacity may have freed between our view and this commit, and whoever freed it
             // did not see us pending yet: look once more on a view loaded after the commit.
             let committed = std::time::Instant::now();
@@ -451,40 +384,4 @@ async fn settle_pending(
 fn transient(e: &StoreError) -> Handled {
     tracing::warn!(%e, "database error during placement; will retry");
     Handled::Retry
-}
-
-/// A GPU row as the fit sees it.
-pub(crate) fn to_fit_gpu(g: &GpuRow) -> Gpu {
-    Gpu {
-        index: g.idx.unsigned_abs(),
-        name: g.name.clone(),
-        uuid: g.uuid.clone(),
-        total_bytes: u64::try_from(g.total_bytes).unwrap_or(0),
-        free_bytes: u64::try_from(g.free_bytes()).unwrap_or(0),
-    }
-}
-
-/// The fit's view of the cluster: free VRAM per GPU, labels and replica counts per worker.
-pub(crate) fn to_fit_workers(
-    capacity: Vec<(WorkerRow, Vec<GpuRow>)>,
-    replicas: Vec<(String, String, i64)>,
-) -> Vec<Worker> {
-    let mut per_worker: HashMap<String, Replicas> = HashMap::new();
-    for (worker, group, n) in replicas {
-        per_worker
-            .entry(worker)
-            .or_default()
-            .set(&group, u32::try_from(n).unwrap_or(u32::MAX));
-    }
-    capacity
-        .into_iter()
-        .map(|(w, gpus)| Worker {
-            labels: serde_json::from_value::<BTreeMap<String, String>>(w.labels)
-                .unwrap_or_default(),
-            schedulable: w.schedulable,
-            gpus: gpus.iter().map(to_fit_gpu).collect(),
-            replicas: per_worker.remove(&w.id).unwrap_or_default(),
-            id: w.id,
-        })
-        .collect()
 }

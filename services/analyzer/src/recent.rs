@@ -58,10 +58,12 @@ impl Recent {
     }
 
     /// Instances remembered now (for tests).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.by_id.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.by_id.is_empty()
     }

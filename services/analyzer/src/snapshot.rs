@@ -11,13 +11,12 @@
 //! slightly stale about other analyzers: that costs a capacity conflict at commit (the
 //! database refuses, never overcommits), not correctness.
 
-use crate::placing::{to_fit_gpu, to_fit_workers};
 use berth_fit::{
-    FitError, Lane, Order, Placement, Policy, Replicas, Request, Worker, place, place_from,
+    FitError, Gpu, Lane, Order, Placement, Policy, Replicas, Request, Worker, place, place_from,
 };
-use berth_store::{Store, StoreError, placement::CapacityRead};
+use berth_store::{GpuRow, Store, StoreError, WorkerRow, placement::CapacityRead};
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     hash::{Hash, Hasher},
     sync::Mutex,
     time::Instant,
@@ -382,4 +381,40 @@ pub async fn keep_fresh(
             tracing::warn!(%e, "capacity refresh failed");
         }
     }
+}
+
+/// A GPU row as the fit sees it.
+fn to_fit_gpu(g: &GpuRow) -> Gpu {
+    Gpu {
+        index: g.idx.unsigned_abs(),
+        name: g.name.clone(),
+        uuid: g.uuid.clone(),
+        total_bytes: u64::try_from(g.total_bytes).unwrap_or(0),
+        free_bytes: u64::try_from(g.free_bytes()).unwrap_or(0),
+    }
+}
+
+/// The fit's view of the cluster: free VRAM per GPU, labels and replica counts per worker.
+fn to_fit_workers(
+    capacity: Vec<(WorkerRow, Vec<GpuRow>)>,
+    replicas: Vec<(String, String, i64)>,
+) -> Vec<Worker> {
+    let mut per_worker: HashMap<String, Replicas> = HashMap::new();
+    for (worker, group, n) in replicas {
+        per_worker
+            .entry(worker)
+            .or_default()
+            .set(&group, u32::try_from(n).unwrap_or(u32::MAX));
+    }
+    capacity
+        .into_iter()
+        .map(|(w, gpus)| Worker {
+            labels: serde_json::from_value::<BTreeMap<String, String>>(w.labels)
+                .unwrap_or_default(),
+            schedulable: w.schedulable,
+            gpus: gpus.iter().map(to_fit_gpu).collect(),
+            replicas: per_worker.remove(&w.id).unwrap_or_default(),
+            id: w.id,
+        })
+        .collect()
 }

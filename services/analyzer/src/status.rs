@@ -74,7 +74,10 @@ async fn fence_if_stale(
         "a backend runs a stale placement; stopping it"
     );
     ctx.stats.stale_reports_fenced.inc();
-    let _ = crate::commands::unassign(ctx, id, version + 1, &[worker_id.to_owned()]).await;
+    let _ = ctx
+        .agents
+        .unassign(id, version + 1, &[worker_id.to_owned()])
+        .await;
     Ok(())
 }
 
@@ -166,7 +169,7 @@ async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
                 Ok(transitions) => {
                     for t in &transitions {
                         ctx.stats.reports_applied.inc();
-                        crate::commands::announce(ctx, t).await;
+                        ctx.events.announce(t);
                         if *shared && t.state == berth_proto::InstanceState::Error {
                             // One stage failed: the others stop too and give their GPUs back
                             // (an unassign stops versions below the one it names).

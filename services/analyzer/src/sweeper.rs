@@ -1,7 +1,7 @@
 //! Nothing stuck: pending instances are re-evaluated when capacity appears, and a periodic
 //! sweep handles what a lost wake-up, a dead analyzer or a silent worker left behind.
 
-use crate::{commands::announce, context::Ctx};
+use crate::context::Ctx;
 use berth_fit::place;
 use berth_proto::{InstanceState, StartSpec};
 use berth_store::StoreError;
@@ -97,7 +97,7 @@ pub async fn republish(ctx: &Ctx, id: &str, cmd_seq: i64) {
 pub async fn stop_stranded(ctx: &Ctx, id: &str, version: i64) {
     match ctx.store.holders(id).await {
         Ok(holders) => {
-            let _ = crate::commands::unassign(ctx, id, version + 1, &holders).await;
+            let _ = ctx.agents.unassign(id, version + 1, &holders).await;
         }
         Err(e) => tracing::warn!(%e, instance_id = id, "cannot find the stages to stop"),
     }
@@ -119,7 +119,7 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
             let evicted = ctx.store.evict(&worker, &id).await?;
             ctx.stats.evictions.inc();
             if let Some(t) = &evicted.transition {
-                announce(ctx, t).await;
+                ctx.events.announce(t);
                 if evicted.replace {
                     stop_stranded(ctx, &id, t.version).await;
                 }
@@ -143,7 +143,7 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
     {
         let holders = ctx.store.holders(&row.id).await?;
         // A failure is logged there; the next sweep sends again.
-        let _ = crate::commands::unassign(ctx, &row.id, row.version, &holders).await;
+        let _ = ctx.agents.unassign(&row.id, row.version, &holders).await;
     }
     wake_pending(ctx).await
 }

@@ -55,6 +55,6 @@ pub async fn run(ctx: Arc<Ctx>, mut watch: Watch, shutdown: CancellationToken) {
         // begins makes the fit look twice; either way the fit confirms with the stream that
         // it really was superseded (see `placing::place`). An undecodable command is a newer
         // command too (it will put the instance in error).
-        ctx.heard(id, Command::decode(&msg.payload).ok());
+        ctx.fits.heard(id, Command::decode(&msg.payload).ok());
     }
 }
