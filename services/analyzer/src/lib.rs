@@ -24,7 +24,11 @@ mod watch;
 
 pub use config::AnalyzerConfig;
 pub use context::Analyzer;
-pub use hooks::{Hook, Hooks};
+#[cfg(feature = "testing")]
+pub use hooks::Hook;
+pub use hooks::Hooks;
 pub use peers::Peers;
 pub use snapshot::Snapshot;
-pub use stats::{FitRecord, Stats};
+pub use stats::Stats;
+#[cfg(feature = "testing")]
+pub use stats::{FitRecord, Samples};

@@ -1,7 +1,7 @@
 //! From intent to placement: the superseded check, the fit, and the CAS commit.
 
 use crate::grouped::Grouped;
-use crate::{FitRecord, agent_link::to_i64, context::Ctx, in_flight::FitGuard, intake::Handled};
+use crate::{agent_link::to_i64, context::Ctx, in_flight::FitGuard, intake::Handled};
 use berth_fit::{FitError, Placement, Request};
 use berth_proto::StartSpec;
 use berth_store::{
@@ -167,11 +167,7 @@ async fn place_until_settled(
         {
             return Settled::Handled(transient(&e));
         }
-        ctx.stats.record_fit(FitRecord {
-            instance_id: id.to_owned(),
-            cmd_seq: seq,
-            picked_at,
-        });
+        ctx.stats.record_fit(id, seq, picked_at);
         let began = std::time::Instant::now();
         let searched = ctx
             .snapshot
@@ -180,7 +176,7 @@ async fn place_until_settled(
             });
         let took = began.elapsed();
         ctx.stats.fit_seconds.0.observe(took.as_secs_f64());
-        ctx.stats.fit_micros.record(took);
+        ctx.stats.sample_fit(took);
         let (placement, hold) = match searched {
             Ok(found) => found,
             Err(FitError::Cancelled) => {
@@ -197,9 +193,7 @@ async fn place_until_settled(
                 continue;
             }
             Err(FitError::NoFit(reason)) => {
-                if let Some(hook) = &ctx.hooks.before_pending {
-                    hook(id.to_owned(), version).await;
-                }
+                ctx.hooks.before_pending(id, version).await;
                 return Settled::Handled(
                     settle_pending(ctx, id, seq, version, &request, &reason).await,
                 );
@@ -276,12 +270,10 @@ async fn commit(
     placement: &Placement,
     token: &tokio_util::sync::CancellationToken,
 ) -> Option<Result<CommitOutcome, StoreError>> {
-    if let Some(hook) = &ctx.hooks.before_commit {
-        // Whatever runs before the commit is abandoned the moment a newer command arrives.
-        tokio::select! {
-            () = hook(id.to_owned(), version) => {}
-            () = token.cancelled() => {}
-        }
+    // Whatever a test holds here is abandoned the moment a newer command arrives.
+    tokio::select! {
+        () = ctx.hooks.before_commit(id, version) => {}
+        () = token.cancelled() => {}
     }
     if token.is_cancelled() {
         ctx.stats.record_cancel(id);
@@ -310,7 +302,7 @@ async fn commit(
         })
         .await
         .unwrap_or_else(|e| Err(StoreError::Group(e.to_string())));
-    ctx.stats.commit_micros.record(began.elapsed());
+    ctx.stats.sample_commit(began.elapsed());
     Some(committed)
 }
 

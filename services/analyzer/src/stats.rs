@@ -1,4 +1,5 @@
-//! Counters of what the analyzer did, in Prometheus form, plus a bounded log of recent fits.
+//! Counters of what the analyzer did, in Prometheus form; with the `testing` feature, also a
+//! bounded log of recent fits and exact latency samples for tests and benchmarks.
 
 use prometheus_client::{
     metrics::{
@@ -7,9 +8,12 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use std::{collections::VecDeque, sync::Mutex, time::SystemTime};
+use std::time::{Duration, SystemTime};
+#[cfg(feature = "testing")]
+use std::{collections::VecDeque, sync::Mutex};
 
 /// Fits remembered in [`Stats::fit_log`].
+#[cfg(feature = "testing")]
 const FIT_LOG_CAP: usize = 100_000;
 
 /// Fit durations, from 1 µs to about 1 s.
@@ -23,13 +27,16 @@ impl Default for FitHistogram {
 }
 
 /// A bounded reservoir of durations in microseconds (the first `SAMPLES_CAP` are kept).
+#[cfg(feature = "testing")]
 #[derive(Debug, Default)]
 pub struct Samples(Mutex<Vec<u32>>);
 
+#[cfg(feature = "testing")]
 const SAMPLES_CAP: usize = 1_000_000;
 
+#[cfg(feature = "testing")]
 impl Samples {
-    pub fn record(&self, d: std::time::Duration) {
+    fn record(&self, d: Duration) {
         if let Ok(mut v) = self.0.lock()
             && v.len() < SAMPLES_CAP
         {
@@ -46,6 +53,7 @@ impl Samples {
 }
 
 /// One fit computation: for which command, and when its message was picked up.
+#[cfg(feature = "testing")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FitRecord {
     pub instance_id: String,
@@ -87,35 +95,74 @@ pub struct Stats {
     pub fit_seconds: FitHistogram,
     /// Recent fit durations and commit transaction durations, in microseconds, for
     /// benchmarks that want exact percentiles.
+    #[cfg(feature = "testing")]
     pub fit_micros: Samples,
+    #[cfg(feature = "testing")]
     pub commit_micros: Samples,
+    #[cfg(feature = "testing")]
     fit_log: Mutex<VecDeque<FitRecord>>,
+    #[cfg(feature = "testing")]
     cancel_log: Mutex<VecDeque<(String, SystemTime)>>,
 }
 
-impl Stats {
-    pub fn record_fit(&self, record: FitRecord) {
-        self.fits_computed.inc();
-        if let Ok(mut log) = self.fit_log.lock() {
-            if log.len() == FIT_LOG_CAP {
-                log.pop_front();
-            }
-            log.push_back(record);
+/// Appends to a bounded log, dropping the oldest entry when full.
+#[cfg(feature = "testing")]
+fn push_bounded<T>(log: &Mutex<VecDeque<T>>, entry: T) {
+    if let Ok(mut log) = log.lock() {
+        if log.len() == FIT_LOG_CAP {
+            log.pop_front();
         }
+        log.push_back(entry);
+    }
+}
+
+impl Stats {
+    /// A fit ran for command `cmd_seq` of `instance_id`, picked up at `picked_at`.
+    pub(crate) fn record_fit(&self, instance_id: &str, cmd_seq: u64, picked_at: SystemTime) {
+        self.fits_computed.inc();
+        #[cfg(feature = "testing")]
+        push_bounded(
+            &self.fit_log,
+            FitRecord {
+                instance_id: instance_id.to_owned(),
+                cmd_seq,
+                picked_at,
+            },
+        );
+        #[cfg(not(feature = "testing"))]
+        let _ = (instance_id, cmd_seq, picked_at);
     }
 
     /// A fit for `instance_id` was abandoned because a newer command arrived.
-    pub fn record_cancel(&self, instance_id: &str) {
+    pub(crate) fn record_cancel(&self, instance_id: &str) {
         self.fits_cancelled.inc();
-        if let Ok(mut log) = self.cancel_log.lock() {
-            if log.len() == FIT_LOG_CAP {
-                log.pop_front();
-            }
-            log.push_back((instance_id.to_owned(), SystemTime::now()));
-        }
+        #[cfg(feature = "testing")]
+        push_bounded(
+            &self.cancel_log,
+            (instance_id.to_owned(), SystemTime::now()),
+        );
+        #[cfg(not(feature = "testing"))]
+        let _ = instance_id;
+    }
+
+    /// How long a fit took (kept exactly only for tests and benchmarks).
+    pub(crate) fn sample_fit(&self, took: Duration) {
+        #[cfg(feature = "testing")]
+        self.fit_micros.record(took);
+        #[cfg(not(feature = "testing"))]
+        let _ = took;
+    }
+
+    /// How long a commit transaction took (kept only for tests and benchmarks).
+    pub(crate) fn sample_commit(&self, took: Duration) {
+        #[cfg(feature = "testing")]
+        self.commit_micros.record(took);
+        #[cfg(not(feature = "testing"))]
+        let _ = took;
     }
 
     /// When recent fits were abandoned, oldest first.
+    #[cfg(feature = "testing")]
     pub fn cancel_log(&self) -> Vec<(String, SystemTime)> {
         self.cancel_log
             .lock()
@@ -124,6 +171,7 @@ impl Stats {
     }
 
     /// The most recent fits, oldest first.
+    #[cfg(feature = "testing")]
     pub fn fit_log(&self) -> Vec<FitRecord> {
         self.fit_log
             .lock()
