@@ -7,7 +7,7 @@ use berth_agent::{Agent, AgentConfig, AgentStats, WorkerSpec};
 use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks, Stats};
 use berth_bus::Bus;
 use berth_harness::TestServers;
-use berth_proto::{Command, GpuInfo, InstanceState, StartSpec, StopSpec};
+use berth_proto::{CmdSeq, Command, GpuInfo, InstanceState, StartSpec, StopSpec};
 use berth_store::{InstanceRow, Store};
 use std::{
     sync::Arc,
@@ -125,7 +125,7 @@ impl Fleet {
         .await;
     }
 
-    pub async fn start_instance(&self, id: &str, vram: i64, gpus: i64) -> u64 {
+    pub async fn start_instance(&self, id: &str, vram: i64, gpus: i64) -> CmdSeq {
         let cmd = Command::Start(StartSpec {
             model: "test-model".into(),
             ..StartSpec::claim(vram, gpus)
@@ -136,7 +136,7 @@ impl Fleet {
             .expect("publish start")
     }
 
-    pub async fn stop_instance(&self, id: &str) -> u64 {
+    pub async fn stop_instance(&self, id: &str) -> CmdSeq {
         let cmd = Command::Stop(StopSpec::default());
         self.bus
             .publish_command(id, &cmd)
@@ -181,9 +181,8 @@ impl Fleet {
     }
 
     /// Waits until the command with sequence `seq` is the instance's applied one.
-    pub async fn wait_applied(&self, id: &str, seq: u64, limit: Duration) -> InstanceRow {
+    pub async fn wait_applied(&self, id: &str, seq: CmdSeq, limit: Duration) -> InstanceRow {
         let store = self.store.clone();
-        let seq = i64::try_from(seq).expect("sequence fits i64");
         wait_until(&format!("{id} to apply command {seq}"), limit, || {
             let store = store.clone();
             async move {

@@ -173,7 +173,7 @@ async fn a_bad_command_does_not_hide_a_running_instance() {
     // Automation hears of the rejection: an event with the note, the state unchanged.
     let noted = wait_until("the rejection's event", LIMIT, || async {
         let history = fleet.bus.history("m", 64).await.ok()?;
-        history.into_iter().find(|e| e.cmd_seq == seq as i64)
+        history.into_iter().find(|e| e.cmd_seq == seq)
     })
     .await;
     assert_eq!(

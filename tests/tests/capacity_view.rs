@@ -4,6 +4,8 @@
 
 use berth_analyzer::Snapshot;
 use berth_fit::{Lane, Policy, Request, Worker};
+use berth_proto::CmdSeq;
+use berth_proto::Version;
 use berth_proto::{GpuInfo, status::GpuUsage, status::ReportedState};
 use berth_store::Store;
 use berth_tests::GIB;
@@ -70,9 +72,12 @@ async fn a_view_kept_by_changes_matches_a_fresh_load_after_each_kind_of_change()
     view.refresh(&store).await.expect("first load");
     assert_eq!(sorted(&view).len(), 2);
 
-    store.apply_start("x", 1, spec()).await.unwrap();
     store
-        .commit_placement("x", 1, "w2", &[1], 10 * GIB)
+        .apply_start("x", CmdSeq::new(1), spec())
+        .await
+        .unwrap();
+    store
+        .commit_placement("x", Version::new(1), "w2", &[1], 10 * GIB)
         .await
         .unwrap();
     assert_same_as_fresh(&view, &store, "a commit").await;
@@ -93,7 +98,7 @@ async fn a_view_kept_by_changes_matches_a_fresh_load_after_each_kind_of_change()
     assert_same_as_fresh(&view, &store, "memory used outside berth").await;
     assert_eq!(free(&view), [74 * GIB as u64, 69 * GIB as u64]);
 
-    store.apply_stop("x", 2, None).await.unwrap();
+    store.apply_stop("x", CmdSeq::new(2), None).await.unwrap();
     let instance = store.instance("x").await.unwrap().unwrap();
     store
         .apply_report(
@@ -136,9 +141,12 @@ async fn a_read_returns_only_what_changed_including_what_was_in_flight() {
     let nothing = store.capacity_since(Some(&first.snapshot)).await.unwrap();
     assert!(nothing.workers.is_empty() && nothing.gpus.is_empty());
 
-    store.apply_start("x", 1, spec()).await.unwrap();
     store
-        .commit_placement("x", 1, "w2", &[1], 10 * GIB)
+        .apply_start("x", CmdSeq::new(1), spec())
+        .await
+        .unwrap();
+    store
+        .commit_placement("x", Version::new(1), "w2", &[1], 10 * GIB)
         .await
         .unwrap();
     let after_commit = store.capacity_since(Some(&first.snapshot)).await.unwrap();

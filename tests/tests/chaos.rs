@@ -7,7 +7,7 @@
 //! The analyzer and agent binaries must be built (`cargo build --workspace`; `cargo nextest
 //! run --workspace` builds them).
 
-use berth_proto::{Command, StartSpec, StopSpec};
+use berth_proto::{CmdSeq, Command, StartSpec, StopSpec};
 use berth_store::{InstanceRow, Store};
 use berth_tests::{Fleet, GIB, wait_until};
 use std::{
@@ -82,7 +82,7 @@ enum Op {
 #[derive(Debug, Clone)]
 struct Published {
     instance: String,
-    seq: u64,
+    seq: CmdSeq,
     op: Op,
 }
 
@@ -394,7 +394,7 @@ async fn settled(
             problems.push(format!("{id}: no row"));
             continue;
         };
-        let seq = i64::try_from(last.seq).unwrap_or(i64::MAX);
+        let seq = last.seq;
         if row.cmd_seq < seq {
             problems.push(format!(
                 "{id}: cmd_seq {} behind its newest command {seq} ({:?}); state {}",
@@ -471,9 +471,11 @@ async fn settled(
             .last_command_seq(id)
             .await
             .map_err(|e| err(&e))?
-            .unwrap_or(0);
-        let applied = by_id.get(id.as_str()).map_or(0, |r| r.cmd_seq);
-        if stream_seq < last.seq || i64::try_from(stream_seq).ok() != Some(applied) {
+            .unwrap_or_default();
+        let applied = by_id
+            .get(id.as_str())
+            .map_or(CmdSeq::default(), |r| r.cmd_seq);
+        if stream_seq < last.seq || stream_seq != applied {
             problems.push(format!(
                 "{id}: stream's newest command {stream_seq}, we published {}, cmd_seq {applied}",
                 last.seq

@@ -3,7 +3,8 @@
 //! still announced, and a batch re-sent after a crash is stored once.
 
 use berth_bus::EVENTS_STREAM;
-use berth_proto::{InstanceEvent, InstanceState, subjects};
+use berth_proto::CmdSeq;
+use berth_proto::{InstanceEvent, InstanceState, Version, subjects};
 use berth_store::outbox::Relayed;
 use berth_tests::{Fleet, GIB, wait_until, worker};
 use futures::StreamExt;
@@ -30,8 +31,16 @@ async fn changes_committed_while_nobody_publishes_are_announced_later() {
     let mut fleet = Fleet::start().await;
     // No analyzer yet: these changes are committed and only recorded.
     let spec = serde_json::json!({"model": "m", "vram_bytes": 10 * GIB, "gpus": 1});
-    fleet.store.apply_start("x", 1, spec).await.expect("start");
-    fleet.store.apply_stop("x", 2, None).await.expect("stop");
+    fleet
+        .store
+        .apply_start("x", CmdSeq::new(1), spec)
+        .await
+        .expect("start");
+    fleet
+        .store
+        .apply_stop("x", CmdSeq::new(2), None)
+        .await
+        .expect("stop");
     assert_eq!(fleet.store.outbox_len().await.expect("outbox"), 2);
     assert_eq!(stored_events(&fleet).await, 0);
 
@@ -53,7 +62,10 @@ async fn changes_committed_while_nobody_publishes_are_announced_later() {
     }
     assert_eq!(
         seen,
-        [(InstanceState::Analyzing, 1), (InstanceState::Stopped, 2)]
+        [
+            (InstanceState::Analyzing, Version::new(1)),
+            (InstanceState::Stopped, Version::new(2))
+        ]
     );
     let store = fleet.store.clone();
     wait_until("the outbox to empty", LIMIT, || {
@@ -67,8 +79,16 @@ async fn changes_committed_while_nobody_publishes_are_announced_later() {
 async fn a_batch_resent_after_a_crash_is_stored_once() {
     let fleet = Fleet::start().await;
     let spec = serde_json::json!({"model": "m", "vram_bytes": 10 * GIB, "gpus": 1});
-    fleet.store.apply_start("x", 1, spec).await.expect("start");
-    fleet.store.apply_stop("x", 2, None).await.expect("stop");
+    fleet
+        .store
+        .apply_start("x", CmdSeq::new(1), spec)
+        .await
+        .expect("start");
+    fleet
+        .store
+        .apply_stop("x", CmdSeq::new(2), None)
+        .await
+        .expect("stop");
     let publish = |fail: bool| {
         let bus = fleet.bus.clone();
         move |events: Vec<berth_store::outbox::OutboxEvent>| async move {

@@ -3,6 +3,8 @@
 //! and with direct store calls, never with sleeps.
 
 use berth_analyzer::{Hooks, Stats};
+use berth_proto::CmdSeq;
+use berth_proto::Version;
 use berth_proto::{GpuUsage, InstanceState, StartSpec, status::StatusMsg};
 use berth_store::{
     commands::StartApplied,
@@ -85,7 +87,6 @@ async fn cas_version_refuses_a_placement_for_a_version_redone_by_a_redelivery() 
 
     // What another analyzer does with a redelivery of this very command (same sequence):
     // the intent is redone under a new version, the instance stays `analyzing`.
-    let seq = i64::try_from(seq).unwrap();
     let redone = fleet
         .store
         .apply_start("x", seq, spec_json(20 * GIB, 1))
@@ -94,7 +95,7 @@ async fn cas_version_refuses_a_placement_for_a_version_redone_by_a_redelivery() 
     let StartApplied::Analyzing { transition, .. } = redone else {
         panic!("the redelivery was not redone: {redone:?}");
     };
-    assert_eq!(transition.version, v + 1);
+    assert_eq!(transition.version, v.next());
     go.send(()).expect("the held fit is still waiting");
 
     wait_commit_settled(&stats).await;
@@ -102,13 +103,13 @@ async fn cas_version_refuses_a_placement_for_a_version_redone_by_a_redelivery() 
         stats.placements_committed.get(),
         0,
         "the fit for version {v} committed after the instance moved to version {}",
-        v + 1
+        v.next()
     );
     assert_eq!(stats.cas_conflicts.get(), 1);
     let row = fleet.store.instance("x").await.unwrap().unwrap();
     assert_eq!(
         (row.state.as_str(), row.version, row.cmd_seq),
-        ("analyzing", v + 1, seq),
+        ("analyzing", v.next(), seq),
         "the instance is as the redelivery left it"
     );
     let allocations = fleet.store.allocations().await.unwrap();
@@ -131,7 +132,7 @@ async fn cas_version_refuses_a_placement_for_a_version_redone_by_a_redelivery() 
     // check: the stale fit is refused, the other placement of the group lands.
     let StartApplied::Analyzing { transition: w, .. } = fleet
         .store
-        .apply_start("w", seq + 1_000, spec_json(20 * GIB, 1))
+        .apply_start("w", CmdSeq::new(seq.get() + 1_000), spec_json(20 * GIB, 1))
         .await
         .unwrap()
     else {
@@ -139,7 +140,7 @@ async fn cas_version_refuses_a_placement_for_a_version_redone_by_a_redelivery() 
     };
     let claim = |id: &str, version: i64| PlacementCommit {
         id: id.into(),
-        version,
+        version: Version::new(version),
         claims: vec![GpuClaim {
             worker_id: "w1".into(),
             idx: 0,
@@ -149,14 +150,14 @@ async fn cas_version_refuses_a_placement_for_a_version_redone_by_a_redelivery() 
     };
     let outcomes = fleet
         .store
-        .commit_many(&[claim("x", v), claim("w", w.version)])
+        .commit_many(&[claim("x", v.get()), claim("w", w.version.get())])
         .await
         .unwrap();
     assert_eq!(
         outcomes[0],
         CommitOutcome::VersionMoved,
         "a grouped commit for version {v} landed after the instance moved to version {}",
-        v + 1
+        v.next()
     );
     assert!(
         matches!(outcomes[1], CommitOutcome::Committed(_)),
@@ -196,7 +197,7 @@ async fn no_overcommit_check_refuses_any_write_past_a_gpus_capacity() {
         .unwrap();
     let StartApplied::Analyzing { transition, .. } = fleet
         .store
-        .apply_start("x", 1, spec_json(60 * GIB, 1))
+        .apply_start("x", CmdSeq::new(1), spec_json(60 * GIB, 1))
         .await
         .unwrap()
     else {
@@ -356,7 +357,7 @@ async fn newest_command_check_skips_the_fit_of_a_superseded_command() {
     go_x.send(()).expect("x's fit is still waiting");
 
     let row = fleet.wait_state("x", InstanceState::Running, LIMIT).await;
-    assert_eq!(row.cmd_seq, i64::try_from(new).unwrap());
+    assert_eq!(row.cmd_seq, new);
     assert_eq!(row.version, version);
     fleet.wait_state("y", InstanceState::Running, LIMIT).await;
     assert_eq!(stats.fits_skipped_superseded.get(), 1);
@@ -393,7 +394,7 @@ async fn capacity_conflict_is_refit_onto_the_gpu_still_free() {
     fleet.wait_state("b", InstanceState::Stopped, LIMIT).await;
     let StartApplied::Analyzing { transition, .. } = fleet
         .store
-        .apply_start("z", 1_000_000, spec_json(50 * GIB, 1))
+        .apply_start("z", CmdSeq::new(1_000_000), spec_json(50 * GIB, 1))
         .await
         .unwrap()
     else {

@@ -7,6 +7,7 @@ use berth_bus::{
     CMD_CONSUMER, CMD_STREAM, DLQ_ORIGINAL_BYTES, DLQ_REASON, DLQ_STREAM, STATUS_CONSUMER,
     STATUS_STREAM,
 };
+use berth_proto::Version;
 use berth_proto::{InstanceEvent, InstanceState, StatusMsg, status::ReportedState};
 use berth_tests::{Fleet, GIB, wait_until, worker};
 use bytes::Bytes;
@@ -193,7 +194,7 @@ async fn forged_reports_leave_the_books_balanced() {
     let report = |worker: &str, version: i64, state: ReportedState| StatusMsg::Instance {
         worker_id: worker.into(),
         instance_id: "m".into(),
-        version,
+        version: Version::new(version),
         state,
         reason: Some("forged".into()),
         shared: false,
@@ -203,10 +204,13 @@ async fn forged_reports_leave_the_books_balanced() {
         (on.as_str(), report(&on, i64::MAX, ReportedState::Stopped)),
         (
             on.as_str(),
-            report(&on, running.version + 5, ReportedState::Error),
+            report(&on, running.version.get() + 5, ReportedState::Error),
         ),
         // Another worker's subject speaking for the one that runs it.
-        (other, report(&on, running.version, ReportedState::Error)),
+        (
+            other,
+            report(&on, running.version.get(), ReportedState::Error),
+        ),
     ];
     for (subject_worker, msg) in &forged {
         fleet

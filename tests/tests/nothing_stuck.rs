@@ -4,6 +4,7 @@
 
 use berth_analyzer::Hooks;
 use berth_proto::InstanceState;
+use berth_proto::Version;
 use berth_tests::{Fleet, GIB, hold::hold, wait_until, worker};
 use std::time::Duration;
 
@@ -251,7 +252,7 @@ async fn a_backend_running_a_stale_placement_is_told_to_stop() {
             .get_or_create(&berth_agent::AgentStats::worker("w1"))
             .get()
     };
-    let report_running = |id: &str, version: i64| {
+    let report_running = |id: &str, version: Version| {
         let report = berth_proto::StatusMsg::Instance {
             worker_id: "w1".into(),
             instance_id: id.into(),
@@ -264,8 +265,8 @@ async fn a_backend_running_a_stale_placement_is_told_to_stop() {
         async move { bus.publish_status("w1", &report).await.expect("report") }
     };
     let before = unassigned();
-    report_running("x", row.version - 1).await;
-    report_running("ghost", 7).await;
+    report_running("x", Version::new(row.version.get() - 1)).await;
+    report_running("ghost", Version::new(7)).await;
     wait_until("both stale backends told to stop", LIMIT, || {
         let n = unassigned();
         async move { (n >= before + 2).then_some(()) }

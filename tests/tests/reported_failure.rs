@@ -32,7 +32,7 @@ async fn batch(fleet: &Fleet, start: bool, published: &mut Published) {
     }))
     .await;
     for (id, seq, at) in acks {
-        published.entry(id).or_default().push((seq, at));
+        published.entry(id).or_default().push((seq.get(), at));
     }
 }
 
@@ -45,7 +45,7 @@ async fn run_scenario(fleet: &Fleet, published: &mut Published) {
     published
         .entry(SURVIVOR.into())
         .or_default()
-        .push((seq, SystemTime::now()));
+        .push((seq.get(), SystemTime::now()));
 }
 
 async fn assert_final_state(fleet: &Fleet) {
@@ -90,7 +90,7 @@ async fn batch_start_stop_twice_then_one_start_while_analyzers_run() {
     for fit in &fits {
         let newer_before_pickup = published[&fit.instance_id]
             .iter()
-            .find(|(seq, acked)| *seq > fit.cmd_seq && *acked < fit.picked_at);
+            .find(|(seq, acked)| *seq > fit.cmd_seq.get() && *acked < fit.picked_at);
         assert!(
             newer_before_pickup.is_none(),
             "fit computed for {} seq {} although seq {:?} was stored before pickup",

@@ -2,7 +2,7 @@
 //! held between compute and commit by a test hook, so the interleaving is exact.
 
 use berth_analyzer::Hooks;
-use berth_proto::InstanceState;
+use berth_proto::{CmdSeq, InstanceState};
 use berth_tests::hold::{Held, hold};
 use berth_tests::{Fleet, GIB, worker};
 use std::time::Duration;
@@ -52,7 +52,7 @@ async fn commit_after_a_concurrent_stop_is_refused_by_the_version_check() {
     assert_eq!(id, "x");
     // What another analyzer does with a newer stop: applied straight in the store, so this
     // analyzer's own cancellation cannot see it and only the version check stands in the way.
-    let stop_seq = i64::try_from(start_seq).unwrap() + 1;
+    let stop_seq = CmdSeq::new(start_seq.get() + 1);
     let applied = fleet.store.apply_stop("x", stop_seq, None).await.unwrap();
     assert!(
         matches!(applied, berth_store::commands::StopApplied::Stopped(_)),

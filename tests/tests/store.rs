@@ -1,6 +1,8 @@
 //! The store's guarantees, checked directly against PostgreSQL: migrations under concurrency,
 //! the command-sequence rule, the CAS commit, and the conditional reservation.
 
+use berth_proto::CmdSeq;
+use berth_proto::Version;
 use berth_proto::{GpuInfo, status::ReportedState};
 use berth_store::{
     Store,
@@ -56,24 +58,37 @@ async fn concurrent_migrations_apply_once() {
 async fn older_commands_are_stale_and_change_nothing() {
     let servers = servers();
     let store = store_with_worker(&servers).await;
-    let StartApplied::Analyzing { transition, .. } =
-        store.apply_start("x", 10, spec()).await.unwrap()
+    let StartApplied::Analyzing { transition, .. } = store
+        .apply_start("x", CmdSeq::new(10), spec())
+        .await
+        .unwrap()
     else {
         panic!("first start applies");
     };
-    assert_eq!(transition.version, 1);
+    assert_eq!(transition.version, Version::new(1));
     assert_eq!(
-        store.apply_stop("x", 9, None).await.unwrap(),
-        StopApplied::Stale { current_seq: 10 }
+        store.apply_stop("x", CmdSeq::new(9), None).await.unwrap(),
+        StopApplied::Stale {
+            current_seq: CmdSeq::new(10)
+        }
     );
     assert!(matches!(
-        store.apply_start("x", 3, spec()).await.unwrap(),
+        store
+            .apply_start("x", CmdSeq::new(3), spec())
+            .await
+            .unwrap(),
         StartApplied::Stale { .. }
     ));
-    assert_eq!(store.apply_invalid("x", 5, "bad").await.unwrap(), None);
+    assert_eq!(
+        store
+            .apply_invalid("x", CmdSeq::new(5), "bad")
+            .await
+            .unwrap(),
+        None
+    );
     let row = store.instance("x").await.unwrap().unwrap();
     assert_eq!(
-        (row.state.as_str(), row.version, row.cmd_seq),
+        (row.state.as_str(), row.version.get(), row.cmd_seq.get()),
         ("analyzing", 1, 10)
     );
 }
@@ -82,34 +97,42 @@ async fn older_commands_are_stale_and_change_nothing() {
 async fn redelivered_start_is_redone_with_a_new_version() {
     let servers = servers();
     let store = store_with_worker(&servers).await;
-    store.apply_start("x", 4, spec()).await.unwrap();
+    store
+        .apply_start("x", CmdSeq::new(4), spec())
+        .await
+        .unwrap();
     // The analyzer that applied seq 4 died before committing; the redelivery takes over and
     // bumps the version, so a late commit by the first one would miss its CAS.
-    let StartApplied::Analyzing { transition, .. } =
-        store.apply_start("x", 4, spec()).await.unwrap()
+    let StartApplied::Analyzing { transition, .. } = store
+        .apply_start("x", CmdSeq::new(4), spec())
+        .await
+        .unwrap()
     else {
         panic!("redelivery in analyzing is redone");
     };
-    assert_eq!(transition.version, 2);
+    assert_eq!(transition.version, Version::new(2));
     assert_eq!(
         store
-            .commit_placement("x", 1, "w1", &[0], 10 * GIB)
+            .commit_placement("x", Version::new(1), "w1", &[0], 10 * GIB)
             .await
             .unwrap(),
         CommitOutcome::VersionMoved
     );
     assert!(matches!(
         store
-            .commit_placement("x", 2, "w1", &[0], 10 * GIB)
+            .commit_placement("x", Version::new(2), "w1", &[0], 10 * GIB)
             .await
             .unwrap(),
         CommitOutcome::Committed(_)
     ));
     // Once placed, a redelivery asks for the assignment to be sent again.
     assert_eq!(
-        store.apply_start("x", 4, spec()).await.unwrap(),
+        store
+            .apply_start("x", CmdSeq::new(4), spec())
+            .await
+            .unwrap(),
         StartApplied::AlreadyPlaced {
-            version: 2,
+            version: Version::new(2),
             worker_id: "w1".into(),
             claims: vec![berth_store::placement::GpuClaim {
                 worker_id: "w1".into(),
@@ -125,12 +148,15 @@ async fn reservation_refuses_what_does_not_fit() {
     let servers = servers();
     let store = store_with_worker(&servers).await;
     for (id, seq) in [("a", 1), ("b", 2)] {
-        store.apply_start(id, seq, spec()).await.unwrap();
+        store
+            .apply_start(id, CmdSeq::new(seq), spec())
+            .await
+            .unwrap();
     }
     // 79 GiB usable: 50 fits once, not twice.
     let results = join_all([
-        store.commit_placement("a", 1, "w1", &[0], 50 * GIB),
-        store.commit_placement("b", 1, "w1", &[0], 50 * GIB),
+        store.commit_placement("a", Version::new(1), "w1", &[0], 50 * GIB),
+        store.commit_placement("b", Version::new(1), "w1", &[0], 50 * GIB),
     ])
     .await;
     let committed = results
@@ -156,15 +182,18 @@ async fn reservation_refuses_what_does_not_fit() {
 async fn stop_holds_gpus_until_the_agent_confirms() {
     let servers = servers();
     let store = store_with_worker(&servers).await;
-    store.apply_start("x", 1, spec()).await.unwrap();
     store
-        .commit_placement("x", 1, "w1", &[0], 10 * GIB)
+        .apply_start("x", CmdSeq::new(1), spec())
+        .await
+        .unwrap();
+    store
+        .commit_placement("x", Version::new(1), "w1", &[0], 10 * GIB)
         .await
         .unwrap();
     let StopApplied::Stopping {
         transition,
         workers,
-    } = store.apply_stop("x", 2, None).await.unwrap()
+    } = store.apply_stop("x", CmdSeq::new(2), None).await.unwrap()
     else {
         panic!("a placed instance stops through its agent");
     };
@@ -172,7 +201,14 @@ async fn stop_holds_gpus_until_the_agent_confirms() {
     // A late report for the old version changes nothing.
     assert!(
         store
-            .apply_report("w1", "x", 1, ReportedState::Running, None, false)
+            .apply_report(
+                "w1",
+                "x",
+                Version::new(1),
+                ReportedState::Running,
+                None,
+                false
+            )
             .await
             .unwrap()
             .is_empty()
@@ -210,10 +246,10 @@ async fn stop_holds_gpus_until_the_agent_confirms() {
     assert!(store.allocations().await.unwrap().is_empty());
 }
 
-fn intent(id: &str, seq: i64, spec: serde_json::Value) -> berth_store::commands::StartIntent {
+fn intent(id: &str, seq: u64, spec: serde_json::Value) -> berth_store::commands::StartIntent {
     berth_store::commands::StartIntent {
         id: id.into(),
-        seq,
+        seq: CmdSeq::new(seq),
         spec,
     }
 }
@@ -225,16 +261,25 @@ async fn grouped_starts_keep_the_sequence_rules() {
     let store = store_with_worker(&servers).await;
     // "placed" runs at version 1, "old" has a newer command applied already, "redo" was
     // applied and its analyzer died.
-    store.apply_start("placed", 1, spec()).await.unwrap();
+    store
+        .apply_start("placed", CmdSeq::new(1), spec())
+        .await
+        .unwrap();
     assert!(matches!(
         store
-            .commit_placement("placed", 1, "w1", &[0], 10 * GIB)
+            .commit_placement("placed", Version::new(1), "w1", &[0], 10 * GIB)
             .await
             .unwrap(),
         CommitOutcome::Committed(_)
     ));
-    store.apply_start("old", 50, spec()).await.unwrap();
-    store.apply_start("redo", 7, spec()).await.unwrap();
+    store
+        .apply_start("old", CmdSeq::new(50), spec())
+        .await
+        .unwrap();
+    store
+        .apply_start("redo", CmdSeq::new(7), spec())
+        .await
+        .unwrap();
     let bigger =
         serde_json::json!({"model": "m", "vram_bytes": 20 * GIB, "gpus": 1, "selector": {}});
     let results = store
@@ -254,7 +299,11 @@ async fn grouped_starts_keep_the_sequence_rules() {
         StartApplied::Analyzing {
             transition,
             release_on,
-        } => Some((transition.version, transition.cmd_seq, release_on.clone())),
+        } => Some((
+            transition.version.get(),
+            transition.cmd_seq.get(),
+            release_on.clone(),
+        )),
         _ => None,
     };
     assert_eq!(
@@ -267,8 +316,18 @@ async fn grouped_starts_keep_the_sequence_rules() {
         Some((2, 9, vec!["w1".to_owned()])),
         "a new spec for a placed instance: the old placement is released"
     );
-    assert_eq!(results[2], StartApplied::Stale { current_seq: 21 });
-    assert_eq!(results[3], StartApplied::Stale { current_seq: 50 });
+    assert_eq!(
+        results[2],
+        StartApplied::Stale {
+            current_seq: CmdSeq::new(21)
+        }
+    );
+    assert_eq!(
+        results[3],
+        StartApplied::Stale {
+            current_seq: CmdSeq::new(50)
+        }
+    );
     assert_eq!(
         analyzing(&results[4]),
         Some((1, 21, vec![])),
@@ -279,7 +338,12 @@ async fn grouped_starts_keep_the_sequence_rules() {
         Some((2, 7, vec![])),
         "redelivery redone"
     );
-    assert_eq!(results[6], StartApplied::Stale { current_seq: 21 });
+    assert_eq!(
+        results[6],
+        StartApplied::Stale {
+            current_seq: CmdSeq::new(21)
+        }
+    );
     // A second delivery of the same command in the same group: taken as a redelivery.
     assert_eq!(analyzing(&results[7]), Some((2, 12, vec![])));
     for (id, version, seq) in [
@@ -289,19 +353,23 @@ async fn grouped_starts_keep_the_sequence_rules() {
         ("old", 1, 50),
     ] {
         let row = store.instance(id).await.unwrap().unwrap();
-        assert_eq!((row.version, row.cmd_seq), (version, seq), "{id}");
+        assert_eq!(
+            (row.version.get(), row.cmd_seq.get()),
+            (version, seq),
+            "{id}"
+        );
     }
     // The old placement of "placed" can no longer land, the new version can.
     assert_eq!(
         store
-            .commit_placement("placed", 1, "w1", &[0], 10 * GIB)
+            .commit_placement("placed", Version::new(1), "w1", &[0], 10 * GIB)
             .await
             .unwrap(),
         CommitOutcome::VersionMoved
     );
     assert!(matches!(
         store
-            .commit_placement("placed", 2, "w1", &[0], 20 * GIB)
+            .commit_placement("placed", Version::new(2), "w1", &[0], 20 * GIB)
             .await
             .unwrap(),
         CommitOutcome::Committed(_)
@@ -312,7 +380,9 @@ async fn grouped_starts_keep_the_sequence_rules() {
             .apply_starts(&[intent("placed", 10, bigger)])
             .await
             .unwrap(),
-        vec![StartApplied::Unchanged { version: 2 }]
+        vec![StartApplied::Unchanged {
+            version: Version::new(2)
+        }]
     );
 }
 
@@ -323,10 +393,12 @@ async fn grouped_reports_move_only_current_placements_forward() {
     let store = store_with_worker(&servers).await;
     // a, b, c placed at version 1 on w1 (1 GiB each); d started but not placed.
     for id in ["a", "b", "c", "d"] {
-        store.apply_start(id, 1, spec()).await.unwrap();
+        store.apply_start(id, CmdSeq::new(1), spec()).await.unwrap();
     }
     for id in ["a", "b", "c"] {
-        let placed = store.commit_placement(id, 1, "w1", &[0], GIB).await;
+        let placed = store
+            .commit_placement(id, Version::new(1), "w1", &[0], GIB)
+            .await;
         assert!(
             matches!(placed, Ok(CommitOutcome::Committed(_))),
             "{placed:?}"
@@ -335,7 +407,7 @@ async fn grouped_reports_move_only_current_placements_forward() {
     let report = |worker: &str, id: &str, version: i64, state| Forward {
         worker_id: worker.into(),
         instance_id: id.into(),
-        version,
+        version: Version::new(version),
         state,
     };
     let reports = [
@@ -381,7 +453,7 @@ async fn grouped_reports_move_only_current_placements_forward() {
         );
     }
     let a = moved[3].as_ref().unwrap();
-    assert_eq!((a.version, a.worker_id.as_deref()), (1, Some("w1")));
+    assert_eq!((a.version.get(), a.worker_id.as_deref()), (1, Some("w1")));
     // Never backwards: a late starting for a running instance changes nothing.
     let late = store
         .forward_reports(&[report("w1", "a", 1, ReportedState::Starting)])
@@ -412,7 +484,7 @@ async fn grouped_commits_are_each_all_or_nothing() {
         .await
         .unwrap();
     for id in ["a", "b", "c", "d", "e", "f", "g"] {
-        store.apply_start(id, 1, spec()).await.unwrap();
+        store.apply_start(id, CmdSeq::new(1), spec()).await.unwrap();
     }
     let claim = |worker: &str, idx: u32, gib: i64| GpuClaim {
         worker_id: worker.into(),
@@ -421,7 +493,7 @@ async fn grouped_commits_are_each_all_or_nothing() {
     };
     let commit = |id: &str, version: i64, claims: Vec<GpuClaim>| PlacementCommit {
         id: id.into(),
-        version,
+        version: Version::new(version),
         claims,
         group: Some("m".into()),
     };
@@ -526,7 +598,7 @@ async fn concurrent_groups_never_overcommit_a_gpu() {
     let store = store_with_worker(&servers).await;
     let ids: Vec<String> = (0..40).map(|i| format!("i{i:02}")).collect();
     for id in &ids {
-        store.apply_start(id, 1, spec()).await.unwrap();
+        store.apply_start(id, CmdSeq::new(1), spec()).await.unwrap();
     }
     // Twenty groups of two racing, each instance wanting 10 GiB of w1:0's 79 GiB: whole
     // groups fit until the GPU is nearly full, and never more than it has.
@@ -537,7 +609,7 @@ async fn concurrent_groups_never_overcommit_a_gpu() {
                 .iter()
                 .map(|id| PlacementCommit {
                     id: id.clone(),
-                    version: 1,
+                    version: Version::new(1),
                     claims: vec![GpuClaim {
                         worker_id: "w1".into(),
                         idx: 0,
@@ -577,7 +649,7 @@ async fn grouped_statements_record_one_event_per_change() {
         .iter()
         .map(|id| StartIntent {
             id: (*id).into(),
-            seq: 1,
+            seq: CmdSeq::new(1),
             spec: spec(),
         })
         .collect();
@@ -586,14 +658,14 @@ async fn grouped_statements_record_one_event_per_change() {
     let older: Vec<StartIntent> = intents
         .iter()
         .map(|i| StartIntent {
-            seq: 0,
+            seq: CmdSeq::new(0),
             ..i.clone()
         })
         .collect();
     store.apply_starts(&older).await.unwrap();
     let commit = |id: &str, version: i64, gib: i64| PlacementCommit {
         id: id.into(),
-        version,
+        version: Version::new(version),
         claims: vec![GpuClaim {
             worker_id: "w1".into(),
             idx: 0,
@@ -609,7 +681,7 @@ async fn grouped_statements_record_one_event_per_change() {
     let report = |id: &str, state| Forward {
         worker_id: "w1".into(),
         instance_id: id.into(),
-        version: 1,
+        version: Version::new(1),
         state,
     };
     store
@@ -675,10 +747,13 @@ async fn warming_a_store_writes_nothing() {
             .collect::<Vec<_>>()
     );
     // The warmed connections work as before.
-    store.apply_start("x", 1, spec()).await.unwrap();
+    store
+        .apply_start("x", CmdSeq::new(1), spec())
+        .await
+        .unwrap();
     assert!(matches!(
         store
-            .commit_placement("x", 1, "w1", &[0], 10 * GIB)
+            .commit_placement("x", Version::new(1), "w1", &[0], 10 * GIB)
             .await
             .unwrap(),
         CommitOutcome::Committed(_)

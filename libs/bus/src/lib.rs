@@ -25,7 +25,7 @@ use async_nats::{
     HeaderMap,
     jetstream::{self, consumer::PullConsumer, stream::Stream},
 };
-use berth_proto::{AgentMsg, Command, InstanceEvent, StatusMsg, subjects};
+use berth_proto::{AgentMsg, CmdSeq, Command, InstanceEvent, StatusMsg, subjects};
 use bytes::Bytes;
 use std::time::Duration;
 
@@ -117,10 +117,13 @@ impl Bus {
     }
 
     /// The newest stored command for `instance_id`: its sequence and payload.
-    pub async fn last_command(&self, instance_id: &str) -> Result<Option<(u64, Bytes)>, BusError> {
+    pub async fn last_command(
+        &self,
+        instance_id: &str,
+    ) -> Result<Option<(CmdSeq, Bytes)>, BusError> {
         let subject = subjects::cmd_subject(instance_id)?;
         match self.cmd_stream.direct_get_last_for_subject(subject).await {
-            Ok(msg) => Ok(Some((msg.sequence, msg.payload))),
+            Ok(msg) => Ok(Some((CmdSeq::new(msg.sequence), msg.payload))),
             Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(BusError::request("newest command", e)),
         }
@@ -170,7 +173,7 @@ impl Bus {
     pub async fn last_dead_letter(
         &self,
         instance_id: &str,
-    ) -> Result<Option<(u64, String)>, BusError> {
+    ) -> Result<Option<(CmdSeq, String)>, BusError> {
         let stream = self
             .js
             .get_stream(DLQ_STREAM)
@@ -182,7 +185,7 @@ impl Bus {
         {
             Ok(msg) => {
                 let header = |name: &str| msg.headers.get(name).map(|v| v.as_str().to_owned());
-                let seq = header(DLQ_SEQ).and_then(|s| s.parse().ok()).unwrap_or(0);
+                let seq = CmdSeq::new(header(DLQ_SEQ).and_then(|s| s.parse().ok()).unwrap_or(0));
                 Ok(Some((seq, header(DLQ_REASON).unwrap_or_default())))
             }
             Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
@@ -193,7 +196,11 @@ impl Bus {
     }
 
     /// Publishes a command and waits for JetStream to store it; returns its sequence.
-    pub async fn publish_command(&self, instance_id: &str, cmd: &Command) -> Result<u64, BusError> {
+    pub async fn publish_command(
+        &self,
+        instance_id: &str,
+        cmd: &Command,
+    ) -> Result<CmdSeq, BusError> {
         let payload = cmd.encode()?;
         self.publish_raw_command(instance_id, payload.into(), None)
             .await
@@ -206,8 +213,8 @@ impl Bus {
         &self,
         instance_id: &str,
         payload: Bytes,
-        expected_last: Option<u64>,
-    ) -> Result<u64, BusError> {
+        expected_last: Option<CmdSeq>,
+    ) -> Result<CmdSeq, BusError> {
         let subject = subjects::cmd_subject(instance_id)?;
         let mut headers = HeaderMap::new();
         if let Some(seq) = expected_last {
@@ -223,7 +230,7 @@ impl Bus {
             .map_err(|e| BusError::publish(&subject, e))?
             .await;
         match ack {
-            Ok(ack) => Ok(ack.sequence),
+            Ok(ack) => Ok(CmdSeq::new(ack.sequence)),
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
                 Err(BusError::Superseded)
             }
@@ -237,8 +244,8 @@ impl Bus {
     pub async fn republish_command(
         &self,
         instance_id: &str,
-        seq: u64,
-    ) -> Result<Option<u64>, BusError> {
+        seq: CmdSeq,
+    ) -> Result<Option<CmdSeq>, BusError> {
         let Some((last, payload)) = self.last_command(instance_id).await? else {
             return Ok(None);
         };
@@ -258,14 +265,19 @@ impl Bus {
     /// The sequence of the newest command for `instance_id`, if any, as stored when the
     /// call was made or later. Calls made at the same moment share one multi-subject direct
     /// get.
-    pub async fn last_command_seq(&self, instance_id: &str) -> Result<Option<u64>, BusError> {
-        self.newest.seq(subjects::cmd_subject(instance_id)?).await
+    pub async fn last_command_seq(&self, instance_id: &str) -> Result<Option<CmdSeq>, BusError> {
+        let seq = self.newest.seq(subjects::cmd_subject(instance_id)?).await?;
+        Ok(seq.map(CmdSeq::new))
     }
 
     /// The same as [`Bus::last_command_seq`] in a request of its own, for the rare lookup
     /// that must not wait behind a group (the cancellation watch).
-    pub async fn last_command_seq_alone(&self, instance_id: &str) -> Result<Option<u64>, BusError> {
-        newest::single(&self.cmd_stream, &subjects::cmd_subject(instance_id)?).await
+    pub async fn last_command_seq_alone(
+        &self,
+        instance_id: &str,
+    ) -> Result<Option<CmdSeq>, BusError> {
+        let seq = newest::single(&self.cmd_stream, &subjects::cmd_subject(instance_id)?).await?;
+        Ok(seq.map(CmdSeq::new))
     }
 
     /// Stores a rejected command with its reason, original subject and sequence.
@@ -273,7 +285,7 @@ impl Bus {
         &self,
         instance_id: Option<&str>,
         original_subject: &str,
-        seq: u64,
+        seq: CmdSeq,
         payload: Bytes,
         reason: &str,
     ) -> Result<(), BusError> {

@@ -1,6 +1,6 @@
 //! What the analyzer tells one worker's agent, on `berth.agent.<worker_id>`.
 
-use crate::StartSpec;
+use crate::{StartSpec, Version};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -13,7 +13,7 @@ pub enum AgentMsg {
     /// Run `instance_id` on these GPUs. Reports about it carry `version`.
     Assign {
         instance_id: String,
-        version: i64,
+        version: Version,
         /// GPU indexes on the worker.
         gpus: Vec<u32>,
         /// The most reserved on any one of `gpus`.
@@ -30,5 +30,8 @@ pub enum AgentMsg {
     },
     /// Stop `instance_id` (whatever version runs) and confirm with a `stopped` report carrying
     /// `version`; the agent confirms even when it runs nothing, so a stop never hangs.
-    Unassign { instance_id: String, version: i64 },
+    Unassign {
+        instance_id: String,
+        version: Version,
+    },
 }

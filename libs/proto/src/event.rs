@@ -1,15 +1,15 @@
 //! State-change events, on `berth.events.instance.<id>`, one per committed transition.
 
-use crate::InstanceState;
+use crate::{CmdSeq, InstanceState, Version};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceEvent {
     pub instance_id: String,
     pub state: InstanceState,
-    pub version: i64,
+    pub version: Version,
     /// Stream sequence of the command this state belongs to.
-    pub cmd_seq: i64,
+    pub cmd_seq: CmdSeq,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_id: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

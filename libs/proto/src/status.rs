@@ -55,7 +55,7 @@ pub enum StatusMsg {
     Instance {
         worker_id: String,
         instance_id: String,
-        version: i64,
+        version: crate::Version,
         state: ReportedState,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
@@ -169,7 +169,7 @@ impl StatusMsg {
                 ..
             } => {
                 validate_id(instance_id).map_err(|e| format!("instance_id: {e}"))?;
-                if *version < 0 {
+                if version.get() < 0 {
                     return Err(format!("version must not be negative, got {version}"));
                 }
                 Ok(())
@@ -214,7 +214,7 @@ mod tests {
             StatusMsg::Instance {
                 worker_id: "w1".into(),
                 instance_id: "i1".into(),
-                version: 3,
+                version: crate::Version::new(3),
                 state: ReportedState::Error,
                 reason: Some("exit 1".into()),
                 shared: false,
@@ -260,7 +260,7 @@ mod tests {
             StatusMsg::Instance {
                 worker_id: "w1".into(),
                 instance_id: "i>".into(),
-                version: 1,
+                version: crate::Version::FIRST,
                 state: ReportedState::Running,
                 reason: None,
                 shared: false,

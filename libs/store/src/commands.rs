@@ -6,7 +6,7 @@ use crate::{
     models::{AllocationRow, InstanceRow},
     schema::{allocations, instances},
 };
-use berth_proto::{InstanceState, lifecycle};
+use berth_proto::{CmdSeq, InstanceState, Version, lifecycle};
 use diesel::prelude::*;
 use diesel_async::{
     AsyncConnection, AsyncPgConnection, RunQueryDsl, pooled_connection::deadpool::Object,
@@ -20,7 +20,7 @@ use std::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartApplied {
     /// A newer command was already applied: nothing changed.
-    Stale { current_seq: i64 },
+    Stale { current_seq: CmdSeq },
     /// Intent recorded: the instance is `analyzing` at `version`. `release_on` lists workers
     /// still holding an older placement of this instance: they must be told to stop it.
     Analyzing {
@@ -29,11 +29,11 @@ pub enum StartApplied {
     },
     /// The instance already runs (or is being started) with exactly this spec: the command
     /// is recorded as applied and nothing else changes.
-    Unchanged { version: i64 },
+    Unchanged { version: Version },
     /// This very command was applied and placed before (a redelivery after a crash): the
     /// assignment may not have reached the agent, so send it again.
     AlreadyPlaced {
-        version: i64,
+        version: Version,
         /// The leading worker (the first of several for a multi-worker placement).
         worker_id: String,
         /// Every GPU of the placement, ordered by worker and index.
@@ -45,7 +45,7 @@ pub enum StartApplied {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopApplied {
     Stale {
-        current_seq: i64,
+        current_seq: CmdSeq,
     },
     /// Nothing was placed: the instance is `stopped` at once.
     Stopped(Transition),
@@ -78,7 +78,7 @@ pub(crate) const START_UPSERT_MANY: &str = "\
 #[derive(Debug, Clone, PartialEq)]
 pub struct StartIntent {
     pub id: String,
-    pub seq: i64,
+    pub seq: CmdSeq,
     pub spec: serde_json::Value,
 }
 
@@ -87,7 +87,7 @@ impl Store {
     pub async fn apply_start(
         &self,
         id: &str,
-        seq: i64,
+        seq: CmdSeq,
         spec: serde_json::Value,
     ) -> Result<StartApplied, StoreError> {
         let intent = StartIntent {
@@ -136,7 +136,7 @@ impl Store {
         let rows: Vec<&StartIntent> = newest.values().map(|&i| &intents[i]).collect();
         let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
         let specs: Vec<&serde_json::Value> = rows.iter().map(|r| &r.spec).collect();
-        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq.to_db()).collect();
         let mut conn = self.conn().await?;
         let upserted: Vec<(String, i64, bool)> = crate::prepared::StartUpsertMany {
             ids: &ids,
@@ -170,7 +170,7 @@ impl Store {
                 return Err(StoreError::Corrupt(format!("upsert returned unknown {id}")));
             };
             results[i] = Some(StartApplied::Analyzing {
-                transition: analyzing(&id, intents[i].seq, version),
+                transition: analyzing(&id, intents[i].seq, Version::new(version)),
                 release_on: holding.remove(&id).unwrap_or_default(),
             });
         }
@@ -189,7 +189,7 @@ impl Store {
     pub async fn apply_stop(
         &self,
         id: &str,
-        seq: i64,
+        seq: CmdSeq,
         reason: Option<String>,
     ) -> Result<StopApplied, StoreError> {
         let reason = reason.as_deref().map(berth_proto::text::reason);
@@ -211,7 +211,7 @@ impl Store {
                     return Ok(StopApplied::Stopped(Transition {
                         instance_id: id.clone(),
                         state: InstanceState::Stopped,
-                        version: 1,
+                        version: Version::FIRST,
                         cmd_seq: seq,
                         worker_id: None,
                         gpus: Vec::new(),
@@ -226,7 +226,11 @@ impl Store {
                 }
                 let workers = holding_workers(conn, &id).await?;
                 let state = lifecycle::after_stop(!workers.is_empty());
-                let version = if redo { row.version } else { row.version + 1 };
+                let version = if redo {
+                    row.version
+                } else {
+                    row.version.next()
+                };
                 diesel::update(instances::table.find(&id))
                     .set((
                         instances::desired.eq("stopped"),
@@ -266,7 +270,7 @@ impl Store {
     pub async fn apply_invalid(
         &self,
         id: &str,
-        seq: i64,
+        seq: CmdSeq,
         reason: &str,
     ) -> Result<Option<Transition>, StoreError> {
         let mut conn = self.conn().await?;
@@ -277,7 +281,7 @@ impl Store {
                 let created =
                     lock_or_create(conn, &id, seq, "stopped", "error", None, Some(&reason)).await?;
                 let row = match created {
-                    None => return Ok(Some(error_transition(&id, seq, 1, reason))),
+                    None => return Ok(Some(error_transition(&id, seq, Version::FIRST, reason))),
                     Some(row) if row.cmd_seq < seq => row,
                     Some(_) => return Ok(None),
                 };
@@ -311,12 +315,12 @@ impl Store {
                         instances::state.eq(InstanceState::Error.as_str()),
                         instances::reason.eq(&reason),
                         instances::cmd_seq.eq(seq),
-                        instances::version.eq(row.version + 1),
+                        instances::version.eq(row.version.next()),
                         instances::updated_at.eq(diesel::dsl::now),
                     ))
                     .execute(conn)
                     .await?;
-                Ok(Some(error_transition(&id, seq, row.version + 1, reason)))
+                Ok(Some(error_transition(&id, seq, row.version.next(), reason)))
             })
             .await
     }
@@ -327,7 +331,7 @@ impl Store {
 async fn start_closely(
     conn: &mut Object<AsyncPgConnection>,
     id: &str,
-    seq: i64,
+    seq: CmdSeq,
     spec: &serde_json::Value,
 ) -> Result<StartApplied, StoreError> {
     let id = id.to_owned();
@@ -337,7 +341,7 @@ async fn start_closely(
                 lock_or_create(conn, &id, seq, "running", "analyzing", Some(spec), None).await?
             else {
                 return Ok(StartApplied::Analyzing {
-                    transition: analyzing(&id, seq, 1),
+                    transition: analyzing(&id, seq, Version::FIRST),
                     release_on: Vec::new(),
                 });
             };
@@ -360,7 +364,7 @@ async fn start_closely(
                     version: row.version,
                 });
             }
-            let version = row.version + 1;
+            let version = row.version.next();
             diesel::update(instances::table.find(&id))
                 .set((
                     instances::spec.eq(Some(spec)),
@@ -382,7 +386,7 @@ async fn start_closely(
         .await
 }
 
-fn error_transition(id: &str, seq: i64, version: i64, reason: String) -> Transition {
+fn error_transition(id: &str, seq: CmdSeq, version: Version, reason: String) -> Transition {
     Transition {
         instance_id: id.to_owned(),
         state: InstanceState::Error,
@@ -394,7 +398,7 @@ fn error_transition(id: &str, seq: i64, version: i64, reason: String) -> Transit
     }
 }
 
-fn analyzing(id: &str, seq: i64, version: i64) -> Transition {
+fn analyzing(id: &str, seq: CmdSeq, version: Version) -> Transition {
     Transition {
         instance_id: id.to_owned(),
         state: InstanceState::Analyzing,
@@ -411,7 +415,7 @@ fn analyzing(id: &str, seq: i64, version: i64) -> Transition {
 async fn lock_or_create(
     conn: &mut AsyncPgConnection,
     id: &str,
-    seq: i64,
+    seq: CmdSeq,
     desired: &str,
     state: &str,
     spec: Option<&serde_json::Value>,
@@ -425,7 +429,7 @@ async fn lock_or_create(
             instances::desired.eq(desired),
             instances::state.eq(state),
             instances::cmd_seq.eq(seq),
-            instances::version.eq(1_i64),
+            instances::version.eq(Version::FIRST),
         ))
         .on_conflict_do_nothing()
         .execute(conn)

@@ -1,7 +1,7 @@
 //! Rows as read from the database, and the transitions queries report back.
 
 use crate::schema::{allocations, gpus, instances, workers};
-use berth_proto::{InstanceEvent, InstanceState};
+use berth_proto::{CmdSeq, InstanceEvent, InstanceState, Version};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 
@@ -13,8 +13,8 @@ pub struct InstanceRow {
     pub desired: String,
     pub state: String,
     pub reason: Option<String>,
-    pub cmd_seq: i64,
-    pub version: i64,
+    pub cmd_seq: CmdSeq,
+    pub version: Version,
     pub worker_id: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -74,7 +74,7 @@ pub struct AllocationRow {
     pub instance_id: String,
     pub worker_id: String,
     pub gpu_idx: i32,
-    pub version: i64,
+    pub version: Version,
     pub bytes: i64,
 }
 
@@ -83,8 +83,8 @@ pub struct AllocationRow {
 pub struct Transition {
     pub instance_id: String,
     pub state: InstanceState,
-    pub version: i64,
-    pub cmd_seq: i64,
+    pub version: Version,
+    pub cmd_seq: CmdSeq,
     pub worker_id: Option<String>,
     pub gpus: Vec<u32>,
     pub reason: Option<String>,

@@ -5,7 +5,7 @@
 //! them, so a crash re-sends instead of losing.
 
 use crate::{Store, StoreError, schema::event_outbox};
-use berth_proto::{InstanceEvent, InstanceState};
+use berth_proto::{CmdSeq, InstanceEvent, InstanceState, Version};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
@@ -24,8 +24,8 @@ struct OutboxRow {
     seq: i64,
     instance_id: String,
     state: String,
-    version: i64,
-    cmd_seq: i64,
+    version: Version,
+    cmd_seq: CmdSeq,
     worker_id: Option<String>,
     gpus: Vec<i32>,
     reason: Option<String>,

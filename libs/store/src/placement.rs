@@ -4,7 +4,7 @@ use crate::{
     GpuRow, Store, StoreError, Transition, WorkerRow,
     schema::{gpus, instances, workers},
 };
-use berth_proto::InstanceState;
+use berth_proto::{CmdSeq, InstanceState, Version};
 use diesel::{
     dsl::sql,
     prelude::*,
@@ -166,7 +166,7 @@ impl Store {
     pub async fn commit_placement(
         &self,
         id: &str,
-        version: i64,
+        version: Version,
         worker_id: &str,
         gpu_idxs: &[u32],
         bytes_per_gpu: i64,
@@ -190,7 +190,7 @@ impl Store {
     pub async fn commit_claims(
         &self,
         id: &str,
-        version: i64,
+        version: Version,
         claims: &[GpuClaim],
         group: Option<&str>,
     ) -> Result<CommitOutcome, StoreError> {
@@ -289,7 +289,7 @@ impl Store {
             let c = &commits[i];
             let (leader, sorted) = in_lock_order(&c.id, &c.claims)?;
             arrays.ids.push(c.id.clone());
-            arrays.versions.push(c.version);
+            arrays.versions.push(c.version.get());
             arrays.leaders.push(leader);
             arrays.groups.push(c.group.clone());
             for (g, idx) in sorted {
@@ -338,7 +338,7 @@ impl Store {
     pub async fn mark_pending(
         &self,
         id: &str,
-        version: i64,
+        version: Version,
         reason: &str,
     ) -> Result<Option<Transition>, StoreError> {
         self.finish_analysis(id, version, InstanceState::Pending, reason)
@@ -349,7 +349,7 @@ impl Store {
     pub async fn mark_error(
         &self,
         id: &str,
-        version: i64,
+        version: Version,
         reason: &str,
     ) -> Result<Option<Transition>, StoreError> {
         self.finish_analysis(id, version, InstanceState::Error, reason)
@@ -359,7 +359,7 @@ impl Store {
     async fn finish_analysis(
         &self,
         id: &str,
-        version: i64,
+        version: Version,
         state: InstanceState,
         reason: &str,
     ) -> Result<Option<Transition>, StoreError> {
@@ -384,7 +384,7 @@ impl Store {
             instance_id: id.to_owned(),
             state,
             version,
-            cmd_seq,
+            cmd_seq: CmdSeq::from_db(cmd_seq),
             worker_id: None,
             gpus: Vec::new(),
             reason: Some(reason),
@@ -414,7 +414,7 @@ fn in_lock_order<'c>(id: &str, claims: &'c [GpuClaim]) -> Result<Ordered<'c>, St
 
 /// The `scheduled` transition of a committed placement: reported under the first claim's
 /// worker, with its GPUs.
-fn scheduled(id: &str, version: i64, cmd_seq: i64, claims: &[GpuClaim]) -> Transition {
+fn scheduled(id: &str, version: Version, cmd_seq: i64, claims: &[GpuClaim]) -> Transition {
     let leader = <[GpuClaim]>::first(claims).map(|c| c.worker_id.clone());
     let mut gpus: Vec<u32> = claims
         .iter()
@@ -426,7 +426,7 @@ fn scheduled(id: &str, version: i64, cmd_seq: i64, claims: &[GpuClaim]) -> Trans
         instance_id: id.to_owned(),
         state: InstanceState::Scheduled,
         version,
-        cmd_seq,
+        cmd_seq: CmdSeq::from_db(cmd_seq),
         worker_id: leader,
         gpus,
         reason: None,
@@ -437,7 +437,7 @@ fn scheduled(id: &str, version: i64, cmd_seq: i64, claims: &[GpuClaim]) -> Trans
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlacementCommit {
     pub id: String,
-    pub version: i64,
+    pub version: Version,
     /// The first claim's worker leads.
     pub claims: Vec<GpuClaim>,
     pub group: Option<String>,

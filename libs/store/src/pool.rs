@@ -124,7 +124,7 @@ async fn prepare(conn: &mut AsyncPgConnection) -> Result<(), StoreError> {
     let none: [String; 0] = [];
     let _: Vec<crate::placement::CommitRow> = crate::prepared::Commit {
         id: "",
-        version: -1,
+        version: berth_proto::Version::new(-1),
         leader: "",
         workers: &none,
         idxs: &[],

@@ -45,7 +45,7 @@ fn segments(sql: &str) -> Vec<Seg<'_>> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Commit<'a> {
     pub id: &'a str,
-    pub version: i64,
+    pub version: berth_proto::Version,
     pub leader: &'a str,
     pub workers: &'a [String],
     pub idxs: &'a [i32],

@@ -5,7 +5,9 @@ use crate::{
     models::{AllocationRow, InstanceRow},
     schema::{allocations, gpus, instances, workers},
 };
-use berth_proto::{GpuInfo, GpuUsage, InstanceState, lifecycle, status::ReportedState};
+use berth_proto::{
+    CmdSeq, GpuInfo, GpuUsage, InstanceState, Version, lifecycle, status::ReportedState,
+};
 use diesel::prelude::*;
 use diesel::upsert::excluded;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
@@ -17,7 +19,7 @@ use std::collections::BTreeMap;
 pub struct Forward {
     pub worker_id: String,
     pub instance_id: String,
-    pub version: i64,
+    pub version: Version,
     /// `Starting` or `Running` (anything else counts as `Running`).
     pub state: ReportedState,
 }
@@ -209,7 +211,7 @@ impl Store {
     ) -> Result<Vec<Option<Transition>>, StoreError> {
         // One row per placement, in instance id order (the row lock order of every writer).
         let key = |r: &Forward| (r.instance_id.clone(), r.version, r.worker_id.clone());
-        let mut chosen: BTreeMap<(String, i64, String), usize> = BTreeMap::new();
+        let mut chosen: BTreeMap<(String, Version, String), usize> = BTreeMap::new();
         for (i, r) in reports.iter().enumerate() {
             chosen
                 .entry(key(r))
@@ -222,7 +224,7 @@ impl Store {
         }
         let rows: Vec<&Forward> = chosen.values().map(|&i| &reports[i]).collect();
         let ids: Vec<&str> = rows.iter().map(|r| r.instance_id.as_str()).collect();
-        let versions: Vec<i64> = rows.iter().map(|r| r.version).collect();
+        let versions: Vec<i64> = rows.iter().map(|r| r.version.get()).collect();
         let workers: Vec<&str> = rows.iter().map(|r| r.worker_id.as_str()).collect();
         let states: Vec<&str> = rows
             .iter()
@@ -237,9 +239,14 @@ impl Store {
         }
         .load(&mut conn)
         .await?;
-        let moved: BTreeMap<(String, i64, String), i64> = moved
+        let moved: BTreeMap<(String, Version, String), CmdSeq> = moved
             .into_iter()
-            .map(|(id, version, worker, cmd_seq)| ((id, version, worker), cmd_seq))
+            .map(|(id, version, worker, cmd_seq)| {
+                (
+                    (id, Version::new(version), worker),
+                    CmdSeq::from_db(cmd_seq),
+                )
+            })
             .collect();
         Ok(reports
             .iter()
@@ -273,7 +280,7 @@ impl Store {
         &self,
         worker_id: &str,
         id: &str,
-        version: i64,
+        version: Version,
         reported: ReportedState,
         reason: Option<&str>,
         shared: bool,
@@ -333,7 +340,7 @@ impl Store {
                     // A stop is confirmed at the version its unassign named: the instance's
                     // (a stop) or one past a stale placement's (a fence), never beyond the
                     // next version, so a forged version cannot free the current placement.
-                    ReportedState::Stopped if version <= row.version.saturating_add(1) => {
+                    ReportedState::Stopped if version <= row.version.next() => {
                         release(conn, id, worker_id, Upto::Before(version)).await?;
                     }
                     ReportedState::Stopped => {}
@@ -391,9 +398,9 @@ pub(crate) enum Upto {
     /// Every version: the worker is gone.
     All,
     /// Older than this version: a stop confirmed under version v ends placements before v.
-    Before(i64),
+    Before(Version),
     /// Up to and including it: a failed backend ends its own placement too.
-    Through(i64),
+    Through(Version),
 }
 
 /// Deletes the instance's allocations on `worker_id` selected by `upto` and gives their VRAM
@@ -446,10 +453,10 @@ impl Store {
         &self,
         id: &str,
         worker_id: &str,
-        version: i64,
+        version: Version,
     ) -> Result<bool, StoreError> {
         let mut conn = self.conn().await?;
-        let row: Option<(i64, String, Option<String>)> = instances::table
+        let row: Option<(Version, String, Option<String>)> = instances::table
             .find(id)
             .select((instances::version, instances::state, instances::worker_id))
             .first(&mut conn)
@@ -473,7 +480,7 @@ async fn holds_at(
     conn: &mut AsyncPgConnection,
     id: &str,
     worker_id: &str,
-    version: i64,
+    version: Version,
 ) -> Result<bool, StoreError> {
     Ok(diesel::select(diesel::dsl::exists(
         allocations::table
@@ -490,7 +497,7 @@ async fn all_ready_after(
     conn: &mut AsyncPgConnection,
     id: &str,
     worker_id: &str,
-    version: i64,
+    version: Version,
 ) -> Result<bool, StoreError> {
     let at_version = || {
         allocations::table

@@ -163,7 +163,10 @@ impl Store {
     /// Instances that hold GPUs at their current version although they are not placed
     /// (`pending`, `error`, `stopped`): stages of a multi-worker placement left behind when
     /// another stage failed or went silent. `(id, version)`, at most `limit`.
-    pub async fn stranded(&self, limit: i64) -> Result<Vec<(String, i64)>, StoreError> {
+    pub async fn stranded(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(String, berth_proto::Version)>, StoreError> {
         let mut conn = self.scan_conn().await?;
         Ok(instances::table
             .filter(instances::state.eq_any(lifecycle::UNPLACED_AT_REST.map(InstanceState::as_str)))

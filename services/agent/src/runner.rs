@@ -3,7 +3,7 @@
 use crate::{AgentStats, Usage, WorkerSpec};
 use async_nats::jetstream::AckKind;
 use berth_bus::{Bus, BusError};
-use berth_proto::{AgentMsg, StatusMsg, status::ReportedState};
+use berth_proto::{AgentMsg, StatusMsg, Version, status::ReportedState};
 use berth_retry::{Interrupted, RetryPolicy, retry, retry_until};
 use futures::StreamExt;
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -30,10 +30,10 @@ pub struct Agent {
 #[derive(Debug, Default)]
 struct Backends {
     /// Instance → version of the placement that runs.
-    running: HashMap<String, i64>,
+    running: HashMap<String, Version>,
     /// Instance → highest version it was told to stop at: older assignments arriving late
     /// must not start.
-    stopped_at: HashMap<String, i64>,
+    stopped_at: HashMap<String, Version>,
 }
 
 impl Agent {
@@ -236,7 +236,7 @@ async fn apply(
 ) -> Result<(), Interrupted<BusError>> {
     let label = AgentStats::worker(worker_id);
     let instance_report =
-        |instance_id: &str, version: i64, state: ReportedState, shared| StatusMsg::Instance {
+        |instance_id: &str, version: Version, state: ReportedState, shared| StatusMsg::Instance {
             worker_id: worker_id.to_owned(),
             instance_id: instance_id.to_owned(),
             version,
@@ -255,7 +255,7 @@ async fn apply(
             // One part of an instance spread over several workers: it runs once all do.
             let shared = workers.len() > 1;
             stats.assigned.get_or_create(&label).inc();
-            let span = tracing::info_span!("assign", instance_id, version);
+            let span = tracing::info_span!("assign", instance_id, version = version.get());
             let _enter = span.enter();
             if backends
                 .stopped_at
@@ -294,7 +294,7 @@ async fn apply(
             version,
         } => {
             stats.unassigned.get_or_create(&label).inc();
-            let span = tracing::info_span!("unassign", instance_id, version);
+            let span = tracing::info_span!("unassign", instance_id, version = version.get());
             let _enter = span.enter();
             let at = backends
                 .stopped_at

@@ -4,6 +4,7 @@
 
 use berth_bus::{Bus, BusError};
 use berth_fit::{Part, Placement, Slot};
+use berth_proto::Version;
 use berth_proto::{AgentMsg, StartSpec};
 use berth_store::placement::GpuClaim;
 
@@ -42,7 +43,7 @@ impl AgentLink {
     pub(crate) async fn assign(
         &self,
         id: &str,
-        version: i64,
+        version: Version,
         spec: &StartSpec,
         placement: &Placement,
     ) -> Result<(), BusError> {
@@ -80,7 +81,7 @@ impl AgentLink {
     pub(crate) async fn unassign(
         &self,
         id: &str,
-        version: i64,
+        version: Version,
         workers: &[String],
     ) -> Result<(), BusError> {
         for worker in workers {

@@ -4,6 +4,7 @@ use crate::{
     agent_link::placement_of, context::Ctx, intake::Handled, intents::NotRecorded, placing,
 };
 use async_nats::jetstream::Message;
+use berth_proto::CmdSeq;
 use berth_proto::{Command, StartSpec, StopSpec, subjects::instance_of_cmd_subject};
 use berth_retry::{RetryPolicy, retry};
 use berth_store::{
@@ -16,7 +17,7 @@ use tracing::Instrument;
 pub async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
     let picked_at = SystemTime::now();
     let seq = match msg.info() {
-        Ok(info) => info.stream_sequence,
+        Ok(info) => CmdSeq::new(info.stream_sequence),
         Err(e) => {
             tracing::warn!(%e, "message without JetStream metadata; dropping");
             return Handled::Done;
@@ -27,7 +28,7 @@ pub async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
     let span = tracing::info_span!(
         "command",
         instance_id = instance_id.unwrap_or("?"),
-        cmd_seq = seq
+        cmd_seq = seq.get()
     );
     async move {
         let Some(id) = instance_id else {
@@ -76,7 +77,7 @@ async fn dead_letter(
     ctx: &Ctx,
     msg: &Message,
     id: Option<&str>,
-    seq: u64,
+    seq: CmdSeq,
     reason: &str,
 ) -> Handled {
     tracing::warn!(reason, "dead-lettering command");
@@ -90,11 +91,7 @@ async fn dead_letter(
     }
     ctx.stats.commands_dead_lettered.inc();
     if let Some(id) = id {
-        let seq_i = i64::try_from(seq).unwrap_or(i64::MAX);
-        let marked = stored("mark invalid", || {
-            ctx.store.apply_invalid(id, seq_i, reason)
-        })
-        .await;
+        let marked = stored("mark invalid", || ctx.store.apply_invalid(id, seq, reason)).await;
         match outcome(marked) {
             Ok(Some(t)) => ctx.events.announce(&t),
             Ok(None) => {
@@ -110,8 +107,13 @@ async fn dead_letter(
     Handled::Done
 }
 
-async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: SystemTime) -> Handled {
-    let seq_i = i64::try_from(seq).unwrap_or(i64::MAX);
+async fn start(
+    ctx: &Ctx,
+    id: &str,
+    seq: CmdSeq,
+    spec: StartSpec,
+    picked_at: SystemTime,
+) -> Handled {
     let spec_json = match serde_json::to_value(&spec) {
         Ok(v) => v,
         Err(e) => {
@@ -122,7 +124,7 @@ async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: System
     };
     let intent = StartIntent {
         id: id.to_owned(),
-        seq: seq_i,
+        seq,
         spec: spec_json,
     };
     // In flight from here, and the superseded check (see `placing::place`) is asked while
@@ -175,12 +177,12 @@ async fn start(ctx: &Ctx, id: &str, seq: u64, spec: StartSpec, picked_at: System
 async fn not_placing(ctx: &Ctx, id: &str, spec: &StartSpec, applied: StartApplied) -> Handled {
     match applied {
         StartApplied::Stale { current_seq } => {
-            tracing::debug!(current_seq, "stale start ignored");
+            tracing::debug!(%current_seq, "stale start ignored");
             ctx.stats.commands_stale.inc();
             Handled::Done
         }
         StartApplied::Unchanged { version } => {
-            tracing::debug!(version, "same spec as the running placement; nothing to do");
+            tracing::debug!(%version, "same spec as the running placement; nothing to do");
             ctx.stats.commands_applied.inc();
             Handled::Done
         }
@@ -201,10 +203,9 @@ async fn not_placing(ctx: &Ctx, id: &str, spec: &StartSpec, applied: StartApplie
     }
 }
 
-async fn stop(ctx: &Ctx, id: &str, seq: u64, spec: StopSpec) -> Handled {
-    let seq_i = i64::try_from(seq).unwrap_or(i64::MAX);
+async fn stop(ctx: &Ctx, id: &str, seq: CmdSeq, spec: StopSpec) -> Handled {
     let applied = stored("apply stop", || {
-        ctx.store.apply_stop(id, seq_i, spec.reason.clone())
+        ctx.store.apply_stop(id, seq, spec.reason.clone())
     })
     .await;
     let applied = match outcome(applied) {
@@ -213,7 +214,7 @@ async fn stop(ctx: &Ctx, id: &str, seq: u64, spec: StopSpec) -> Handled {
     };
     match applied {
         StopApplied::Stale { current_seq } => {
-            tracing::debug!(current_seq, "stale stop ignored");
+            tracing::debug!(%current_seq, "stale stop ignored");
             ctx.stats.commands_stale.inc();
         }
         StopApplied::Stopped(t) => {

@@ -26,8 +26,8 @@ impl Events {
     pub(crate) fn announce(&self, t: &Transition) {
         tracing::info!(
             instance_id = %t.instance_id,
-            version = t.version,
-            cmd_seq = t.cmd_seq,
+            version = t.version.get(),
+            cmd_seq = t.cmd_seq.get(),
             state = %t.state,
             worker = t.worker_id.as_deref().unwrap_or(""),
             reason = t.reason.as_deref().unwrap_or(""),

@@ -1,6 +1,7 @@
 //! Points where a test can hold an analyzer to make an interleaving deterministic. With the
 //! `testing` feature off (production), `Hooks` is empty and every point costs nothing.
 
+use berth_proto::Version;
 #[cfg(feature = "testing")]
 use futures::future::BoxFuture;
 #[cfg(feature = "testing")]
@@ -8,7 +9,7 @@ use std::sync::Arc;
 
 /// Called with (instance id, version); the analyzer waits for the returned future.
 #[cfg(feature = "testing")]
-pub type Hook = Arc<dyn Fn(String, i64) -> BoxFuture<'static, ()> + Send + Sync>;
+pub type Hook = Arc<dyn Fn(String, Version) -> BoxFuture<'static, ()> + Send + Sync>;
 
 #[derive(Clone, Default)]
 pub struct Hooks {
@@ -23,7 +24,7 @@ pub struct Hooks {
 impl Hooks {
     /// Runs the `before_commit` hook, if any.
     #[cfg_attr(not(feature = "testing"), expect(clippy::unused_async))]
-    pub(crate) async fn before_commit(&self, _id: &str, _version: i64) {
+    pub(crate) async fn before_commit(&self, _id: &str, _version: Version) {
         #[cfg(feature = "testing")]
         if let Some(hook) = &self.before_commit {
             hook(_id.to_owned(), _version).await;
@@ -32,7 +33,7 @@ impl Hooks {
 
     /// Runs the `before_pending` hook, if any.
     #[cfg_attr(not(feature = "testing"), expect(clippy::unused_async))]
-    pub(crate) async fn before_pending(&self, _id: &str, _version: i64) {
+    pub(crate) async fn before_pending(&self, _id: &str, _version: Version) {
         #[cfg(feature = "testing")]
         if let Some(hook) = &self.before_pending {
             hook(_id.to_owned(), _version).await;

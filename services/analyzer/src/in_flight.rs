@@ -4,6 +4,7 @@
 //! on every path out of the placement.
 
 use crate::recent::Recent;
+use berth_proto::CmdSeq;
 use berth_proto::{Command, StartSpec};
 use std::{
     collections::HashMap,
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 /// One fit: its command's sequence and spec, and the token that cancels it.
 #[derive(Debug)]
 struct Fit {
-    seq: u64,
+    seq: CmdSeq,
     spec: StartSpec,
     token: CancellationToken,
 }
@@ -33,7 +34,7 @@ pub(crate) struct InFlight {
 pub(crate) struct FitGuard<'a> {
     owner: &'a InFlight,
     instance_id: String,
-    seq: u64,
+    seq: CmdSeq,
     token: CancellationToken,
 }
 
@@ -68,7 +69,7 @@ impl InFlight {
     /// Registers a fit for `instance_id` at `seq`, cancelling an older one in flight here.
     /// A fit of a newer command in flight here is left alone, and the new guard is born
     /// cancelled: its command is stale (its intent will say so).
-    pub(crate) fn begin(&self, instance_id: &str, seq: u64, spec: &StartSpec) -> FitGuard<'_> {
+    pub(crate) fn begin(&self, instance_id: &str, seq: CmdSeq, spec: &StartSpec) -> FitGuard<'_> {
         self.supersede(instance_id, seq);
         let token = CancellationToken::new();
         let guard = |seq| FitGuard {
@@ -81,7 +82,7 @@ impl InFlight {
             if fits.get(instance_id).is_some_and(|f| f.seq > seq) {
                 token.cancel();
                 // Never matches the newer fit's sequence, so dropping it ends nothing.
-                return guard(u64::MAX);
+                return guard(CmdSeq::new(u64::MAX));
             }
             let fit = Fit {
                 seq,
@@ -95,7 +96,7 @@ impl InFlight {
 
     /// A newer command (`seq`) for `instance_id` arrived: abandon any older fit in flight
     /// here. Returns whether one was cancelled.
-    pub(crate) fn supersede(&self, instance_id: &str, seq: u64) -> bool {
+    pub(crate) fn supersede(&self, instance_id: &str, seq: CmdSeq) -> bool {
         self.cancel_if(instance_id, |f| f.seq < seq)
     }
 
@@ -153,7 +154,7 @@ mod tests {
     fn a_guard_ends_its_fit_when_dropped() {
         let fits = InFlight::new(Duration::from_secs(1));
         {
-            let guard = fits.begin("a", 5, &spec(1));
+            let guard = fits.begin("a", CmdSeq::new(5), &spec(1));
             assert!(!guard.token().is_cancelled());
             assert_eq!(fits.len(), 1);
         }
@@ -163,25 +164,25 @@ mod tests {
     #[test]
     fn a_newer_command_cancels_and_an_older_one_does_not_replace() {
         let fits = InFlight::new(Duration::from_secs(1));
-        let old = fits.begin("a", 5, &spec(1));
-        let new = fits.begin("a", 7, &spec(2));
+        let old = fits.begin("a", CmdSeq::new(5), &spec(1));
+        let new = fits.begin("a", CmdSeq::new(7), &spec(2));
         assert!(old.token().is_cancelled() && !new.token().is_cancelled());
         // The older guard ends nothing of the newer fit.
         drop(old);
         assert_eq!(fits.len(), 1);
         // An older command arriving late is born cancelled and leaves the newer fit alone.
-        let late = fits.begin("a", 6, &spec(3));
+        let late = fits.begin("a", CmdSeq::new(6), &spec(3));
         assert!(late.token().is_cancelled() && !new.token().is_cancelled());
         drop(late);
         assert_eq!(fits.len(), 1);
-        assert!(fits.supersede("a", 8));
+        assert!(fits.supersede("a", CmdSeq::new(8)));
         assert!(new.token().is_cancelled());
     }
 
     #[test]
     fn a_heard_command_cancels_unless_it_is_the_fits_own_start() {
         let fits = InFlight::new(Duration::from_secs(1));
-        let guard = fits.begin("a", 5, &spec(1));
+        let guard = fits.begin("a", CmdSeq::new(5), &spec(1));
         fits.heard("a", Some(Command::Start(spec(1))));
         assert!(!guard.token().is_cancelled());
         assert!(!fits.heard_other_lately("a", &spec(1)));

@@ -4,6 +4,7 @@ use crate::grouped::Grouped;
 use crate::{agent_link::to_i64, context::Ctx, in_flight::FitGuard, intake::Handled};
 use berth_fit::{FitError, Placement, Request};
 use berth_proto::StartSpec;
+use berth_proto::{CmdSeq, Version};
 use berth_store::{
     Store, StoreError,
     placement::{CommitOutcome, GpuClaim, PlacementCommit},
@@ -22,7 +23,7 @@ enum Settled {
 /// recorded.
 pub(crate) struct Began<'a> {
     pub(crate) guard: FitGuard<'a>,
-    pub(crate) newest: Result<Option<u64>, berth_bus::BusError>,
+    pub(crate) newest: Result<Option<CmdSeq>, berth_bus::BusError>,
 }
 
 /// Places `id` (now `analyzing` at `version` for command `seq`), or leaves it `pending` with
@@ -31,8 +32,8 @@ pub(crate) struct Began<'a> {
 pub async fn place(
     ctx: &Ctx,
     id: &str,
-    seq: u64,
-    version: i64,
+    seq: CmdSeq,
+    version: Version,
     spec: &StartSpec,
     picked_at: SystemTime,
     mut began: Option<Began<'_>>,
@@ -51,7 +52,7 @@ pub async fn place(
         // No wasted work: a command that is no longer the newest costs no fit.
         match newest {
             Ok(Some(last)) if last > seq => {
-                tracing::debug!(last, "superseded before the fit; skipped");
+                tracing::debug!(%last, "superseded before the fit; skipped");
                 ctx.stats.fits_skipped_superseded.inc();
                 return Handled::Done;
             }
@@ -99,7 +100,7 @@ pub async fn place(
 /// Whether the stream holds a command for `id` newer than `seq`. The plain copy a watch
 /// hears can arrive a moment before the stream has stored it, so a "no" is asked again
 /// shortly before it counts.
-async fn confirm_superseded(ctx: &Ctx, id: &str, seq: u64) -> Result<bool, berth_bus::BusError> {
+async fn confirm_superseded(ctx: &Ctx, id: &str, seq: CmdSeq) -> Result<bool, berth_bus::BusError> {
     for pause_ms in [0, 2, 20] {
         tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
         if ctx
@@ -117,7 +118,7 @@ async fn confirm_superseded(ctx: &Ctx, id: &str, seq: u64) -> Result<bool, berth
 async fn timed_out(
     ctx: &Ctx,
     id: &str,
-    version: i64,
+    version: Version,
     token: &tokio_util::sync::CancellationToken,
 ) -> Handled {
     token.cancel();
@@ -140,8 +141,8 @@ async fn timed_out(
 async fn place_until_settled(
     ctx: &Ctx,
     id: &str,
-    seq: u64,
-    version: i64,
+    seq: CmdSeq,
+    version: Version,
     spec: &StartSpec,
     picked_at: SystemTime,
     token: &tokio_util::sync::CancellationToken,
@@ -265,7 +266,7 @@ async fn place_until_settled(
 async fn commit(
     ctx: &Ctx,
     id: &str,
-    version: i64,
+    version: Version,
     request: &Request,
     placement: &Placement,
     token: &tokio_util::sync::CancellationToken,
@@ -343,8 +344,8 @@ pub fn spawn_commits(store: Store) -> Grouped<PlacementCommit, Result<CommitOutc
 async fn settle_pending(
     ctx: &Ctx,
     id: &str,
-    seq: u64,
-    version: i64,
+    seq: CmdSeq,
+    version: Version,
     request: &Request,
     reason: &str,
 ) -> Handled {
@@ -357,8 +358,7 @@ async fn settle_pending(
             let committed = std::time::Instant::now();
             match ctx.snapshot.refresh_since(&ctx.store, committed).await {
                 Ok(()) if ctx.snapshot.would_fit(request, ctx.config.policy) => {
-                    crate::sweeper::republish(ctx, id, i64::try_from(seq).unwrap_or(i64::MAX))
-                        .await;
+                    crate::sweeper::republish(ctx, id, seq).await;
                 }
                 Ok(()) => {}
                 Err(e) => tracing::warn!(%e, "cannot look again; the sweep will"),

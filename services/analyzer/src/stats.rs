@@ -57,7 +57,7 @@ impl Samples {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FitRecord {
     pub instance_id: String,
-    pub cmd_seq: u64,
+    pub cmd_seq: berth_proto::CmdSeq,
     pub picked_at: SystemTime,
 }
 
@@ -118,7 +118,12 @@ fn push_bounded<T>(log: &Mutex<VecDeque<T>>, entry: T) {
 
 impl Stats {
     /// A fit ran for command `cmd_seq` of `instance_id`, picked up at `picked_at`.
-    pub(crate) fn record_fit(&self, instance_id: &str, cmd_seq: u64, picked_at: SystemTime) {
+    pub(crate) fn record_fit(
+        &self,
+        instance_id: &str,
+        cmd_seq: berth_proto::CmdSeq,
+        picked_at: SystemTime,
+    ) {
         self.fits_computed.inc();
         #[cfg(feature = "testing")]
         push_bounded(

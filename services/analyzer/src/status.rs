@@ -6,6 +6,7 @@ use crate::{
     intake::{Handled, pull_loop},
 };
 use async_nats::jetstream::{Message, consumer::PullConsumer};
+use berth_proto::Version;
 use berth_proto::{StatusMsg, status::ReportedState};
 use berth_retry::{RetryPolicy, retry};
 use berth_store::{Store, StoreError, Transition, reports::Forward};
@@ -63,20 +64,20 @@ async fn fence_if_stale(
     ctx: &Ctx,
     worker_id: &str,
     id: &str,
-    version: i64,
+    version: Version,
 ) -> Result<(), berth_store::StoreError> {
     if ctx.store.is_placed_on(id, worker_id, version).await? {
         return Ok(());
     }
     tracing::info!(
         worker_id,
-        version,
+        %version,
         "a backend runs a stale placement; stopping it"
     );
     ctx.stats.stale_reports_fenced.inc();
     let _ = ctx
         .agents
-        .unassign(id, version + 1, &[worker_id.to_owned()])
+        .unassign(id, version.next(), &[worker_id.to_owned()])
         .await;
     Ok(())
 }
@@ -138,7 +139,8 @@ async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
             reason,
             shared,
         } => {
-            let span = tracing::info_span!("report", instance_id, version, worker_id);
+            let span =
+                tracing::info_span!("report", instance_id, version = version.get(), worker_id);
             let _enter = span.enter();
             let applied =
                 if !*shared && matches!(state, ReportedState::Starting | ReportedState::Running) {

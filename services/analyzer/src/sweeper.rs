@@ -3,6 +3,7 @@
 
 use crate::context::Ctx;
 use berth_fit::place;
+use berth_proto::{CmdSeq, Version};
 use berth_proto::{InstanceState, StartSpec};
 use berth_store::StoreError;
 use std::sync::Arc;
@@ -71,16 +72,13 @@ pub async fn wake_pending(ctx: &Ctx) -> Result<(), StoreError> {
     Ok(())
 }
 
-pub async fn republish(ctx: &Ctx, id: &str, cmd_seq: i64) {
-    let Ok(seq) = u64::try_from(cmd_seq) else {
-        return;
-    };
-    match ctx.bus.republish_command(id, seq).await {
+pub async fn republish(ctx: &Ctx, id: &str, cmd_seq: CmdSeq) {
+    match ctx.bus.republish_command(id, cmd_seq).await {
         Ok(Some(new_seq)) => {
             tracing::info!(
                 instance_id = id,
-                cmd_seq,
-                new_seq,
+                %cmd_seq,
+                %new_seq,
                 "command republished for re-evaluation"
             );
             ctx.stats.republished.inc();
@@ -94,10 +92,10 @@ pub async fn republish(ctx: &Ctx, id: &str, cmd_seq: i64) {
 /// stage of an instance spread over several workers failed or went silent): the other
 /// stages hold their GPUs until their agents confirm. An unassign stops versions below the
 /// one it names, hence `version + 1`. Failures are logged; the next sweep tries again.
-pub async fn stop_stranded(ctx: &Ctx, id: &str, version: i64) {
+pub async fn stop_stranded(ctx: &Ctx, id: &str, version: Version) {
     match ctx.store.holders(id).await {
         Ok(holders) => {
-            let _ = ctx.agents.unassign(id, version + 1, &holders).await;
+            let _ = ctx.agents.unassign(id, version.next(), &holders).await;
         }
         Err(e) => tracing::warn!(%e, instance_id = id, "cannot find the stages to stop"),
     }

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks};
 use berth_bus::Bus;
 use berth_harness::TestServers;
-use berth_proto::{Command, InstanceEvent, InstanceState, StartSpec};
+use berth_proto::{CmdSeq, Command, InstanceEvent, InstanceState, StartSpec, Version};
 use berth_store::{Store, placement::CommitOutcome};
 use clap::Args;
 use futures::{StreamExt, stream};
@@ -500,7 +500,11 @@ async fn ceiling(base_url: &str, connections: u32) -> Result<Vec<f64>> {
     stream::iter(0..total)
         .map(|i| {
             let (store, spec) = (&store, spec.clone());
-            async move { store.apply_start(&format!("c{i}"), 1, spec).await }
+            async move {
+                store
+                    .apply_start(&format!("c{i}"), CmdSeq::new(1), spec)
+                    .await
+            }
         })
         .buffer_unordered(connections as usize)
         .collect::<Vec<_>>()
@@ -516,7 +520,13 @@ async fn ceiling(base_url: &str, connections: u32) -> Result<Vec<f64>> {
                 .map(|i| async move {
                     let worker = format!("w{:05}", i % 100);
                     store
-                        .commit_placement(&format!("c{i}"), 1, &worker, &[i / 100 % 8], GIB)
+                        .commit_placement(
+                            &format!("c{i}"),
+                            Version::FIRST,
+                            &worker,
+                            &[i / 100 % 8],
+                            GIB,
+                        )
                         .await
                 })
                 .buffer_unordered(connections as usize)

@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks};
 use berth_bus::Bus;
 use berth_harness::TestServers;
-use berth_proto::{Command, InstanceState, StartSpec, StopSpec};
+use berth_proto::{CmdSeq, Command, InstanceState, StartSpec, StopSpec};
 use berth_store::Store;
 use clap::Args;
 use futures::{StreamExt, stream};
@@ -51,7 +51,7 @@ type Published = HashMap<String, Vec<Sent>>;
 
 #[derive(Debug, Clone, Copy)]
 struct Sent {
-    seq: u64,
+    seq: CmdSeq,
     is_stop: bool,
     sent: SystemTime,
     acked: SystemTime,

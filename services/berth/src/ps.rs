@@ -28,8 +28,8 @@ struct Row {
     /// Every GPU as `worker:index`: an instance may span several workers.
     gpu_ids: Vec<String>,
     vram_per_gpu: Option<i64>,
-    version: i64,
-    cmd_seq: i64,
+    version: berth_proto::Version,
+    cmd_seq: berth_proto::CmdSeq,
     reason: Option<String>,
 }
 

@@ -163,7 +163,7 @@ async fn publish(nats_url: &str, id: &str, cmd: &Command, wait: &WaitArgs) -> Re
         let Ok(ev) = berth_proto::decode::<InstanceEvent>(&msg.payload) else {
             continue;
         };
-        if ev.cmd_seq < i64::try_from(seq).unwrap_or(i64::MAX) {
+        if ev.cmd_seq < seq {
             continue;
         }
         println!("{}", crate::watch::line(&ev));
