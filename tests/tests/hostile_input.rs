@@ -198,6 +198,8 @@ async fn forged_reports_leave_the_books_balanced() {
         state,
         reason: Some("forged".into()),
         shared: false,
+        endpoint: None,
+        restarts: 0,
     };
     let forged = [
         // Far-future versions from the worker that runs it.
@@ -252,6 +254,8 @@ async fn a_long_reason_is_cut_and_the_event_relay_keeps_going() {
         state: ReportedState::Error,
         reason: Some(format!("line one\n{}", "x".repeat(60_000))),
         shared: false,
+        endpoint: None,
+        restarts: 0,
     };
     fleet.bus.publish_status("w1", &failed).await.unwrap();
     let row = fleet.wait_state("m", InstanceState::Error, LIMIT).await;

@@ -260,6 +260,8 @@ async fn a_backend_running_a_stale_placement_is_told_to_stop() {
             state: berth_proto::status::ReportedState::Running,
             reason: None,
             shared: false,
+            endpoint: None,
+            restarts: 0,
         };
         let bus = fleet.bus.clone();
         async move { bus.publish_status("w1", &report).await.expect("report") }

@@ -173,6 +173,8 @@ async fn a_model_too_big_for_any_worker_runs_across_two() {
         state: berth_proto::status::ReportedState::Error,
         reason: Some("CUDA out of memory".into()),
         shared: true,
+        endpoint: None,
+        restarts: 0,
     };
     fleet
         .bus

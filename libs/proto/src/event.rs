@@ -16,6 +16,10 @@ pub struct InstanceEvent {
     pub gpus: Vec<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Where the instance's model server answers (`host:port`): on `running`, when an agent
+    /// runs a server for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     /// Milliseconds since the Unix epoch when the change was written: the database server's
     /// clock at the end of the statement that made it, just before its commit.
     pub at_ms: i64,

@@ -62,7 +62,17 @@ pub enum StatusMsg {
         /// This worker runs one part of an instance spread over several workers.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         shared: bool,
+        /// Where the model server answers (`host:port`), with `running`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint: Option<String>,
+        /// Times the agent restarted the server of this placement after it failed.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        restarts: u32,
     },
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Largest report the analyzers accept (a registration of 64 GPUs with labels is a few KiB).
@@ -166,9 +176,13 @@ impl StatusMsg {
             StatusMsg::Instance {
                 instance_id,
                 version,
+                endpoint,
                 ..
             } => {
                 validate_id(instance_id).map_err(|e| format!("instance_id: {e}"))?;
+                if let Some(endpoint) = endpoint {
+                    check("endpoint", endpoint, MAX_NAME_BYTES).map_err(|e| e.to_string())?;
+                }
                 if version.get() < 0 {
                     return Err(format!("version must not be negative, got {version}"));
                 }
@@ -218,6 +232,8 @@ mod tests {
                 state: ReportedState::Error,
                 reason: Some("exit 1".into()),
                 shared: false,
+                endpoint: None,
+                restarts: 0,
             },
         ];
         for msg in msgs {
@@ -264,6 +280,8 @@ mod tests {
                 state: ReportedState::Running,
                 reason: None,
                 shared: false,
+                endpoint: None,
+                restarts: 0,
             },
         ];
         for msg in cases {

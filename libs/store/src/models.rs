@@ -101,6 +101,7 @@ impl Transition {
             gpus: self.gpus.clone(),
             reason: self.reason.clone(),
             at_ms: Utc::now().timestamp_millis(),
+            endpoint: None,
         }
     }
 }

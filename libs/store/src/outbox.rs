@@ -148,6 +148,7 @@ fn to_event(r: OutboxRow) -> Result<OutboxEvent, StoreError> {
                 }
             }),
             at_ms: r.at.timestamp_millis(),
+            endpoint: None,
         },
     })
 }

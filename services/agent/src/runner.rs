@@ -243,6 +243,8 @@ async fn apply(
             state,
             reason: None,
             shared,
+            endpoint: None,
+            restarts: 0,
         };
     match msg {
         AgentMsg::Assign {

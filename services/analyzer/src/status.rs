@@ -138,6 +138,7 @@ async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
             state,
             reason,
             shared,
+            ..
         } => {
             let span =
                 tracing::info_span!("report", instance_id, version = version.get(), worker_id);

@@ -101,6 +101,8 @@ pub async fn bulk_agent(
                         state,
                         reason: None,
                         shared: false,
+                        endpoint: None,
+                        restarts: 0,
                     };
                     let _ = bus.publish_status(&worker, &status).await;
                 }
