@@ -229,6 +229,25 @@ install_py_deps
 printf 'BERTH_NATS_SERVER=%s\nBERTH_PG_BIN=%s\n' "$NATS_SERVER" "$PG_BIN" >"$BERTH_DIR/env.tmp"
 mv -f "$BERTH_DIR/env.tmp" "$BERTH_DIR/env"
 
+# --- llama.cpp ------------------------------------------------------------------
+
+# The agent's real model servers. build-llama.sh adds BERTH_LLAMA_SERVER and
+# BERTH_RPC_SERVER to .berth/env (written above) and prints both paths. Outside
+# CI a failed build only costs the tests that run a real llama-server.
+log "llama.cpp servers: the first build takes a few minutes (CPU only), then it is cached in ${XDG_CACHE_HOME:-$HOME/.cache}/berth/llama.cpp for every clone"
+LLAMA_SERVER=missing
+RPC_SERVER=missing
+if llama_paths=$(ops/build-llama.sh); then
+    LLAMA_SERVER=$(printf '%s\n' "$llama_paths" | sed -n 1p)
+    RPC_SERVER=$(printf '%s\n' "$llama_paths" | sed -n 2p)
+elif [ -n "${CI:-}" ]; then
+    die "ops/build-llama.sh failed"
+else
+    warn "ops/build-llama.sh failed; tests that run a real llama-server cannot run"
+fi
+
 printf 'nats-server: %s (v%s)\n' "$NATS_SERVER" "$(nats_version "$NATS_SERVER")"
 printf 'postgres:    %s (%s)\n' "$PG_BIN" "$("$PG_BIN/initdb" --version)"
 printf 'python deps: %s\n' "$PY_DEPS"
+printf 'llama:       %s\n' "$LLAMA_SERVER"
+printf 'rpc-server:  %s\n' "$RPC_SERVER"

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # Kill servers a crashed or interrupted test left behind. The harness puts
 # each server's data under /tmp/berth-test-*, so only processes with that in
 # their command line are touched. Walks /proc so it needs no procps.
-# shellcheck disable=SC2317 # only called from the EXIT trap
+# shellcheck disable=SC2317,SC2329 # only called from the EXIT trap
 cleanup_strays() {
     local dir pid comm cmdline pids=()
     for dir in /proc/[0-9]*; do
@@ -55,7 +55,7 @@ fi
 # Read .berth/env as data rather than sourcing it, so odd paths can't run code.
 while IFS='=' read -r key value; do
     case $key in
-        BERTH_NATS_SERVER | BERTH_PG_BIN) export "$key=$value" ;;
+        BERTH_NATS_SERVER | BERTH_PG_BIN | BERTH_LLAMA_SERVER | BERTH_RPC_SERVER) export "$key=$value" ;;
     esac
 done <.berth/env
 export PYTHONPATH="$PWD/.berth/py${PYTHONPATH:+:$PYTHONPATH}"
