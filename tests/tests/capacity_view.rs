@@ -8,6 +8,7 @@ use berth_proto::CmdSeq;
 use berth_proto::Version;
 use berth_proto::{GpuInfo, status::GpuUsage, status::ReportedState};
 use berth_store::Store;
+use berth_store::reports::Report;
 use berth_tests::GIB;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use std::collections::BTreeMap;
@@ -101,14 +102,12 @@ async fn a_view_kept_by_changes_matches_a_fresh_load_after_each_kind_of_change()
     store.apply_stop("x", CmdSeq::new(2), None).await.unwrap();
     let instance = store.instance("x").await.unwrap().unwrap();
     store
-        .apply_report(
+        .apply_report(&Report::new(
             "w2",
             "x",
             instance.version,
             ReportedState::Stopped,
-            None,
-            false,
-        )
+        ))
         .await
         .unwrap();
     assert_same_as_fresh(&view, &store, "a release").await;

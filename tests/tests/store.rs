@@ -4,6 +4,7 @@
 use berth_proto::CmdSeq;
 use berth_proto::Version;
 use berth_proto::{GpuInfo, status::ReportedState};
+use berth_store::reports::Report;
 use berth_store::{
     Store,
     commands::{StartApplied, StopApplied},
@@ -201,14 +202,12 @@ async fn stop_holds_gpus_until_the_agent_confirms() {
     // A late report for the old version changes nothing.
     assert!(
         store
-            .apply_report(
+            .apply_report(&Report::new(
                 "w1",
                 "x",
                 Version::new(1),
-                ReportedState::Running,
-                None,
-                false
-            )
+                ReportedState::Running
+            ))
             .await
             .unwrap()
             .is_empty()
@@ -217,27 +216,23 @@ async fn stop_holds_gpus_until_the_agent_confirms() {
     // A confirmation from another worker releases nothing.
     assert!(
         store
-            .apply_report(
+            .apply_report(&Report::new(
                 "w2",
                 "x",
                 transition.version,
-                ReportedState::Stopped,
-                None,
-                false
-            )
+                ReportedState::Stopped
+            ))
             .await
             .unwrap()
             .is_empty()
     );
     let done = store
-        .apply_report(
+        .apply_report(&Report::new(
             "w1",
             "x",
             transition.version,
             ReportedState::Stopped,
-            None,
-            false,
-        )
+        ))
         .await
         .unwrap();
     assert_eq!(done.len(), 1);
@@ -409,6 +404,8 @@ async fn grouped_reports_move_only_current_placements_forward() {
         instance_id: id.into(),
         version: Version::new(version),
         state,
+        endpoint: None,
+        restarts: 0,
     };
     let reports = [
         report("w1", "c", 1, ReportedState::Starting),
@@ -683,6 +680,8 @@ async fn grouped_statements_record_one_event_per_change() {
         instance_id: id.into(),
         version: Version::new(1),
         state,
+        endpoint: None,
+        restarts: 0,
     };
     store
         .forward_reports(&[

@@ -20,7 +20,14 @@ pub struct InstanceEvent {
     /// runs a server for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Times the agent restarted the instance's server after a failure (left out when 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarts: u32,
     /// Milliseconds since the Unix epoch when the change was written: the database server's
     /// clock at the end of the statement that made it, just before its commit.
     pub at_ms: i64,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

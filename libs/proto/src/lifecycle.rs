@@ -37,27 +37,57 @@ pub fn is_placed(state: InstanceState) -> bool {
     PLACED.contains(&state)
 }
 
+/// How a report's restart count compares with the one the instance has recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restarts {
+    /// Fewer: the report was sent before a restart the instance already saw.
+    Older,
+    Same,
+    /// More: the agent restarted the server since (a crash, a failed health check).
+    Newer,
+}
+
+impl Restarts {
+    pub fn of(reported: u32, recorded: u32) -> Restarts {
+        match reported.cmp(&recorded) {
+            std::cmp::Ordering::Less => Restarts::Older,
+            std::cmp::Ordering::Equal => Restarts::Same,
+            std::cmp::Ordering::Greater => Restarts::Newer,
+        }
+    }
+}
+
 /// What a report about the instance's *current* placement does: the new state, or `None`
-/// when it changes nothing (a late or repeated report). Only forward: `starting` after
-/// `scheduled`, `running` after either, `error` from any placed state. `stopped` confirms a
-/// stop and moves nothing by itself (see [`after_release`]).
-pub fn after_report(state: InstanceState, report: ReportedState) -> Option<InstanceState> {
-    match (report, state) {
-        (ReportedState::Starting, S::Scheduled) => Some(S::Starting),
-        (ReportedState::Running, S::Scheduled | S::Starting) => Some(S::Running),
-        (ReportedState::Error, s) if is_placed(s) => Some(S::Error),
+/// when it changes nothing (a late or repeated report). Forward only — `starting` after
+/// `scheduled`, `running` after either, `error` from any placed state — except a restart:
+/// `starting` with more restarts than recorded takes a `starting` or `running` instance back
+/// to `starting`, and a report from before a restart the instance already saw changes
+/// nothing. `stopped` confirms a stop and moves nothing by itself (see [`after_release`]).
+pub fn after_report(
+    state: InstanceState,
+    report: ReportedState,
+    restarts: Restarts,
+) -> Option<InstanceState> {
+    match (report, state, restarts) {
+        (ReportedState::Starting | ReportedState::Running, _, Restarts::Older) => None,
+        (ReportedState::Starting, S::Scheduled, _) => Some(S::Starting),
+        (ReportedState::Starting, S::Starting | S::Running, Restarts::Newer) => Some(S::Starting),
+        (ReportedState::Running, S::Scheduled | S::Starting, _) => Some(S::Running),
+        (ReportedState::Error, s, _) if is_placed(s) => Some(S::Error),
         _ => None,
     }
 }
 
-/// The states a `starting` or `running` report moves from (the grouped report statement's
-/// condition).
-pub fn report_moves_from(report: ReportedState) -> &'static [InstanceState] {
-    match report {
-        ReportedState::Starting => &[S::Scheduled],
-        ReportedState::Running => &[S::Scheduled, S::Starting],
-        ReportedState::Error => &PLACED,
-        ReportedState::Stopped => &[],
+/// The states a `starting` or `running` report moves from, without and with a newer restart
+/// count (the grouped report statement's condition).
+pub fn report_moves_from(report: ReportedState, restarts: Restarts) -> &'static [InstanceState] {
+    match (report, restarts) {
+        (ReportedState::Starting | ReportedState::Running, Restarts::Older) => &[],
+        (ReportedState::Starting, Restarts::Same) => &[S::Scheduled],
+        (ReportedState::Starting, Restarts::Newer) => &PLACED,
+        (ReportedState::Running, _) => &[S::Scheduled, S::Starting],
+        (ReportedState::Error, _) => &PLACED,
+        (ReportedState::Stopped, _) => &[],
     }
 }
 
@@ -123,23 +153,31 @@ mod tests {
         }
     }
 
+    const COUNTS: [Restarts; 3] = [Restarts::Older, Restarts::Same, Restarts::Newer];
+
     #[test]
-    fn reports_move_placed_instances_forward_only() {
+    fn reports_move_placed_instances_forward_only_but_for_a_restart() {
         for state in InstanceState::ALL {
             for report in REPORTS {
-                let next = after_report(state, report);
-                assert_eq!(
-                    next.is_some(),
-                    report_moves_from(report).contains(&state),
-                    "{state} {report:?}: the table and the SQL set agree"
-                );
-                match next {
-                    None => {}
-                    Some(S::Error) => assert!(is_placed(state)),
-                    Some(n) => assert!(progress(n) > progress(state), "{state} → {n}"),
-                }
-                if !is_placed(state) {
-                    assert_eq!(next, None, "a report never moves an unplaced {state}");
+                for restarts in COUNTS {
+                    let next = after_report(state, report, restarts);
+                    assert_eq!(
+                        next.is_some(),
+                        report_moves_from(report, restarts).contains(&state),
+                        "{state} {report:?} {restarts:?}: the table and the SQL set agree"
+                    );
+                    match next {
+                        None => {}
+                        Some(S::Error) => assert!(is_placed(state)),
+                        // Back to starting only for a newer restart.
+                        Some(n) if progress(n) <= progress(state) => {
+                            assert_eq!((n, restarts), (S::Starting, Restarts::Newer));
+                        }
+                        Some(_) => {}
+                    }
+                    if !is_placed(state) {
+                        assert_eq!(next, None, "a report never moves an unplaced {state}");
+                    }
                 }
             }
         }
@@ -148,21 +186,32 @@ mod tests {
     #[test]
     fn the_transition_table() {
         use ReportedState as R;
+        use Restarts::{Newer, Older, Same};
         let table = [
-            (S::Scheduled, R::Starting, Some(S::Starting)),
-            (S::Scheduled, R::Running, Some(S::Running)),
-            (S::Starting, R::Running, Some(S::Running)),
-            (S::Starting, R::Starting, None),
-            (S::Running, R::Starting, None),
-            (S::Running, R::Error, Some(S::Error)),
-            (S::Stopping, R::Error, None),
-            (S::Stopping, R::Running, None),
-            (S::Analyzing, R::Running, None),
-            (S::Pending, R::Error, None),
+            (S::Scheduled, R::Starting, Same, Some(S::Starting)),
+            (S::Scheduled, R::Running, Same, Some(S::Running)),
+            (S::Starting, R::Running, Same, Some(S::Running)),
+            (S::Starting, R::Starting, Same, None),
+            (S::Running, R::Starting, Same, None),
+            (S::Running, R::Starting, Newer, Some(S::Starting)),
+            (S::Starting, R::Starting, Newer, Some(S::Starting)),
+            (S::Starting, R::Running, Older, None),
+            (S::Running, R::Error, Same, Some(S::Error)),
+            (S::Stopping, R::Error, Same, None),
+            (S::Stopping, R::Running, Same, None),
+            (S::Stopping, R::Starting, Newer, None),
+            (S::Analyzing, R::Running, Same, None),
+            (S::Pending, R::Error, Same, None),
         ];
-        for (state, report, want) in table {
-            assert_eq!(after_report(state, report), want, "{state} {report:?}");
+        for (state, report, restarts, want) in table {
+            assert_eq!(
+                after_report(state, report, restarts),
+                want,
+                "{state} {report:?} {restarts:?}"
+            );
         }
+        assert_eq!(Restarts::of(1, 0), Newer);
+        assert_eq!(Restarts::of(0, 1), Older);
         assert_eq!(after_stop(true), S::Stopping);
         assert_eq!(after_stop(false), S::Stopped);
         assert_eq!(after_release(S::Stopping, false), Some(S::Stopped));

@@ -216,6 +216,7 @@ impl Store {
                         worker_id: None,
                         gpus: Vec::new(),
                         reason,
+                        endpoint: None,
                     }));
                 };
                 let redo = row.cmd_seq == seq && row.state == InstanceState::Stopping.as_str();
@@ -250,6 +251,7 @@ impl Store {
                     worker_id: row.worker_id,
                     gpus: Vec::new(),
                     reason,
+                    endpoint: None,
                 };
                 Ok(if workers.is_empty() {
                     StopApplied::Stopped(transition)
@@ -308,6 +310,7 @@ impl Store {
                         worker_id: row.worker_id,
                         gpus: Vec::new(),
                         reason: Some(note),
+                        endpoint: None,
                     }));
                 }
                 diesel::update(instances::table.find(&id))
@@ -395,6 +398,7 @@ fn error_transition(id: &str, seq: CmdSeq, version: Version, reason: String) -> 
         worker_id: None,
         gpus: Vec::new(),
         reason: Some(reason),
+        endpoint: None,
     }
 }
 
@@ -407,6 +411,7 @@ fn analyzing(id: &str, seq: CmdSeq, version: Version) -> Transition {
         worker_id: None,
         gpus: Vec::new(),
         reason: None,
+        endpoint: None,
     }
 }
 

@@ -67,16 +67,33 @@ mod sql_follows_the_lifecycle {
             );
         }
 
-        // Forward reports: starting from scheduled, running from scheduled or starting.
-        assert_eq!(lifecycle::report_moves_from(R::Starting), [S::Scheduled]);
+        // Forward reports: starting from scheduled (or from starting and running for a newer
+        // restart), running from scheduled or starting; nothing from an older restart.
+        use lifecycle::Restarts::{Newer, Older, Same};
         assert_eq!(
-            lifecycle::report_moves_from(R::Running),
-            [S::Scheduled, S::Starting]
+            lifecycle::report_moves_from(R::Starting, Same),
+            [S::Scheduled]
         );
+        assert_eq!(
+            lifecycle::report_moves_from(R::Starting, Newer),
+            lifecycle::PLACED
+        );
+        for restarts in [Same, Newer] {
+            assert_eq!(
+                lifecycle::report_moves_from(R::Running, restarts),
+                [S::Scheduled, S::Starting]
+            );
+        }
+        assert!(lifecycle::report_moves_from(R::Running, Older).is_empty());
+        assert!(lifecycle::report_moves_from(R::Starting, Older).is_empty());
         let forward = crate::reports::FORWARD_MANY;
         for alias in ["s", "f"] {
             let rule = format!(
-                "(i.state = 'scheduled' OR (i.state = 'starting' AND {alias}.to_state = 'running'))"
+                "{alias}.restarts >= i.restarts AND (i.state = 'scheduled' \
+                OR (i.state = 'starting' AND {alias}.to_state = 'running') \
+                OR ({alias}.to_state = 'starting' AND {alias}.restarts > i.restarts \
+                    AND i.state IN ({})))",
+                sql_list(&[S::Starting, S::Running])
             );
             assert!(forward.contains(&rule), "{rule}");
         }

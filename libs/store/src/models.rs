@@ -18,6 +18,10 @@ pub struct InstanceRow {
     pub worker_id: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Where its model server answers, while it runs one (`host:port`).
+    pub endpoint: Option<String>,
+    /// Times its agent restarted the server of the current placement.
+    pub restarts: i32,
 }
 
 impl InstanceRow {
@@ -88,6 +92,7 @@ pub struct Transition {
     pub worker_id: Option<String>,
     pub gpus: Vec<u32>,
     pub reason: Option<String>,
+    pub endpoint: Option<String>,
 }
 
 impl Transition {
@@ -101,7 +106,8 @@ impl Transition {
             gpus: self.gpus.clone(),
             reason: self.reason.clone(),
             at_ms: Utc::now().timestamp_millis(),
-            endpoint: None,
+            endpoint: self.endpoint.clone(),
+            restarts: 0,
         }
     }
 }

@@ -30,6 +30,8 @@ struct OutboxRow {
     gpus: Vec<i32>,
     reason: Option<String>,
     at: DateTime<Utc>,
+    endpoint: Option<String>,
+    restarts: i32,
 }
 
 /// An event waiting in the outbox, with the id that makes re-sending it harmless.
@@ -148,7 +150,8 @@ fn to_event(r: OutboxRow) -> Result<OutboxEvent, StoreError> {
                 }
             }),
             at_ms: r.at.timestamp_millis(),
-            endpoint: None,
+            endpoint: r.endpoint,
+            restarts: u32::try_from(r.restarts).unwrap_or(0),
         },
     })
 }

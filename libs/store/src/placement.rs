@@ -388,6 +388,7 @@ impl Store {
             worker_id: None,
             gpus: Vec::new(),
             reason: Some(reason),
+            endpoint: None,
         }))
     }
 }
@@ -430,6 +431,7 @@ fn scheduled(id: &str, version: Version, cmd_seq: i64, claims: &[GpuClaim]) -> T
         worker_id: leader,
         gpus,
         reason: None,
+        endpoint: None,
     }
 }
 

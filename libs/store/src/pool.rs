@@ -150,6 +150,8 @@ async fn prepare(conn: &mut AsyncPgConnection) -> Result<(), StoreError> {
         versions: &[],
         workers: &[],
         states: &[],
+        endpoints: &[],
+        restarts: &[],
     }
     .load(conn)
     .await?;

@@ -158,6 +158,8 @@ pub(crate) struct ForwardMany<'a> {
     pub versions: &'a [i64],
     pub workers: &'a [&'a str],
     pub states: &'a [&'a str],
+    pub endpoints: &'a [Option<&'a str>],
+    pub restarts: &'a [i32],
 }
 
 impl QueryId for ForwardMany<'_> {
@@ -177,7 +179,11 @@ impl QueryFragment<Pg> for ForwardMany<'_> {
                 Seg::Param(1) => out.push_bind_param::<Array<Text>, _>(self.ids)?,
                 Seg::Param(2) => out.push_bind_param::<Array<BigInt>, _>(self.versions)?,
                 Seg::Param(3) => out.push_bind_param::<Array<Text>, _>(self.workers)?,
-                Seg::Param(_) => out.push_bind_param::<Array<Text>, _>(self.states)?,
+                Seg::Param(4) => out.push_bind_param::<Array<Text>, _>(self.states)?,
+                Seg::Param(5) => {
+                    out.push_bind_param::<Array<Nullable<Text>>, _>(self.endpoints)?;
+                }
+                Seg::Param(_) => out.push_bind_param::<Array<Integer>, _>(self.restarts)?,
             }
         }
         Ok(())

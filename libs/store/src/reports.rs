@@ -22,6 +22,10 @@ pub struct Forward {
     pub version: Version,
     /// `Starting` or `Running` (anything else counts as `Running`).
     pub state: ReportedState,
+    /// Where the server answers, with `Running`.
+    pub endpoint: Option<String>,
+    /// Times the agent restarted this placement's server.
+    pub restarts: u32,
 }
 
 fn forward_state(reported: ReportedState) -> InstanceState {
@@ -40,22 +44,67 @@ fn forward_state(reported: ReportedState) -> InstanceState {
 /// connection, stays a few index probes however much the table has grown since.
 pub(crate) const FORWARD_MANY: &str = "\
     WITH f AS ( \
-        SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[]) \
-            AS f(id, version, worker_id, to_state) \
+        SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], \
+                             $6::int[]) \
+            AS f(id, version, worker_id, to_state, endpoint, restarts) \
     ), locked AS ( \
         SELECT l.id FROM (SELECT * FROM f ORDER BY id) s CROSS JOIN LATERAL ( \
             SELECT i.id FROM instances i \
             WHERE i.id = s.id AND i.version = s.version AND i.worker_id = s.worker_id \
-              AND (i.state = 'scheduled' OR (i.state = 'starting' AND s.to_state = 'running')) \
+              AND s.restarts >= i.restarts AND (i.state = 'scheduled' \
+                OR (i.state = 'starting' AND s.to_state = 'running') \
+                OR (s.to_state = 'starting' AND s.restarts > i.restarts \
+                    AND i.state IN ('starting', 'running'))) \
             FOR UPDATE \
         ) l \
     ) \
-    UPDATE instances i SET state = f.to_state, reason = NULL, updated_at = now() \
+    UPDATE instances i SET state = f.to_state, reason = NULL, endpoint = f.endpoint, \
+        restarts = f.restarts, updated_at = now() \
     FROM f \
     WHERE i.id = ANY (ARRAY(SELECT id FROM locked)) AND i.id = f.id \
       AND i.version = f.version AND i.worker_id = f.worker_id \
-      AND (i.state = 'scheduled' OR (i.state = 'starting' AND f.to_state = 'running')) \
+      AND f.restarts >= i.restarts AND (i.state = 'scheduled' \
+        OR (i.state = 'starting' AND f.to_state = 'running') \
+        OR (f.to_state = 'starting' AND f.restarts > i.restarts \
+            AND i.state IN ('starting', 'running'))) \
     RETURNING i.id, i.version, i.worker_id, i.cmd_seq";
+
+/// An agent's report about one instance; see [`Store::apply_report`].
+#[derive(Debug, Clone, Copy)]
+pub struct Report<'a> {
+    pub worker_id: &'a str,
+    pub instance_id: &'a str,
+    pub version: Version,
+    pub state: ReportedState,
+    pub reason: Option<&'a str>,
+    /// One part of an instance spread over several workers.
+    pub shared: bool,
+    /// Where the server answers, with `Running`.
+    pub endpoint: Option<&'a str>,
+    /// Times the agent restarted this placement's server.
+    pub restarts: u32,
+}
+
+impl<'a> Report<'a> {
+    /// A report with no reason, endpoint or restart, from one worker.
+    pub fn new(
+        worker_id: &'a str,
+        instance_id: &'a str,
+        version: Version,
+        state: ReportedState,
+    ) -> Self {
+        Report {
+            worker_id,
+            instance_id,
+            version,
+            state,
+            reason: None,
+            shared: false,
+            endpoint: None,
+            restarts: 0,
+        }
+    }
+}
 
 /// What a heartbeat changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,7 +265,9 @@ impl Store {
             chosen
                 .entry(key(r))
                 .and_modify(|k| {
-                    if r.state == ReportedState::Running {
+                    // The furthest step: the latest restart, then running over starting.
+                    let rank = |f: &Forward| (f.restarts, f.state == ReportedState::Running);
+                    if rank(r) >= rank(&reports[*k]) {
                         *k = i;
                     }
                 })
@@ -230,12 +281,19 @@ impl Store {
             .iter()
             .map(|r| forward_state(r.state).as_str())
             .collect();
+        let endpoints: Vec<Option<&str>> = rows.iter().map(|r| r.endpoint.as_deref()).collect();
+        let restarts: Vec<i32> = rows
+            .iter()
+            .map(|r| i32::try_from(r.restarts).unwrap_or(i32::MAX))
+            .collect();
         let mut conn = self.conn().await?;
         let moved: Vec<(String, i64, String, i64)> = crate::prepared::ForwardMany {
             ids: &ids,
             versions: &versions,
             workers: &workers,
             states: &states,
+            endpoints: &endpoints,
+            restarts: &restarts,
         }
         .load(&mut conn)
         .await?;
@@ -264,6 +322,7 @@ impl Store {
                     worker_id: Some(r.worker_id.clone()),
                     gpus: Vec::new(),
                     reason: None,
+                    endpoint: None,
                 })
             })
             .collect())
@@ -276,15 +335,17 @@ impl Store {
     /// (`error`). A `shared` report comes from one of several workers an instance is
     /// spread over: that part is marked ready, and the instance runs once every part is.
     /// Returns the transitions made.
-    pub async fn apply_report(
-        &self,
-        worker_id: &str,
-        id: &str,
-        version: Version,
-        reported: ReportedState,
-        reason: Option<&str>,
-        shared: bool,
-    ) -> Result<Vec<Transition>, StoreError> {
+    pub async fn apply_report(&self, report: &Report<'_>) -> Result<Vec<Transition>, StoreError> {
+        let Report {
+            worker_id,
+            instance_id: id,
+            version,
+            state: reported,
+            reason,
+            shared,
+            endpoint,
+            restarts,
+        } = *report;
         // On one worker, `starting` and `running` touch only the instance row: the grouped
         // forward statement, with one report.
         if !shared && matches!(reported, ReportedState::Starting | ReportedState::Running) {
@@ -293,6 +354,8 @@ impl Store {
                 instance_id: id.to_owned(),
                 version,
                 state: reported,
+                endpoint: endpoint.map(str::to_owned),
+                restarts,
             };
             return Ok(self
                 .forward_reports(std::slice::from_ref(&forward))
@@ -323,10 +386,14 @@ impl Store {
                         row.worker_id.as_deref() == Some(worker_id)
                     };
                 let state = row.lifecycle_state()?;
+                // Restarts are counted per worker; an instance spread over several is not
+                // restarted part by part (a failed stage fails the instance).
+                let restarts = lifecycle::Restarts::Same;
                 let mut out = Vec::new();
                 match reported {
                     ReportedState::Starting | ReportedState::Running => {
-                        let next = lifecycle::after_report(state, reported).filter(|_| current);
+                        let next =
+                            lifecycle::after_report(state, reported, restarts).filter(|_| current);
                         // Reports of one instance serialize on its row lock, so the last
                         // part to report `running` sees every other part ready.
                         let all_ready = reported == ReportedState::Starting
@@ -349,7 +416,7 @@ impl Store {
                     ReportedState::Error => {
                         release(conn, id, worker_id, Upto::Through(version)).await?;
                         if let Some(next) =
-                            lifecycle::after_report(state, reported).filter(|_| current)
+                            lifecycle::after_report(state, reported, restarts).filter(|_| current)
                         {
                             let why = reason.as_deref().unwrap_or("backend failed");
                             out.push(set_state(conn, &row, next, Some(why)).await?);
@@ -389,6 +456,7 @@ async fn set_state(
         worker_id: row.worker_id.clone(),
         gpus: Vec::new(),
         reason: reason.map(str::to_owned),
+        endpoint: None,
     })
 }
 

@@ -36,6 +36,8 @@ diesel::table! {
         worker_id -> Nullable<Text>,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        endpoint -> Nullable<Text>,
+        restarts -> Int4,
     }
 }
 
@@ -62,6 +64,8 @@ diesel::table! {
         gpus -> Array<Int4>,
         reason -> Nullable<Text>,
         at -> Timestamptz,
+        endpoint -> Nullable<Text>,
+        restarts -> Int4,
     }
 }
 

@@ -153,6 +153,7 @@ impl Store {
                         worker_id: row.worker_id.clone(),
                         gpus: Vec::new(),
                         reason: Some(reason),
+                        endpoint: None,
                     }),
                     replace: placed_here,
                 })

@@ -9,7 +9,10 @@ use async_nats::jetstream::{Message, consumer::PullConsumer};
 use berth_proto::Version;
 use berth_proto::{StatusMsg, status::ReportedState};
 use berth_retry::{RetryPolicy, retry};
-use berth_store::{Store, StoreError, Transition, reports::Forward};
+use berth_store::{
+    Store, StoreError, Transition,
+    reports::{Forward, Report},
+};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -138,7 +141,8 @@ async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
             state,
             reason,
             shared,
-            ..
+            endpoint,
+            restarts,
         } => {
             let span =
                 tracing::info_span!("report", instance_id, version = version.get(), worker_id);
@@ -151,6 +155,8 @@ async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
                         instance_id: instance_id.clone(),
                         version: *version,
                         state: *state,
+                        endpoint: endpoint.clone(),
+                        restarts: *restarts,
                     };
                     match ctx.forwards.call(forward).await {
                         Ok(Ok(moved)) => Ok(moved.into_iter().collect()),
@@ -158,14 +164,16 @@ async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
                     }
                 } else {
                     ctx.store
-                        .apply_report(
+                        .apply_report(&Report {
                             worker_id,
                             instance_id,
-                            *version,
-                            *state,
-                            reason.as_deref(),
-                            *shared,
-                        )
+                            version: *version,
+                            state: *state,
+                            reason: reason.as_deref(),
+                            shared: *shared,
+                            endpoint: endpoint.as_deref(),
+                            restarts: *restarts,
+                        })
                         .await
                 };
             match applied {

@@ -31,6 +31,10 @@ struct Row {
     version: berth_proto::Version,
     cmd_seq: berth_proto::CmdSeq,
     reason: Option<String>,
+    /// Where its model server answers while it runs one (`host:port`).
+    endpoint: Option<String>,
+    /// Times its agent restarted the server of the current placement.
+    restarts: i32,
 }
 
 pub async fn run(database_url: &str, nats_url: &str, args: PsArgs) -> Result<()> {
@@ -65,6 +69,8 @@ pub async fn run(database_url: &str, nats_url: &str, args: PsArgs) -> Result<()>
                 version: i.version,
                 cmd_seq: i.cmd_seq,
                 reason: i.reason,
+                endpoint: i.endpoint,
+                restarts: i.restarts,
                 instance: i.id,
             }
         })
@@ -75,7 +81,7 @@ pub async fn run(database_url: &str, nats_url: &str, args: PsArgs) -> Result<()>
     }
     let mut table = Table::new();
     table.load_style(NOTHING).set_header([
-        "INSTANCE", "STATE", "WORKER", "GPUS", "VRAM/GPU", "VERSION", "REASON",
+        "INSTANCE", "STATE", "WORKER", "GPUS", "VRAM/GPU", "VERSION", "ENDPOINT", "REASON",
     ]);
     for r in rows {
         let gpus = gpus_cell(&r);
@@ -86,11 +92,25 @@ pub async fn run(database_url: &str, nats_url: &str, args: PsArgs) -> Result<()>
             gpus,
             r.vram_per_gpu.map(format_bytes).unwrap_or_default(),
             r.version.to_string(),
-            r.reason.unwrap_or_default(),
+            r.endpoint.unwrap_or_default(),
+            short(r.reason.as_deref().unwrap_or_default()),
         ]);
     }
     println!("{table}");
     Ok(())
+}
+
+/// Longest reason `berth ps` shows in its table; `--explain` and `--json` have all of it.
+const SHORT_REASON: usize = 72;
+
+/// A reason cut to one short line for the table.
+fn short(reason: &str) -> String {
+    if reason.chars().count() <= SHORT_REASON {
+        return reason.to_owned();
+    }
+    let mut cut: String = reason.chars().take(SHORT_REASON - 1).collect();
+    cut.push('…');
+    cut
 }
 
 /// GPU indexes on the instance's worker, or `worker:index` for each when it spans several.
@@ -137,6 +157,8 @@ async fn explain(store: &Store, nats_url: &str, id: &str, json: bool) -> Result<
             "version": row.version,
             "cmd_seq": row.cmd_seq,
             "worker": row.worker_id,
+            "endpoint": row.endpoint,
+            "restarts": row.restarts,
             "spec": row.spec,
             "allocations": allocs.iter().map(|a| serde_json::json!({
                 "worker": a.worker_id, "gpu": a.gpu_idx, "version": a.version, "bytes": a.bytes,
@@ -154,6 +176,12 @@ async fn explain(store: &Store, nats_url: &str, id: &str, json: bool) -> Result<
     );
     if let Some(reason) = &row.reason {
         println!("reason     {reason}");
+    }
+    if let Some(endpoint) = &row.endpoint {
+        println!("endpoint   {endpoint}");
+    }
+    if row.restarts > 0 {
+        println!("restarts   {} (this placement)", row.restarts);
     }
     if let Some(spec) = &row.spec {
         println!("spec       {spec}");
@@ -175,4 +203,16 @@ async fn explain(store: &Store, nats_url: &str, id: &str, json: bool) -> Result<
         println!("  {}  (command {})", crate::watch::line(ev), ev.cmd_seq);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn long_reasons_are_cut_for_the_table() {
+        assert_eq!(super::short("no GPU"), "no GPU");
+        let long = "w1: 2 GPUs short; ".repeat(20);
+        let cut = super::short(&long);
+        assert_eq!(cut.chars().count(), super::SHORT_REASON);
+        assert!(cut.ends_with('…'));
+    }
 }

@@ -57,6 +57,12 @@ pub fn line(ev: &InstanceEvent) -> String {
             s.push_str(&format!(" gpus {:?}", ev.gpus));
         }
     }
+    if let Some(e) = &ev.endpoint {
+        s.push_str(&format!(" at {e}"));
+    }
+    if ev.restarts > 0 {
+        s.push_str(&format!(" (restart {})", ev.restarts));
+    }
     if let Some(r) = &ev.reason {
         s.push_str(&format!(" — {r}"));
     }
