@@ -1,10 +1,8 @@
 //! The store's guarantees, checked directly against PostgreSQL: migrations under concurrency,
 //! the command-sequence rule, the CAS commit, and the conditional reservation.
 
-use berth_proto::CmdSeq;
-use berth_proto::Version;
-use berth_proto::{GpuInfo, status::ReportedState};
-use berth_store::reports::Report;
+use berth_proto::{CmdSeq, GpuInfo, InstanceEvent, InstanceState, Version, status::ReportedState};
+use berth_store::reports::{Forward, Report};
 use berth_store::{
     Store,
     commands::{StartApplied, StopApplied},
@@ -757,4 +755,120 @@ async fn warming_a_store_writes_nothing() {
             .unwrap(),
         CommitOutcome::Committed(_)
     ));
+}
+
+/// A running server's endpoint is stored and published with `running`, a restart takes the
+/// instance back to `starting` with the count in its event, reports from before the restart
+/// change nothing, and the endpoint goes when the instance stops running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_and_restarts_follow_the_server() {
+    let servers = servers();
+    let store = store_with_worker(&servers).await;
+    let StartApplied::Analyzing { transition, .. } = store
+        .apply_start("x", CmdSeq::new(1), spec())
+        .await
+        .unwrap()
+    else {
+        panic!("start applies");
+    };
+    let v = transition.version;
+    store
+        .commit_placement("x", v, "w1", &[0], 10 * GIB)
+        .await
+        .unwrap();
+    let report = |state, endpoint: Option<&str>, restarts| Forward {
+        worker_id: "w1".into(),
+        instance_id: "x".into(),
+        version: v,
+        state,
+        endpoint: endpoint.map(str::to_owned),
+        restarts,
+    };
+    let row = || async { store.instance("x").await.unwrap().unwrap() };
+    let apply = |f: Forward| {
+        let store = store.clone();
+        async move { store.forward_reports(&[f]).await.unwrap().pop().flatten() }
+    };
+
+    assert!(
+        apply(report(ReportedState::Starting, None, 0))
+            .await
+            .is_some()
+    );
+    assert!(
+        apply(report(ReportedState::Running, Some("10.0.0.5:40001"), 0))
+            .await
+            .is_some()
+    );
+    let r = row().await;
+    assert_eq!(
+        (r.state.as_str(), r.endpoint.as_deref(), r.restarts),
+        ("running", Some("10.0.0.5:40001"), 0)
+    );
+    // The server crashed and was restarted: back to starting, no endpoint.
+    assert!(
+        apply(report(ReportedState::Starting, None, 1))
+            .await
+            .is_some()
+    );
+    let r = row().await;
+    assert_eq!(
+        (r.state.as_str(), r.endpoint.as_deref(), r.restarts),
+        ("starting", None, 1)
+    );
+    // A running report sent before the restart arrives late: nothing changes.
+    assert!(
+        apply(report(ReportedState::Running, Some("10.0.0.5:40001"), 0))
+            .await
+            .is_none()
+    );
+    assert!(
+        apply(report(ReportedState::Starting, None, 1))
+            .await
+            .is_none()
+    );
+    assert!(
+        apply(report(ReportedState::Running, Some("10.0.0.5:40002"), 1))
+            .await
+            .is_some()
+    );
+    assert_eq!(row().await.endpoint.as_deref(), Some("10.0.0.5:40002"));
+    // Stopping: the endpoint goes at once, whatever statement moved the instance.
+    store.apply_stop("x", CmdSeq::new(2), None).await.unwrap();
+    let r = row().await;
+    assert_eq!((r.state.as_str(), r.endpoint), ("stopping", None));
+
+    // The events say the same.
+    let mut events: Vec<InstanceEvent> = Vec::new();
+    store
+        .relay_events(100, |batch| {
+            events.extend(batch.into_iter().map(|e| e.event));
+            async { Ok(()) }
+        })
+        .await
+        .unwrap();
+    let seen: Vec<(InstanceState, Option<&str>, u32)> = events
+        .iter()
+        .filter(|e| e.version == v || e.state == InstanceState::Stopping)
+        .map(|e| (e.state, e.endpoint.as_deref(), e.restarts))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (InstanceState::Analyzing, None, 0),
+            (InstanceState::Scheduled, None, 0),
+            (InstanceState::Starting, None, 0),
+            (InstanceState::Running, Some("10.0.0.5:40001"), 0),
+            (InstanceState::Starting, None, 1),
+            (InstanceState::Running, Some("10.0.0.5:40002"), 1),
+            (InstanceState::Stopping, None, 0),
+        ]
+    );
+    assert!(
+        store
+            .apply_report(&Report::new("w1", "x", v, ReportedState::Running))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
