@@ -155,7 +155,7 @@ fn runtime(args: &Args) -> anyhow::Result<Runtime> {
             give_up_after: None,
         },
     };
-    Ok(Runtime::Process(config))
+    Ok(Runtime::Process(Box::new(config)))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

@@ -29,7 +29,7 @@ pub enum Runtime {
     /// tests, simulated inventories).
     Simulated,
     /// Model servers as processes, supervised ([`crate::supervisor`]).
-    Process(ProcessConfig),
+    Process(Box<ProcessConfig>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +70,7 @@ impl Agent {
             Runtime::Simulated => None,
             Runtime::Process(process) => {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                Some((Supervisor::new(process, &config.worker, tx)?, rx))
+                Some((Supervisor::new(*process, &config.worker, tx)?, rx))
             }
         };
         Ok(Agent::start_inner(config, supervisor).await?)
