@@ -93,6 +93,7 @@ struct Args {
     /// Restarts of a failing server allowed within --restart-window; then `error`.
     #[arg(long, default_value_t = 5)]
     max_restarts: u32,
+    /// The sliding window --max-restarts counts in.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     restart_window: Duration,
     /// Longest wait before a restart (the first is 1 s, doubling).
