@@ -3,7 +3,7 @@
 
 pub mod hold;
 
-use berth_agent::{Agent, AgentConfig, AgentStats, WorkerSpec};
+use berth_agent::{Agent, AgentConfig, AgentStats, Runtime, WorkerSpec};
 use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks, Stats};
 use berth_bus::Bus;
 use berth_harness::TestServers;
@@ -92,16 +92,23 @@ impl Fleet {
 
     /// Starts a simulated agent for `worker` and waits until the worker is registered.
     pub async fn add_agent(&mut self, worker: WorkerSpec) {
+        self.add_agent_with(worker, Runtime::Simulated).await;
+    }
+
+    /// Starts an agent for `worker` with `runtime` (e.g. real processes) and waits until the
+    /// worker is registered.
+    pub async fn add_agent_with(&mut self, worker: WorkerSpec, runtime: Runtime) {
         let id = worker.id.clone();
         let gpus = worker.gpus.len();
-        let agent = Agent::start(AgentConfig {
+        let config = AgentConfig {
             nats_url: self.servers.nats.url(),
             worker,
             heartbeat: Duration::from_millis(300),
             stats: self.agent_stats.clone(),
-        })
-        .await
-        .expect("agent start");
+        };
+        let agent = Agent::start_with(config, runtime)
+            .await
+            .expect("agent start");
         self.agents.push(agent);
         let store = self.store.clone();
         wait_until(

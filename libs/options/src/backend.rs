@@ -39,10 +39,156 @@ pub struct CustomClaim {
     pub bytes_per_gpu: u64,
     #[serde(default = "one")]
     pub gpus: u32,
+    /// The server to run, as an argv template (program first); empty: a reservation only,
+    /// nothing is run. Placeholders: `{model}` (the model path, else its name), `{port}`,
+    /// `{host}`, `{gpus}` (how many GPUs), `{ctx}` (`context`, which must then be set);
+    /// `{{` and `}}` are literal braces. Checked by [`CustomClaim::validate`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub argv: Vec<String>,
+    /// Path the server answers 200 on once ready (default `/health`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_path: Option<String>,
+    /// Context length, tokens, for `{ctx}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<u64>,
 }
 
 fn one() -> u32 {
     1
+}
+
+impl Default for CustomClaim {
+    /// Nothing reserved on one GPU, nothing run.
+    fn default() -> Self {
+        Self {
+            bytes_per_gpu: 0,
+            gpus: 1,
+            argv: Vec::new(),
+            ready_path: None,
+            context: None,
+        }
+    }
+}
+
+/// Most arguments of a custom server's argv template.
+pub const MAX_ARGV: usize = 256;
+/// Longest argument of an argv template, and longest readiness path.
+pub const MAX_ARG_BYTES: usize = 4096;
+
+/// What a placeholder of a custom argv template stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placeholder {
+    Model,
+    Port,
+    Host,
+    Gpus,
+    Ctx,
+}
+
+/// A piece of one templated argument: literal text or a placeholder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplatePiece<'a> {
+    Text(&'a str),
+    Placeholder(Placeholder),
+}
+
+/// Splits one argument of an argv template into text and placeholders; `{{` and `}}` are
+/// literal braces. An unknown placeholder or an unpaired brace is an error.
+pub fn template_pieces(arg: &str) -> Result<Vec<TemplatePiece<'_>>, EstimateError> {
+    let bad = |what: String| EstimateError::InvalidOptions(format!("argv {arg:?}: {what}"));
+    let mut pieces = Vec::new();
+    let mut rest = arg;
+    while let Some(at) = rest.find(['{', '}']) {
+        if at > 0 {
+            pieces.push(TemplatePiece::Text(&rest[..at]));
+        }
+        let tail = &rest[at..];
+        if let Some(after) = tail
+            .strip_prefix("{{")
+            .map(|r| ("{", r))
+            .or_else(|| tail.strip_prefix("}}").map(|r| ("}", r)))
+        {
+            pieces.push(TemplatePiece::Text(after.0));
+            rest = after.1;
+            continue;
+        }
+        if tail.starts_with('}') {
+            return Err(bad("unpaired '}' (write '}}' for a literal brace)".into()));
+        }
+        let Some(end) = tail.find('}') else {
+            return Err(bad("unclosed '{' (write '{{' for a literal brace)".into()));
+        };
+        let name = &tail[1..end];
+        let p = match name {
+            "model" => Placeholder::Model,
+            "port" => Placeholder::Port,
+            "host" => Placeholder::Host,
+            "gpus" => Placeholder::Gpus,
+            "ctx" => Placeholder::Ctx,
+            _ => {
+                return Err(bad(format!(
+                    "unknown placeholder {{{name}}}; known: {{model}} {{port}} {{host}} {{gpus}} {{ctx}}"
+                )));
+            }
+        };
+        pieces.push(TemplatePiece::Placeholder(p));
+        rest = &tail[end + 1..];
+    }
+    if !rest.is_empty() {
+        pieces.push(TemplatePiece::Text(rest));
+    }
+    Ok(pieces)
+}
+
+impl CustomClaim {
+    /// Bounds and placeholders of the argv template and the readiness path.
+    pub fn validate(&self) -> Result<(), EstimateError> {
+        let bad = |what: String| Err(EstimateError::InvalidOptions(what));
+        if self.gpus > MAX_GPUS {
+            return bad(format!("gpus must be at most {MAX_GPUS}"));
+        }
+        if self.argv.len() > MAX_ARGV {
+            return bad(format!(
+                "argv has {} entries; at most {MAX_ARGV}",
+                self.argv.len()
+            ));
+        }
+        let text_ok = |what: &str, s: &str| {
+            if s.len() > MAX_ARG_BYTES {
+                return bad(format!(
+                    "{what} is {} bytes; at most {MAX_ARG_BYTES}",
+                    s.len()
+                ));
+            }
+            if s.chars().any(char::is_control) {
+                return bad(format!("{what} {s:?} holds a control character"));
+            }
+            Ok(())
+        };
+        for arg in &self.argv {
+            text_ok("argv entry", arg)?;
+            for piece in template_pieces(arg)? {
+                if piece == TemplatePiece::Placeholder(Placeholder::Ctx) && self.context.is_none() {
+                    return bad("argv uses {ctx} but context is not set".into());
+                }
+            }
+        }
+        if self.argv.first().is_some_and(|p| p.trim().is_empty()) {
+            return bad("argv must start with the program".into());
+        }
+        if let Some(path) = &self.ready_path {
+            text_ok("ready_path", path)?;
+            if !path.starts_with('/') || path.contains(char::is_whitespace) {
+                return bad(format!(
+                    "ready_path {path:?} must be an absolute URL path without spaces"
+                ));
+            }
+        }
+        if self.context.is_some_and(|c| c > MAX_CONTEXT) {
+            return bad(format!("context must be at most {MAX_CONTEXT}"));
+        }
+        Ok(())
+    }
 }
 
 impl EstimateOptions {
@@ -50,10 +196,7 @@ impl EstimateOptions {
         match self {
             Self::LlamaCpp(o) => o.validate(),
             Self::Vllm(o) => o.validate(),
-            Self::Custom(c) if c.gpus > MAX_GPUS => Err(EstimateError::InvalidOptions(format!(
-                "gpus must be at most {MAX_GPUS}"
-            ))),
-            Self::Custom(_) => Ok(()),
+            Self::Custom(c) => c.validate(),
         }
     }
 }
@@ -239,5 +382,75 @@ impl VllmOptions {
             return bad(format!("gpu_memory_utilization {u} is not in (0, 1]"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn custom(argv: &[&str]) -> CustomClaim {
+        CustomClaim {
+            bytes_per_gpu: GIB,
+            gpus: 1,
+            argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            ..CustomClaim::default()
+        }
+    }
+
+    #[test]
+    fn templates_split_into_text_and_placeholders() {
+        use TemplatePiece::Text;
+        let p = TemplatePiece::Placeholder;
+        assert_eq!(
+            template_pieces("--listen={host}:{port}").unwrap(),
+            vec![
+                Text("--listen="),
+                p(Placeholder::Host),
+                Text(":"),
+                p(Placeholder::Port)
+            ]
+        );
+        assert_eq!(
+            template_pieces("{{json}}").unwrap(),
+            vec![Text("{"), Text("json"), Text("}")]
+        );
+        assert_eq!(
+            template_pieces("{model}").unwrap(),
+            vec![p(Placeholder::Model)]
+        );
+        for bad in ["{modle}", "{port", "port}", "{}", "{{port}"] {
+            assert!(template_pieces(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_custom_template_is_bounded_and_names_known_placeholders() {
+        assert!(
+            custom(&["python3", "srv.py", "--port", "{port}"])
+                .validate()
+                .is_ok()
+        );
+        assert!(custom(&[]).validate().is_ok());
+        assert!(custom(&["srv", "{nope}"]).validate().is_err());
+        assert!(custom(&["srv", "line\nbreak"]).validate().is_err());
+        assert!(custom(&["srv", "a\u{1b}[2J"]).validate().is_err());
+        assert!(custom(&["srv", "-c", "{ctx}"]).validate().is_err());
+        let with_ctx = CustomClaim {
+            context: Some(4096),
+            ..custom(&["srv", "-c", "{ctx}"])
+        };
+        assert!(with_ctx.validate().is_ok());
+        assert!(custom(&[" ", "x"]).validate().is_err());
+        let long = "x".repeat(MAX_ARG_BYTES + 1);
+        assert!(custom(&["srv", &long]).validate().is_err());
+        assert!(custom(&vec!["a"; MAX_ARGV + 1]).validate().is_err());
+        for (path, ok) in [("/health", true), ("health", false), ("/a b", false)] {
+            let c = CustomClaim {
+                ready_path: Some(path.into()),
+                ..custom(&["srv"])
+            };
+            assert_eq!(c.validate().is_ok(), ok, "{path}");
+        }
     }
 }

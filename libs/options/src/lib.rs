@@ -16,7 +16,8 @@ pub mod scaling;
 
 pub use backend::{
     CustomClaim, DEFAULT_OVERHEAD, EstimateError, EstimateOptions, GIB, KvCacheType,
-    LlamaCppOptions, MAX_BATCH, MAX_CONTEXT, MAX_GPUS, MIB, VllmKvDtype, VllmOptions,
+    LlamaCppOptions, MAX_ARG_BYTES, MAX_ARGV, MAX_BATCH, MAX_CONTEXT, MAX_GPUS, MIB, Placeholder,
+    TemplatePiece, VllmKvDtype, VllmOptions, template_pieces,
 };
 pub use profile::{
     Attention, Experts, ExplicitProfile, InvalidProfile, MAX_HEADS, MAX_LAYERS, ModelProfile,

@@ -3,7 +3,11 @@
 
 use anyhow::{Context, bail};
 use berth_agent::{
-    Agent, AgentConfig, AgentStats, Inventory, WorkerSpec, inventory::parse_bytes, metrics, nvml,
+    Agent, AgentConfig, AgentStats, Inventory, ProcessConfig, Runtime, WorkerSpec,
+    backend::Binaries,
+    inventory::parse_bytes,
+    metrics, nvml,
+    supervisor::{PortPool, RestartLimits, ports::parse_range},
 };
 use clap::Parser;
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
@@ -50,6 +54,109 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "BERTH_LOG_JSON")]
     log_json: bool,
+    /// How instances run: `process` starts model servers, `simulated` only reports them
+    /// running. Default: simulated with --inventory, process with NVML.
+    #[arg(long, env = "BERTH_AGENT_RUNTIME", value_enum)]
+    runtime: Option<RuntimeKind>,
+    /// llama.cpp's server binary (else `llama-server` on PATH, else the newest build of
+    /// ops/build-llama.sh under ~/.cache/berth/llama.cpp/).
+    #[arg(long, env = "BERTH_LLAMA_SERVER")]
+    llama_server: Option<PathBuf>,
+    /// vLLM's binary (else `vllm` on PATH).
+    #[arg(long, env = "BERTH_VLLM")]
+    vllm: Option<PathBuf>,
+    /// Host in the endpoints the agent reports.
+    #[arg(long, env = "BERTH_ADVERTISE_HOST", default_value = "127.0.0.1")]
+    advertise_host: String,
+    /// Address model servers listen on (default: --advertise-host).
+    #[arg(long, env = "BERTH_LISTEN_HOST")]
+    listen_host: Option<String>,
+    /// Ports for model servers, LOW-HIGH.
+    #[arg(long, default_value = "40000-40999", value_parser = parse_range)]
+    port_range: std::ops::RangeInclusive<u16>,
+    /// What runs (instances/) and server logs (logs/). Default: /var/lib/berth-agent when it
+    /// can be created, else ./.berth/agent.
+    #[arg(long, env = "BERTH_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Time a server has to answer its readiness probe.
+    #[arg(long, default_value = "600s", value_parser = parse_duration)]
+    startup_timeout: Duration,
+    /// Time between health probes of a running server.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    probe_every: Duration,
+    /// Failed health probes in a row that count as a crash.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    unhealthy_after: u32,
+    /// Time between SIGTERM and SIGKILL when stopping a server.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    stop_grace: Duration,
+    /// Restarts of a failing server allowed within --restart-window; then `error`.
+    #[arg(long, default_value_t = 5)]
+    max_restarts: u32,
+    /// The sliding window --max-restarts counts in.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    restart_window: Duration,
+    /// Longest wait before a restart (the first is 1 s, doubling).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    restart_backoff_max: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RuntimeKind {
+    Simulated,
+    Process,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// The runtime the flags ask for.
+fn runtime(args: &Args) -> anyhow::Result<Runtime> {
+    let kind = args.runtime.unwrap_or(if args.inventory.is_some() {
+        RuntimeKind::Simulated
+    } else {
+        RuntimeKind::Process
+    });
+    if kind == RuntimeKind::Simulated {
+        return Ok(Runtime::Simulated);
+    }
+    let state_dir = match &args.state_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            let system = PathBuf::from("/var/lib/berth-agent");
+            if std::fs::create_dir_all(&system).is_ok() {
+                system
+            } else {
+                PathBuf::from(".berth/agent")
+            }
+        }
+    };
+    let mut config = ProcessConfig::new(state_dir);
+    config.ports = PortPool::new(args.port_range.clone());
+    config.advertise_host = args.advertise_host.clone();
+    config.listen_host = args
+        .listen_host
+        .clone()
+        .unwrap_or_else(|| args.advertise_host.clone());
+    config.binaries = Binaries {
+        llama_server: args.llama_server.clone(),
+        vllm: args.vllm.clone(),
+    };
+    config.startup_timeout = args.startup_timeout;
+    config.probe_every = args.probe_every;
+    config.unhealthy_after = args.unhealthy_after;
+    config.grace = args.stop_grace;
+    config.restarts = RestartLimits {
+        max_restarts: args.max_restarts,
+        window: args.restart_window,
+        backoff: berth_retry::RetryPolicy {
+            first_delay: Duration::from_secs(1).min(args.restart_backoff_max),
+            max_delay: args.restart_backoff_max,
+            give_up_after: None,
+        },
+    };
+    Ok(Runtime::Process(Box::new(config)))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -79,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
+    let runtime = runtime(&args)?;
     let stats = Arc::new(AgentStats::default());
     let shutdown = CancellationToken::new();
     if args.metrics_addr != "off" {
@@ -102,7 +210,7 @@ async fn main() -> anyhow::Result<()> {
         };
         let id = config.worker.id.clone();
         agents.push(
-            Agent::start(config)
+            Agent::start_with(config, runtime.clone())
                 .await
                 .with_context(|| format!("starting agent {id}"))?,
         );

@@ -1,13 +1,16 @@
 //! The agent loop: register, heartbeat, and apply assignments in the order they were sent.
 
-use crate::{AgentStats, Usage, WorkerSpec};
+use crate::{
+    AgentStats, Usage, WorkerSpec,
+    supervisor::{ProcessConfig, Supervisor, SupervisorError},
+};
 use async_nats::jetstream::AckKind;
 use berth_bus::{Bus, BusError};
 use berth_proto::{AgentMsg, StatusMsg, Version, status::ReportedState};
 use berth_retry::{Interrupted, RetryPolicy, retry, retry_until};
 use futures::StreamExt;
 use std::{collections::HashMap, sync::Arc, time::Duration};
-use tokio::task::JoinSet;
+use tokio::{sync::mpsc::UnboundedReceiver, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
@@ -17,6 +20,24 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     /// Counters, shared by the agents of a process.
     pub stats: Arc<AgentStats>,
+}
+
+/// How the agent runs what is placed on its worker.
+#[derive(Debug, Clone)]
+pub enum Runtime {
+    /// Nothing runs: an instance is `running` as soon as it is assigned (benchmarks, fast
+    /// tests, simulated inventories).
+    Simulated,
+    /// Model servers as processes, supervised ([`crate::supervisor`]).
+    Process(Box<ProcessConfig>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Runtime(#[from] SupervisorError),
 }
 
 /// A running agent for one worker.
@@ -37,9 +58,31 @@ struct Backends {
 }
 
 impl Agent {
-    /// Connects, registers the worker, and starts the heartbeat and assignment loops.
+    /// Connects, registers the worker, and starts the heartbeat and assignment loops, with
+    /// simulated backends.
     pub async fn start(config: AgentConfig) -> Result<Agent, BusError> {
+        Agent::start_inner(config, None).await
+    }
+
+    /// [`Agent::start`] with the given runtime.
+    pub async fn start_with(config: AgentConfig, runtime: Runtime) -> Result<Agent, StartError> {
+        let supervisor = match runtime {
+            Runtime::Simulated => None,
+            Runtime::Process(process) => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                Some((Supervisor::new(*process, &config.worker, tx)?, rx))
+            }
+        };
+        Ok(Agent::start_inner(config, supervisor).await?)
+    }
+
+    async fn start_inner(
+        config: AgentConfig,
+        supervisor: Option<(Supervisor, UnboundedReceiver<StatusMsg>)>,
+    ) -> Result<Agent, BusError> {
         let id = config.worker.id.clone();
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
         let bus = Bus::connect(&config.nats_url, &format!("agent-{id}")).await?;
         let register = StatusMsg::Register {
             worker_id: id.clone(),
@@ -55,8 +98,15 @@ impl Agent {
         )
         .await?;
         let consumer = bus.agent_consumer(&id).await?;
-        let shutdown = CancellationToken::new();
-        let mut tasks = JoinSet::new();
+        let supervisor = supervisor.map(|(supervisor, reports)| {
+            tasks.spawn(forward_reports(
+                bus.clone(),
+                id.clone(),
+                reports,
+                shutdown.clone(),
+            ));
+            supervisor
+        });
         tasks.spawn(heartbeats(
             bus.clone(),
             id.clone(),
@@ -70,6 +120,7 @@ impl Agent {
             id,
             consumer,
             config.stats,
+            supervisor,
             shutdown.clone(),
         ));
         Ok(Agent { shutdown, tasks })
@@ -107,6 +158,31 @@ async fn report(
         || bus.publish_status(worker_id, msg),
     )
     .await
+}
+
+/// Publishes the process runtime's reports in the order they were made.
+async fn forward_reports(
+    bus: Bus,
+    worker_id: String,
+    mut reports: UnboundedReceiver<StatusMsg>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            () = shutdown.cancelled() => return,
+            msg = reports.recv() => match msg {
+                Some(msg) => msg,
+                None => return,
+            },
+        };
+        match report(&bus, &worker_id, &msg, &shutdown).await {
+            Ok(()) => {}
+            Err(Interrupted::Shutdown) => return,
+            Err(Interrupted::Failed(e)) => {
+                tracing::error!(%e, ?msg, "report refused for good; dropped");
+            }
+        }
+    }
 }
 
 async fn heartbeats(
@@ -163,6 +239,7 @@ async fn assignments(
     worker_id: String,
     consumer: async_nats::jetstream::consumer::PullConsumer,
     stats: Arc<AgentStats>,
+    mut supervisor: Option<Supervisor>,
     shutdown: CancellationToken,
 ) {
     let mut backends = Backends::default();
@@ -191,6 +268,23 @@ async fn assignments(
                 None => break,
             };
             let result = match berth_proto::decode::<AgentMsg>(&msg.payload) {
+                Ok(m) if supervisor.is_some() => {
+                    let label = AgentStats::worker(&worker_id);
+                    match &m {
+                        AgentMsg::Assign { .. } => stats.assigned.get_or_create(&label).inc(),
+                        AgentMsg::Unassign { .. } => stats.unassigned.get_or_create(&label).inc(),
+                    };
+                    let running = supervisor.as_mut().map_or(0, |s| {
+                        s.apply(m);
+                        s.active()
+                    });
+                    stats
+                        .running
+                        .get_or_create(&label)
+                        .set(i64::try_from(running).unwrap_or(i64::MAX));
+                    // What follows is reported by the placement's task.
+                    Ok(())
+                }
                 Ok(m) => {
                     let done = apply(&bus, &worker_id, &mut backends, &stats, m, &shutdown).await;
                     let running = i64::try_from(backends.running.len()).unwrap_or(i64::MAX);
@@ -223,6 +317,10 @@ async fn assignments(
                 tracing::warn!(%e, "ack failed");
             }
         }
+    }
+    if let Some(supervisor) = supervisor {
+        // No orphans: the servers of this worker stop with the agent.
+        supervisor.shutdown().await;
     }
 }
 

@@ -254,6 +254,7 @@ mod tests {
             &EstimateOptions::Custom(CustomClaim {
                 bytes_per_gpu: 5 * GIB,
                 gpus: 2,
+                ..CustomClaim::default()
             }),
         )
         .unwrap();
@@ -274,6 +275,7 @@ mod tests {
             &EstimateOptions::Custom(CustomClaim {
                 bytes_per_gpu: 20 * GIB,
                 gpus: 1,
+                ..CustomClaim::default()
             }),
         )
         .unwrap();
@@ -319,7 +321,8 @@ mod tests {
             o,
             EstimateOptions::Custom(CustomClaim {
                 bytes_per_gpu: 100,
-                gpus: 1
+                gpus: 1,
+                ..CustomClaim::default()
             })
         );
         assert!(serde_json::from_str::<EstimateOptions>(r#"{"backend": "tgi"}"#).is_err());
@@ -354,6 +357,7 @@ mod tests {
             EstimateOptions::Custom(CustomClaim {
                 bytes_per_gpu: 1,
                 gpus: u32::MAX,
+                ..CustomClaim::default()
             }),
         ] {
             assert!(matches!(huge(o), EstimateError::InvalidOptions(_)));

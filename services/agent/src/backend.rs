@@ -1,0 +1,639 @@
+//! What to run for an assignment: the command line, environment and readiness probe of each
+//! model server berth knows (llama.cpp's `llama-server`, vLLM, a custom argv template). Pure:
+//! no process is started here (that is [`crate::supervisor`]), nothing is async.
+//!
+//! Which backend an assignment gets is [`plan`]'s decision:
+//! - a start whose backend is `custom` with an `argv` template runs that template;
+//! - a start with `model_ref = {"path": …}` runs llama.cpp (the default) or vLLM on that path;
+//! - anything else — no `model_ref` (only `vram_bytes`), a model given as a profile or as
+//!   numbers, a custom claim without `argv` — is a plain **reservation**: the GPUs are held
+//!   and the instance reports `running` at once, with no process and no endpoint.
+
+use berth_options::{
+    CustomClaim, EstimateOptions, KvCacheType, LlamaCppOptions, ModelRef, Placeholder,
+    TemplatePiece, VllmOptions, template_pieces,
+};
+use berth_proto::StartSpec;
+use std::path::{Path, PathBuf};
+
+/// Why an assignment cannot be run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// One GPU of an assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssignedGpu {
+    pub index: u32,
+    /// NVML UUID; empty for a simulated GPU.
+    pub uuid: String,
+    /// Bytes reserved for the instance on it.
+    pub bytes: i64,
+}
+
+/// Where and on what one placement runs.
+#[derive(Debug, Clone)]
+pub struct Launch<'a> {
+    /// Model name (for the server's alias), else the instance id.
+    pub name: &'a str,
+    pub host: &'a str,
+    pub port: u16,
+    pub gpus: &'a [AssignedGpu],
+    /// The GPUs are real (CUDA); false for a simulated inventory: the server runs on CPUs.
+    pub cuda: bool,
+}
+
+/// A command line to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandLine {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// Added to the agent's environment (the supervisor adds `CUDA_VISIBLE_DEVICES`).
+    pub env: Vec<(String, String)>,
+}
+
+/// A model server: how to start it for an assignment and how to tell it is ready.
+pub trait Backend: std::fmt::Debug + Send + Sync {
+    /// For logs and reasons: "llama.cpp", "vLLM", "custom".
+    fn name(&self) -> &'static str;
+    fn command(&self, launch: &Launch<'_>) -> Result<CommandLine, BackendError>;
+    /// Paths that must each answer `200` to a GET, in order, before the server is ready.
+    fn ready_paths(&self) -> Vec<String>;
+}
+
+/// Server binaries, as the agent's flags give them.
+#[derive(Debug, Clone, Default)]
+pub struct Binaries {
+    pub llama_server: Option<PathBuf>,
+    pub vllm: Option<PathBuf>,
+}
+
+/// What an assignment asks of the runtime.
+#[derive(Debug)]
+pub enum Plan {
+    /// Hold the GPUs; nothing to run.
+    Reserve,
+    Run(Box<dyn Backend>),
+}
+
+/// Chooses the backend for `spec` (see the module doc); a missing binary or a bad template
+/// is an error for the instance's report.
+pub fn plan(spec: &StartSpec, bins: &Binaries) -> Result<Plan, BackendError> {
+    let options = spec.backend.as_deref();
+    if let Some(EstimateOptions::Custom(claim)) = options {
+        if claim.argv.is_empty() {
+            return Ok(Plan::Reserve);
+        }
+        claim
+            .validate()
+            .map_err(|e| BackendError::Invalid(e.to_string()))?;
+        return Ok(Plan::Run(Box::new(Custom {
+            claim: claim.clone(),
+            model: model_path(spec).map(Path::to_path_buf),
+        })));
+    }
+    let Some(path) = model_path(spec) else {
+        return Ok(Plan::Reserve);
+    };
+    let path = path.to_path_buf();
+    match options {
+        Some(EstimateOptions::Vllm(o)) => Ok(Plan::Run(Box::new(Vllm {
+            binary: find_vllm(bins)?,
+            options: o.clone(),
+            model: path,
+        }))),
+        Some(EstimateOptions::LlamaCpp(o)) => Ok(Plan::Run(Box::new(LlamaCpp {
+            binary: find_llama_server(bins)?,
+            options: o.clone(),
+            model: path,
+        }))),
+        _ => Ok(Plan::Run(Box::new(LlamaCpp {
+            binary: find_llama_server(bins)?,
+            options: LlamaCppOptions::default(),
+            model: path,
+        }))),
+    }
+}
+
+fn model_path(spec: &StartSpec) -> Option<&Path> {
+    match spec.model_ref.as_deref() {
+        Some(ModelRef::Path(p)) => Some(p),
+        _ => None,
+    }
+}
+
+/// `--llama-server` (or `BERTH_LLAMA_SERVER`), else `llama-server` on `PATH`, else the newest
+/// build of `ops/build-llama.sh` under `~/.cache/berth/llama.cpp/*/bin/`.
+pub fn find_llama_server(bins: &Binaries) -> Result<PathBuf, BackendError> {
+    let not_found =
+        || "llama-server not found: set --llama-server or run ops/build-llama.sh".to_owned();
+    if let Some(p) = &bins.llama_server {
+        return if is_executable(p) {
+            Ok(p.clone())
+        } else {
+            Err(BackendError::NotFound(format!(
+                "{} ({} is not an executable file)",
+                not_found(),
+                p.display()
+            )))
+        };
+    }
+    if let Some(p) = on_path("llama-server") {
+        return Ok(p);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    home.and_then(|h| newest_build(&h.join(".cache/berth/llama.cpp")))
+        .ok_or_else(|| BackendError::NotFound(not_found()))
+}
+
+fn find_vllm(bins: &Binaries) -> Result<PathBuf, BackendError> {
+    let not_found = || "vllm not found: set --vllm or install vLLM on PATH".to_owned();
+    match &bins.vllm {
+        Some(p) if is_executable(p) => Ok(p.clone()),
+        Some(p) => Err(BackendError::NotFound(format!(
+            "{} ({} is not an executable file)",
+            not_found(),
+            p.display()
+        ))),
+        None => on_path("vllm").ok_or_else(|| BackendError::NotFound(not_found())),
+    }
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+}
+
+/// `<root>/<version>/bin/llama-server` of the highest version (`11434.0.0` > `9000.1.0`).
+fn newest_build(root: &Path) -> Option<PathBuf> {
+    let version = |name: &str| -> Vec<u64> {
+        name.split('.')
+            .map(|part| part.parse().unwrap_or(0))
+            .collect()
+    };
+    std::fs::read_dir(root)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let bin = e.path().join("bin/llama-server");
+            is_executable(&bin).then(|| (version(&e.file_name().to_string_lossy()), bin))
+        })
+        .max()
+        .map(|(_, bin)| bin)
+}
+
+/// llama.cpp's `llama-server`.
+#[derive(Debug, Clone)]
+pub struct LlamaCpp {
+    pub binary: PathBuf,
+    pub options: LlamaCppOptions,
+    pub model: PathBuf,
+}
+
+/// Layers to offload when the options do not say: more than any model has, i.e. all.
+const ALL_LAYERS: u32 = 999;
+
+fn cache_type(t: KvCacheType) -> &'static str {
+    match t {
+        KvCacheType::F32 => "f32",
+        KvCacheType::F16 => "f16",
+        KvCacheType::Bf16 => "bf16",
+        KvCacheType::Q8_0 => "q8_0",
+        KvCacheType::Q4_0 => "q4_0",
+        KvCacheType::Q4_1 => "q4_1",
+        KvCacheType::Iq4Nl => "iq4_nl",
+        KvCacheType::Q5_0 => "q5_0",
+        KvCacheType::Q5_1 => "q5_1",
+    }
+}
+
+impl Backend for LlamaCpp {
+    fn name(&self) -> &'static str {
+        "llama.cpp"
+    }
+
+    fn command(&self, l: &Launch<'_>) -> Result<CommandLine, BackendError> {
+        let o = &self.options;
+        let layers = if l.cuda {
+            o.gpu_layers.unwrap_or(ALL_LAYERS)
+        } else {
+            0
+        };
+        let mut args = vec![
+            "-m".to_owned(),
+            self.model.display().to_string(),
+            "--host".to_owned(),
+            l.host.to_owned(),
+            "--port".to_owned(),
+            l.port.to_string(),
+            "-c".to_owned(),
+            o.context.unwrap_or(0).to_string(),
+            "-ngl".to_owned(),
+            layers.to_string(),
+        ];
+        if l.cuda && l.gpus.len() > 1 {
+            // Proportional to what each GPU holds for the instance (MiB keeps it short).
+            let split: Vec<String> = l
+                .gpus
+                .iter()
+                .map(|g| (g.bytes.max(0) >> 20).max(1).to_string())
+                .collect();
+            args.extend(["--tensor-split".to_owned(), split.join(",")]);
+        }
+        args.extend([
+            "-ctk".to_owned(),
+            cache_type(o.cache_type_k).to_owned(),
+            "-ctv".to_owned(),
+            cache_type(o.cache_type_v).to_owned(),
+            "-fa".to_owned(),
+            if o.flash_attention { "on" } else { "off" }.to_owned(),
+            "-np".to_owned(),
+            o.parallel.to_string(),
+            "-ub".to_owned(),
+            o.ubatch.to_string(),
+            "--alias".to_owned(),
+            l.name.to_owned(),
+        ]);
+        Ok(CommandLine {
+            program: self.binary.clone(),
+            args,
+            env: Vec::new(),
+        })
+    }
+
+    fn ready_paths(&self) -> Vec<String> {
+        vec!["/health".into()]
+    }
+}
+
+/// `vllm serve`.
+#[derive(Debug, Clone)]
+pub struct Vllm {
+    pub binary: PathBuf,
+    pub options: VllmOptions,
+    pub model: PathBuf,
+}
+
+impl Backend for Vllm {
+    fn name(&self) -> &'static str {
+        "vLLM"
+    }
+
+    fn command(&self, l: &Launch<'_>) -> Result<CommandLine, BackendError> {
+        let o = &self.options;
+        let mut args = vec![
+            "serve".to_owned(),
+            self.model.display().to_string(),
+            "--host".to_owned(),
+            l.host.to_owned(),
+            "--port".to_owned(),
+            l.port.to_string(),
+            "--served-model-name".to_owned(),
+            l.name.to_owned(),
+            "--tensor-parallel-size".to_owned(),
+            o.tensor_parallel.to_string(),
+        ];
+        let mut opt = |flag: &str, value: String| args.extend([flag.to_owned(), value]);
+        if o.pipeline_parallel > 1 {
+            opt("--pipeline-parallel-size", o.pipeline_parallel.to_string());
+        }
+        if let Some(u) = o.gpu_memory_utilization {
+            opt("--gpu-memory-utilization", u.to_string());
+        }
+        if let Some(len) = o.max_model_len {
+            opt("--max-model-len", len.to_string());
+        }
+        opt("--max-num-seqs", o.max_num_seqs.to_string());
+        opt(
+            "--max-num-batched-tokens",
+            o.max_num_batched_tokens.to_string(),
+        );
+        opt("--block-size", o.block_size.to_string());
+        let dtype = match o.kv_cache_dtype {
+            berth_options::VllmKvDtype::Auto => None,
+            berth_options::VllmKvDtype::Fp8 => Some("fp8"),
+            berth_options::VllmKvDtype::Fp8E4m3 => Some("fp8_e4m3"),
+            berth_options::VllmKvDtype::Fp8E5m2 => Some("fp8_e5m2"),
+        };
+        if let Some(d) = dtype {
+            opt("--kv-cache-dtype", d.to_owned());
+        }
+        if o.enforce_eager {
+            args.push("--enforce-eager".to_owned());
+        }
+        Ok(CommandLine {
+            program: self.binary.clone(),
+            args,
+            env: Vec::new(),
+        })
+    }
+
+    fn ready_paths(&self) -> Vec<String> {
+        vec!["/health".into(), "/v1/models".into()]
+    }
+}
+
+/// A server given as an argv template (see [`CustomClaim::argv`]).
+#[derive(Debug, Clone)]
+pub struct Custom {
+    pub claim: CustomClaim,
+    pub model: Option<PathBuf>,
+}
+
+impl Backend for Custom {
+    fn name(&self) -> &'static str {
+        "custom"
+    }
+
+    fn command(&self, l: &Launch<'_>) -> Result<CommandLine, BackendError> {
+        let mut argv = self
+            .claim
+            .argv
+            .iter()
+            .map(|arg| self.expand(arg, l))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter();
+        let Some(program) = argv.next() else {
+            return Err(BackendError::Invalid("custom argv is empty".into()));
+        };
+        Ok(CommandLine {
+            program: PathBuf::from(program),
+            args: argv.collect(),
+            env: Vec::new(),
+        })
+    }
+
+    fn ready_paths(&self) -> Vec<String> {
+        vec![
+            self.claim
+                .ready_path
+                .clone()
+                .unwrap_or_else(|| "/health".into()),
+        ]
+    }
+}
+
+impl Custom {
+    fn expand(&self, arg: &str, l: &Launch<'_>) -> Result<String, BackendError> {
+        let invalid = |e: String| BackendError::Invalid(e);
+        let mut out = String::with_capacity(arg.len());
+        for piece in template_pieces(arg).map_err(|e| invalid(e.to_string()))? {
+            match piece {
+                TemplatePiece::Text(t) => out.push_str(t),
+                TemplatePiece::Placeholder(p) => match p {
+                    Placeholder::Model => match &self.model {
+                        Some(path) => out.push_str(&path.display().to_string()),
+                        None => out.push_str(l.name),
+                    },
+                    Placeholder::Port => out.push_str(&l.port.to_string()),
+                    Placeholder::Host => out.push_str(l.host),
+                    Placeholder::Gpus => out.push_str(&l.gpus.len().to_string()),
+                    Placeholder::Ctx => match self.claim.context {
+                        Some(c) => out.push_str(&c.to_string()),
+                        None => {
+                            return Err(invalid("argv uses {ctx} but context is not set".into()));
+                        }
+                    },
+                },
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_options::VllmKvDtype;
+
+    fn gpus(bytes: &[i64]) -> Vec<AssignedGpu> {
+        bytes
+            .iter()
+            .enumerate()
+            .map(|(i, b)| AssignedGpu {
+                index: u32::try_from(i).unwrap(),
+                uuid: format!("GPU-{i}"),
+                bytes: *b,
+            })
+            .collect()
+    }
+
+    fn launch<'a>(gpus: &'a [AssignedGpu], cuda: bool) -> Launch<'a> {
+        Launch {
+            name: "smol",
+            host: "127.0.0.1",
+            port: 40001,
+            gpus,
+            cuda,
+        }
+    }
+
+    fn args(c: &CommandLine) -> String {
+        c.args.join(" ")
+    }
+
+    #[test]
+    fn llama_server_offloads_everything_and_splits_by_reserved_bytes() {
+        let b = LlamaCpp {
+            binary: "/opt/llama-server".into(),
+            options: LlamaCppOptions {
+                context: Some(8192),
+                cache_type_k: KvCacheType::Q8_0,
+                cache_type_v: KvCacheType::Iq4Nl,
+                flash_attention: false,
+                parallel: 4,
+                ubatch: 256,
+                ..LlamaCppOptions::default()
+            },
+            model: "/m/x.gguf".into(),
+        };
+        let two = gpus(&[30 << 30, 10 << 30]);
+        let c = b.command(&launch(&two, true)).unwrap();
+        assert_eq!(c.program, PathBuf::from("/opt/llama-server"));
+        assert_eq!(
+            args(&c),
+            "-m /m/x.gguf --host 127.0.0.1 --port 40001 -c 8192 -ngl 999 \
+             --tensor-split 30720,10240 -ctk q8_0 -ctv iq4_nl -fa off -np 4 -ub 256 --alias smol"
+        );
+        assert_eq!(b.ready_paths(), ["/health"]);
+    }
+
+    #[test]
+    fn llama_server_runs_on_cpus_for_simulated_gpus_and_keeps_partial_offload() {
+        let mut b = LlamaCpp {
+            binary: "llama-server".into(),
+            options: LlamaCppOptions::default(),
+            model: "/m/x.gguf".into(),
+        };
+        let one = gpus(&[1 << 30]);
+        let sim = args(&b.command(&launch(&one, false)).unwrap());
+        assert!(
+            sim.contains("-c 0 -ngl 0 -ctk f16 -ctv f16 -fa on -np 1 -ub 512"),
+            "{sim}"
+        );
+        assert!(!sim.contains("--tensor-split"));
+        b.options.gpu_layers = Some(20);
+        let real = args(&b.command(&launch(&one, true)).unwrap());
+        assert!(real.contains("-ngl 20 "), "{real}");
+        assert!(!real.contains("--tensor-split"), "one GPU: no split");
+    }
+
+    #[test]
+    fn vllm_serves_with_the_engine_options_set() {
+        let b = Vllm {
+            binary: "/usr/bin/vllm".into(),
+            options: VllmOptions {
+                tensor_parallel: 2,
+                max_model_len: Some(32768),
+                gpu_memory_utilization: Some(0.85),
+                max_num_seqs: 64,
+                kv_cache_dtype: VllmKvDtype::Fp8,
+                enforce_eager: true,
+                ..VllmOptions::default()
+            },
+            model: "/m/llama".into(),
+        };
+        let two = gpus(&[70 << 30, 70 << 30]);
+        let c = b.command(&launch(&two, true)).unwrap();
+        assert_eq!(
+            args(&c),
+            "serve /m/llama --host 127.0.0.1 --port 40001 --served-model-name smol \
+             --tensor-parallel-size 2 --gpu-memory-utilization 0.85 --max-model-len 32768 \
+             --max-num-seqs 64 --max-num-batched-tokens 8192 --block-size 16 \
+             --kv-cache-dtype fp8 --enforce-eager"
+        );
+        assert_eq!(b.ready_paths(), ["/health", "/v1/models"]);
+    }
+
+    fn custom(argv: &[&str]) -> Custom {
+        Custom {
+            claim: CustomClaim {
+                bytes_per_gpu: 1 << 30,
+                argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+                context: Some(4096),
+                ..CustomClaim::default()
+            },
+            model: Some("/m/x.gguf".into()),
+        }
+    }
+
+    #[test]
+    fn a_custom_template_expands_its_placeholders() {
+        let b = custom(&[
+            "python3",
+            "srv.py",
+            "--model={model}",
+            "--listen",
+            "{host}:{port}",
+            "--gpus",
+            "{gpus}",
+            "-c",
+            "{ctx}",
+            "{{literal}}",
+        ]);
+        let two = gpus(&[1, 1]);
+        let c = b.command(&launch(&two, false)).unwrap();
+        assert_eq!(c.program, PathBuf::from("python3"));
+        assert_eq!(
+            args(&c),
+            "srv.py --model=/m/x.gguf --listen 127.0.0.1:40001 --gpus 2 -c 4096 {literal}"
+        );
+        assert_eq!(b.ready_paths(), ["/health"]);
+        let named = Custom {
+            model: None,
+            ..custom(&["srv", "{model}"])
+        };
+        assert_eq!(args(&named.command(&launch(&two, false)).unwrap()), "smol");
+    }
+
+    #[test]
+    fn unknown_placeholders_are_refused() {
+        let two = gpus(&[1, 1]);
+        for bad in ["{modle}", "{port", "x}"] {
+            assert!(
+                custom(&["srv", bad]).command(&launch(&two, false)).is_err(),
+                "{bad}"
+            );
+        }
+        let spec = StartSpec {
+            backend: Some(Box::new(EstimateOptions::Custom(CustomClaim {
+                argv: vec!["srv".into(), "{nope}".into()],
+                ..CustomClaim::default()
+            }))),
+            ..StartSpec::claim(1 << 30, 1)
+        };
+        assert!(matches!(
+            plan(&spec, &Binaries::default()),
+            Err(BackendError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_start_without_a_model_path_is_a_reservation() {
+        let bins = Binaries::default();
+        assert!(matches!(
+            plan(&StartSpec::claim(1 << 30, 1), &bins),
+            Ok(Plan::Reserve)
+        ));
+        let claim_only = StartSpec {
+            backend: Some(Box::new(EstimateOptions::Custom(CustomClaim::default()))),
+            ..StartSpec::claim(1 << 30, 1)
+        };
+        assert!(matches!(plan(&claim_only, &bins), Ok(Plan::Reserve)));
+    }
+
+    #[test]
+    fn a_missing_server_binary_is_named_in_the_error() {
+        let bins = Binaries {
+            llama_server: Some("/nonexistent/llama-server".into()),
+            vllm: Some("/nonexistent/vllm".into()),
+        };
+        let spec = StartSpec {
+            model_ref: Some(Box::new(ModelRef::Path("/m/x.gguf".into()))),
+            ..StartSpec::claim(1 << 30, 1)
+        };
+        let err = plan(&spec, &bins).unwrap_err().to_string();
+        assert!(
+            err.contains("llama-server not found: set --llama-server or run ops/build-llama.sh"),
+            "{err}"
+        );
+        let vllm = StartSpec {
+            backend: Some(Box::new(EstimateOptions::Vllm(VllmOptions::default()))),
+            ..spec
+        };
+        assert!(
+            plan(&vllm, &bins)
+                .unwrap_err()
+                .to_string()
+                .contains("vllm not found")
+        );
+    }
+
+    #[test]
+    fn the_newest_llama_build_is_found() {
+        let root = tempfile::tempdir().unwrap();
+        for v in ["9000.1.0", "11434.0.0", "10000.0.0"] {
+            let bin = root.path().join(v).join("bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            let exe = bin.join("llama-server");
+            std::fs::write(&exe, "").unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        assert_eq!(
+            newest_build(root.path()).unwrap(),
+            root.path().join("11434.0.0/bin/llama-server")
+        );
+    }
+}

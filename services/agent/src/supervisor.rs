@@ -1,0 +1,750 @@
+//! The process runtime: one task per placement (instance, version) on this worker, which runs
+//! its model server in a process group of its own and reports what becomes of it.
+//!
+//! - `starting` when the server is launched; `running` with `endpoint` (`advertise-host:port`)
+//!   once every readiness path answers 200; while running, a probe every `probe_every`, and
+//!   `unhealthy_after` failures in a row count as a crash.
+//! - Not ready within `startup_timeout`: the group is stopped and the placement ends in
+//!   `error`. A server that cannot be started at all (no binary, bad template) is an `error`.
+//! - A crash (exit, signal, unhealthy): `starting` with `restarts: k` and the reason (exit
+//!   code or signal, the last lines of its log), then a restart after a backoff; past the
+//!   restart budget ([`RestartLimits`]) `error`, and the analyzer releases the GPUs.
+//! - A stop (unassign; a newer version of the instance; the agent shutting down): SIGTERM to
+//!   the group, `grace`, SIGKILL, and `stopped` only once the server is reaped and no process
+//!   of its group is left. Never two servers for one instance: a newer version starts once
+//!   the older one's group is gone.
+//!
+//! Reports go, in order, to a channel: the agent publishes them on NATS; tests read them.
+
+mod logs;
+pub mod ports;
+mod probe;
+pub mod process;
+pub mod records;
+pub mod restart;
+
+use crate::{
+    Usage, WorkerSpec,
+    backend::{self, AssignedGpu, Backend, Binaries, Launch, Plan},
+};
+use berth_proto::{AgentMsg, StartSpec, StatusMsg, Version, status::ReportedState};
+pub use ports::{PortLease, PortPool};
+use process::{GroupGuard, exit_reason, signal_group, wait_group_gone};
+pub use restart::{RestartBudget, RestartLimits};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinSet,
+};
+use tokio_util::sync::CancellationToken;
+
+/// How the process runtime runs servers.
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    /// Holds `instances/` (what runs) and `logs/<instance>/<version>.log`.
+    pub state_dir: PathBuf,
+    /// Shared by the workers of one agent process.
+    pub ports: Arc<PortPool>,
+    /// Host in the endpoints reported.
+    pub advertise_host: String,
+    /// Address servers listen on.
+    pub listen_host: String,
+    pub binaries: Binaries,
+    pub startup_timeout: Duration,
+    /// Probes while a server loads.
+    pub startup_probe_every: Duration,
+    /// Probes while it runs.
+    pub probe_every: Duration,
+    pub probe_timeout: Duration,
+    /// Failed probes in a row that make a running server unhealthy.
+    pub unhealthy_after: u32,
+    /// Between SIGTERM and SIGKILL.
+    pub grace: Duration,
+    pub restarts: RestartLimits,
+    /// Logs of earlier attempts kept per placement.
+    pub logs_kept: usize,
+}
+
+impl ProcessConfig {
+    /// Production defaults with servers on `127.0.0.1` and ports 40000-40999.
+    pub fn new(state_dir: PathBuf) -> ProcessConfig {
+        ProcessConfig {
+            state_dir,
+            ports: PortPool::new(40000..=40999),
+            advertise_host: "127.0.0.1".into(),
+            listen_host: "127.0.0.1".into(),
+            binaries: Binaries::default(),
+            startup_timeout: Duration::from_secs(600),
+            startup_probe_every: Duration::from_millis(250),
+            probe_every: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(2),
+            unhealthy_after: 3,
+            grace: Duration::from_secs(10),
+            restarts: RestartLimits::default(),
+            logs_kept: 3,
+        }
+    }
+
+    pub fn log_path(&self, instance_id: &str, version: Version) -> PathBuf {
+        self.state_dir
+            .join("logs")
+            .join(instance_id)
+            .join(format!("{}.log", version.get()))
+    }
+
+    pub fn records_dir(&self) -> PathBuf {
+        self.state_dir.join("instances")
+    }
+
+    /// Where the agent itself probes: the listen address, or loopback for a wildcard one.
+    fn probe_host(&self) -> &str {
+        match self.listen_host.as_str() {
+            "0.0.0.0" => "127.0.0.1",
+            "::" => "::1",
+            h => h,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("state dir {path}: {source}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Why a placement is told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// An unassign: confirm with `stopped` at this version.
+    Unassigned(Version),
+    /// A newer version of the instance replaces it: no report.
+    Replaced,
+    /// The agent shuts down: no report.
+    Shutdown,
+}
+
+struct Handle {
+    version: Version,
+    stop: watch::Sender<Option<Stop>>,
+    /// Cancelled when the placement's task ended and its process group is gone.
+    done: CancellationToken,
+}
+
+/// What the tasks share.
+struct Shared {
+    config: ProcessConfig,
+    worker_id: String,
+    gpus: Vec<berth_proto::GpuInfo>,
+    cuda: bool,
+    reports: mpsc::UnboundedSender<StatusMsg>,
+}
+
+/// The placements of one worker. Owned by the agent's assignment loop, which calls
+/// [`Supervisor::apply`] in the order assignments were sent.
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    placements: HashMap<String, Handle>,
+    /// Instance → highest version it was told to stop at: older assignments arriving late
+    /// must not start.
+    stopped_at: HashMap<String, Version>,
+    tasks: JoinSet<()>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("worker", &self.shared.worker_id)
+            .field("placements", &self.placements.len())
+            .finish()
+    }
+}
+
+impl Supervisor {
+    /// A supervisor for `worker`'s placements; reports go to `reports`.
+    pub fn new(
+        config: ProcessConfig,
+        worker: &WorkerSpec,
+        reports: mpsc::UnboundedSender<StatusMsg>,
+    ) -> Result<Supervisor, SupervisorError> {
+        for dir in [config.records_dir(), config.state_dir.join("logs")] {
+            std::fs::create_dir_all(&dir).map_err(|source| SupervisorError::StateDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        Ok(Supervisor {
+            shared: Arc::new(Shared {
+                config,
+                worker_id: worker.id.clone(),
+                gpus: worker.gpus.clone(),
+                cuda: matches!(worker.usage, Usage::Nvml),
+                reports,
+            }),
+            placements: HashMap::new(),
+            stopped_at: HashMap::new(),
+            tasks: JoinSet::new(),
+        })
+    }
+
+    /// Placements whose task has not ended.
+    pub fn active(&self) -> usize {
+        self.placements
+            .values()
+            .filter(|h| !h.done.is_cancelled())
+            .count()
+    }
+
+    /// Applies one assignment; what follows is reported through the channel.
+    pub fn apply(&mut self, msg: AgentMsg) {
+        while self.tasks.try_join_next().is_some() {}
+        match msg {
+            AgentMsg::Assign {
+                instance_id,
+                version,
+                gpus,
+                vram_bytes_per_gpu,
+                spec,
+                gpu_bytes,
+                workers,
+            } => {
+                if self
+                    .stopped_at
+                    .get(&instance_id)
+                    .is_some_and(|v| *v > version)
+                {
+                    tracing::info!(instance_id, %version, "assignment already stopped; ignored");
+                    return;
+                }
+                let prev = match self.placements.get(&instance_id) {
+                    Some(h) if h.version >= version => {
+                        tracing::info!(instance_id, %version, "assignment not newer; ignored");
+                        return;
+                    }
+                    Some(h) => {
+                        h.stop.send_if_modified(|s| {
+                            let first = s.is_none();
+                            if first {
+                                *s = Some(Stop::Replaced);
+                            }
+                            first
+                        });
+                        Some(h.done.clone())
+                    }
+                    None => None,
+                };
+                let assigned = gpus
+                    .iter()
+                    .enumerate()
+                    .map(|(i, index)| AssignedGpu {
+                        index: *index,
+                        uuid: self
+                            .shared
+                            .gpus
+                            .iter()
+                            .find(|g| g.index == *index)
+                            .map(|g| g.uuid.clone())
+                            .unwrap_or_default(),
+                        bytes: gpu_bytes.get(i).copied().unwrap_or(vram_bytes_per_gpu),
+                    })
+                    .collect();
+                let (stop, stop_rx) = watch::channel(None);
+                let done = CancellationToken::new();
+                let placement = Placement {
+                    instance_id: instance_id.clone(),
+                    version,
+                    gpus: assigned,
+                    spec,
+                    shared_instance: workers.len() > 1,
+                };
+                let task = self.shared.clone().run(placement, prev, stop_rx);
+                let guard = done.clone().drop_guard();
+                self.tasks.spawn(async move {
+                    let _done = guard;
+                    task.await;
+                });
+                self.placements.insert(
+                    instance_id,
+                    Handle {
+                        version,
+                        stop,
+                        done,
+                    },
+                );
+            }
+            AgentMsg::Unassign {
+                instance_id,
+                version,
+            } => {
+                let at = self
+                    .stopped_at
+                    .entry(instance_id.clone())
+                    .or_insert(version);
+                *at = (*at).max(version);
+                match self.placements.get(&instance_id) {
+                    Some(h) if h.version < version && !h.done.is_cancelled() => {
+                        // Its task confirms once the group is gone.
+                        h.stop.send_replace(Some(Stop::Unassigned(version)));
+                    }
+                    // Confirm even when nothing runs, so a stop never waits on a lost
+                    // assignment.
+                    _ => self.shared.report(
+                        &instance_id,
+                        version,
+                        ReportedState::Stopped,
+                        Report::default(),
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Stops every server (SIGTERM, grace, SIGKILL) and waits for their groups to be gone.
+    pub async fn shutdown(mut self) {
+        for h in self.placements.values() {
+            h.stop.send_replace(Some(Stop::Shutdown));
+        }
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// One placement to run.
+struct Placement {
+    instance_id: String,
+    version: Version,
+    gpus: Vec<AssignedGpu>,
+    spec: StartSpec,
+    /// One part of an instance spread over several workers.
+    shared_instance: bool,
+}
+
+/// The optional parts of an instance report.
+#[derive(Debug, Default)]
+struct Report {
+    reason: Option<String>,
+    endpoint: Option<String>,
+    restarts: u32,
+    shared: bool,
+}
+
+/// How one run of a server ended.
+enum Ended {
+    Stopped(Stop),
+    /// It failed; a restart may help.
+    Failed(String),
+    /// It cannot run, or did not become ready in time: no restart.
+    Fatal(String),
+}
+
+/// A stop, once one is asked for.
+async fn stop_asked(stop: &mut watch::Receiver<Option<Stop>>) -> Stop {
+    match stop.wait_for(Option::is_some).await {
+        Ok(s) => s.unwrap_or(Stop::Shutdown),
+        // The supervisor is gone: the agent is going away.
+        Err(_) => Stop::Shutdown,
+    }
+}
+
+/// The stop asked for last: a second unassign while the first one's stop is under way is
+/// the version to confirm.
+fn latest(stop: &watch::Receiver<Option<Stop>>, seen: Stop) -> Stop {
+    stop.borrow().unwrap_or(seen)
+}
+
+/// Lines of the server's log a failure reason carries, and their bytes at most.
+const TAIL_LINES: usize = 6;
+const TAIL_BYTES: usize = 640;
+
+impl Shared {
+    fn report(&self, instance_id: &str, version: Version, state: ReportedState, r: Report) {
+        let msg = StatusMsg::Instance {
+            worker_id: self.worker_id.clone(),
+            instance_id: instance_id.to_owned(),
+            version,
+            state,
+            reason: r.reason.map(|r| berth_proto::text::reason(&r)),
+            shared: r.shared,
+            endpoint: r.endpoint,
+            restarts: r.restarts,
+        };
+        if self.reports.send(msg).is_err() {
+            tracing::debug!(instance_id, ?state, "report dropped: the agent is stopping");
+        }
+    }
+
+    fn stopped(&self, p: &Placement, stop: Stop) {
+        tracing::info!(instance_id = p.instance_id, version = %p.version, ?stop, "stopped");
+        if let Stop::Unassigned(version) = stop {
+            self.report(
+                &p.instance_id,
+                version,
+                ReportedState::Stopped,
+                Report::default(),
+            );
+        }
+    }
+
+    fn error(&self, p: &Placement, reason: String, restarts: u32) {
+        tracing::warn!(instance_id = p.instance_id, version = %p.version, reason, "placement failed");
+        self.report(
+            &p.instance_id,
+            p.version,
+            ReportedState::Error,
+            Report {
+                reason: Some(reason),
+                restarts,
+                shared: p.shared_instance,
+                ..Report::default()
+            },
+        );
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        p: Placement,
+        prev: Option<CancellationToken>,
+        mut stop: watch::Receiver<Option<Stop>>,
+    ) {
+        if let Some(prev) = prev {
+            // The older version's server must be gone first (or the stop comes first).
+            tokio::select! {
+                () = prev.cancelled() => {}
+                s = stop_asked(&mut stop) => {
+                    prev.cancelled().await;
+                    return self.stopped(&p, s);
+                }
+            }
+        }
+        if let Some(s) = *stop.borrow() {
+            return self.stopped(&p, s);
+        }
+        let shared = Report {
+            shared: p.shared_instance,
+            ..Report::default()
+        };
+        let backend = match backend::plan(&p.spec, &self.config.binaries) {
+            Ok(Plan::Run(b)) if p.shared_instance => {
+                return self.error(
+                    &p,
+                    format!(
+                        "{} over several workers is not supported by the process runtime yet",
+                        b.name()
+                    ),
+                    0,
+                );
+            }
+            Ok(Plan::Run(b)) => b,
+            Ok(Plan::Reserve) => {
+                // A reservation: the GPUs are held, nothing runs.
+                self.report(&p.instance_id, p.version, ReportedState::Starting, shared);
+                let shared = Report {
+                    shared: p.shared_instance,
+                    ..Report::default()
+                };
+                self.report(&p.instance_id, p.version, ReportedState::Running, shared);
+                let s = stop_asked(&mut stop).await;
+                return self.stopped(&p, s);
+            }
+            Err(e) => return self.error(&p, e.to_string(), 0),
+        };
+        let mut budget = RestartBudget::new(self.config.restarts);
+        let mut restarts = 0;
+        loop {
+            match self
+                .attempt(&p, backend.as_ref(), restarts, &mut stop)
+                .await
+            {
+                Ended::Stopped(s) => return self.stopped(&p, latest(&stop, s)),
+                Ended::Fatal(reason) => return self.error(&p, reason, restarts),
+                Ended::Failed(reason) => {
+                    let Some(delay) = budget.on_failure(Instant::now()) else {
+                        let limits = self.config.restarts;
+                        return self.error(
+                            &p,
+                            format!(
+                                "gave up after {restarts} restarts ({} allowed in {}s): {reason}",
+                                limits.max_restarts,
+                                limits.window.as_secs()
+                            ),
+                            restarts,
+                        );
+                    };
+                    restarts += 1;
+                    tracing::warn!(
+                        instance_id = p.instance_id,
+                        restarts,
+                        ?delay,
+                        reason,
+                        "server failed; restarting"
+                    );
+                    self.report(
+                        &p.instance_id,
+                        p.version,
+                        ReportedState::Starting,
+                        Report {
+                            reason: Some(reason),
+                            restarts,
+                            shared: p.shared_instance,
+                            ..Report::default()
+                        },
+                    );
+                    tokio::select! {
+                        s = stop_asked(&mut stop) => return self.stopped(&p, latest(&stop, s)),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the server once, until it fails or is stopped; its group is gone on return.
+    async fn attempt(
+        &self,
+        p: &Placement,
+        backend: &dyn Backend,
+        restarts: u32,
+        stop: &mut watch::Receiver<Option<Stop>>,
+    ) -> Ended {
+        let c = &self.config;
+        let Some(port) = c.ports.allocate(&c.listen_host) else {
+            return Ended::Fatal(format!(
+                "no free port in {}-{} on {}",
+                c.ports.range().start(),
+                c.ports.range().end(),
+                c.listen_host
+            ));
+        };
+        let name = if p.spec.model.is_empty() {
+            p.instance_id.as_str()
+        } else {
+            p.spec.model.as_str()
+        };
+        let cmd = match backend.command(&Launch {
+            name,
+            host: &c.listen_host,
+            port: port.port(),
+            gpus: &p.gpus,
+            cuda: self.cuda,
+        }) {
+            Ok(cmd) => cmd,
+            Err(e) => return Ended::Fatal(e.to_string()),
+        };
+        let log_path = c.log_path(&p.instance_id, p.version);
+        let mut log = match logs::rotate_and_open(&log_path, c.logs_kept) {
+            Ok(f) => f,
+            Err(e) => return Ended::Fatal(format!("log {}: {e}", log_path.display())),
+        };
+        let devices: Vec<String> = p
+            .gpus
+            .iter()
+            .map(|g| {
+                if self.cuda && !g.uuid.is_empty() {
+                    g.uuid.clone()
+                } else {
+                    g.index.to_string()
+                }
+            })
+            .collect();
+        logs::note(
+            &mut log,
+            &format!(
+                "start {} {} (restart {restarts}, CUDA_VISIBLE_DEVICES={})",
+                cmd.program.display(),
+                cmd.args.join(" "),
+                devices.join(",")
+            ),
+        );
+        let stdout = match log.try_clone() {
+            Ok(f) => f,
+            Err(e) => return Ended::Fatal(format!("log {}: {e}", log_path.display())),
+        };
+        let mut command = tokio::process::Command::new(&cmd.program);
+        command
+            .args(&cmd.args)
+            .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+            .env("CUDA_VISIBLE_DEVICES", devices.join(","))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(log))
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                return Ended::Fatal(format!(
+                    "cannot start {} ({}): {e}",
+                    cmd.program.display(),
+                    backend.name()
+                ));
+            }
+        };
+        let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
+            return Ended::Failed("the server exited at once".into());
+        };
+        let group = GroupGuard::new(pid);
+        let records = c.records_dir();
+        let record = records::Record {
+            worker_id: self.worker_id.clone(),
+            instance_id: p.instance_id.clone(),
+            version: p.version.get(),
+            pid,
+            start_time: process::stat(pid).map_or(0, |s| s.start_time),
+            port: port.port(),
+            program: cmd.program.display().to_string(),
+        };
+        if let Err(e) = records::write(&records, &record) {
+            tracing::warn!(%e, "cannot write the state record");
+        }
+        tracing::info!(
+            instance_id = p.instance_id, version = %p.version, pid, port = port.port(),
+            backend = backend.name(), "server started"
+        );
+        let ended = self
+            .supervise(
+                p,
+                backend,
+                &mut child,
+                port.port(),
+                restarts,
+                &log_path,
+                stop,
+            )
+            .await;
+        // Whatever happened, nothing of the group may outlive the attempt.
+        match ended {
+            Ended::Stopped(_) | Ended::Fatal(_) => self.terminate(&mut child, pid).await,
+            Ended::Failed(_) => self.kill(&mut child, pid).await,
+        }
+        group.disarm();
+        records::remove(&records, &p.instance_id);
+        drop(port);
+        ended
+    }
+
+    /// Watches a started server: readiness, health, exit, stop.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site; the attempt's own state"
+    )]
+    async fn supervise(
+        &self,
+        p: &Placement,
+        backend: &dyn Backend,
+        child: &mut tokio::process::Child,
+        port: u16,
+        restarts: u32,
+        log_path: &Path,
+        stop: &mut watch::Receiver<Option<Stop>>,
+    ) -> Ended {
+        let c = &self.config;
+        let report = |reason: Option<String>, endpoint: Option<String>| Report {
+            reason,
+            endpoint,
+            restarts,
+            shared: p.shared_instance,
+        };
+        let failed = |what: String| {
+            let tail = logs::tail(log_path, TAIL_LINES, TAIL_BYTES);
+            if tail.is_empty() {
+                what
+            } else {
+                format!("{what}; log: {tail}")
+            }
+        };
+        if restarts == 0 {
+            self.report(
+                &p.instance_id,
+                p.version,
+                ReportedState::Starting,
+                report(None, None),
+            );
+        }
+        let paths = backend.ready_paths();
+        let host = c.probe_host();
+        let deadline = tokio::time::Instant::now() + c.startup_timeout;
+        let mut last = String::from("not probed yet");
+        loop {
+            tokio::select! {
+                s = stop_asked(stop) => return Ended::Stopped(s),
+                status = child.wait() => {
+                    let why = status.map_or_else(|e| format!("wait failed: {e}"), exit_reason);
+                    return Ended::Failed(failed(format!("{why} while loading")));
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    return Ended::Fatal(failed(format!(
+                        "not ready after {}s ({last})",
+                        c.startup_timeout.as_secs_f32()
+                    )));
+                }
+                () = tokio::time::sleep(c.startup_probe_every) => {
+                    match probe::all(host, port, &paths, c.probe_timeout).await {
+                        Ok(()) => break,
+                        Err(e) => last = e,
+                    }
+                }
+            }
+        }
+        let endpoint = format!("{}:{port}", c.advertise_host);
+        tracing::info!(instance_id = p.instance_id, endpoint, "server ready");
+        self.report(
+            &p.instance_id,
+            p.version,
+            ReportedState::Running,
+            report(None, Some(endpoint)),
+        );
+        let mut failures = 0;
+        let mut tick = tokio::time::interval(c.probe_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        loop {
+            tokio::select! {
+                s = stop_asked(stop) => return Ended::Stopped(s),
+                status = child.wait() => {
+                    let why = status.map_or_else(|e| format!("wait failed: {e}"), exit_reason);
+                    return Ended::Failed(failed(why));
+                }
+                _ = tick.tick() => match probe::all(host, port, &paths, c.probe_timeout).await {
+                    Ok(()) => failures = 0,
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(instance_id = p.instance_id, failures, e, "health probe failed");
+                        if failures >= c.unhealthy_after {
+                            return Ended::Failed(failed(format!(
+                                "unhealthy: {failures} probes failed in a row ({e})"
+                            )));
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// SIGTERM to the group, `grace`, SIGKILL; returns once the leader is reaped and no
+    /// process of the group is left.
+    async fn terminate(&self, child: &mut tokio::process::Child, pgid: i32) {
+        let grace = self.config.grace;
+        let kill_at = Instant::now() + grace;
+        signal_group(pgid, nix::sys::signal::Signal::SIGTERM);
+        if tokio::time::timeout(grace, child.wait()).await.is_err() {
+            tracing::warn!(pgid, ?grace, "server ignored SIGTERM; sending SIGKILL");
+            signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait().await;
+        }
+        wait_group_gone(pgid, kill_at, Duration::from_secs(10)).await;
+    }
+
+    /// SIGKILL to the group (a crashed or unhealthy server); returns once it is gone.
+    async fn kill(&self, child: &mut tokio::process::Child, pgid: i32) {
+        signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = child.wait().await;
+        wait_group_gone(pgid, Instant::now(), Duration::from_secs(10)).await;
+    }
+}

@@ -1,0 +1,143 @@
+//! Process groups on Linux: what `/proc` says about a process, signalling and waiting for a
+//! whole group, and why a process ended.
+
+use nix::{
+    errno::Errno,
+    sys::signal::{Signal, killpg},
+    unistd::Pid,
+};
+use std::{
+    process::ExitStatus,
+    time::{Duration, Instant},
+};
+
+/// The fields of `/proc/<pid>/stat` the supervisor reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    pub state: char,
+    pub pgrp: i32,
+    /// Clock ticks after boot: with the pid, tells a process from a later one with its pid.
+    pub start_time: u64,
+}
+
+pub fn stat(pid: i32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: the fields start after the last ')'.
+    let rest = text.get(text.rfind(')')? + 1..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(ProcStat {
+        state: f.first()?.chars().next()?,
+        pgrp: f.get(2)?.parse().ok()?,
+        start_time: f.get(19)?.parse().ok()?,
+    })
+}
+
+/// Live (not zombie) processes of process group `pgid`.
+pub fn group_members(pgid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| stat(*pid).is_some_and(|s| s.pgrp == pgid && !matches!(s.state, 'Z' | 'X')))
+        .collect()
+}
+
+/// Whether any live process is left in group `pgid`. A zombie does not count: an orphan is
+/// reaped by init, which in a container may never do it.
+pub fn group_alive(pgid: i32) -> bool {
+    match killpg(Pid::from_raw(pgid), None) {
+        Err(Errno::ESRCH) => false,
+        _ => !group_members(pgid).is_empty(),
+    }
+}
+
+pub fn signal_group(pgid: i32, signal: Signal) {
+    match killpg(Pid::from_raw(pgid), signal) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(e) => tracing::warn!(pgid, %e, ?signal, "cannot signal process group"),
+    }
+}
+
+/// Waits until group `pgid` has no live process, sending SIGKILL to what is left once
+/// `kill_at` passes; `false` if processes are still there `give_up_after` later (stuck in
+/// the kernel).
+pub async fn wait_group_gone(pgid: i32, kill_at: Instant, give_up_after: Duration) -> bool {
+    const POLL: Duration = Duration::from_millis(20);
+    let mut killed = false;
+    let deadline = kill_at + give_up_after;
+    loop {
+        if !group_alive(pgid) {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= kill_at && !killed {
+            signal_group(pgid, Signal::SIGKILL);
+            killed = true;
+        }
+        if now >= deadline {
+            tracing::error!(pgid, "process group still alive after SIGKILL");
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// SIGKILL to a whole group when dropped while armed: the last resort if the task that
+/// supervises it is aborted.
+#[derive(Debug)]
+pub struct GroupGuard {
+    pgid: i32,
+    armed: bool,
+}
+
+impl GroupGuard {
+    pub fn new(pgid: i32) -> GroupGuard {
+        GroupGuard { pgid, armed: true }
+    }
+
+    pub fn pgid(&self) -> i32 {
+        self.pgid
+    }
+
+    /// The group is gone: nothing to kill.
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = killpg(Pid::from_raw(self.pgid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// "exited with code 3", "killed by SIGKILL".
+pub fn exit_reason(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(s) => format!("killed by {s}"),
+            Err(_) => format!("killed by signal {sig}"),
+        },
+        (None, None) => format!("ended ({status})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_its_own_stat() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        let s = stat(me).unwrap();
+        assert!(!matches!(s.state, 'Z' | 'X'));
+        assert!(s.start_time > 0);
+        assert_eq!(stat(me).unwrap().start_time, s.start_time);
+        assert!(group_members(s.pgrp).contains(&me));
+    }
+}

@@ -1,0 +1,575 @@
+//! The process runtime driven directly (no NATS): real processes of the fake model server
+//! (`ops/fake-model-server.py`) and, when available, the real llama-server. Every wait is on a
+//! report or a state, with a deadline.
+
+use berth_agent::{
+    ProcessConfig, Supervisor, Usage, WorkerSpec,
+    backend::Binaries,
+    supervisor::{PortPool, RestartLimits, process, records},
+};
+use berth_options::{CustomClaim, EstimateOptions, LlamaCppOptions, ModelRef};
+use berth_proto::{AgentMsg, GpuInfo, StartSpec, StatusMsg, Version, status::ReportedState};
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, OnceLock},
+    time::{Duration, Instant},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::mpsc::UnboundedReceiver,
+};
+
+const GIB: i64 = 1 << 30;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fake_server() -> String {
+    repo()
+        .join("ops/fake-model-server.py")
+        .display()
+        .to_string()
+}
+
+/// One pool for the whole test binary: tests run in parallel and must not share a port.
+fn ports() -> Arc<PortPool> {
+    static POOL: OnceLock<Arc<PortPool>> = OnceLock::new();
+    POOL.get_or_init(|| PortPool::new(41000..=41999)).clone()
+}
+
+struct Rig {
+    sup: Supervisor,
+    reports: UnboundedReceiver<StatusMsg>,
+    config: ProcessConfig,
+    _dir: tempfile::TempDir,
+}
+
+fn worker() -> WorkerSpec {
+    WorkerSpec {
+        id: "w1".into(),
+        labels: Default::default(),
+        gpus: vec![GpuInfo {
+            index: 0,
+            name: "Simulated".into(),
+            uuid: "GPU-sim-0".into(),
+            total_bytes: 80 * GIB,
+            system_reserved_bytes: 0,
+        }],
+        usage: Usage::Fixed(Vec::new()),
+    }
+}
+
+fn rig(tweak: impl FnOnce(&mut ProcessConfig)) -> Rig {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = ProcessConfig::new(dir.path().to_path_buf());
+    config.ports = ports();
+    config.startup_timeout = Duration::from_secs(20);
+    config.startup_probe_every = Duration::from_millis(50);
+    config.probe_every = Duration::from_millis(200);
+    config.probe_timeout = Duration::from_millis(500);
+    config.grace = Duration::from_secs(3);
+    config.restarts = RestartLimits {
+        max_restarts: 2,
+        window: Duration::from_secs(60),
+        backoff: berth_retry::RetryPolicy {
+            first_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(200),
+            give_up_after: None,
+        },
+    };
+    tweak(&mut config);
+    let (tx, reports) = tokio::sync::mpsc::unbounded_channel();
+    let sup = Supervisor::new(config.clone(), &worker(), tx).expect("supervisor");
+    Rig {
+        sup,
+        reports,
+        config,
+        _dir: dir,
+    }
+}
+
+/// A start that runs the fake server with `flags`.
+fn fake(flags: &[&str]) -> StartSpec {
+    let mut argv: Vec<String> = [
+        "python3",
+        &fake_server(),
+        "--host",
+        "{host}",
+        "--port",
+        "{port}",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    argv.extend(flags.iter().map(|s| (*s).to_owned()));
+    StartSpec {
+        model: "fake".into(),
+        backend: Some(Box::new(EstimateOptions::Custom(CustomClaim {
+            bytes_per_gpu: GIB.unsigned_abs(),
+            argv,
+            ..CustomClaim::default()
+        }))),
+        ..StartSpec::claim(GIB, 1)
+    }
+}
+
+fn assign(id: &str, version: i64, spec: StartSpec) -> AgentMsg {
+    AgentMsg::Assign {
+        instance_id: id.into(),
+        version: Version::new(version),
+        gpus: vec![0],
+        vram_bytes_per_gpu: GIB,
+        spec,
+        gpu_bytes: Vec::new(),
+        workers: Vec::new(),
+    }
+}
+
+fn unassign(id: &str, version: i64) -> AgentMsg {
+    AgentMsg::Unassign {
+        instance_id: id.into(),
+        version: Version::new(version),
+    }
+}
+
+/// An instance report, flattened.
+#[derive(Debug, Clone)]
+struct Seen {
+    state: ReportedState,
+    version: i64,
+    reason: String,
+    endpoint: Option<String>,
+    restarts: u32,
+}
+
+impl Rig {
+    async fn next(&mut self, limit: Duration) -> Seen {
+        let msg = tokio::time::timeout(limit, self.reports.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no report within {limit:?}"))
+            .expect("report channel open");
+        match msg {
+            StatusMsg::Instance {
+                state,
+                version,
+                reason,
+                endpoint,
+                restarts,
+                ..
+            } => Seen {
+                state,
+                version: version.get(),
+                reason: reason.unwrap_or_default(),
+                endpoint,
+                restarts,
+            },
+            other => panic!("not an instance report: {other:?}"),
+        }
+    }
+
+    async fn expect(&mut self, state: ReportedState, limit: Duration) -> Seen {
+        let seen = self.next(limit).await;
+        assert_eq!(seen.state, state, "{seen:?}");
+        seen
+    }
+
+    fn record(&self, id: &str) -> Option<records::Record> {
+        records::read(&self.config.records_dir(), id)
+    }
+
+    /// The server's process group, from its state record.
+    fn pgid(&self, id: &str) -> i32 {
+        self.record(id).expect("a state record while it runs").pid
+    }
+
+    fn no_report_pending(&mut self) {
+        assert!(self.reports.try_recv().is_err(), "unexpected report");
+    }
+}
+
+const SOON: Duration = Duration::from_secs(15);
+
+fn port_of(endpoint: &str) -> u16 {
+    endpoint
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("host:port")
+}
+
+fn port_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// A one-shot HTTP/1.1 request; the status code and body.
+async fn http(endpoint: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(endpoint)
+        .await
+        .expect("connect");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {endpoint}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("receive");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn a_ready_server_runs_with_its_endpoint_and_stops_with_its_group() {
+    let mut rig = rig(|_| {});
+    let t0 = Instant::now();
+    rig.sup.apply(assign("i1", 1, fake(&[])));
+    let starting = rig.expect(ReportedState::Starting, SOON).await;
+    assert_eq!((starting.version, starting.restarts), (1, 0));
+    assert_eq!(starting.endpoint, None);
+    let running = rig.expect(ReportedState::Running, SOON).await;
+    let to_running = t0.elapsed();
+    let endpoint = running.endpoint.clone().expect("an endpoint with running");
+    let port = port_of(&endpoint);
+    assert_eq!(endpoint, format!("127.0.0.1:{port}"));
+    assert!(rig.config.ports.range().contains(&port));
+    let (status, body) = http(&endpoint, "GET", "/v1/models", "").await;
+    assert_eq!(status, 200, "{body}");
+    let record = rig.record("i1").unwrap();
+    assert_eq!((record.version, record.port), (1, port));
+    assert_eq!(
+        process::stat(record.pid).map(|s| s.start_time),
+        Some(record.start_time)
+    );
+    let log = std::fs::read_to_string(rig.config.log_path("i1", Version::new(1))).unwrap();
+    assert!(log.contains("fake-model-server: listening"), "{log}");
+    assert!(log.contains("CUDA_VISIBLE_DEVICES=0"), "{log}");
+
+    let t1 = Instant::now();
+    rig.sup.apply(unassign("i1", 2));
+    let stopped = rig.expect(ReportedState::Stopped, SOON).await;
+    let to_stopped = t1.elapsed();
+    assert_eq!(stopped.version, 2);
+    assert!(process::group_members(record.pid).is_empty());
+    assert!(
+        rig.record("i1").is_none(),
+        "the record goes with the server"
+    );
+    assert!(port_free(port));
+    assert_eq!(rig.sup.active(), 0);
+    eprintln!("fake server: assign → running {to_running:?}, unassign → stopped {to_stopped:?}");
+}
+
+#[tokio::test]
+async fn a_server_never_ready_is_an_error_after_the_startup_deadline_and_its_group_is_killed() {
+    let mut rig = rig(|c| c.startup_timeout = Duration::from_secs(1));
+    let t0 = Instant::now();
+    rig.sup.apply(assign("i1", 1, fake(&["--never-ready"])));
+    rig.expect(ReportedState::Starting, SOON).await;
+    let pgid = rig.pgid("i1");
+    let error = rig.expect(ReportedState::Error, SOON).await;
+    assert!(t0.elapsed() >= Duration::from_secs(1));
+    assert!(error.reason.contains("not ready after 1s"), "{error:?}");
+    assert!(
+        error.reason.contains("503"),
+        "the last probe's answer: {error:?}"
+    );
+    assert!(process::group_members(pgid).is_empty());
+    assert!(rig.record("i1").is_none());
+    rig.no_report_pending();
+}
+
+#[tokio::test]
+async fn a_crashing_server_is_restarted_with_backoff_then_given_up() {
+    let mut rig = rig(|_| {});
+    rig.sup.apply(assign("i1", 1, fake(&["--crash-on-start"])));
+    rig.expect(ReportedState::Starting, SOON).await;
+    for k in 1..=2 {
+        let restart = rig.expect(ReportedState::Starting, SOON).await;
+        assert_eq!(restart.restarts, k);
+        assert!(
+            restart.reason.contains("exited with code 1 while loading"),
+            "{restart:?}"
+        );
+        assert!(
+            restart.reason.contains("simulated crash on start"),
+            "the log's last lines: {restart:?}"
+        );
+    }
+    let error = rig.expect(ReportedState::Error, SOON).await;
+    assert_eq!(error.restarts, 2);
+    assert!(
+        error
+            .reason
+            .starts_with("gave up after 2 restarts (2 allowed in 60s)"),
+        "{error:?}"
+    );
+    // The log of each attempt is kept, up to the bound.
+    let log = rig.config.log_path("i1", Version::new(1));
+    assert!(log.exists() && log.with_extension("log.1").exists());
+    // An unassign after the error is confirmed at once.
+    rig.sup.apply(unassign("i1", 2));
+    assert_eq!(rig.expect(ReportedState::Stopped, SOON).await.version, 2);
+}
+
+#[tokio::test]
+async fn a_server_that_dies_while_running_is_restarted_and_runs_again() {
+    let mut rig = rig(|_| {});
+    rig.sup.apply(assign("i1", 1, fake(&["--exit-after", "1"])));
+    rig.expect(ReportedState::Starting, SOON).await;
+    rig.expect(ReportedState::Running, SOON).await;
+    let restart = rig.expect(ReportedState::Starting, SOON).await;
+    assert_eq!(restart.restarts, 1);
+    assert!(
+        restart.reason.starts_with("exited with code 3"),
+        "{restart:?}"
+    );
+    let again = rig.expect(ReportedState::Running, SOON).await;
+    assert_eq!(again.restarts, 1);
+    assert!(again.endpoint.is_some());
+    rig.sup.apply(unassign("i1", 2));
+    // It may die once more before the stop; whatever it reports, stopped comes last.
+    loop {
+        let seen = rig.next(SOON).await;
+        if seen.state == ReportedState::Stopped {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_unhealthy_server_is_killed_and_restarted() {
+    let mut rig = rig(|c| c.unhealthy_after = 2);
+    rig.sup.apply(assign("i1", 1, fake(&[])));
+    rig.expect(ReportedState::Starting, SOON).await;
+    rig.expect(ReportedState::Running, SOON).await;
+    let pgid = rig.pgid("i1");
+    // Frozen: it neither answers nor exits.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pgid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let restart = rig.expect(ReportedState::Starting, SOON).await;
+    assert_eq!(restart.restarts, 1);
+    assert!(
+        restart
+            .reason
+            .starts_with("unhealthy: 2 probes failed in a row"),
+        "{restart:?}"
+    );
+    assert!(
+        process::group_members(pgid).is_empty(),
+        "the frozen one is gone"
+    );
+    rig.expect(ReportedState::Running, SOON).await;
+    assert_ne!(rig.pgid("i1"), pgid);
+    rig.sup.apply(unassign("i1", 2));
+    rig.expect(ReportedState::Stopped, SOON).await;
+}
+
+#[tokio::test]
+async fn a_server_ignoring_sigterm_is_killed_after_the_grace_and_stopped_only_once_reaped() {
+    let grace = Duration::from_millis(1500);
+    let mut rig = rig(|c| c.grace = grace);
+    rig.sup.apply(assign("i1", 1, fake(&["--ignore-sigterm"])));
+    rig.expect(ReportedState::Starting, SOON).await;
+    rig.expect(ReportedState::Running, SOON).await;
+    let pgid = rig.pgid("i1");
+    let t0 = Instant::now();
+    rig.sup.apply(unassign("i1", 2));
+    rig.expect(ReportedState::Stopped, SOON).await;
+    let took = t0.elapsed();
+    assert!(took >= grace, "stopped after {took:?}, before the grace");
+    assert!(process::group_members(pgid).is_empty());
+    assert!(process::stat(pgid).is_none(), "reaped, not a zombie");
+    let log = std::fs::read_to_string(rig.config.log_path("i1", Version::new(1))).unwrap();
+    assert!(!log.contains("exiting"), "it ignored SIGTERM: {log}");
+    eprintln!("ignore SIGTERM: unassign → stopped {took:?} (grace {grace:?})");
+}
+
+#[tokio::test]
+async fn a_stop_while_loading_stops_the_group_without_running() {
+    let mut rig = rig(|_| {});
+    rig.sup
+        .apply(assign("i1", 1, fake(&["--ready-after", "60"])));
+    rig.expect(ReportedState::Starting, SOON).await;
+    let pgid = rig.pgid("i1");
+    rig.sup.apply(unassign("i1", 2));
+    let stopped = rig.expect(ReportedState::Stopped, SOON).await;
+    assert_eq!(stopped.version, 2);
+    assert!(process::group_members(pgid).is_empty());
+    rig.no_report_pending();
+}
+
+#[tokio::test]
+async fn a_stop_ends_every_process_of_the_group_children_included() {
+    let mut rig = rig(|_| {});
+    rig.sup.apply(assign("i1", 1, fake(&["--child"])));
+    rig.expect(ReportedState::Starting, SOON).await;
+    rig.expect(ReportedState::Running, SOON).await;
+    let pgid = rig.pgid("i1");
+    let members = process::group_members(pgid);
+    assert!(members.len() >= 2, "server and child: {members:?}");
+    let t0 = Instant::now();
+    rig.sup.apply(unassign("i1", 2));
+    rig.expect(ReportedState::Stopped, SOON).await;
+    let took = t0.elapsed();
+    for pid in members {
+        let left = process::stat(pid).filter(|s| s.pgrp == pgid && s.state != 'Z');
+        assert!(left.is_none(), "{pid} of group {pgid} still runs");
+    }
+    eprintln!("--child: unassign → group gone {took:?}");
+}
+
+#[tokio::test]
+async fn a_newer_version_starts_only_once_the_older_server_is_gone() {
+    let mut rig = rig(|_| {});
+    rig.sup.apply(assign("i1", 1, fake(&[])));
+    rig.expect(ReportedState::Starting, SOON).await;
+    rig.expect(ReportedState::Running, SOON).await;
+    let old = rig.pgid("i1");
+    rig.sup.apply(assign("i1", 2, fake(&[])));
+    let starting = rig.expect(ReportedState::Starting, SOON).await;
+    assert_eq!(starting.version, 2, "no report for the replaced version");
+    assert!(process::group_members(old).is_empty(), "never two servers");
+    let running = rig.expect(ReportedState::Running, SOON).await;
+    assert_eq!(running.version, 2);
+    assert_ne!(rig.pgid("i1"), old);
+    // A late assignment of the old version is ignored.
+    rig.sup.apply(assign("i1", 1, fake(&[])));
+    rig.sup.apply(unassign("i1", 3));
+    assert_eq!(rig.expect(ReportedState::Stopped, SOON).await.version, 3);
+    rig.no_report_pending();
+}
+
+#[tokio::test]
+async fn a_missing_server_binary_is_an_error_not_a_hang() {
+    let mut rig = rig(|c| {
+        c.binaries = Binaries {
+            llama_server: Some("/nonexistent/llama-server".into()),
+            vllm: None,
+        }
+    });
+    let spec = StartSpec {
+        model_ref: Some(Box::new(ModelRef::Path("/models/x.gguf".into()))),
+        ..StartSpec::claim(GIB, 1)
+    };
+    rig.sup.apply(assign("i1", 1, spec));
+    let error = rig.expect(ReportedState::Error, SOON).await;
+    assert!(
+        error
+            .reason
+            .contains("llama-server not found: set --llama-server or run ops/build-llama.sh"),
+        "{error:?}"
+    );
+    let bad_program = StartSpec {
+        backend: Some(Box::new(EstimateOptions::Custom(CustomClaim {
+            argv: vec!["/nonexistent/server".into()],
+            ..CustomClaim::default()
+        }))),
+        ..StartSpec::claim(GIB, 1)
+    };
+    rig.sup.apply(assign("i2", 1, bad_program));
+    let error = rig.expect(ReportedState::Error, SOON).await;
+    assert!(
+        error.reason.starts_with("cannot start /nonexistent/server"),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_start_without_a_model_is_a_reservation_running_at_once() {
+    let mut rig = rig(|_| {});
+    rig.sup.apply(assign("i1", 1, StartSpec::claim(GIB, 1)));
+    rig.expect(ReportedState::Starting, SOON).await;
+    let running = rig.expect(ReportedState::Running, SOON).await;
+    assert_eq!(running.endpoint, None);
+    assert!(rig.record("i1").is_none(), "no process");
+    rig.sup.apply(unassign("i1", 2));
+    rig.expect(ReportedState::Stopped, SOON).await;
+}
+
+#[tokio::test]
+async fn shutting_down_stops_every_server() {
+    let mut rig = rig(|_| {});
+    rig.sup.apply(assign("i1", 1, fake(&["--child"])));
+    rig.expect(ReportedState::Starting, SOON).await;
+    rig.expect(ReportedState::Running, SOON).await;
+    let pgid = rig.pgid("i1");
+    rig.sup.shutdown().await;
+    assert!(process::group_members(pgid).is_empty());
+}
+
+/// The real llama-server on SmolLM2 (CPU: the worker's GPUs are simulated).
+#[tokio::test]
+async fn llama_server_serves_smollm2_and_stops() {
+    let Some(bin) = std::env::var_os("BERTH_LLAMA_SERVER") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "BERTH_LLAMA_SERVER must be set under CI"
+        );
+        eprintln!("skipped: BERTH_LLAMA_SERVER is not set (run ops/build-llama.sh)");
+        return;
+    };
+    let model = repo().join(".berth/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        model.exists(),
+        "{} (run ops/fetch-models.sh)",
+        model.display()
+    );
+    let mut rig = rig(|c| {
+        c.binaries.llama_server = Some(bin.into());
+        c.startup_timeout = Duration::from_secs(120);
+        c.probe_every = Duration::from_secs(1);
+        c.probe_timeout = Duration::from_secs(2);
+    });
+    let spec = StartSpec {
+        model: "smollm2".into(),
+        model_ref: Some(Box::new(ModelRef::Path(model))),
+        backend: Some(Box::new(EstimateOptions::LlamaCpp(LlamaCppOptions {
+            context: Some(2048),
+            ..LlamaCppOptions::default()
+        }))),
+        ..StartSpec::claim(GIB, 1)
+    };
+    let t0 = Instant::now();
+    rig.sup.apply(assign("smol", 1, spec));
+    rig.expect(ReportedState::Starting, SOON).await;
+    let running = rig
+        .expect(ReportedState::Running, Duration::from_secs(120))
+        .await;
+    let to_running = t0.elapsed();
+    let endpoint = running.endpoint.unwrap();
+    let pgid = rig.pgid("smol");
+    let (status, body) = http(
+        &endpoint,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"smollm2","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let tokens = reply["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+    assert!(tokens > 0, "{body}");
+    let t1 = Instant::now();
+    rig.sup.apply(unassign("smol", 2));
+    rig.expect(ReportedState::Stopped, Duration::from_secs(30))
+        .await;
+    let to_stopped = t1.elapsed();
+    assert!(process::group_members(pgid).is_empty());
+    assert!(port_free(port_of(&endpoint)));
+    eprintln!(
+        "llama-server SmolLM2: assign → running {to_running:?}, {tokens} tokens, \
+         unassign → stopped {to_stopped:?}"
+    );
+}

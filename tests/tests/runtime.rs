@@ -1,0 +1,133 @@
+//! The process runtime end to end: a start command through NATS and an analyzer to an agent
+//! that runs a real server (`ops/fake-model-server.py` through the custom backend), reports it
+//! running with its endpoint, restarts it when it crashes and stops its whole process group.
+
+use berth_agent::{
+    ProcessConfig, Runtime,
+    supervisor::{PortPool, RestartLimits, process, records},
+};
+use berth_models::{CustomClaim, EstimateOptions};
+use berth_proto::{Command, InstanceState, StartSpec, StatusMsg, Version, status::ReportedState};
+use berth_tests::{Fleet, GIB, worker};
+use futures::StreamExt;
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn process_runtime(state_dir: &Path, ports: std::ops::RangeInclusive<u16>) -> Runtime {
+    let mut c = ProcessConfig::new(state_dir.to_path_buf());
+    c.ports = PortPool::new(ports);
+    c.startup_timeout = Duration::from_secs(20);
+    c.startup_probe_every = Duration::from_millis(50);
+    c.probe_every = Duration::from_millis(200);
+    c.grace = Duration::from_secs(3);
+    c.restarts = RestartLimits {
+        max_restarts: 1,
+        ..RestartLimits::default()
+    };
+    c.restarts.backoff.first_delay = Duration::from_millis(50);
+    Runtime::Process(Box::new(c))
+}
+
+fn fake(flags: &[&str]) -> Command {
+    let server = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/fake-model-server.py");
+    let mut argv: Vec<String> = ["python3", &server.display().to_string()]
+        .into_iter()
+        .chain(["--host", "{host}", "--port", "{port}", "--model", "{model}"])
+        .map(str::to_owned)
+        .collect();
+    argv.extend(flags.iter().map(|f| (*f).to_owned()));
+    Command::Start(StartSpec {
+        model: "fake".into(),
+        backend: Some(Box::new(EstimateOptions::Custom(CustomClaim {
+            bytes_per_gpu: GIB.unsigned_abs(),
+            argv,
+            ..CustomClaim::default()
+        }))),
+        ..StartSpec::claim(GIB, 1)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_server_runs_with_its_endpoint_and_a_stop_ends_its_group() {
+    let mut fleet = Fleet::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let mut reports = fleet
+        .bus
+        .client()
+        .subscribe("berth.status.w1")
+        .await
+        .unwrap();
+    fleet.add_analyzer(Default::default()).await;
+    fleet
+        .add_agent_with(
+            worker("w1", 1, 80, &[]),
+            process_runtime(state.path(), 42000..=42099),
+        )
+        .await;
+
+    let t0 = Instant::now();
+    fleet.bus.publish_command("srv", &fake(&[])).await.unwrap();
+    let row = fleet.wait_state("srv", InstanceState::Running, LIMIT).await;
+    let to_running = t0.elapsed();
+    let endpoint = loop {
+        let msg = tokio::time::timeout(LIMIT, reports.next())
+            .await
+            .expect("a running report")
+            .unwrap();
+        if let Ok(StatusMsg::Instance {
+            state: ReportedState::Running,
+            endpoint: Some(endpoint),
+            version,
+            ..
+        }) = StatusMsg::decode(&msg.payload)
+        {
+            assert_eq!(version, row.version);
+            break endpoint;
+        }
+    };
+    let record = records::read(&state.path().join("instances"), "srv").unwrap();
+    assert_eq!(endpoint, format!("127.0.0.1:{}", record.port));
+    let probe = tokio::net::TcpStream::connect(&endpoint).await;
+    assert!(probe.is_ok(), "the server answers at {endpoint}");
+    fleet.assert_books_balanced().await;
+
+    let t1 = Instant::now();
+    fleet.stop_instance("srv").await;
+    fleet.wait_state("srv", InstanceState::Stopped, LIMIT).await;
+    let to_stopped = t1.elapsed();
+    assert!(process::group_members(record.pid).is_empty());
+    assert!(records::read(&state.path().join("instances"), "srv").is_none());
+    assert!(std::net::TcpListener::bind(("127.0.0.1", record.port)).is_ok());
+    assert!(fleet.store.allocations().await.unwrap().is_empty());
+    fleet.assert_books_balanced().await;
+    eprintln!("through NATS: start → running {to_running:?}, stop → stopped {to_stopped:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_keeps_crashing_ends_in_error_and_frees_its_gpus() {
+    let mut fleet = Fleet::start().await;
+    let state = tempfile::tempdir().unwrap();
+    fleet.add_analyzer(Default::default()).await;
+    fleet
+        .add_agent_with(
+            worker("w1", 1, 80, &[]),
+            process_runtime(state.path(), 42100..=42199),
+        )
+        .await;
+    fleet
+        .bus
+        .publish_command("crash", &fake(&["--crash-on-start"]))
+        .await
+        .unwrap();
+    let row = fleet.wait_state("crash", InstanceState::Error, LIMIT).await;
+    let reason = row.reason.unwrap_or_default();
+    assert!(reason.contains("gave up after 1 restarts"), "{reason}");
+    assert!(reason.contains("simulated crash on start"), "{reason}");
+    assert!(row.version >= Version::FIRST);
+    assert!(fleet.store.allocations().await.unwrap().is_empty());
+    fleet.assert_books_balanced().await;
+}
