@@ -109,7 +109,7 @@ async fn a_batch_resent_after_a_crash_is_stored_once() {
     };
     let crashed = fleet.store.relay_events(100, publish(true)).await;
     assert!(
-        matches!(crashed, Err(Ok(ref e)) if e == "crashed"),
+        matches!(crashed, Err(berth_store::outbox::RelayError::Publish(ref e)) if e == "crashed"),
         "{crashed:?}"
     );
     assert_eq!(fleet.store.outbox_len().await.expect("outbox"), 2);

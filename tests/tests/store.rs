@@ -404,6 +404,7 @@ async fn grouped_reports_move_only_current_placements_forward() {
         state,
         endpoint: None,
         restarts: 0,
+        reason: None,
     };
     let reports = [
         report("w1", "c", 1, ReportedState::Starting),
@@ -680,6 +681,7 @@ async fn grouped_statements_record_one_event_per_change() {
         state,
         endpoint: None,
         restarts: 0,
+        reason: None,
     };
     store
         .forward_reports(&[
@@ -702,7 +704,7 @@ async fn grouped_statements_record_one_event_per_change() {
                     e.gpus
                 )
             }));
-            async { Ok(()) }
+            async { Ok::<(), std::convert::Infallible>(()) }
         })
         .await
         .unwrap();
@@ -783,6 +785,7 @@ async fn endpoints_and_restarts_follow_the_server() {
         state,
         endpoint: endpoint.map(str::to_owned),
         restarts,
+        reason: (restarts > 0 && state == ReportedState::Starting).then(|| "exit 1".to_owned()),
     };
     let row = || async { store.instance("x").await.unwrap().unwrap() };
     let apply = |f: Forward| {
@@ -816,6 +819,7 @@ async fn endpoints_and_restarts_follow_the_server() {
         (r.state.as_str(), r.endpoint.as_deref(), r.restarts),
         ("starting", None, 1)
     );
+    assert_eq!(r.reason.as_deref(), Some("exit 1"), "why it restarted");
     // A running report sent before the restart arrives late: nothing changes.
     assert!(
         apply(report(ReportedState::Running, Some("10.0.0.5:40001"), 0))
@@ -843,7 +847,7 @@ async fn endpoints_and_restarts_follow_the_server() {
     store
         .relay_events(100, |batch| {
             events.extend(batch.into_iter().map(|e| e.event));
-            async { Ok(()) }
+            async { Ok::<(), std::convert::Infallible>(()) }
         })
         .await
         .unwrap();

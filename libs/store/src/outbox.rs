@@ -54,20 +54,20 @@ pub enum Relayed {
 
 impl Store {
     /// Hands the oldest waiting events (at most `limit`) to `publish`, and removes them once
-    /// it succeeds; on its error nothing is removed and the error is returned as
-    /// `Err(Ok(message))` (`Err(Err(_))` is a database error).
-    pub async fn relay_events<F, Fut>(
+    /// it succeeds; on its error nothing is removed and the error is returned.
+    pub async fn relay_events<F, Fut, E>(
         &self,
         limit: i64,
         publish: F,
-    ) -> Result<Relayed, Result<String, StoreError>>
+    ) -> Result<Relayed, RelayError<E>>
     where
         F: FnOnce(Vec<OutboxEvent>) -> Fut + Send,
-        Fut: Future<Output = Result<(), String>> + Send,
+        Fut: Future<Output = Result<(), E>> + Send,
+        E: Send,
     {
-        let mut conn = self.conn().await.map_err(Err)?;
-        let outcome = (*conn)
-            .transaction::<_, RelayError, _>(async |conn| {
+        let mut conn = self.conn().await?;
+        (*conn)
+            .transaction::<_, RelayError<E>, _>(async |conn| {
                 let turn: bool = diesel::select(pg_try_advisory_xact_lock(RELAY_LOCK))
                     .get_result(conn)
                     .await?;
@@ -93,12 +93,7 @@ impl Store {
                     .await?;
                 Ok(Relayed::Sent(seqs.len()))
             })
-            .await;
-        match outcome {
-            Ok(r) => Ok(r),
-            Err(RelayError::Publish(e)) => Err(Ok(e)),
-            Err(RelayError::Store(e)) => Err(Err(e)),
-        }
+            .await
     }
 
     /// Events waiting to be relayed.
@@ -108,21 +103,20 @@ impl Store {
     }
 }
 
-#[derive(Debug)]
-enum RelayError {
-    Store(StoreError),
-    Publish(String),
+/// Why a relay round ended without removing anything.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError<E> {
+    /// The outbox could not be read or cleared.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Publishing refused or failed; the events stay for the next round.
+    #[error("cannot publish events: {0}")]
+    Publish(#[source] E),
 }
 
-impl From<diesel::result::Error> for RelayError {
+impl<E> From<diesel::result::Error> for RelayError<E> {
     fn from(e: diesel::result::Error) -> Self {
         RelayError::Store(e.into())
-    }
-}
-
-impl From<StoreError> for RelayError {
-    fn from(e: StoreError) -> Self {
-        RelayError::Store(e)
     }
 }
 

@@ -152,6 +152,7 @@ async fn prepare(conn: &mut AsyncPgConnection) -> Result<(), StoreError> {
         states: &[],
         endpoints: &[],
         restarts: &[],
+        reasons: &[],
     }
     .load(conn)
     .await?;

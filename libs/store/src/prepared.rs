@@ -160,6 +160,7 @@ pub(crate) struct ForwardMany<'a> {
     pub states: &'a [&'a str],
     pub endpoints: &'a [Option<&'a str>],
     pub restarts: &'a [i32],
+    pub reasons: &'a [Option<&'a str>],
 }
 
 impl QueryId for ForwardMany<'_> {
@@ -183,7 +184,10 @@ impl QueryFragment<Pg> for ForwardMany<'_> {
                 Seg::Param(5) => {
                     out.push_bind_param::<Array<Nullable<Text>>, _>(self.endpoints)?;
                 }
-                Seg::Param(_) => out.push_bind_param::<Array<Integer>, _>(self.restarts)?,
+                Seg::Param(6) => out.push_bind_param::<Array<Integer>, _>(self.restarts)?,
+                Seg::Param(_) => {
+                    out.push_bind_param::<Array<Nullable<Text>>, _>(self.reasons)?;
+                }
             }
         }
         Ok(())

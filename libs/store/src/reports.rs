@@ -26,6 +26,8 @@ pub struct Forward {
     pub endpoint: Option<String>,
     /// Times the agent restarted this placement's server.
     pub restarts: u32,
+    /// Why, with a restart: how the server failed (exit code, last log lines).
+    pub reason: Option<String>,
 }
 
 fn forward_state(reported: ReportedState) -> InstanceState {
@@ -45,8 +47,8 @@ fn forward_state(reported: ReportedState) -> InstanceState {
 pub(crate) const FORWARD_MANY: &str = "\
     WITH f AS ( \
         SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], \
-                             $6::int[]) \
-            AS f(id, version, worker_id, to_state, endpoint, restarts) \
+                             $6::int[], $7::text[]) \
+            AS f(id, version, worker_id, to_state, endpoint, restarts, reason) \
     ), locked AS ( \
         SELECT l.id FROM (SELECT * FROM f ORDER BY id) s CROSS JOIN LATERAL ( \
             SELECT i.id FROM instances i \
@@ -58,7 +60,7 @@ pub(crate) const FORWARD_MANY: &str = "\
             FOR UPDATE \
         ) l \
     ) \
-    UPDATE instances i SET state = f.to_state, reason = NULL, endpoint = f.endpoint, \
+    UPDATE instances i SET state = f.to_state, reason = f.reason, endpoint = f.endpoint, \
         restarts = f.restarts, updated_at = now() \
     FROM f \
     WHERE i.id = ANY (ARRAY(SELECT id FROM locked)) AND i.id = f.id \
@@ -286,6 +288,12 @@ impl Store {
             .iter()
             .map(|r| i32::try_from(r.restarts).unwrap_or(i32::MAX))
             .collect();
+        // Agents copy reasons from server logs: one line, bounded.
+        let reasons: Vec<Option<String>> = rows
+            .iter()
+            .map(|r| r.reason.as_deref().map(berth_proto::text::reason))
+            .collect();
+        let reasons: Vec<Option<&str>> = reasons.iter().map(Option::as_deref).collect();
         let mut conn = self.conn().await?;
         let moved: Vec<(String, i64, String, i64)> = crate::prepared::ForwardMany {
             ids: &ids,
@@ -294,6 +302,7 @@ impl Store {
             states: &states,
             endpoints: &endpoints,
             restarts: &restarts,
+            reasons: &reasons,
         }
         .load(&mut conn)
         .await?;
@@ -321,8 +330,8 @@ impl Store {
                     cmd_seq: *moved.get(&k)?,
                     worker_id: Some(r.worker_id.clone()),
                     gpus: Vec::new(),
-                    reason: None,
-                    endpoint: None,
+                    reason: r.reason.clone(),
+                    endpoint: r.endpoint.clone(),
                 })
             })
             .collect())
@@ -356,6 +365,7 @@ impl Store {
                 state: reported,
                 endpoint: endpoint.map(str::to_owned),
                 restarts,
+                reason: reason.map(str::to_owned),
             };
             return Ok(self
                 .forward_reports(std::slice::from_ref(&forward))

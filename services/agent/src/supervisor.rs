@@ -669,6 +669,11 @@ impl Shared {
         }
         let paths = backend.ready_paths();
         let host = c.probe_host();
+        // The server leads its own process group.
+        let pgid = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .unwrap_or(0);
         let deadline = tokio::time::Instant::now() + c.startup_timeout;
         let mut last = String::from("not probed yet");
         loop {
@@ -686,7 +691,12 @@ impl Shared {
                 }
                 () = tokio::time::sleep(c.startup_probe_every) => {
                     match probe::all(host, port, &paths, c.probe_timeout).await {
-                        Ok(()) => break,
+                        // The answer must come from this server, not from another process
+                        // that holds the port (this one then fails to bind and exits).
+                        Ok(()) if process::group_listens_on(pgid, port) => break,
+                        Ok(()) => {
+                            last = format!("port {port} answered by a process outside the server's group");
+                        }
                         Err(e) => last = e,
                     }
                 }

@@ -32,10 +32,21 @@ fn fake_server() -> String {
         .to_string()
 }
 
-/// One pool for the whole test binary: tests run in parallel and must not share a port.
+/// One pool for the whole test process. Tests run in processes of their own, in parallel:
+/// each claims a block of ten ports for itself by holding a sentinel port of that block
+/// (43000 + block) for as long as it lives, so two never reach for the same port.
 fn ports() -> Arc<PortPool> {
-    static POOL: OnceLock<Arc<PortPool>> = OnceLock::new();
-    POOL.get_or_init(|| PortPool::new(41000..=41999)).clone()
+    static POOL: OnceLock<(Arc<PortPool>, std::net::TcpListener)> = OnceLock::new();
+    let (pool, _sentinel) = POOL.get_or_init(|| {
+        (0..90u16)
+            .find_map(|block| {
+                let sentinel = std::net::TcpListener::bind(("127.0.0.1", 43_000 + block)).ok()?;
+                let first = 41_000 + block * 10;
+                Some((PortPool::new(first..=first + 9), sentinel))
+            })
+            .expect("a free block of test ports")
+    });
+    pool.clone()
 }
 
 struct Rig {
@@ -417,7 +428,15 @@ async fn a_stop_ends_every_process_of_the_group_children_included() {
     rig.expect(ReportedState::Starting, SOON).await;
     rig.expect(ReportedState::Running, SOON).await;
     let pgid = rig.pgid("i1");
-    let members = process::group_members(pgid);
+    // The server starts its child itself; wait for both to show in /proc, with a deadline.
+    let deadline = Instant::now() + SOON;
+    let members = loop {
+        let members = process::group_members(pgid);
+        if members.len() >= 2 || Instant::now() > deadline {
+            break members;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(members.len() >= 2, "server and child: {members:?}");
     let t0 = Instant::now();
     rig.sup.apply(unassign("i1", 2));

@@ -5,10 +5,10 @@
 //! dropped by the server as a duplicate: no event is lost, none is published twice.
 
 use crate::context::Ctx;
-use berth_bus::Bus;
+use berth_bus::{Bus, BusError};
 use berth_store::{
     Transition,
-    outbox::{OutboxEvent, Relayed},
+    outbox::{OutboxEvent, RelayError, Relayed},
 };
 use std::{sync::Arc, time::Duration};
 use tokio::sync::Notify;
@@ -98,12 +98,12 @@ async fn drain(ctx: &Ctx) -> bool {
                     return true;
                 }
             }
-            Err(Ok(e)) => {
+            Err(RelayError::Publish(e)) => {
                 ctx.stats.events_failed.inc();
-                tracing::warn!(e, "cannot publish events; will retry");
+                tracing::warn!(%e, "cannot publish events; will retry");
                 return false;
             }
-            Err(Err(e)) => {
+            Err(RelayError::Store(e)) => {
                 tracing::warn!(%e, "cannot read the event outbox; will retry");
                 return false;
             }
@@ -112,17 +112,13 @@ async fn drain(ctx: &Ctx) -> bool {
 }
 
 /// Sends every event, then waits for all of JetStream's acks.
-async fn publish_all(bus: &Bus, events: Vec<OutboxEvent>) -> Result<(), String> {
+async fn publish_all(bus: &Bus, events: Vec<OutboxEvent>) -> Result<(), BusError> {
     let mut acks = Vec::with_capacity(events.len());
     for e in &events {
-        acks.push(
-            bus.send_event(&e.event, &e.msg_id)
-                .await
-                .map_err(|e| e.to_string())?,
-        );
+        acks.push(bus.send_event(&e.event, &e.msg_id).await?);
     }
     for ack in acks {
-        ack.await.map_err(|e| e.to_string())?;
+        ack.await?;
     }
     Ok(())
 }

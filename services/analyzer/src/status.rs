@@ -157,6 +157,7 @@ async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
                         state: *state,
                         endpoint: endpoint.clone(),
                         restarts: *restarts,
+                        reason: reason.clone(),
                     };
                     match ctx.forwards.call(forward).await {
                         Ok(Ok(moved)) => Ok(moved.into_iter().collect()),

@@ -144,15 +144,33 @@ async fn start(args: UpArgs) -> Result<Fleet> {
         fleet.analyzers.spawn(name, cmd)?;
     }
     let registered_since = Utc::now();
-    for worker in &workers {
+    for (i, worker) in workers.iter().enumerate() {
+        // Simulated GPUs, real model servers: a start with a model file runs llama-server
+        // (on the CPU here); a start with only a VRAM claim stays a reservation. Each agent
+        // has its own state directory and ports, so two never pick the same one.
+        let ports = agent_ports(i)?;
         let mut cmd = Command::new(&agent_bin);
         cmd.args(["--nats-url", &fleet.nats.url(), "--worker", worker])
             .arg("--inventory")
-            .arg(&fleet.inventory);
+            .arg(&fleet.inventory)
+            .args(["--runtime", "process", "--port-range", &ports])
+            .arg("--state-dir")
+            .arg(dir.join("agents").join(worker));
         fleet.agents.spawn(format!("agent-{worker}"), cmd)?;
     }
     wait_registered(&mut fleet, &workers, registered_since).await?;
     Ok(fleet)
+}
+
+/// Ports for the model servers of the `i`th agent of this machine: 100 each from 40000.
+fn agent_ports(i: usize) -> Result<String> {
+    let first = u16::try_from(i)
+        .ok()
+        .and_then(|i| i.checked_mul(100))
+        .and_then(|o| o.checked_add(40_000))
+        .filter(|p| *p <= 65_435)
+        .context("too many workers in the inventory for one machine's port ranges")?;
+    Ok(format!("{first}-{}", first + 99))
 }
 
 /// The worker ids of `inventory`, as the agent reads it (`--print-inventory`): the file is

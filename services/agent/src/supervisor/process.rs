@@ -43,6 +43,56 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
         .collect()
 }
 
+/// Whether a process of group `pgid` holds the listening TCP socket on `port` (IPv4 or
+/// IPv6): before the agent says "running at host:port", it makes sure the answer came from
+/// its own server and not from whatever else took the port meanwhile.
+pub fn group_listens_on(pgid: i32, port: u16) -> bool {
+    let wanted = listening_inodes(port);
+    if wanted.is_empty() {
+        return false;
+    }
+    group_members(pgid).into_iter().any(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .filter_map(|target| {
+                let target = target
+                    .to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?;
+                target.parse::<u64>().ok()
+            })
+            .any(|inode| wanted.contains(&inode))
+    })
+}
+
+/// Inodes of the sockets listening on `port`, from /proc/net/tcp and tcp6.
+fn listening_inodes(port: u16) -> Vec<u64> {
+    const LISTEN: &str = "0A";
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f
+                .get(1)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port)
+                && f.get(3) == Some(&LISTEN)
+                && let Some(inode) = f.get(9).and_then(|i| i.parse().ok())
+            {
+                out.push(inode);
+            }
+        }
+    }
+    out
+}
+
 /// Whether any live process is left in group `pgid`. A zombie does not count: an orphan is
 /// reaped by init, which in a container may never do it.
 pub fn group_alive(pgid: i32) -> bool {
@@ -129,6 +179,17 @@ pub fn exit_reason(status: ExitStatus) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_listening_socket_is_found_in_its_own_group_only() {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let me = super::stat(i32::try_from(std::process::id()).unwrap()).unwrap();
+        assert!(super::group_listens_on(me.pgrp, port));
+        assert!(!super::group_listens_on(me.pgrp, port.wrapping_add(1)) || port == u16::MAX);
+        drop(listener);
+        assert!(!super::group_listens_on(me.pgrp, port));
+    }
+
     use super::*;
 
     #[test]
