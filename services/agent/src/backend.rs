@@ -33,6 +33,8 @@ pub struct AssignedGpu {
     pub uuid: String,
     /// Bytes reserved for the instance on it.
     pub bytes: i64,
+    /// The GPU's memory (0 when unknown).
+    pub total_bytes: i64,
 }
 
 /// Where and on what one placement runs.
@@ -308,7 +310,9 @@ impl Backend for Vllm {
         if o.pipeline_parallel > 1 {
             opt("--pipeline-parallel-size", o.pipeline_parallel.to_string());
         }
-        if let Some(u) = o.gpu_memory_utilization {
+        // With no share (berth reserved only the estimate), vLLM must not take its default
+        // 0.9 of each GPU: it gets the share berth reserved, rounded up to 0.001.
+        if let Some(u) = o.gpu_memory_utilization.or_else(|| reserved_share(l.gpus)) {
             opt("--gpu-memory-utilization", u.to_string());
         }
         if let Some(len) = o.max_model_len {
@@ -412,6 +416,25 @@ impl Custom {
     }
 }
 
+/// The largest share of its GPU the placement reserved on any of `gpus`, rounded up to a
+/// thousandth (what vLLM's `--gpu-memory-utilization` takes); `None` when no total is known.
+fn reserved_share(gpus: &[AssignedGpu]) -> Option<f64> {
+    gpus.iter()
+        .filter(|g| g.total_bytes > 0 && g.bytes > 0)
+        .map(|g| {
+            // Byte counts are far below 2^53: exact as f64.
+            #[expect(
+                clippy::cast_precision_loss,
+                reason = "GPU byte counts stay below 2^53"
+            )]
+            let share = g.bytes as f64 / g.total_bytes as f64;
+            ((share * 1000.0).ceil() / 1000.0).min(1.0)
+        })
+        .fold(None, |max: Option<f64>, s| {
+            Some(max.map_or(s, |m| m.max(s)))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,8 +448,31 @@ mod tests {
                 index: u32::try_from(i).unwrap(),
                 uuid: format!("GPU-{i}"),
                 bytes: *b,
+                total_bytes: 80 << 30,
             })
             .collect()
+    }
+
+    #[test]
+    fn vllm_without_a_share_claims_what_berth_reserved() {
+        let g = gpus(&[30 << 30, 41 << 30]);
+        assert_eq!(reserved_share(&g), Some(0.513));
+        assert_eq!(reserved_share(&[]), None);
+        let b = Vllm {
+            options: VllmOptions {
+                gpu_memory_utilization: None,
+                ..VllmOptions::default()
+            },
+            model: "/m/llama".into(),
+            binary: "vllm".into(),
+        };
+        let c = b.command(&launch(&g, true)).unwrap();
+        let at = c
+            .args
+            .iter()
+            .position(|a| a == "--gpu-memory-utilization")
+            .unwrap();
+        assert_eq!(c.args[at + 1], "0.513");
     }
 
     fn launch<'a>(gpus: &'a [AssignedGpu], cuda: bool) -> Launch<'a> {

@@ -244,16 +244,14 @@ impl Supervisor {
                 let assigned = gpus
                     .iter()
                     .enumerate()
-                    .map(|(i, index)| AssignedGpu {
-                        index: *index,
-                        uuid: self
-                            .shared
-                            .gpus
-                            .iter()
-                            .find(|g| g.index == *index)
-                            .map(|g| g.uuid.clone())
-                            .unwrap_or_default(),
-                        bytes: gpu_bytes.get(i).copied().unwrap_or(vram_bytes_per_gpu),
+                    .map(|(i, index)| {
+                        let gpu = self.shared.gpus.iter().find(|g| g.index == *index);
+                        AssignedGpu {
+                            index: *index,
+                            uuid: gpu.map(|g| g.uuid.clone()).unwrap_or_default(),
+                            bytes: gpu_bytes.get(i).copied().unwrap_or(vram_bytes_per_gpu),
+                            total_bytes: gpu.map_or(0, |g| g.total_bytes),
+                        }
                     })
                     .collect();
                 let (stop, stop_rx) = watch::channel(None);

@@ -28,20 +28,35 @@ pub struct BackendArgs {
     /// vLLM: tensor-parallel size.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     tp: Option<u32>,
-    /// vLLM: fraction of each GPU the instance claims (0 < f <= 1).
-    #[arg(long, value_parser = parse_fraction)]
-    gpu_memory_utilization: Option<f64>,
+    /// vLLM: fraction of each GPU the instance claims (0 < f <= 1). Absent: vLLM's own
+    /// default, 0.9, as vLLM itself would take it. `none`: reserve only the estimate, and
+    /// the agent makes vLLM claim exactly that.
+    #[arg(long, value_parser = parse_share)]
+    gpu_memory_utilization: Option<Share>,
     /// vLLM: no CUDA graphs.
     #[arg(long)]
     enforce_eager: bool,
 }
 
-fn parse_fraction(s: &str) -> Result<f64, String> {
-    let f: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+/// What `--gpu-memory-utilization` asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Share {
+    Fraction(f64),
+    /// `none`: only the estimate.
+    EstimateOnly,
+}
+
+fn parse_share(s: &str) -> Result<Share, String> {
+    if s == "none" {
+        return Ok(Share::EstimateOnly);
+    }
+    let f: f64 = s
+        .parse()
+        .map_err(|e| format!("{s:?}: {e} (a fraction, or none)"))?;
     if !(f > 0.0 && f <= 1.0) {
         return Err(format!("{f} is not in (0, 1]"));
     }
-    Ok(f)
+    Ok(Share::Fraction(f))
 }
 
 impl BackendArgs {
@@ -52,7 +67,12 @@ impl BackendArgs {
                 tensor_parallel: self.tp.unwrap_or(gpus),
                 max_model_len: self.ctx,
                 enforce_eager: self.enforce_eager,
-                gpu_memory_utilization: self.gpu_memory_utilization,
+                gpu_memory_utilization: match self.gpu_memory_utilization {
+                    // What vLLM does without the flag.
+                    None => VllmOptions::default().gpu_memory_utilization,
+                    Some(Share::Fraction(f)) => Some(f),
+                    Some(Share::EstimateOnly) => None,
+                },
                 ..Default::default()
             }),
             _ => {

@@ -512,3 +512,52 @@ fn estimate_reads_model_files() {
         );
     }
 }
+
+/// Without `--gpu-memory-utilization`, a vLLM estimate claims what vLLM itself takes without
+/// the flag (0.9 of each GPU), not just the estimate: a model that fits berth's figure but
+/// not vLLM's share must not be placed where vLLM then refuses to start. `none` keeps only
+/// the estimate.
+#[test]
+fn a_vllm_start_without_a_share_claims_vllms_default() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256,
+            "max_position_embeddings": 8192, "torch_dtype": "bfloat16",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let path = dir.path().to_str().unwrap();
+    let claim = |extra: &[&str]| {
+        let mut args = vec!["estimate", path, "--backend", "vllm", "--json"];
+        args.extend_from_slice(extra);
+        let out = berth(&args, &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let doc: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        doc["estimate"]["claim"]["fraction"].as_f64()
+    };
+    assert_eq!(claim(&[]), Some(0.9));
+    assert_eq!(claim(&["--gpu-memory-utilization", "0.5"]), Some(0.5));
+    assert_eq!(claim(&["--gpu-memory-utilization", "none"]), None);
+    let bad = berth(
+        &[
+            "estimate",
+            path,
+            "--backend",
+            "vllm",
+            "--gpu-memory-utilization",
+            "most",
+        ],
+        &[],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("a fraction, or none"),
+        "{}",
+        stderr(&bad)
+    );
+}
