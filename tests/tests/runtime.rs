@@ -7,8 +7,9 @@ use berth_agent::{
     supervisor::{PortPool, RestartLimits, process, records},
 };
 use berth_models::{CustomClaim, EstimateOptions};
+use berth_proto::logs::{LogsReply, LogsRequest};
 use berth_proto::{Command, InstanceState, StartSpec, StatusMsg, Version, status::ReportedState};
-use berth_tests::{Fleet, GIB, worker};
+use berth_tests::{Fleet, GIB, wait_until, worker};
 use futures::StreamExt;
 use std::{
     path::Path,
@@ -93,7 +94,47 @@ async fn a_started_server_runs_with_its_endpoint_and_a_stop_ends_its_group() {
     assert_eq!(endpoint, format!("127.0.0.1:{}", record.port));
     let probe = tokio::net::TcpStream::connect(&endpoint).await;
     assert!(probe.is_ok(), "the server answers at {endpoint}");
+    // The books have the endpoint too.
+    let row = fleet.store.instance("srv").await.unwrap().unwrap();
+    assert_eq!(row.endpoint.as_deref(), Some(endpoint.as_str()));
     fleet.assert_books_balanced().await;
+
+    // Its log, from the agent over NATS (what `berth logs` asks): the server's startup line.
+    let ask = |req: LogsRequest| {
+        let client = fleet.bus.client().clone();
+        async move {
+            let answer = client
+                .request(
+                    berth_proto::subjects::logs_subject("w1").unwrap(),
+                    berth_proto::encode(&req).unwrap().into(),
+                )
+                .await
+                .unwrap();
+            berth_proto::decode::<LogsReply>(&answer.payload).unwrap()
+        }
+    };
+    let log = wait_until("the server's startup line in its log", LIMIT, || async {
+        let reply = ask(LogsRequest {
+            instance_id: "srv".into(),
+            version: None,
+            previous: 0,
+            offset: None,
+            tail_lines: 50,
+        })
+        .await;
+        reply.text.contains("listening on").then_some(reply)
+    })
+    .await;
+    assert_eq!((log.version, log.error), (row.version, None));
+    let missing = ask(LogsRequest {
+        instance_id: "nothing-here".into(),
+        version: None,
+        previous: 0,
+        offset: None,
+        tail_lines: 50,
+    })
+    .await;
+    assert!(missing.error.unwrap().contains("no log"));
 
     let t1 = Instant::now();
     fleet.stop_instance("srv").await;

@@ -51,7 +51,8 @@ impl BusError {
         }
     }
 
-    pub(crate) fn request(what: &'static str, source: impl Into<Source>) -> Self {
+    /// A failed request to the server, with what was asked.
+    pub fn request(what: &'static str, source: impl Into<Source>) -> Self {
         BusError::Request {
             what,
             source: source.into(),

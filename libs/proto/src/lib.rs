@@ -11,6 +11,7 @@ pub mod command;
 pub mod event;
 pub mod ids;
 pub mod lifecycle;
+pub mod logs;
 pub mod size;
 pub mod state;
 pub mod status;

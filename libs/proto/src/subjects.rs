@@ -8,6 +8,8 @@ pub const DLQ_PREFIX: &str = "berth.dlq.cmd";
 pub const AGENT_PREFIX: &str = "berth.agent";
 /// Reports from agents (registration, heartbeats, instance status), by worker.
 pub const STATUS_PREFIX: &str = "berth.status";
+/// Requests for a model server's log, answered by the worker's agent (core NATS).
+pub const LOGS_PREFIX: &str = "berth.logs";
 /// State-change events, by instance.
 pub const EVENTS_PREFIX: &str = "berth.events.instance";
 /// Analyzers' heartbeats: the payload is the sender's member id (UTF-8). Core NATS, not
@@ -67,6 +69,10 @@ pub fn agent_subject(worker_id: &str) -> Result<String, InvalidId> {
 
 pub fn status_subject(worker_id: &str) -> Result<String, InvalidId> {
     join(STATUS_PREFIX, worker_id)
+}
+
+pub fn logs_subject(worker_id: &str) -> Result<String, InvalidId> {
+    join(LOGS_PREFIX, worker_id)
 }
 
 pub fn event_subject(instance_id: &str) -> Result<String, InvalidId> {

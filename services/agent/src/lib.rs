@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod inventory;
+pub mod logs_service;
 pub mod metrics;
 pub mod nvml;
 pub mod runner;

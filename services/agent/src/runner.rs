@@ -98,6 +98,18 @@ impl Agent {
         )
         .await?;
         let consumer = bus.agent_consumer(&id).await?;
+        if let Some((supervisor, _)) = &supervisor {
+            // `berth logs`: this worker's server logs, read from its state directory.
+            let serve = crate::logs_service::serve(
+                bus.client().clone(),
+                &id,
+                supervisor.logs_dir(),
+                shutdown.clone(),
+            )
+            .await
+            .map_err(|e| BusError::request("logs subscription", e))?;
+            tasks.spawn(serve);
+        }
         let supervisor = supervisor.map(|(supervisor, reports)| {
             tasks.spawn(forward_reports(
                 bus.clone(),

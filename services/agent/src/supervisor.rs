@@ -169,6 +169,11 @@ impl std::fmt::Debug for Supervisor {
 }
 
 impl Supervisor {
+    /// Where the servers' logs are (`<instance>/<version>.log`).
+    pub fn logs_dir(&self) -> PathBuf {
+        self.shared.config.state_dir.join("logs")
+    }
+
     /// A supervisor for `worker`'s placements; reports go to `reports`.
     pub fn new(
         config: ProcessConfig,

@@ -2,6 +2,7 @@
 
 mod bench;
 mod estimate;
+mod logs;
 mod ps;
 mod publish;
 mod up;
@@ -44,6 +45,8 @@ enum Cmd {
     Ps(ps::PsArgs),
     /// Print state changes as they happen.
     Watch(watch::WatchArgs),
+    /// An instance's server log, from the worker that runs it.
+    Logs(logs::LogsArgs),
     /// Apply database migrations (analyzers also do this at start).
     Migrate,
     /// What a model needs on the GPUs, estimated from its own files.
@@ -72,6 +75,7 @@ async fn main() -> Result<()> {
         Cmd::Stop(args) => publish::stop(&cli.nats_url, args).await,
         Cmd::Ps(args) => ps::run(&cli.database_url, &cli.nats_url, args).await,
         Cmd::Watch(args) => watch::run(&cli.nats_url, args).await,
+        Cmd::Logs(args) => logs::run(&cli.database_url, &cli.nats_url, args).await,
         Cmd::Bench { args } => bench::run(&args),
         Cmd::Estimate(args) => estimate::run(&args),
         Cmd::Migrate => {
