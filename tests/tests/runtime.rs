@@ -52,44 +52,36 @@ fn fake(flags: &[&str]) -> Command {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_started_server_runs_with_its_endpoint_and_a_stop_ends_its_group() {
+/// A fleet with an analyzer and a process agent for worker w1, and the reports of w1.
+async fn process_fleet(
+    state: &Path,
+    ports: std::ops::RangeInclusive<u16>,
+) -> (Fleet, async_nats::Subscriber) {
     let mut fleet = Fleet::start().await;
-    let state = tempfile::tempdir().unwrap();
-    let mut reports = fleet
+    let reports = fleet
         .bus
         .client()
         .subscribe("berth.status.w1")
         .await
-        .unwrap();
+        .expect("subscribe to w1's reports");
     fleet.add_analyzer(Default::default()).await;
     fleet
-        .add_agent_with(
-            worker("w1", 1, 80, &[]),
-            process_runtime(state.path(), 42000..=42099),
-        )
+        .add_agent_with(worker("w1", 1, 80, &[]), process_runtime(state, ports))
         .await;
+    (fleet, reports)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_server_runs_with_its_endpoint_and_a_stop_ends_its_group() {
+    let state = tempfile::tempdir().unwrap();
+    let (fleet, mut reports) = process_fleet(state.path(), 42000..=42099).await;
 
     let t0 = Instant::now();
     fleet.bus.publish_command("srv", &fake(&[])).await.unwrap();
     let row = fleet.wait_state("srv", InstanceState::Running, LIMIT).await;
     let to_running = t0.elapsed();
-    let endpoint = loop {
-        let msg = tokio::time::timeout(LIMIT, reports.next())
-            .await
-            .expect("a running report")
-            .unwrap();
-        if let Ok(StatusMsg::Instance {
-            state: ReportedState::Running,
-            endpoint: Some(endpoint),
-            version,
-            ..
-        }) = StatusMsg::decode(&msg.payload)
-        {
-            assert_eq!(version, row.version);
-            break endpoint;
-        }
-    };
+    let (version, endpoint) = next_running(&mut reports).await;
+    assert_eq!(version, row.version);
     let record = records::read(&state.path().join("instances"), "srv").unwrap();
     assert_eq!(endpoint, format!("127.0.0.1:{}", record.port));
     let probe = tokio::net::TcpStream::connect(&endpoint).await;
@@ -171,4 +163,69 @@ async fn a_server_that_keeps_crashing_ends_in_error_and_frees_its_gpus() {
     assert!(row.version >= Version::FIRST);
     assert!(fleet.store.allocations().await.unwrap().is_empty());
     fleet.assert_books_balanced().await;
+}
+
+/// The next `running` report with an endpoint on `reports`: its version and endpoint.
+async fn next_running(reports: &mut async_nats::Subscriber) -> (Version, String) {
+    loop {
+        let msg = tokio::time::timeout(LIMIT, reports.next())
+            .await
+            .expect("a running report")
+            .expect("subscription open");
+        if let Ok(StatusMsg::Instance {
+            state: ReportedState::Running,
+            endpoint: Some(endpoint),
+            version,
+            ..
+        }) = StatusMsg::decode(&msg.payload)
+        {
+            return (version, endpoint);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_adopts_the_server_its_killed_predecessor_left() {
+    let state = tempfile::tempdir().unwrap();
+    let ports = 42200..=42299;
+    let (mut fleet, mut reports) = process_fleet(state.path(), ports.clone()).await;
+    fleet.bus.publish_command("srv", &fake(&[])).await.unwrap();
+    let row = fleet.wait_state("srv", InstanceState::Running, LIMIT).await;
+    let (version, endpoint) = next_running(&mut reports).await;
+    assert_eq!(version, row.version);
+    let record = records::read(&state.path().join("instances"), "srv").unwrap();
+
+    // Like a SIGKILL: the agent's tasks end at once, its server runs on.
+    fleet.agents.pop().expect("agent").abort();
+    assert_eq!(process::group_members(record.pid), [record.pid]);
+    let t0 = Instant::now();
+    fleet
+        .add_agent_with(
+            worker("w1", 1, 80, &[]),
+            process_runtime(state.path(), ports),
+        )
+        .await;
+    let (again, adopted_at) = next_running(&mut reports).await;
+    let to_adopted = t0.elapsed();
+    assert_eq!((again, adopted_at.as_str()), (version, endpoint.as_str()));
+    assert_eq!(
+        process::group_members(record.pid),
+        [record.pid],
+        "exactly one server process"
+    );
+    let row = fleet.wait_state("srv", InstanceState::Running, LIMIT).await;
+    assert_eq!(row.version, version);
+    assert_eq!(row.endpoint.as_deref(), Some(endpoint.as_str()));
+    assert_eq!(
+        records::read(&state.path().join("instances"), "srv").map(|r| r.pid),
+        Some(record.pid)
+    );
+    fleet.assert_books_balanced().await;
+
+    fleet.stop_instance("srv").await;
+    fleet.wait_state("srv", InstanceState::Stopped, LIMIT).await;
+    assert!(process::group_members(record.pid).is_empty());
+    assert!(records::read(&state.path().join("instances"), "srv").is_none());
+    assert!(fleet.store.allocations().await.unwrap().is_empty());
+    eprintln!("agent killed and started again → adopted running reported {to_adopted:?}");
 }

@@ -26,7 +26,7 @@ pub enum BackendError {
 }
 
 /// One GPU of an assignment.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AssignedGpu {
     pub index: u32,
     /// NVML UUID; empty for a simulated GPU.

@@ -99,6 +99,11 @@ struct Args {
     /// Longest wait before a restart (the first is 1 s, doubling).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     restart_backoff_max: Duration,
+    /// On SIGTERM or Ctrl-C, leave the model servers running (with their records in
+    /// --state-dir) for the next agent to adopt, e.g. for an upgrade of the agent, instead
+    /// of stopping them. An agent always adopts what a previous one left running.
+    #[arg(long, env = "BERTH_AGENT_KEEP_SERVERS_ON_EXIT")]
+    keep_servers_on_exit: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -147,6 +152,7 @@ fn runtime(args: &Args) -> anyhow::Result<Runtime> {
     config.probe_every = args.probe_every;
     config.unhealthy_after = args.unhealthy_after;
     config.grace = args.stop_grace;
+    config.keep_servers_on_exit = args.keep_servers_on_exit;
     config.restarts = RestartLimits {
         max_restarts: args.max_restarts,
         window: args.restart_window,

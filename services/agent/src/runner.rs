@@ -2,7 +2,7 @@
 
 use crate::{
     AgentStats, Usage, WorkerSpec,
-    supervisor::{ProcessConfig, Supervisor, SupervisorError},
+    supervisor::{KeepServers, ProcessConfig, Supervisor, SupervisorError},
 };
 use async_nats::jetstream::AckKind;
 use berth_bus::{Bus, BusError};
@@ -45,6 +45,8 @@ pub enum StartError {
 pub struct Agent {
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    /// Set by [`Agent::abort`]: a crash leaves the servers to the next agent.
+    keep_servers: Option<KeepServers>,
 }
 
 /// What runs on this worker. Backends are simulated: an instance is "running" once assigned.
@@ -110,7 +112,11 @@ impl Agent {
             .map_err(|e| BusError::request("logs subscription", e))?;
             tasks.spawn(serve);
         }
-        let supervisor = supervisor.map(|(supervisor, reports)| {
+        let mut keep_servers = None;
+        let supervisor = supervisor.map(|(mut supervisor, reports)| {
+            // Before the first assignment: the servers an earlier agent left running.
+            supervisor.adopt();
+            keep_servers = Some(supervisor.keep_servers());
             tasks.spawn(forward_reports(
                 bus.clone(),
                 id.clone(),
@@ -135,7 +141,11 @@ impl Agent {
             supervisor,
             shutdown.clone(),
         ));
-        Ok(Agent { shutdown, tasks })
+        Ok(Agent {
+            shutdown,
+            tasks,
+            keep_servers,
+        })
     }
 
     pub async fn shutdown(mut self) {
@@ -143,8 +153,11 @@ impl Agent {
         while self.tasks.join_next().await.is_some() {}
     }
 
-    /// Stops at once, like a crash.
+    /// Stops at once, like a crash: model servers are left running, as a SIGKILL would.
     pub fn abort(mut self) {
+        if let Some(keep) = &self.keep_servers {
+            keep.set();
+        }
         self.tasks.abort_all();
     }
 
@@ -331,7 +344,8 @@ async fn assignments(
         }
     }
     if let Some(supervisor) = supervisor {
-        // No orphans: the servers of this worker stop with the agent.
+        // No orphans: the servers of this worker stop with the agent, unless
+        // --keep-servers-on-exit leaves them for the next one to adopt.
         supervisor.shutdown().await;
     }
 }

@@ -14,6 +14,11 @@
 //!   of its group is left. Never two servers for one instance: a newer version starts once
 //!   the older one's group is gone.
 //!
+//! - An agent that starts adopts the servers its predecessor left running ([`Supervisor::adopt`],
+//!   from the state records): same process, same port, `running` again once its readiness
+//!   probe answers. An agent that exits stops its servers, unless told to leave them to the
+//!   next one (`--keep-servers-on-exit`); one that is killed leaves them anyway.
+//!
 //! Reports go, in order, to a channel: the agent publishes them on NATS; tests read them.
 
 mod logs;
@@ -30,12 +35,16 @@ use crate::{
 use berth_proto::{AgentMsg, StartSpec, StatusMsg, Version, status::ReportedState};
 pub use ports::{PortLease, PortPool};
 use process::{GroupGuard, exit_reason, signal_group, wait_group_gone};
+use records::Record;
 pub use restart::{RestartBudget, RestartLimits};
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     process::Stdio,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 use tokio::{
@@ -69,6 +78,9 @@ pub struct ProcessConfig {
     pub restarts: RestartLimits,
     /// Logs of earlier attempts kept per placement.
     pub logs_kept: usize,
+    /// [`Supervisor::shutdown`] leaves the servers running, with their records, for the next
+    /// agent to adopt (a rolling upgrade of the agent) instead of stopping them.
+    pub keep_servers_on_exit: bool,
 }
 
 impl ProcessConfig {
@@ -88,6 +100,7 @@ impl ProcessConfig {
             grace: Duration::from_secs(10),
             restarts: RestartLimits::default(),
             logs_kept: 3,
+            keep_servers_on_exit: false,
         }
     }
 
@@ -146,6 +159,39 @@ struct Shared {
     gpus: Vec<berth_proto::GpuInfo>,
     cuda: bool,
     reports: mpsc::UnboundedSender<StatusMsg>,
+    /// Set, the servers outlive their tasks ([`KeepServers`]).
+    keep: Arc<AtomicBool>,
+}
+
+/// Leaves a supervisor's servers running when it is dropped or its tasks are aborted, as a
+/// SIGKILLed agent would: the next agent adopts them. Without it, a server whose task is
+/// aborted is killed with its group.
+#[derive(Debug, Clone)]
+pub struct KeepServers(Arc<AtomicBool>);
+
+impl KeepServers {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// What [`Supervisor::adopt`] found in the state records.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Adoption {
+    /// Instances whose server still runs: watched again, without a second process.
+    pub adopted: Vec<String>,
+    /// Instances whose record was removed: the server is gone, or its pid is another
+    /// process's now (left alone), or the record cannot be read.
+    pub removed: Vec<String>,
+}
+
+/// A server an earlier agent started, found alive.
+struct Adopted {
+    pid: i32,
+    start_time: u64,
+    port: u16,
+    lease: Option<PortLease>,
+    restarts: u32,
 }
 
 /// The placements of one worker. Owned by the agent's assignment loop, which calls
@@ -193,6 +239,7 @@ impl Supervisor {
                 gpus: worker.gpus.clone(),
                 cuda: matches!(worker.usage, Usage::Nvml),
                 reports,
+                keep: Arc::new(AtomicBool::new(false)),
             }),
             placements: HashMap::new(),
             stopped_at: HashMap::new(),
@@ -259,29 +306,14 @@ impl Supervisor {
                         }
                     })
                     .collect();
-                let (stop, stop_rx) = watch::channel(None);
-                let done = CancellationToken::new();
                 let placement = Placement {
-                    instance_id: instance_id.clone(),
+                    instance_id,
                     version,
                     gpus: assigned,
                     spec,
                     shared_instance: workers.len() > 1,
                 };
-                let task = self.shared.clone().run(placement, prev, stop_rx);
-                let guard = done.clone().drop_guard();
-                self.tasks.spawn(async move {
-                    let _done = guard;
-                    task.await;
-                });
-                self.placements.insert(
-                    instance_id,
-                    Handle {
-                        version,
-                        stop,
-                        done,
-                    },
-                );
+                self.spawn(placement, prev, None);
             }
             AgentMsg::Unassign {
                 instance_id,
@@ -310,13 +342,185 @@ impl Supervisor {
         }
     }
 
-    /// Stops every server (SIGTERM, grace, SIGKILL) and waits for their groups to be gone.
+    /// Starts the task of one placement; with `adopted`, it watches that server first.
+    fn spawn(
+        &mut self,
+        placement: Placement,
+        prev: Option<CancellationToken>,
+        adopted: Option<Adopted>,
+    ) {
+        let (stop, stop_rx) = watch::channel(None);
+        let done = CancellationToken::new();
+        let instance_id = placement.instance_id.clone();
+        let version = placement.version;
+        let task = self.shared.clone().run(placement, prev, stop_rx, adopted);
+        let guard = done.clone().drop_guard();
+        self.tasks.spawn(async move {
+            let _done = guard;
+            task.await;
+        });
+        self.placements.insert(
+            instance_id,
+            Handle {
+                version,
+                stop,
+                done,
+            },
+        );
+    }
+
+    /// Adopts the servers an earlier agent of this worker left running: called once, before
+    /// the first assignment. A record is adopted when its process is alive, started when the
+    /// record says (a pid may have been reused) and still leads its process group: it is
+    /// registered as the placement of its (instance, version) with no second process, keeps
+    /// its port, is probed again and reported `running` with its endpoint once its readiness
+    /// probe answers (not within `startup_timeout`: a crash, restarted). Its exit is found
+    /// by polling `/proc` (it is not this process's child). Any other record is removed,
+    /// with no report, and its pid left alone.
+    pub fn adopt(&mut self) -> Adoption {
+        let dir = self.shared.config.records_dir();
+        let mut found = Adoption::default();
+        for entry in records::all(&dir) {
+            let record = match entry {
+                Ok(r) => r,
+                Err(path) => {
+                    tracing::warn!(path = %path.display(), "unreadable state record; removed");
+                    let _ = std::fs::remove_file(&path);
+                    found.removed.push(path.display().to_string());
+                    continue;
+                }
+            };
+            if record.worker_id != self.shared.worker_id {
+                // Another worker of this agent process shares the state dir.
+                continue;
+            }
+            let id = record.instance_id.clone();
+            if self.placements.contains_key(&id) {
+                continue;
+            }
+            if let Err(why) = adoptable(&record) {
+                tracing::info!(
+                    instance_id = id,
+                    version = record.version,
+                    pid = record.pid,
+                    why,
+                    "state record of a server that is gone; removed"
+                );
+                records::remove(&dir, &id);
+                found.removed.push(id);
+                continue;
+            }
+            let lease = self.shared.config.ports.claim(record.port);
+            if lease.is_none() {
+                tracing::warn!(
+                    instance_id = id,
+                    port = record.port,
+                    "adopted server's port already held here"
+                );
+            }
+            tracing::info!(
+                instance_id = id,
+                version = record.version,
+                pid = record.pid,
+                port = record.port,
+                "adopting a server left by an earlier agent"
+            );
+            let placement = Placement {
+                instance_id: id.clone(),
+                version: Version::new(record.version),
+                gpus: record.gpus.clone(),
+                spec: record
+                    .spec
+                    .as_deref()
+                    .cloned()
+                    .unwrap_or_else(|| StartSpec::claim(0, 0)),
+                shared_instance: false,
+            };
+            let adopted = Adopted {
+                pid: record.pid,
+                start_time: record.start_time,
+                port: record.port,
+                lease,
+                restarts: record.restarts,
+            };
+            if record.spec.is_none() {
+                // An older agent's record: what runs, and how to probe it, is unknown.
+                self.spawn_discard(placement, adopted);
+            } else {
+                self.spawn(placement, None, Some(adopted));
+            }
+            found.adopted.push(id);
+        }
+        found
+    }
+
+    /// An adopted server that cannot be supervised: stopped, then `error`.
+    fn spawn_discard(&mut self, p: Placement, a: Adopted) {
+        let shared = self.shared.clone();
+        self.tasks.spawn(async move {
+            shared.discard(&p, a).await;
+            shared.error(
+                &p,
+                "adopted a server from a record without its start spec (an older agent): stopped"
+                    .into(),
+                0,
+            );
+        });
+    }
+
+    /// The switch that leaves this supervisor's servers running when it is dropped (see
+    /// [`KeepServers`]); `Agent::abort` sets it.
+    pub fn keep_servers(&self) -> KeepServers {
+        KeepServers(self.shared.keep.clone())
+    }
+
+    /// Stops every server (SIGTERM, grace, SIGKILL) and waits for their groups to be gone;
+    /// with `keep_servers_on_exit`, leaves them to the next agent instead ([`Self::abandon`]).
     pub async fn shutdown(mut self) {
+        if self.shared.config.keep_servers_on_exit {
+            tracing::info!(
+                servers = self.active(),
+                "leaving the servers running for the next agent"
+            );
+            return self.abandon().await;
+        }
         for h in self.placements.values() {
             h.stop.send_replace(Some(Stop::Shutdown));
         }
         while self.tasks.join_next().await.is_some() {}
     }
+
+    /// Ends every task at once and leaves the servers running, with their state records and
+    /// no report, exactly as a SIGKILLed agent leaves them; returns once the tasks are gone
+    /// (their ports are free in the pool).
+    pub async fn abandon(mut self) {
+        self.keep_servers().set();
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Whether the server of `r` still runs and can be adopted; else why not.
+fn adoptable(r: &Record) -> Result<(), String> {
+    let Some(s) = process::stat(r.pid) else {
+        return Err("no such process".into());
+    };
+    if matches!(s.state, 'Z' | 'X') {
+        return Err("it exited".into());
+    }
+    if s.start_time != r.start_time {
+        return Err(format!(
+            "pid {} is another process now (started at {}, not {})",
+            r.pid, s.start_time, r.start_time
+        ));
+    }
+    if s.pgrp != r.pid {
+        return Err(format!(
+            "it left its process group (now in {}): not adopted, left alone",
+            s.pgrp
+        ));
+    }
+    Ok(())
 }
 
 /// One placement to run.
@@ -353,6 +557,38 @@ async fn stop_asked(stop: &mut watch::Receiver<Option<Stop>>) -> Stop {
         Ok(s) => s.unwrap_or(Stop::Shutdown),
         // The supervisor is gone: the agent is going away.
         Err(_) => Stop::Shutdown,
+    }
+}
+
+/// A server being supervised: one this agent started, or one adopted from an earlier agent
+/// (not this process's child: no `wait`, its exit is polled).
+enum Server {
+    Spawned(tokio::process::Child),
+    Adopted { pid: i32, start_time: u64 },
+}
+
+/// How often an adopted server is checked for exit.
+const ADOPTED_POLL: Duration = Duration::from_millis(100);
+
+impl Server {
+    /// Resolves when the server's leader ends, with why. Cancel-safe.
+    async fn exited(&mut self) -> String {
+        match self {
+            Server::Spawned(child) => child
+                .wait()
+                .await
+                .map_or_else(|e| format!("wait failed: {e}"), exit_reason),
+            Server::Adopted { pid, start_time } => loop {
+                if !process::is_same_process(*pid, *start_time) {
+                    return "exited (adopted from an earlier agent: status unknown)".into();
+                }
+                tokio::time::sleep(ADOPTED_POLL).await;
+            },
+        }
+    }
+
+    fn adopted(&self) -> bool {
+        matches!(self, Server::Adopted { .. })
     }
 }
 
@@ -415,7 +651,27 @@ impl Shared {
         p: Placement,
         prev: Option<CancellationToken>,
         mut stop: watch::Receiver<Option<Stop>>,
+        adopted: Option<Adopted>,
     ) {
+        if let Some(a) = adopted {
+            // Planned again from the record: the server runs already.
+            let backend = match backend::plan(&p.spec, &self.config.binaries) {
+                Ok(Plan::Run(b)) => b,
+                Ok(Plan::Reserve) => {
+                    self.discard(&p, a).await;
+                    return self.error(&p, "adopted a server for a reservation".into(), 0);
+                }
+                Err(e) => {
+                    let restarts = a.restarts;
+                    self.discard(&p, a).await;
+                    return self.error(&p, format!("cannot adopt: {e}"), restarts);
+                }
+            };
+            let restarts = a.restarts;
+            return self
+                .supervise_restarts(&p, backend.as_ref(), restarts, Some(a), &mut stop)
+                .await;
+        }
         if let Some(prev) = prev {
             // The older version's server must be gone first (or the stop comes first).
             tokio::select! {
@@ -458,20 +714,33 @@ impl Shared {
             }
             Err(e) => return self.error(&p, e.to_string(), 0),
         };
+        self.supervise_restarts(&p, backend.as_ref(), 0, None, &mut stop)
+            .await;
+    }
+
+    /// Runs the server (the adopted one first) until it is stopped or given up, restarting
+    /// it after failures within the budget.
+    async fn supervise_restarts(
+        &self,
+        p: &Placement,
+        backend: &dyn Backend,
+        mut restarts: u32,
+        mut adopted: Option<Adopted>,
+        stop: &mut watch::Receiver<Option<Stop>>,
+    ) {
         let mut budget = RestartBudget::new(self.config.restarts);
-        let mut restarts = 0;
         loop {
             match self
-                .attempt(&p, backend.as_ref(), restarts, &mut stop)
+                .attempt(p, backend, restarts, stop, adopted.take())
                 .await
             {
-                Ended::Stopped(s) => return self.stopped(&p, latest(&stop, s)),
-                Ended::Fatal(reason) => return self.error(&p, reason, restarts),
+                Ended::Stopped(s) => return self.stopped(p, latest(stop, s)),
+                Ended::Fatal(reason) => return self.error(p, reason, restarts),
                 Ended::Failed(reason) => {
                     let Some(delay) = budget.on_failure(Instant::now()) else {
                         let limits = self.config.restarts;
                         return self.error(
-                            &p,
+                            p,
                             format!(
                                 "gave up after {restarts} restarts ({} allowed in {}s): {reason}",
                                 limits.max_restarts,
@@ -500,7 +769,7 @@ impl Shared {
                         },
                     );
                     tokio::select! {
-                        s = stop_asked(&mut stop) => return self.stopped(&p, latest(&stop, s)),
+                        s = stop_asked(stop) => return self.stopped(p, latest(stop, s)),
                         () = tokio::time::sleep(delay) => {}
                     }
                 }
@@ -508,22 +777,77 @@ impl Shared {
         }
     }
 
-    /// Runs the server once, until it fails or is stopped; its group is gone on return.
+    /// Runs the server once (the adopted one, else a new one), until it fails or is
+    /// stopped; its group is gone on return.
     async fn attempt(
         &self,
         p: &Placement,
         backend: &dyn Backend,
         restarts: u32,
         stop: &mut watch::Receiver<Option<Stop>>,
+        adopted: Option<Adopted>,
     ) -> Ended {
+        let (mut server, pid, port, lease) = match adopted {
+            Some(a) => (
+                Server::Adopted {
+                    pid: a.pid,
+                    start_time: a.start_time,
+                },
+                a.pid,
+                a.port,
+                a.lease,
+            ),
+            None => match self.launch(p, backend, restarts) {
+                Ok((child, pid, lease)) => (Server::Spawned(child), pid, lease.port(), Some(lease)),
+                Err(ended) => return ended,
+            },
+        };
+        // No await since the launch: the group is guarded from the start.
+        let group = GroupGuard::spared_by(pid, self.keep.clone());
+        let log_path = self.config.log_path(&p.instance_id, p.version);
+        let ended = self
+            .supervise(p, backend, &mut server, port, restarts, &log_path, stop)
+            .await;
+        // Whatever happened, nothing of the group may outlive the attempt.
+        match ended {
+            Ended::Stopped(_) | Ended::Fatal(_) => self.terminate(&mut server, pid).await,
+            Ended::Failed(_) => self.kill(&mut server, pid).await,
+        }
+        group.disarm();
+        records::remove(&self.config.records_dir(), &p.instance_id);
+        drop(lease);
+        ended
+    }
+
+    /// Stops an adopted server that cannot be supervised (SIGTERM, grace, SIGKILL).
+    async fn discard(&self, p: &Placement, a: Adopted) {
+        let group = GroupGuard::spared_by(a.pid, self.keep.clone());
+        let mut server = Server::Adopted {
+            pid: a.pid,
+            start_time: a.start_time,
+        };
+        self.terminate(&mut server, a.pid).await;
+        group.disarm();
+        records::remove(&self.config.records_dir(), &p.instance_id);
+        drop(a.lease);
+    }
+
+    /// Starts the server in a process group of its own and writes its state record; the
+    /// child, its pid (and pgid) and its port.
+    fn launch(
+        &self,
+        p: &Placement,
+        backend: &dyn Backend,
+        restarts: u32,
+    ) -> Result<(tokio::process::Child, i32, PortLease), Ended> {
         let c = &self.config;
         let Some(port) = c.ports.allocate(&c.listen_host) else {
-            return Ended::Fatal(format!(
+            return Err(Ended::Fatal(format!(
                 "no free port in {}-{} on {}",
                 c.ports.range().start(),
                 c.ports.range().end(),
                 c.listen_host
-            ));
+            )));
         };
         let name = if p.spec.model.is_empty() {
             p.instance_id.as_str()
@@ -538,12 +862,12 @@ impl Shared {
             cuda: self.cuda,
         }) {
             Ok(cmd) => cmd,
-            Err(e) => return Ended::Fatal(e.to_string()),
+            Err(e) => return Err(Ended::Fatal(e.to_string())),
         };
         let log_path = c.log_path(&p.instance_id, p.version);
         let mut log = match logs::rotate_and_open(&log_path, c.logs_kept) {
             Ok(f) => f,
-            Err(e) => return Ended::Fatal(format!("log {}: {e}", log_path.display())),
+            Err(e) => return Err(Ended::Fatal(format!("log {}: {e}", log_path.display()))),
         };
         let devices: Vec<String> = p
             .gpus
@@ -567,7 +891,7 @@ impl Shared {
         );
         let stdout = match log.try_clone() {
             Ok(f) => f,
-            Err(e) => return Ended::Fatal(format!("log {}: {e}", log_path.display())),
+            Err(e) => return Err(Ended::Fatal(format!("log {}: {e}", log_path.display()))),
         };
         let mut command = tokio::process::Command::new(&cmd.program);
         command
@@ -577,22 +901,22 @@ impl Shared {
             .stdin(Stdio::null())
             .stdout(Stdio::from(stdout))
             .stderr(Stdio::from(log))
-            .process_group(0)
-            .kill_on_drop(true);
-        let mut child = match command.spawn() {
+            // Not `kill_on_drop`: the group guard kills the whole group, unless the servers
+            // are left to the next agent.
+            .process_group(0);
+        let child = match command.spawn() {
             Ok(child) => child,
             Err(e) => {
-                return Ended::Fatal(format!(
+                return Err(Ended::Fatal(format!(
                     "cannot start {} ({}): {e}",
                     cmd.program.display(),
                     backend.name()
-                ));
+                )));
             }
         };
         let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
-            return Ended::Failed("the server exited at once".into());
+            return Err(Ended::Failed("the server exited at once".into()));
         };
-        let group = GroupGuard::new(pid);
         let records = c.records_dir();
         let record = records::Record {
             worker_id: self.worker_id.clone(),
@@ -602,6 +926,9 @@ impl Shared {
             start_time: process::stat(pid).map_or(0, |s| s.start_time),
             port: port.port(),
             program: cmd.program.display().to_string(),
+            restarts,
+            spec: Some(Box::new(p.spec.clone())),
+            gpus: p.gpus.clone(),
         };
         if let Err(e) = records::write(&records, &record) {
             tracing::warn!(%e, "cannot write the state record");
@@ -610,29 +937,10 @@ impl Shared {
             instance_id = p.instance_id, version = %p.version, pid, port = port.port(),
             backend = backend.name(), "server started"
         );
-        let ended = self
-            .supervise(
-                p,
-                backend,
-                &mut child,
-                port.port(),
-                restarts,
-                &log_path,
-                stop,
-            )
-            .await;
-        // Whatever happened, nothing of the group may outlive the attempt.
-        match ended {
-            Ended::Stopped(_) | Ended::Fatal(_) => self.terminate(&mut child, pid).await,
-            Ended::Failed(_) => self.kill(&mut child, pid).await,
-        }
-        group.disarm();
-        records::remove(&records, &p.instance_id);
-        drop(port);
-        ended
+        Ok((child, pid, port))
     }
 
-    /// Watches a started server: readiness, health, exit, stop.
+    /// Watches a started (or adopted) server: readiness, health, exit, stop.
     #[expect(
         clippy::too_many_arguments,
         reason = "one call site; the attempt's own state"
@@ -641,7 +949,7 @@ impl Shared {
         &self,
         p: &Placement,
         backend: &dyn Backend,
-        child: &mut tokio::process::Child,
+        server: &mut Server,
         port: u16,
         restarts: u32,
         log_path: &Path,
@@ -662,7 +970,8 @@ impl Shared {
                 format!("{what}; log: {tail}")
             }
         };
-        if restarts == 0 {
+        // An adopted server was reported starting by the agent that started it.
+        if restarts == 0 && !server.adopted() {
             self.report(
                 &p.instance_id,
                 p.version,
@@ -673,24 +982,29 @@ impl Shared {
         let paths = backend.ready_paths();
         let host = c.probe_host();
         // The server leads its own process group.
-        let pgid = child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .unwrap_or(0);
+        let pgid = match server {
+            Server::Spawned(child) => child
+                .id()
+                .and_then(|id| i32::try_from(id).ok())
+                .unwrap_or(0),
+            Server::Adopted { pid, .. } => *pid,
+        };
         let deadline = tokio::time::Instant::now() + c.startup_timeout;
         let mut last = String::from("not probed yet");
         loop {
             tokio::select! {
                 s = stop_asked(stop) => return Ended::Stopped(s),
-                status = child.wait() => {
-                    let why = status.map_or_else(|e| format!("wait failed: {e}"), exit_reason);
+                why = server.exited() => {
                     return Ended::Failed(failed(format!("{why} while loading")));
                 }
                 () = tokio::time::sleep_until(deadline) => {
-                    return Ended::Fatal(failed(format!(
-                        "not ready after {}s ({last})",
-                        c.startup_timeout.as_secs_f32()
-                    )));
+                    let why = format!("not ready after {}s ({last})", c.startup_timeout.as_secs_f32());
+                    // An adopted server that does not answer is a crash: a restart may help.
+                    return if server.adopted() {
+                        Ended::Failed(failed(format!("adopted server {why}")))
+                    } else {
+                        Ended::Fatal(failed(why))
+                    };
                 }
                 () = tokio::time::sleep(c.startup_probe_every) => {
                     match probe::all(host, port, &paths, c.probe_timeout).await {
@@ -706,7 +1020,12 @@ impl Shared {
             }
         }
         let endpoint = format!("{}:{port}", c.advertise_host);
-        tracing::info!(instance_id = p.instance_id, endpoint, "server ready");
+        tracing::info!(
+            instance_id = p.instance_id,
+            endpoint,
+            adopted = server.adopted(),
+            "server ready"
+        );
         self.report(
             &p.instance_id,
             p.version,
@@ -720,10 +1039,7 @@ impl Shared {
         loop {
             tokio::select! {
                 s = stop_asked(stop) => return Ended::Stopped(s),
-                status = child.wait() => {
-                    let why = status.map_or_else(|e| format!("wait failed: {e}"), exit_reason);
-                    return Ended::Failed(failed(why));
-                }
+                why = server.exited() => return Ended::Failed(failed(why)),
                 _ = tick.tick() => match probe::all(host, port, &paths, c.probe_timeout).await {
                     Ok(()) => failures = 0,
                     Err(e) => {
@@ -740,24 +1056,29 @@ impl Shared {
         }
     }
 
-    /// SIGTERM to the group, `grace`, SIGKILL; returns once the leader is reaped and no
-    /// process of the group is left.
-    async fn terminate(&self, child: &mut tokio::process::Child, pgid: i32) {
+    /// SIGTERM to the group, `grace`, SIGKILL; returns once the leader is reaped (when it is
+    /// this process's child) and no process of the group is left.
+    async fn terminate(&self, server: &mut Server, pgid: i32) {
         let grace = self.config.grace;
         let kill_at = Instant::now() + grace;
         signal_group(pgid, nix::sys::signal::Signal::SIGTERM);
-        if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        if let Server::Spawned(child) = server
+            && tokio::time::timeout(grace, child.wait()).await.is_err()
+        {
             tracing::warn!(pgid, ?grace, "server ignored SIGTERM; sending SIGKILL");
             signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
             let _ = child.wait().await;
         }
+        // An adopted group gets its SIGKILL here at `kill_at`.
         wait_group_gone(pgid, kill_at, Duration::from_secs(10)).await;
     }
 
     /// SIGKILL to the group (a crashed or unhealthy server); returns once it is gone.
-    async fn kill(&self, child: &mut tokio::process::Child, pgid: i32) {
+    async fn kill(&self, server: &mut Server, pgid: i32) {
         signal_group(pgid, nix::sys::signal::Signal::SIGKILL);
-        let _ = child.wait().await;
+        if let Server::Spawned(child) = server {
+            let _ = child.wait().await;
+        }
         wait_group_gone(pgid, Instant::now(), Duration::from_secs(10)).await;
     }
 }

@@ -53,7 +53,7 @@ struct Rig {
     sup: Supervisor,
     reports: UnboundedReceiver<StatusMsg>,
     config: ProcessConfig,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn worker() -> WorkerSpec {
@@ -72,7 +72,11 @@ fn worker() -> WorkerSpec {
 }
 
 fn rig(tweak: impl FnOnce(&mut ProcessConfig)) -> Rig {
-    let dir = tempfile::tempdir().expect("temp dir");
+    rig_at(tempfile::tempdir().expect("temp dir"), tweak)
+}
+
+/// A supervisor on the state dir `dir` (an earlier one's, to adopt its servers).
+fn rig_at(dir: tempfile::TempDir, tweak: impl FnOnce(&mut ProcessConfig)) -> Rig {
     let mut config = ProcessConfig::new(dir.path().to_path_buf());
     config.ports = ports();
     config.startup_timeout = Duration::from_secs(20);
@@ -96,7 +100,7 @@ fn rig(tweak: impl FnOnce(&mut ProcessConfig)) -> Rig {
         sup,
         reports,
         config,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -591,4 +595,250 @@ async fn llama_server_serves_smollm2_and_stops() {
         "llama-server SmolLM2: assign → running {to_running:?}, {tokens} tokens, \
          unassign → stopped {to_stopped:?}"
     );
+}
+
+/// Runs the fake server with `flags` as i1 v1 until it is `running`; its endpoint and record.
+async fn running(rig: &mut Rig, flags: &[&str]) -> (String, records::Record) {
+    rig.sup.apply(assign("i1", 1, fake(flags)));
+    rig.expect(ReportedState::Starting, SOON).await;
+    let running = rig.expect(ReportedState::Running, SOON).await;
+    let endpoint = running.endpoint.expect("an endpoint with running");
+    (endpoint, rig.record("i1").expect("a record while it runs"))
+}
+
+/// The next supervisor on `old`'s state dir, once `old` went away as a SIGKILLed agent
+/// does (its tasks gone, its servers and records left).
+async fn after_crash(old: Rig, tweak: impl FnOnce(&mut ProcessConfig)) -> Rig {
+    let Rig { sup, dir, .. } = old;
+    sup.abandon().await;
+    rig_at(dir, tweak)
+}
+
+#[tokio::test]
+async fn a_server_left_by_a_killed_agent_is_adopted_without_a_second_process() {
+    let mut old = rig(|_| {});
+    let (endpoint, record) = running(&mut old, &[]).await;
+    let pgid = record.pid;
+    let mut rig = after_crash(old, |_| {}).await;
+    assert_eq!(process::group_members(pgid), [pgid], "left running");
+    assert_eq!(rig.record("i1").as_ref(), Some(&record), "and its record");
+
+    let t0 = Instant::now();
+    let adoption = rig.sup.adopt();
+    assert_eq!(adoption.adopted, ["i1"]);
+    assert!(adoption.removed.is_empty(), "{adoption:?}");
+    let running = rig.expect(ReportedState::Running, SOON).await;
+    let to_running = t0.elapsed();
+    assert_eq!((running.version, running.restarts), (1, 0));
+    assert_eq!(running.endpoint.as_deref(), Some(endpoint.as_str()));
+    assert_eq!(http(&endpoint, "GET", "/v1/models", "").await.0, 200);
+    assert_eq!(process::group_members(pgid), [pgid], "no second process");
+    assert_eq!(rig.record("i1").as_ref(), Some(&record));
+    assert!(
+        rig.config.ports.claim(port_of(&endpoint)).is_none(),
+        "its port stays leased"
+    );
+    assert_eq!(rig.sup.active(), 1);
+
+    // The assignment, delivered again: the adopted server is that placement.
+    rig.sup.apply(assign("i1", 1, fake(&[])));
+    assert_eq!(rig.sup.adopt(), Default::default(), "adopted once");
+    rig.sup.apply(unassign("i1", 2));
+    let stopped = rig.expect(ReportedState::Stopped, SOON).await;
+    assert_eq!(stopped.version, 2, "stopped, nothing started: {stopped:?}");
+    assert!(process::group_members(pgid).is_empty());
+    assert!(rig.record("i1").is_none());
+    assert!(port_free(port_of(&endpoint)));
+    rig.no_report_pending();
+    eprintln!("adoption: adopt → running {to_running:?}");
+}
+
+#[tokio::test]
+async fn keep_servers_on_exit_leaves_them_to_the_next_agent() {
+    let mut old = rig(|c| c.keep_servers_on_exit = true);
+    let (endpoint, record) = running(&mut old, &["--child"]).await;
+    let Rig { sup, dir, .. } = old;
+    sup.shutdown().await;
+    assert!(process::group_alive(record.pid), "left running");
+    let mut rig = rig_at(dir, |_| {});
+    assert_eq!(rig.sup.adopt().adopted, ["i1"]);
+    let running = rig.expect(ReportedState::Running, SOON).await;
+    assert_eq!(running.endpoint, Some(endpoint));
+    // Stopped like a server of its own: the whole group, then `stopped`.
+    let members = process::group_members(record.pid);
+    rig.sup.shutdown().await;
+    for pid in members {
+        let left = process::stat(pid).filter(|s| s.pgrp == record.pid && s.state != 'Z');
+        assert!(left.is_none(), "{pid} still runs");
+    }
+    assert!(records::read(&rig.config.records_dir(), "i1").is_none());
+}
+
+#[tokio::test]
+async fn a_server_still_loading_is_adopted_and_running_once_ready() {
+    let mut old = rig(|_| {});
+    old.sup
+        .apply(assign("i1", 1, fake(&["--ready-after", "2"])));
+    old.expect(ReportedState::Starting, SOON).await;
+    let pgid = old.pgid("i1");
+    let mut rig = after_crash(old, |_| {}).await;
+    assert_eq!(rig.sup.adopt().adopted, ["i1"]);
+    let running = rig.expect(ReportedState::Running, SOON).await;
+    assert!(running.endpoint.is_some());
+    assert_eq!(rig.pgid("i1"), pgid);
+    rig.sup.apply(unassign("i1", 2));
+    rig.expect(ReportedState::Stopped, SOON).await;
+    assert!(process::group_members(pgid).is_empty());
+}
+
+#[tokio::test]
+async fn an_adopted_server_that_dies_is_restarted_like_a_crash() {
+    let mut old = rig(|_| {});
+    let (_, record) = running(&mut old, &[]).await;
+    let mut rig = after_crash(old, |_| {}).await;
+    assert_eq!(rig.sup.adopt().adopted, ["i1"]);
+    rig.expect(ReportedState::Running, SOON).await;
+    let t0 = Instant::now();
+    process::signal_group(record.pid, nix::sys::signal::Signal::SIGKILL);
+    let restart = rig.expect(ReportedState::Starting, SOON).await;
+    let detected = t0.elapsed();
+    assert_eq!(restart.restarts, 1);
+    assert!(
+        restart
+            .reason
+            .starts_with("exited (adopted from an earlier agent"),
+        "{restart:?}"
+    );
+    let again = rig.expect(ReportedState::Running, SOON).await;
+    assert_eq!((again.version, again.restarts), (1, 1));
+    let new = rig.record("i1").expect("the new server's record");
+    assert_ne!(new.pid, record.pid);
+    assert_eq!(new.restarts, 1);
+    rig.sup.apply(unassign("i1", 2));
+    rig.expect(ReportedState::Stopped, SOON).await;
+    assert!(process::group_members(new.pid).is_empty());
+    eprintln!("adopted server killed → restart reported {detected:?}");
+}
+
+#[tokio::test]
+async fn an_adopted_server_past_the_restart_budget_is_an_error() {
+    let mut old = rig(|_| {});
+    let (_, record) = running(&mut old, &[]).await;
+    let mut rig = after_crash(old, |c| c.restarts.max_restarts = 0).await;
+    assert_eq!(rig.sup.adopt().adopted, ["i1"]);
+    rig.expect(ReportedState::Running, SOON).await;
+    process::signal_group(record.pid, nix::sys::signal::Signal::SIGKILL);
+    let error = rig.expect(ReportedState::Error, SOON).await;
+    assert!(
+        error.reason.starts_with("gave up after 0 restarts"),
+        "{error:?}"
+    );
+    assert!(rig.record("i1").is_none());
+    assert_eq!(rig.sup.active(), 0);
+}
+
+#[tokio::test]
+async fn an_adopted_server_that_never_answers_is_a_crash_after_the_startup_deadline() {
+    let mut old = rig(|_| {});
+    old.sup.apply(assign("i1", 1, fake(&["--never-ready"])));
+    old.expect(ReportedState::Starting, SOON).await;
+    let pgid = old.pgid("i1");
+    let mut rig = after_crash(old, |c| {
+        c.startup_timeout = Duration::from_secs(1);
+        c.restarts.max_restarts = 0;
+    })
+    .await;
+    assert_eq!(rig.sup.adopt().adopted, ["i1"]);
+    let error = rig.expect(ReportedState::Error, SOON).await;
+    assert!(
+        error.reason.contains("adopted server not ready after 1s"),
+        "{error:?}"
+    );
+    assert!(process::group_members(pgid).is_empty());
+}
+
+/// A record as the supervisor writes it, for a process the test started.
+fn record_of(pid: i32, start_time: u64) -> records::Record {
+    records::Record {
+        worker_id: "w1".into(),
+        instance_id: "i1".into(),
+        version: 1,
+        pid,
+        start_time,
+        port: 41_999,
+        program: "sleep".into(),
+        restarts: 0,
+        spec: Some(Box::new(fake(&[]))),
+        gpus: Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_record_whose_pid_is_another_process_now_is_removed_and_the_process_left_alone() {
+    use std::os::unix::process::CommandExt;
+    let mut rig = rig(|_| {});
+    let mut other = std::process::Command::new("sleep")
+        .arg("60")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = i32::try_from(other.id()).unwrap();
+    let started = process::stat(pid).unwrap().start_time;
+    // The same pid, but not the process the record speaks of.
+    records::write(&rig.config.records_dir(), &record_of(pid, started + 1)).unwrap();
+    // And the right process, but no longer leading its group.
+    let mut stray = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let stray_pid = i32::try_from(stray.id()).unwrap();
+    let stray_start = process::stat(stray_pid).unwrap().start_time;
+    let stray_record = records::Record {
+        instance_id: "i2".into(),
+        ..record_of(stray_pid, stray_start)
+    };
+    records::write(&rig.config.records_dir(), &stray_record).unwrap();
+    // Another worker's record is not this supervisor's business.
+    let elsewhere = records::Record {
+        worker_id: "w2".into(),
+        instance_id: "i3".into(),
+        ..record_of(pid, started + 1)
+    };
+    records::write(&rig.config.records_dir(), &elsewhere).unwrap();
+
+    let adoption = rig.sup.adopt();
+    assert!(adoption.adopted.is_empty(), "{adoption:?}");
+    assert_eq!(adoption.removed, ["i1", "i2"]);
+    assert!(rig.record("i1").is_none() && rig.record("i2").is_none());
+    assert!(rig.record("i3").is_some());
+    assert!(process::is_same_process(pid, started), "left alone");
+    assert!(
+        process::is_same_process(stray_pid, stray_start),
+        "left alone"
+    );
+    assert_eq!(rig.sup.active(), 0);
+    rig.no_report_pending();
+    for child in [&mut other, &mut stray] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_record_of_a_process_that_is_gone_is_removed_and_nothing_reported() {
+    let mut rig = rig(|_| {});
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let pid = i32::try_from(gone.id()).unwrap();
+    gone.wait().unwrap();
+    records::write(&rig.config.records_dir(), &record_of(pid, 1)).unwrap();
+    std::fs::write(rig.config.records_dir().join("junk.json"), "{").unwrap();
+    let adoption = rig.sup.adopt();
+    assert!(adoption.adopted.is_empty());
+    assert_eq!(adoption.removed.len(), 2, "{adoption:?}");
+    assert_eq!(
+        std::fs::read_dir(rig.config.records_dir()).unwrap().count(),
+        0
+    );
+    assert_eq!(rig.sup.active(), 0);
+    rig.no_report_pending();
 }

@@ -80,6 +80,20 @@ impl PortPool {
         None
     }
 
+    /// Holds `port` for a server that already listens on it (one adopted from an earlier
+    /// agent): no bind check, and it may lie outside the range. `None` if a placement of this
+    /// pool holds it.
+    pub fn claim(self: &Arc<Self>, port: u16) -> Option<PortLease> {
+        let mut s = self.state.lock().ok()?;
+        if !s.taken.insert(port) {
+            return None;
+        }
+        Some(PortLease {
+            pool: self.clone(),
+            port,
+        })
+    }
+
     /// Ports held now.
     pub fn taken(&self) -> usize {
         self.state.lock().map(|s| s.taken.len()).unwrap_or(0)
@@ -143,6 +157,19 @@ mod tests {
         drop(a);
         assert_eq!(pool.taken(), 2);
         assert_eq!(pool.allocate("127.0.0.1").unwrap().port(), lo);
+    }
+
+    #[test]
+    fn a_claimed_port_is_held_until_dropped() {
+        let range = free_range(2);
+        let lo = *range.start();
+        let pool = PortPool::new(range);
+        let listening = std::net::TcpListener::bind(("127.0.0.1", lo)).unwrap();
+        let claimed = pool.claim(lo).expect("claimed although something listens");
+        assert!(pool.claim(lo).is_none(), "held once");
+        assert_eq!(pool.allocate("127.0.0.1").unwrap().port(), lo + 1);
+        drop((claimed, listening));
+        assert!(pool.claim(lo).is_some());
     }
 
     #[test]

@@ -8,6 +8,10 @@ use nix::{
 };
 use std::{
     process::ExitStatus,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -30,6 +34,12 @@ pub fn stat(pid: i32) -> Option<ProcStat> {
         pgrp: f.get(2)?.parse().ok()?,
         start_time: f.get(19)?.parse().ok()?,
     })
+}
+
+/// Whether `pid` is still the live (not zombie) process that started at `start_time`: a pid
+/// alone may have been reused by a later process.
+pub fn is_same_process(pid: i32, start_time: u64) -> bool {
+    stat(pid).is_some_and(|s| s.start_time == start_time && !matches!(s.state, 'Z' | 'X'))
 }
 
 /// Live (not zombie) processes of process group `pgid`.
@@ -134,16 +144,32 @@ pub async fn wait_group_gone(pgid: i32, kill_at: Instant, give_up_after: Duratio
 }
 
 /// SIGKILL to a whole group when dropped while armed: the last resort if the task that
-/// supervises it is aborted.
+/// supervises it is aborted. Unless `spare` is set by then: an agent that goes away on
+/// purpose without its servers (`--keep-servers-on-exit`, or a simulated crash) leaves them
+/// to the next agent, as a SIGKILLed one would.
 #[derive(Debug)]
 pub struct GroupGuard {
     pgid: i32,
     armed: bool,
+    spare: Option<Arc<AtomicBool>>,
 }
 
 impl GroupGuard {
     pub fn new(pgid: i32) -> GroupGuard {
-        GroupGuard { pgid, armed: true }
+        GroupGuard {
+            pgid,
+            armed: true,
+            spare: None,
+        }
+    }
+
+    /// A guard that does nothing when dropped once `spare` is set.
+    pub fn spared_by(pgid: i32, spare: Arc<AtomicBool>) -> GroupGuard {
+        GroupGuard {
+            pgid,
+            armed: true,
+            spare: Some(spare),
+        }
     }
 
     pub fn pgid(&self) -> i32 {
@@ -158,7 +184,11 @@ impl GroupGuard {
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        if self.armed {
+        let spared = self
+            .spare
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::SeqCst));
+        if self.armed && !spared {
             let _ = killpg(Pid::from_raw(self.pgid), Signal::SIGKILL);
         }
     }

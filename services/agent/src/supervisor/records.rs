@@ -1,11 +1,14 @@
 //! What runs, on disk: one small JSON file per instance under `<state-dir>/instances/`,
 //! written atomically (temporary file, then rename) and removed when the server is gone.
-//! It lets an operator (and, later, a restarted agent) find the processes berth started.
+//! It lets an operator, and the next agent, find the processes berth started: an agent that
+//! starts adopts the servers of its records that still run (see `Supervisor::adopt`).
 
+use crate::backend::AssignedGpu;
+use berth_proto::StartSpec;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     pub worker_id: String,
     pub instance_id: String,
@@ -16,6 +19,16 @@ pub struct Record {
     pub start_time: u64,
     pub port: u16,
     pub program: String,
+    /// Restarts of the placement before this server: an adopted server reports with them
+    /// (berth ignores a report with fewer restarts than it knows of).
+    #[serde(default)]
+    pub restarts: u32,
+    /// What the placement runs, so that an adopted server can be restarted; absent in the
+    /// records of older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<Box<StartSpec>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<AssignedGpu>,
 }
 
 pub fn path(dir: &Path, instance_id: &str) -> PathBuf {
@@ -44,9 +57,51 @@ pub fn read(dir: &Path, instance_id: &str) -> Option<Record> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// Every record of `dir`, by instance id; a file that is not a record is reported as `Err`
+/// with its path. Temporary files of an interrupted write are removed.
+pub fn all(dir: &Path) -> Vec<Result<Record, PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if name.starts_with('.') && name.ends_with(".json.tmp") {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        if !name.ends_with(".json") {
+            continue;
+        }
+        let record = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+            .filter(|r| path == self::path(dir, &r.instance_id));
+        out.push(record.ok_or(path));
+    }
+    out.sort_by(|a, b| match (a, b) {
+        (Ok(a), Ok(b)) => a.instance_id.cmp(&b.instance_id),
+        (Ok(_), Err(_)) => std::cmp::Ordering::Less,
+        (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
+        (Err(a), Err(b)) => a.cmp(b),
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_of_older_agents_still_read() {
+        let old = r#"{"worker_id":"w1","instance_id":"i1","version":3,"pid":42,
+            "start_time":1234,"port":40000,"program":"llama-server"}"#;
+        let r: Record = serde_json::from_str(old).unwrap();
+        assert_eq!((r.restarts, r.spec.is_none(), r.gpus.len()), (0, true, 0));
+    }
 
     #[test]
     fn records_round_trip_and_are_removed() {
@@ -59,9 +114,20 @@ mod tests {
             start_time: 1234,
             port: 40000,
             program: "llama-server".into(),
+            restarts: 1,
+            spec: Some(Box::new(StartSpec::claim(1 << 30, 1))),
+            gpus: Vec::new(),
         };
         write(dir.path(), &r).unwrap();
-        assert_eq!(read(dir.path(), "i1"), Some(r));
+        assert_eq!(read(dir.path(), "i1"), Some(r.clone()));
+        std::fs::write(dir.path().join("junk.json"), "{").unwrap();
+        std::fs::write(dir.path().join(".i2.json.tmp"), "{").unwrap();
+        let all = all(dir.path());
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(all[0].as_ref().ok(), Some(&r));
+        assert_eq!(all[1].as_ref().err(), Some(&dir.path().join("junk.json")));
+        assert!(!dir.path().join(".i2.json.tmp").exists());
+        std::fs::remove_file(dir.path().join("junk.json")).unwrap();
         remove(dir.path(), "i1");
         assert_eq!(read(dir.path(), "i1"), None);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
