@@ -229,3 +229,55 @@ async fn a_restarted_agent_adopts_the_server_its_killed_predecessor_left() {
     assert!(fleet.store.allocations().await.unwrap().is_empty());
     eprintln!("agent killed and started again → adopted running reported {to_adopted:?}");
 }
+
+/// A server that dies is restarted through the whole path: the agent reports `starting` with
+/// the restart count and why, the store takes the instance back from `running` to `starting`
+/// (the one backward move), the restarted server is `running` again at an endpoint of its
+/// own, and past the restart budget the instance ends in `error` with its GPUs freed. The
+/// events tell each step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_server_is_restarted_and_the_books_and_events_follow() {
+    let state = tempfile::tempdir().unwrap();
+    let (fleet, _reports) = process_fleet(state.path(), 42200..=42299).await;
+    fleet
+        .bus
+        .publish_command("flaky", &fake(&["--exit-after", "1"]))
+        .await
+        .unwrap();
+    // One restart allowed (see `process_runtime`): running, crash, running again, crash, error.
+    let row = fleet.wait_state("flaky", InstanceState::Error, LIMIT).await;
+    let reason = row.reason.unwrap_or_default();
+    assert!(reason.contains("gave up after 1 restarts"), "{reason}");
+    assert!(fleet.store.allocations().await.unwrap().is_empty());
+    fleet.assert_books_balanced().await;
+
+    let steps = wait_until("the restart's events", LIMIT, || async {
+        let history = fleet.bus.history("flaky", 64).await.ok()?;
+        let steps: Vec<(InstanceState, u32, bool, Option<String>)> = history
+            .into_iter()
+            .filter(|e| e.version == row.version)
+            .map(|e| (e.state, e.restarts, e.endpoint.is_some(), e.reason))
+            .collect();
+        steps
+            .iter()
+            .any(|s| s.0 == InstanceState::Error)
+            .then_some(steps)
+    })
+    .await;
+    let states: Vec<(InstanceState, u32, bool)> =
+        steps.iter().map(|(s, r, e, _)| (*s, *r, *e)).collect();
+    assert_eq!(
+        states,
+        [
+            (InstanceState::Analyzing, 0, false),
+            (InstanceState::Scheduled, 0, false),
+            (InstanceState::Starting, 0, false),
+            (InstanceState::Running, 0, true),
+            (InstanceState::Starting, 1, false),
+            (InstanceState::Running, 1, true),
+            (InstanceState::Error, 1, false),
+        ]
+    );
+    let why = steps[4].3.clone().unwrap_or_default();
+    assert!(why.contains("code 3") || why.contains("exit"), "{why}");
+}

@@ -37,8 +37,9 @@ struct OutboxRow {
 /// An event waiting in the outbox, with the id that makes re-sending it harmless.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEvent {
-    /// Unique per change (`instance:version:state:cmd_seq`; the sequence tells a rejected
-    /// command's note from the state it leaves alone): NATS drops a second copy.
+    /// Unique per change (`instance:version:state:cmd_seq:restarts`; the sequence tells a
+    /// rejected command's note from the state it leaves alone, the restart count a restarted
+    /// server's `starting` and `running` from the first ones): NATS drops a second copy.
     pub msg_id: String,
     pub event: InstanceEvent,
 }
@@ -126,7 +127,10 @@ fn to_event(r: OutboxRow) -> Result<OutboxEvent, StoreError> {
         .parse()
         .map_err(|_| StoreError::Corrupt(format!("outbox state {:?}", r.state)))?;
     Ok(OutboxEvent {
-        msg_id: format!("{}:{}:{}:{}", r.instance_id, r.version, r.state, r.cmd_seq),
+        msg_id: format!(
+            "{}:{}:{}:{}:{}",
+            r.instance_id, r.version, r.state, r.cmd_seq, r.restarts
+        ),
         event: InstanceEvent {
             instance_id: r.instance_id,
             state,
