@@ -5,6 +5,7 @@ mod estimate;
 mod logs;
 mod ps;
 mod publish;
+mod ready;
 mod up;
 mod watch;
 
@@ -47,6 +48,8 @@ enum Cmd {
     Watch(watch::WatchArgs),
     /// An instance's server log, from the worker that runs it.
     Logs(logs::LogsArgs),
+    /// Wait until enough analyzers are alive and workers registered (exit 0), for scripts.
+    Ready(ready::ReadyArgs),
     /// Apply database migrations (analyzers also do this at start).
     Migrate,
     /// What a model needs on the GPUs, estimated from its own files.
@@ -76,6 +79,7 @@ async fn main() -> Result<()> {
         Cmd::Ps(args) => ps::run(&cli.database_url, &cli.nats_url, args).await,
         Cmd::Watch(args) => watch::run(&cli.nats_url, args).await,
         Cmd::Logs(args) => logs::run(&cli.database_url, &cli.nats_url, args).await,
+        Cmd::Ready(args) => ready::run(&cli.database_url, &cli.nats_url, args).await,
         Cmd::Bench { args } => bench::run(&args),
         Cmd::Estimate(args) => estimate::run(&args),
         Cmd::Migrate => {

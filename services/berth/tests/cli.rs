@@ -227,6 +227,25 @@ fn start_ps_stop_against_berth_up() {
         ("BERTH_NATS_URL", nats.as_str()),
         ("BERTH_DATABASE_URL", db.as_str()),
     ];
+    // What a script waits for before its first command.
+    let out = berth(
+        &["ready", "--analyzers", "2", "--workers", "3", "--json"],
+        &env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ready: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        (ready["analyzers"].as_u64(), ready["workers"].as_u64()),
+        (Some(2), Some(3))
+    );
+    let out = berth(&["ready", "--workers", "4", "--timeout", "2"], &env);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("3 of 4 workers registered"),
+        "{}",
+        stderr(&out)
+    );
+
     let out = berth(&["start", "demo", "--vram", "20GiB", "--wait"], &env);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("demo running"), "{}", stdout(&out));
@@ -559,5 +578,26 @@ fn a_vllm_start_without_a_share_claims_vllms_default() {
         stderr(&bad).contains("a fraction, or none"),
         "{}",
         stderr(&bad)
+    );
+}
+
+/// With no fleet to ask, `berth ready` gives up at its deadline and says what it missed.
+#[test]
+fn ready_without_a_fleet_fails_with_a_clear_message() {
+    let out = berth(
+        &["ready", "--timeout", "1"],
+        &[
+            ("BERTH_NATS_URL", "nats://127.0.0.1:1"),
+            (
+                "BERTH_DATABASE_URL",
+                "postgres://postgres@127.0.0.1:1/postgres",
+            ),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no NATS server answered at nats://127.0.0.1:1 within 1s"),
+        "{}",
+        stderr(&out)
     );
 }
