@@ -1,6 +1,6 @@
 //! A test hook that holds an analyzer at a point until the test lets it go.
 
-use berth_analyzer::Hook;
+use berth_analyzer::{Hook, Hooks};
 use berth_proto::Version;
 use std::sync::Arc;
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -21,4 +21,14 @@ pub fn hold() -> (Hook, Held) {
         })
     });
     (hook, rx)
+}
+
+/// Hooks that hold the analyzer after a fit found a placement, before its commit.
+pub fn hold_before_commit() -> (Hooks, Held) {
+    let (hook, held) = hold();
+    let hooks = Hooks {
+        before_commit: Some(hook),
+        ..Default::default()
+    };
+    (hooks, held)
 }

@@ -4,9 +4,7 @@
 
 use berth_analyzer::Snapshot;
 use berth_fit::{Lane, Policy, Request, Worker};
-use berth_proto::CmdSeq;
-use berth_proto::Version;
-use berth_proto::{GpuInfo, status::GpuUsage, status::ReportedState};
+use berth_proto::{CmdSeq, GpuInfo, Version, status::GpuUsage, status::ReportedState};
 use berth_store::Store;
 use berth_store::reports::Report;
 use berth_tests::GIB;

@@ -3,8 +3,7 @@
 //! still announced, and a batch re-sent after a crash is stored once.
 
 use berth_bus::EVENTS_STREAM;
-use berth_proto::CmdSeq;
-use berth_proto::{InstanceEvent, InstanceState, Version, subjects};
+use berth_proto::{CmdSeq, InstanceEvent, InstanceState, Version, subjects};
 use berth_store::outbox::Relayed;
 use berth_tests::{Fleet, GIB, wait_until, worker};
 use futures::StreamExt;

@@ -2,15 +2,13 @@
 //! guard alone is taken out. The interleavings are made exact with the analyzer's test hooks
 //! and with direct store calls, never with sleeps.
 
-use berth_analyzer::{Hooks, Stats};
-use berth_proto::CmdSeq;
-use berth_proto::Version;
-use berth_proto::{GpuUsage, InstanceState, StartSpec, status::StatusMsg};
+use berth_analyzer::Stats;
+use berth_proto::{CmdSeq, GpuUsage, InstanceState, StartSpec, Version, status::StatusMsg};
 use berth_store::{
     commands::StartApplied,
     placement::{CommitOutcome, GpuClaim, PlacementCommit},
 };
-use berth_tests::hold::{Held, hold};
+use berth_tests::hold::hold_before_commit;
 use berth_tests::{Fleet, GIB, wait_until, worker};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
@@ -20,15 +18,6 @@ use std::{
 };
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn hold_before_commit() -> (Hooks, Held) {
-    let (hook, held) = hold();
-    let hooks = Hooks {
-        before_commit: Some(hook),
-        ..Default::default()
-    };
-    (hooks, held)
-}
 
 /// The spec `Fleet::start_instance` publishes, as the store records it.
 fn spec_json(vram: i64, gpus: i64) -> serde_json::Value {

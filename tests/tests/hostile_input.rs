@@ -7,8 +7,7 @@ use berth_bus::{
     CMD_CONSUMER, CMD_STREAM, DLQ_ORIGINAL_BYTES, DLQ_REASON, DLQ_STREAM, STATUS_CONSUMER,
     STATUS_STREAM,
 };
-use berth_proto::Version;
-use berth_proto::{InstanceEvent, InstanceState, StatusMsg, status::ReportedState};
+use berth_proto::{InstanceEvent, InstanceState, StatusMsg, Version, status::ReportedState};
 use berth_tests::{Fleet, GIB, wait_until, worker};
 use bytes::Bytes;
 use std::time::Duration;

@@ -3,9 +3,12 @@
 //! that takes too long ends in `error`, and a fit lost with its analyzer is redone by another.
 
 use berth_analyzer::Hooks;
-use berth_proto::InstanceState;
-use berth_proto::Version;
-use berth_tests::{Fleet, GIB, hold::hold, wait_until, worker};
+use berth_proto::{InstanceState, Version};
+use berth_tests::{
+    Fleet, GIB,
+    hold::{hold, hold_before_commit},
+    wait_until, worker,
+};
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -125,18 +128,10 @@ async fn a_stop_on_a_silent_worker_still_ends_stopped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fit_that_takes_too_long_ends_in_error() {
     let mut fleet = Fleet::start().await;
-    let (hook, mut held) = hold();
+    let (hooks, mut held) = hold_before_commit();
     let mut config = fleet.analyzer_config("slow");
     config.fit_timeout = Duration::from_millis(300);
-    let stats = fleet
-        .add_analyzer_with(
-            config,
-            Hooks {
-                before_commit: Some(hook),
-                ..Default::default()
-            },
-        )
-        .await;
+    let stats = fleet.add_analyzer_with(config, hooks).await;
     fleet.add_agent(worker("w1", 1, 80, &[])).await;
     fleet.start_instance("slow", 10 * GIB, 1).await;
     let (_, _, _never) = held.recv().await.expect("fit reached the commit");
@@ -158,13 +153,8 @@ async fn a_fit_that_takes_too_long_ends_in_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fit_lost_with_its_analyzer_is_redone_elsewhere() {
     let mut fleet = Fleet::start().await;
-    let (hook, mut held) = hold();
-    fleet
-        .add_analyzer(Hooks {
-            before_commit: Some(hook),
-            ..Default::default()
-        })
-        .await;
+    let (hooks, mut held) = hold_before_commit();
+    fleet.add_analyzer(hooks).await;
     fleet.add_agent(worker("w1", 1, 80, &[])).await;
     fleet.start_instance("m", 10 * GIB, 1).await;
     let (_, version, _go) = held.recv().await.expect("fit reached the commit");

@@ -7,8 +7,11 @@ use berth_agent::{
     supervisor::{PortPool, RestartLimits, process, records},
 };
 use berth_models::{CustomClaim, EstimateOptions};
-use berth_proto::logs::{LogsReply, LogsRequest};
-use berth_proto::{Command, InstanceState, StartSpec, StatusMsg, Version, status::ReportedState};
+use berth_proto::{
+    Command, InstanceState, StartSpec, StatusMsg, Version,
+    logs::{LogsReply, LogsRequest},
+    status::ReportedState,
+};
 use berth_tests::{Fleet, GIB, wait_until, worker};
 use futures::StreamExt;
 use std::{

@@ -1,22 +1,12 @@
 //! A placement computed for version V never lands once the instance moved past V. The fit is
 //! held between compute and commit by a test hook, so the interleaving is exact.
 
-use berth_analyzer::Hooks;
 use berth_proto::{CmdSeq, InstanceState};
-use berth_tests::hold::{Held, hold};
+use berth_tests::hold::hold_before_commit;
 use berth_tests::{Fleet, GIB, worker};
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn hold_before_commit() -> (Hooks, Held) {
-    let (hook, held) = hold();
-    let hooks = Hooks {
-        before_commit: Some(hook),
-        ..Default::default()
-    };
-    (hooks, held)
-}
 
 async fn assert_nothing_landed(fleet: &Fleet) {
     assert!(

@@ -1,6 +1,7 @@
 //! Answers `berth logs`: requests on `berth.logs.<worker>` for a server's log, read from this
 //! agent's state directory (`<logs>/<instance>/<version>.log`, earlier attempts `.log.N`).
 
+use berth_bus::BusError;
 use berth_proto::{
     Version,
     logs::{LogsReply, LogsRequest, MAX_LOG_CHUNK},
@@ -20,9 +21,11 @@ pub async fn serve(
     worker_id: &str,
     logs_dir: PathBuf,
     shutdown: CancellationToken,
-) -> Result<impl Future<Output = ()> + use<>, async_nats::SubscribeError> {
-    let subject = logs_subject(worker_id).unwrap_or_else(|_| format!("berth.logs.{worker_id}"));
-    let mut requests = client.subscribe(subject).await?;
+) -> Result<impl Future<Output = ()> + use<>, BusError> {
+    let mut requests = client
+        .subscribe(logs_subject(worker_id)?)
+        .await
+        .map_err(|e| BusError::request("logs subscription", e))?;
     Ok(async move {
         loop {
             let msg = tokio::select! {

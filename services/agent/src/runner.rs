@@ -108,8 +108,7 @@ impl Agent {
                 supervisor.logs_dir(),
                 shutdown.clone(),
             )
-            .await
-            .map_err(|e| BusError::request("logs subscription", e))?;
+            .await?;
             tasks.spawn(serve);
         }
         let mut keep_servers = None;

@@ -4,8 +4,7 @@
 
 use berth_bus::{Bus, BusError};
 use berth_fit::{Part, Placement, Slot};
-use berth_proto::Version;
-use berth_proto::{AgentMsg, StartSpec};
+use berth_proto::{AgentMsg, StartSpec, Version};
 use berth_store::placement::GpuClaim;
 
 #[derive(Debug, Clone)]

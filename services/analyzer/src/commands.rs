@@ -4,8 +4,7 @@ use crate::{
     agent_link::placement_of, context::Ctx, intake::Handled, intents::NotRecorded, placing,
 };
 use async_nats::jetstream::Message;
-use berth_proto::CmdSeq;
-use berth_proto::{Command, StartSpec, StopSpec, subjects::instance_of_cmd_subject};
+use berth_proto::{CmdSeq, Command, StartSpec, StopSpec, subjects::instance_of_cmd_subject};
 use berth_retry::{RetryPolicy, retry};
 use berth_store::{
     StoreError,

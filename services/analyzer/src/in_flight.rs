@@ -4,8 +4,7 @@
 //! on every path out of the placement.
 
 use crate::recent::Recent;
-use berth_proto::CmdSeq;
-use berth_proto::{Command, StartSpec};
+use berth_proto::{CmdSeq, Command, StartSpec};
 use std::{
     collections::HashMap,
     sync::Mutex,

@@ -3,8 +3,7 @@
 use crate::grouped::Grouped;
 use crate::{agent_link::to_i64, context::Ctx, in_flight::FitGuard, intake::Handled};
 use berth_fit::{FitError, Placement, Request};
-use berth_proto::StartSpec;
-use berth_proto::{CmdSeq, Version};
+use berth_proto::{CmdSeq, StartSpec, Version};
 use berth_store::{
     Store, StoreError,
     placement::{CommitOutcome, GpuClaim, PlacementCommit},

@@ -6,8 +6,7 @@ use crate::{
     intake::{Handled, pull_loop},
 };
 use async_nats::jetstream::{Message, consumer::PullConsumer};
-use berth_proto::Version;
-use berth_proto::{StatusMsg, status::ReportedState};
+use berth_proto::{StatusMsg, Version, status::ReportedState};
 use berth_retry::{RetryPolicy, retry};
 use berth_store::{
     Store, StoreError, Transition,

@@ -3,8 +3,7 @@
 
 use crate::context::Ctx;
 use berth_fit::place;
-use berth_proto::{CmdSeq, Version};
-use berth_proto::{InstanceState, StartSpec};
+use berth_proto::{CmdSeq, InstanceState, StartSpec, Version};
 use berth_store::StoreError;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
