@@ -198,7 +198,7 @@ ensure_postgres_user() {
 PY_DEPS=missing
 install_py_deps() {
     local target="$BERTH_DIR/py"
-    if [ -d "$target/nats" ] && [ -d "$target/msgpack" ] && [ -d "$target/openai" ]; then
+    if [ -d "$target/nats" ] && [ -d "$target/nkeys" ] && [ -d "$target/msgpack" ] && [ -d "$target/openai" ]; then
         PY_DEPS=ok
         return 0
     fi
@@ -209,7 +209,7 @@ install_py_deps() {
     log "installing nats-py, msgpack and openai into $target"
     # --upgrade lets pip replace a partial earlier install in the target dir.
     if python3 -m pip install --quiet --disable-pip-version-check --upgrade \
-        --target "$target" 'nats-py>=2.6' 'msgpack>=1.0' 'openai>=1.50,<3' >&2; then
+        --target "$target" 'nats-py>=2.6' 'nkeys>=0.2' 'msgpack>=1.0' 'openai>=1.50,<3' >&2; then
         PY_DEPS=ok
     else
         warn "pip install of nats-py/msgpack/openai failed; Python example and client tests will not run"

@@ -5,7 +5,9 @@
 
 Needs nats-py and msgpack (`pip install nats-py msgpack`; ops/setup.sh puts them in
 .berth/py, so `PYTHONPATH=.berth/py` works in a checkout). Connects to $BERTH_NATS_URL
-(default nats://127.0.0.1:4222). See docs/protocol.md for the messages.
+(default nats://127.0.0.1:4222) as the publisher whose nkey seed is in $BERTH_NATS_CREDS
+(`berth up` makes .berth/auth/publisher.nk; nats-py then needs the `nkeys` package too).
+See docs/protocol.md for the messages.
 
 Exit status: 0 when the instance reached `running` (and, without --keep, `stopped`);
 1 otherwise, with the reason on stderr.
@@ -88,6 +90,7 @@ async def publish(js, subject, command):
 
 async def run(args):
     url = os.environ.get("BERTH_NATS_URL", "nats://127.0.0.1:4222")
+    creds = os.environ.get("BERTH_NATS_CREDS")
     errors = []
 
     async def remember(e):
@@ -95,7 +98,9 @@ async def run(args):
 
     try:
         nc = await asyncio.wait_for(
-            nats.connect(url, connect_timeout=5, error_cb=remember), timeout=args.timeout
+            nats.connect(url, connect_timeout=5, error_cb=remember,
+                         **({"nkeys_seed": creds} if creds else {})),
+            timeout=args.timeout
         )
     except (OSError, asyncio.TimeoutError, nats.errors.Error) as e:
         raise Failed(f"cannot connect to NATS at {url}: {errors[-1] if errors else e!r}")

@@ -26,6 +26,8 @@ pub struct Fleet {
     pub analyzers: Vec<Analyzer>,
     pub agents: Vec<Agent>,
     pub servers: TestServers,
+    /// NATS roles, when the servers enforce them: analyzers and agents get their own.
+    pub auth: Option<berth_bus::auth::AuthDir>,
 }
 
 /// Logs to the test's output when RUST_LOG is set.
@@ -39,16 +41,28 @@ pub fn init_logs() {
 impl Fleet {
     /// Fresh servers with the schema and streams in place; no analyzer, no agent yet.
     pub async fn start() -> Fleet {
+        Fleet::start_with(None).await
+    }
+
+    /// Like [`Fleet::start`] with NATS enforcing the roles of `auth` (which must list every
+    /// worker's agent already); `bus` is then the analyzer role.
+    pub async fn start_with(auth: Option<berth_bus::auth::AuthDir>) -> Fleet {
         init_logs();
-        let servers = tokio::task::spawn_blocking(TestServers::start)
-            .await
-            .expect("harness task")
-            .expect("start NATS and PostgreSQL (run ops/setup.sh first)");
+        let config = auth.as_ref().map(berth_bus::auth::AuthDir::server_config);
+        let servers =
+            tokio::task::spawn_blocking(move || TestServers::start_with(config.as_deref()))
+                .await
+                .expect("harness task")
+                .expect("start NATS and PostgreSQL (run ops/setup.sh first)");
         berth_store::migrate(&servers.pg.url())
             .await
             .expect("migrate");
         let store = Store::connect(&servers.pg.url(), 8).expect("pool");
-        let bus = Bus::connect(&servers.nats.url(), "test")
+        let access = berth_bus::Access {
+            creds: auth.as_ref().map(|a| a.creds("analyzer")),
+            ..berth_bus::Access::default()
+        };
+        let bus = Bus::connect_as(&servers.nats.url(), "test", &access)
             .await
             .expect("bus");
         Fleet {
@@ -58,6 +72,7 @@ impl Fleet {
             analyzers: Vec::new(),
             agents: Vec::new(),
             servers,
+            auth,
         }
     }
 
@@ -66,6 +81,7 @@ impl Fleet {
     pub fn analyzer_config(&self, name: &str) -> AnalyzerConfig {
         let mut c = AnalyzerConfig::new(self.servers.nats.url(), self.servers.pg.url());
         c.name = name.into();
+        c.nats_access.creds = self.auth.as_ref().map(|a| a.creds("analyzer"));
         c.ack_wait = Duration::from_secs(2);
         c.sweep_every = Duration::from_millis(250);
         c.stuck_after = Duration::from_secs(5);
@@ -103,6 +119,11 @@ impl Fleet {
         let gpus = worker.gpus.len();
         let config = AgentConfig {
             nats_url: self.servers.nats.url(),
+            nats_access: berth_bus::Access {
+                creds: self.auth.as_ref().map(|a| a.creds(&format!("agent-{id}"))),
+                provision: self.auth.is_none(),
+                ..berth_bus::Access::default()
+            },
             worker,
             heartbeat: Duration::from_millis(300),
             stats: self.agent_stats.clone(),

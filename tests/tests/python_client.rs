@@ -16,19 +16,36 @@ const LIMIT: Duration = Duration::from_secs(90);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_example_starts_and_stops_an_instance() {
-    if let Some(why) = python_missing("nats, msgpack").await {
+    if let Some(why) = python_missing("nats, nkeys, msgpack").await {
         eprintln!("skipping python_client: {why}");
         return;
     }
 
-    let mut fleet = Fleet::start().await;
+    // Under NATS roles, as `berth up` runs it: the example connects as the publisher.
+    let dir = tempfile::tempdir().unwrap();
+    let auth = berth_bus::auth::AuthDir::new(dir.path().join("auth"));
+    auth.init().unwrap();
+    auth.add(
+        berth_bus::auth::Role::Agent {
+            worker: "w1".into(),
+        },
+        "",
+    )
+    .unwrap();
+    let mut fleet = Fleet::start_with(Some(auth.clone())).await;
     fleet.add_analyzer(Default::default()).await;
     fleet.add_agent(worker("w1", 1, 80, &[])).await;
 
     let stdout = run_python(
         "docs/examples/publish.py",
         &["py-demo", "--vram-gib", "10"],
-        &[("BERTH_NATS_URL", fleet.servers.nats.url())],
+        &[
+            ("BERTH_NATS_URL", fleet.servers.nats.url()),
+            (
+                "BERTH_NATS_CREDS",
+                auth.creds("publisher").display().to_string(),
+            ),
+        ],
         LIMIT,
     )
     .await;

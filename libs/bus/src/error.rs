@@ -14,6 +14,11 @@ pub enum BusError {
         #[source]
         source: async_nats::ConnectError,
     },
+    #[error("NATS credentials {path}: {detail}")]
+    Credentials {
+        path: std::path::PathBuf,
+        detail: String,
+    },
     #[error("cannot set up {what}: {source}")]
     Provision {
         what: String,
@@ -78,7 +83,10 @@ impl BusError {
                 | PublishErrorKind::WrongLastSequence => false,
                 PublishErrorKind::Other => !refused_by_server(source),
             },
-            BusError::Superseded | BusError::InvalidId(_) | BusError::Codec(_) => false,
+            BusError::Superseded
+            | BusError::InvalidId(_)
+            | BusError::Codec(_)
+            | BusError::Credentials { .. } => false,
         }
     }
 }

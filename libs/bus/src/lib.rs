@@ -10,12 +10,15 @@
 //!   analyzers.
 //! - `BERTH_EVENTS`: `berth.events.instance.*`, state changes, kept for a day.
 
+mod access;
+pub mod auth;
 mod error;
 pub mod grouping;
 mod newest;
 pub mod settle;
 mod topology;
 
+pub use access::{Access, NatsArgs};
 pub use error::{BusError, Source};
 pub use topology::{
     AGENT_STREAM, CMD_CONSUMER, CMD_STREAM, DEFAULT_ACK_WAIT, DLQ_STREAM, EVENTS_STREAM,
@@ -23,7 +26,7 @@ pub use topology::{
 };
 
 use async_nats::{
-    HeaderMap,
+    ConnectErrorKind, HeaderMap,
     jetstream::{self, consumer::PullConsumer, stream::Stream},
 };
 use berth_proto::{AgentMsg, CmdSeq, Command, InstanceEvent, StatusMsg, subjects};
@@ -62,20 +65,51 @@ impl std::fmt::Debug for Bus {
 }
 
 impl Bus {
-    /// Connects (retrying until the server answers, and reconnecting forever after) and makes
-    /// sure every stream exists with berth's configuration.
+    /// Connects without credentials (retrying until the server answers, and reconnecting
+    /// forever after) and makes sure every stream exists with berth's configuration.
     pub async fn connect(url: &str, name: &str) -> Result<Bus, BusError> {
-        let client = async_nats::ConnectOptions::new()
-            .name(name)
-            .retry_on_initial_connect()
-            .connect(url)
-            .await
-            .map_err(|source| BusError::Connect {
-                url: url.to_owned(),
-                source,
-            })?;
+        Bus::connect_as(url, name, &Access::default()).await
+    }
+
+    /// Connects with `access`'s credentials and TLS; sets the streams up if it says so.
+    pub async fn connect_as(url: &str, name: &str, access: &Access) -> Result<Bus, BusError> {
+        // Boxed: connecting holds several option sets and handshakes, which would otherwise
+        // make every caller's future that much larger.
+        Box::pin(Bus::connect_inner(url, name, access)).await
+    }
+
+    async fn connect_inner(url: &str, name: &str, access: &Access) -> Result<Bus, BusError> {
+        let refused = |source| BusError::Connect {
+            url: url.to_owned(),
+            source,
+        };
+        // One attempt first: credentials or TLS the server refuses are an error at once,
+        // not a retry forever. A server not up yet is waited for.
+        let client = match access.connect_options(name).await?.connect(url).await {
+            Ok(client) => client,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ConnectErrorKind::AuthorizationViolation
+                        | ConnectErrorKind::Authentication
+                        | ConnectErrorKind::Tls
+                        | ConnectErrorKind::ServerParse
+                ) =>
+            {
+                return Err(refused(e));
+            }
+            Err(_) => access
+                .connect_options(name)
+                .await?
+                .retry_on_initial_connect()
+                .connect(url)
+                .await
+                .map_err(refused)?,
+        };
         let js = jetstream::new(client.clone());
-        topology::provision(&js).await?;
+        if access.provision {
+            topology::provision(&js).await?;
+        }
         let cmd_stream =
             js.get_stream_no_info(CMD_STREAM)
                 .await

@@ -54,12 +54,17 @@ impl TestServers {
     /// Starts both servers under a fresh `/tmp/berth-test-*` directory (tuned for speed:
     /// no fsync).
     pub fn start() -> Result<TestServers, HarnessError> {
+        TestServers::start_with(None)
+    }
+
+    /// Like [`TestServers::start`], with a configuration file for NATS (its roles).
+    pub fn start_with(nats_config: Option<&std::path::Path>) -> Result<TestServers, HarnessError> {
         let dir = tempfile::Builder::new()
             .prefix("berth-test-")
             .tempdir()
             .map_err(|e| HarnessError::io(std::env::temp_dir(), e))?;
         postgres::open_for_service_user(dir.path())?;
-        let nats = NatsServer::start(&dir.path().join("nats"))?;
+        let nats = NatsServer::start_with(&dir.path().join("nats"), nats_config)?;
         let pg = PgServer::start(&dir.path().join("pg"), postgres::Durability::Fast)?;
         Ok(TestServers {
             nats,

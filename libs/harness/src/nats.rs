@@ -17,16 +17,26 @@ pub struct NatsServer {
     child: Option<Child>,
     dir: PathBuf,
     port: u16,
+    /// A configuration file for the server (berth's NATS roles: `berth auth`).
+    config: Option<PathBuf>,
 }
 
 impl NatsServer {
     /// Starts `nats-server` with JetStream storing under `dir`, on a free loopback port.
     pub fn start(dir: &Path) -> Result<NatsServer, HarnessError> {
         std::fs::create_dir_all(dir).map_err(|e| HarnessError::io(dir, e))?;
+        NatsServer::start_with(dir, None)
+    }
+
+    /// Like [`NatsServer::start`], with `config` (e.g. the `authorization` block of
+    /// `berth auth`) given to the server with `-c`.
+    pub fn start_with(dir: &Path, config: Option<&Path>) -> Result<NatsServer, HarnessError> {
+        std::fs::create_dir_all(dir).map_err(|e| HarnessError::io(dir, e))?;
         let mut server = NatsServer {
             child: None,
             dir: dir.to_path_buf(),
             port: 0,
+            config: config.map(Path::to_path_buf),
         };
         let mut last = None;
         // A free port can be taken by someone else before we bind it: try a few.
@@ -43,13 +53,19 @@ impl NatsServer {
         }))
     }
 
-    /// Starts `nats-server` on a given port (for `berth up`, whose port is configured).
-    pub fn start_on(dir: &Path, port: u16) -> Result<NatsServer, HarnessError> {
+    /// Starts `nats-server` on a given port (for `berth up`, whose port is configured),
+    /// with `config` if given.
+    pub fn start_on(
+        dir: &Path,
+        port: u16,
+        config: Option<&Path>,
+    ) -> Result<NatsServer, HarnessError> {
         std::fs::create_dir_all(dir).map_err(|e| HarnessError::io(dir, e))?;
         let mut server = NatsServer {
             child: None,
             dir: dir.to_path_buf(),
             port,
+            config: config.map(Path::to_path_buf),
         };
         server.spawn()?;
         Ok(server)
@@ -62,7 +78,11 @@ impl NatsServer {
         let log2 = log
             .try_clone()
             .map_err(|e| HarnessError::io(&log_path, e))?;
-        let mut child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        if let Some(config) = &self.config {
+            cmd.arg("-c").arg(config);
+        }
+        let mut child = cmd
             .args([
                 "-a",
                 "127.0.0.1",
@@ -111,6 +131,18 @@ impl NatsServer {
         if let Some(mut child) = self.child.take() {
             stop_child(&mut child, Signal::SIGTERM, Duration::from_secs(10));
         }
+    }
+
+    /// Makes the server read its configuration again (new users from `berth auth`).
+    pub fn reload(&self) -> Result<(), HarnessError> {
+        let Some(child) = &self.child else {
+            return Ok(());
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+        nix::sys::signal::kill(pid, Signal::SIGHUP).map_err(|e| HarnessError::Failed {
+            what: "nats-server reload".into(),
+            detail: e.to_string(),
+        })
     }
 
     /// Starts it again on the same port and data, after [`NatsServer::stop`].

@@ -20,6 +20,8 @@ struct Args {
     /// NATS server URL(s), comma separated.
     #[arg(long, env = "BERTH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    #[command(flatten)]
+    nats: berth_bus::NatsArgs,
     /// Simulated inventory (TOML). Without it, GPUs come from NVML.
     #[arg(long, env = "BERTH_INVENTORY")]
     inventory: Option<PathBuf>,
@@ -210,6 +212,7 @@ async fn main() -> anyhow::Result<()> {
     for worker in workers {
         let config = AgentConfig {
             nats_url: args.nats_url.clone(),
+            nats_access: args.nats.access(),
             heartbeat: Duration::from_secs(args.heartbeat_secs),
             worker,
             stats: stats.clone(),

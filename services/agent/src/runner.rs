@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub nats_url: String,
+    /// Credentials and TLS for NATS (this worker's agent role).
+    pub nats_access: berth_bus::Access,
     pub worker: WorkerSpec,
     pub heartbeat: Duration,
     /// Counters, shared by the agents of a process.
@@ -85,7 +87,10 @@ impl Agent {
         let id = config.worker.id.clone();
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let bus = Bus::connect(&config.nats_url, &format!("agent-{id}")).await?;
+        // Replies come to an inbox of this worker's own, the only one its NATS role may read.
+        let mut access = config.nats_access.clone();
+        access.inbox_prefix = berth_bus::auth::Role::Agent { worker: id.clone() }.inbox_prefix();
+        let bus = Bus::connect_as(&config.nats_url, &format!("agent-{id}"), &access).await?;
         let register = StatusMsg::Register {
             worker_id: id.clone(),
             labels: config.worker.labels.clone(),

@@ -30,6 +30,7 @@ async fn an_nvml_worker_registers_its_gpus_and_reports_memory_in_use() {
 
     let agent = Agent::start(AgentConfig {
         nats_url: nats.url(),
+        nats_access: Default::default(),
         worker: WorkerSpec {
             id: worker.into(),
             labels: Default::default(),

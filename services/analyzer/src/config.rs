@@ -6,6 +6,8 @@ use std::{net::SocketAddr, time::Duration};
 #[derive(Debug, Clone)]
 pub struct AnalyzerConfig {
     pub nats_url: String,
+    /// Credentials and TLS for NATS (the analyzer role).
+    pub nats_access: berth_bus::Access,
     pub database_url: String,
     /// Appears in logs and in the NATS connection name.
     pub name: String,
@@ -46,6 +48,7 @@ impl AnalyzerConfig {
     pub fn new(nats_url: impl Into<String>, database_url: impl Into<String>) -> Self {
         AnalyzerConfig {
             nats_url: nats_url.into(),
+            nats_access: berth_bus::Access::default(),
             database_url: database_url.into(),
             name: "analyzer".into(),
             concurrency: 32,

@@ -78,10 +78,16 @@ pub struct Analyzer {
 impl Analyzer {
     /// Connects, migrates the database, and starts the command and status loops.
     pub async fn start(config: AnalyzerConfig, hooks: Hooks) -> anyhow::Result<Analyzer> {
+        // Boxed: starting holds every component's setup at once, too large for a caller's
+        // own future.
+        Box::pin(Analyzer::start_inner(config, hooks)).await
+    }
+
+    async fn start_inner(config: AnalyzerConfig, hooks: Hooks) -> anyhow::Result<Analyzer> {
         berth_store::migrate(&config.database_url).await?;
         let store = Store::connect(&config.database_url, config.pool_size)?;
         store.warm().await?;
-        let bus = Bus::connect(&config.nats_url, &config.name).await?;
+        let bus = Bus::connect_as(&config.nats_url, &config.name, &config.nats_access).await?;
         let commands = bus.command_consumer(config.ack_wait).await?;
         let reports = bus.status_consumer().await?;
         let stats = Arc::new(Stats::default());

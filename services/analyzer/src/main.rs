@@ -12,6 +12,8 @@ struct Args {
     /// NATS server URL(s), comma separated.
     #[arg(long, env = "BERTH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    #[command(flatten)]
+    nats: berth_bus::NatsArgs,
     /// PostgreSQL URL.
     #[arg(long, env = "BERTH_DATABASE_URL")]
     database_url: String,
@@ -60,6 +62,11 @@ async fn main() -> anyhow::Result<()> {
     berth_telemetry::init_tracing(args.log_json, "info");
     let mut config = AnalyzerConfig::new(args.nats_url, args.database_url);
     config.name = args.name;
+    // The analyzer role sets the streams up, credentials or not.
+    config.nats_access = berth_bus::Access {
+        provision: true,
+        ..args.nats.access()
+    };
     config.concurrency = args.concurrency as usize;
     config.pool_size = args.pool_size as usize;
     config.metrics_addr = args.metrics_addr.0;

@@ -23,8 +23,11 @@ pub struct Watch {
 /// Subscribes to the command subjects; call before the command intake starts so that no
 /// command is missed.
 pub async fn subscribe(ctx: &Ctx) -> anyhow::Result<Watch> {
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("{}-watch", ctx.config.name))
+    let client = ctx
+        .config
+        .nats_access
+        .connect_options(&format!("{}-watch", ctx.config.name))
+        .await?
         .retry_on_initial_connect()
         .connect(ctx.config.nats_url.as_str())
         .await?;

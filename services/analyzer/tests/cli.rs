@@ -20,7 +20,7 @@ fn bad_flags_are_refused() {
     let cases: &[(&[&str], &str)] = &[
         (
             &["--metrics-addr", "nonsense"],
-            "--metrics-addr \"nonsense\"",
+            "\"nonsense\" is not host:port",
         ),
         (&["--policy", "random"], "--policy"),
         (&["--concurrency", "0"], "--concurrency"),

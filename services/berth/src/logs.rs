@@ -2,7 +2,6 @@
 //! worker's agent over NATS: no shared disk needed).
 
 use anyhow::{Context, Result, bail};
-use berth_bus::Bus;
 use berth_proto::{
     Version,
     logs::{LogsReply, LogsRequest},
@@ -32,7 +31,7 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 /// How often a follow asks for more.
 const FOLLOW_EVERY: Duration = Duration::from_millis(500);
 
-pub async fn run(database_url: &str, nats_url: &str, args: LogsArgs) -> Result<()> {
+pub async fn run(database_url: &str, nats_url: &crate::Nats, args: LogsArgs) -> Result<()> {
     validate_id(&args.instance)?;
     let store = Store::connect(database_url, 1)?;
     let row = tokio::time::timeout(Duration::from_secs(10), store.instance(&args.instance))
@@ -46,7 +45,7 @@ pub async fn run(database_url: &str, nats_url: &str, args: LogsArgs) -> Result<(
             row.state
         );
     };
-    let bus = Bus::connect(nats_url, "berth-logs").await?;
+    let bus = nats_url.connect("berth-logs").await?;
     let ask = |offset: Option<u64>, version: Option<Version>| {
         let req = LogsRequest {
             instance_id: args.instance.clone(),

@@ -1,5 +1,6 @@
 //! `berth`: run a local fleet, publish start/stop commands, look at instances.
 
+mod auth;
 mod bench;
 mod estimate;
 mod keys;
@@ -27,6 +28,8 @@ struct Cli {
     /// NATS server URL(s), comma separated.
     #[arg(long, global = true, env = "BERTH_NATS_URL", default_value = DEFAULT_NATS_URL)]
     nats_url: String,
+    #[command(flatten)]
+    nats: berth_bus::NatsArgs,
     /// PostgreSQL URL (for ps and migrate).
     #[arg(long, global = true, env = "BERTH_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     database_url: String,
@@ -51,6 +54,8 @@ enum Cmd {
     Logs(logs::LogsArgs),
     /// Wait until enough analyzers are alive and workers registered (exit 0), for scripts.
     Ready(ready::ReadyArgs),
+    /// NATS credentials for each part of a fleet: init, add-agent, add-publisher, list.
+    Auth(auth::AuthArgs),
     /// API keys for the gateway: create (printed once), list, revoke.
     Keys(keys::KeysArgs),
     /// Apply database migrations (analyzers also do this at start).
@@ -75,14 +80,16 @@ async fn main() -> Result<()> {
         "warn"
     };
     berth_telemetry::init_tracing(false, default);
+    let nats = Nats::new(cli.nats_url, &cli.nats);
     match cli.command {
         Cmd::Up(args) => up::run(args).await,
-        Cmd::Start(args) => publish::start(&cli.nats_url, args).await,
-        Cmd::Stop(args) => publish::stop(&cli.nats_url, args).await,
-        Cmd::Ps(args) => ps::run(&cli.database_url, &cli.nats_url, args).await,
-        Cmd::Watch(args) => watch::run(&cli.nats_url, args).await,
-        Cmd::Logs(args) => logs::run(&cli.database_url, &cli.nats_url, args).await,
-        Cmd::Ready(args) => ready::run(&cli.database_url, &cli.nats_url, args).await,
+        Cmd::Start(args) => publish::start(&nats, args).await,
+        Cmd::Stop(args) => publish::stop(&nats, args).await,
+        Cmd::Ps(args) => ps::run(&cli.database_url, &nats, args).await,
+        Cmd::Watch(args) => watch::run(&nats, args).await,
+        Cmd::Logs(args) => logs::run(&cli.database_url, &nats, args).await,
+        Cmd::Ready(args) => ready::run(&cli.database_url, &nats, args).await,
+        Cmd::Auth(args) => auth::run(&args),
         Cmd::Keys(args) => keys::run(&cli.database_url, args).await,
         Cmd::Bench { args } => bench::run(&args),
         Cmd::Estimate(args) => estimate::run(&args),
@@ -91,5 +98,38 @@ async fn main() -> Result<()> {
             println!("migrations applied: {applied}");
             Ok(())
         }
+    }
+}
+
+/// Where the commands reach NATS, and as whom.
+#[derive(Debug)]
+pub struct Nats {
+    url: String,
+    access: berth_bus::Access,
+}
+
+/// The publisher credentials `berth up` makes, used when none are given and they exist.
+const LOCAL_CREDS: &str = ".berth/auth/publisher.nk";
+
+impl Nats {
+    fn new(url: String, args: &berth_bus::NatsArgs) -> Nats {
+        let mut args = args.clone();
+        if args.nats_creds.is_none() && std::path::Path::new(LOCAL_CREDS).is_file() {
+            args.nats_creds = Some(LOCAL_CREDS.into());
+        }
+        Nats {
+            url,
+            access: args.access(),
+        }
+    }
+
+    pub async fn connect(&self, name: &str) -> Result<berth_bus::Bus, berth_bus::BusError> {
+        berth_bus::Bus::connect_as(&self.url, name, &self.access).await
+    }
+}
+
+impl std::fmt::Display for Nats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
     }
 }

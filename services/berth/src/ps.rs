@@ -1,7 +1,6 @@
 //! `berth ps`: the instances table, from PostgreSQL.
 
 use anyhow::{Context, Result};
-use berth_bus::Bus;
 use berth_proto::size::format_bytes;
 use berth_store::Store;
 use clap::Args;
@@ -37,7 +36,7 @@ struct Row {
     restarts: i32,
 }
 
-pub async fn run(database_url: &str, nats_url: &str, args: PsArgs) -> Result<()> {
+pub async fn run(database_url: &str, nats_url: &crate::Nats, args: PsArgs) -> Result<()> {
     let store = Store::connect(database_url, 1)?;
     if let Some(id) = &args.explain {
         return explain(&store, nats_url, id, args.json).await;
@@ -131,7 +130,7 @@ fn gpus_cell(r: &Row) -> String {
 }
 
 /// `berth ps --explain ID`.
-async fn explain(store: &Store, nats_url: &str, id: &str, json: bool) -> Result<()> {
+async fn explain(store: &Store, nats_url: &crate::Nats, id: &str, json: bool) -> Result<()> {
     berth_proto::subjects::validate_id(id)?;
     let row = tokio::time::timeout(Duration::from_secs(10), store.instance(id))
         .await
@@ -143,7 +142,7 @@ async fn explain(store: &Store, nats_url: &str, id: &str, json: bool) -> Result<
         .into_iter()
         .filter(|a| a.instance_id == id)
         .collect();
-    let bus = tokio::time::timeout(Duration::from_secs(10), Bus::connect(nats_url, "berth-ps"))
+    let bus = tokio::time::timeout(Duration::from_secs(10), nats_url.connect("berth-ps"))
         .await
         .with_context(|| format!("no NATS server answered at {nats_url} within 10 s"))??;
     let history = bus.history(id, 1000).await?;

@@ -1,7 +1,6 @@
 //! `berth start` and `berth stop`: validate locally, publish, optionally wait for the result.
 
 use anyhow::{Context, Result, bail};
-use berth_bus::Bus;
 use berth_proto::{Command, StartSpec, StopSpec, size::parse_bytes, subjects};
 use clap::Args;
 use std::time::Duration;
@@ -88,7 +87,7 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
-pub async fn start(nats_url: &str, args: StartArgs) -> Result<()> {
+pub async fn start(nats_url: &crate::Nats, args: StartArgs) -> Result<()> {
     let model_ref = match &args.model_file {
         Some(path) => {
             let path = std::path::absolute(path)?;
@@ -128,15 +127,15 @@ pub async fn start(nats_url: &str, args: StartArgs) -> Result<()> {
     publish(nats_url, &args.instance, &Command::Start(spec), &args.wait).await
 }
 
-pub async fn stop(nats_url: &str, args: StopArgs) -> Result<()> {
+pub async fn stop(nats_url: &crate::Nats, args: StopArgs) -> Result<()> {
     let cmd = Command::Stop(StopSpec {
         reason: args.reason,
     });
     publish(nats_url, &args.instance, &cmd, &args.wait).await
 }
 
-async fn publish(nats_url: &str, id: &str, cmd: &Command, wait: &WaitArgs) -> Result<()> {
-    let bus = tokio::time::timeout(Duration::from_secs(10), Bus::connect(nats_url, "berth-cli"))
+async fn publish(nats_url: &crate::Nats, id: &str, cmd: &Command, wait: &WaitArgs) -> Result<()> {
+    let bus = tokio::time::timeout(Duration::from_secs(10), nats_url.connect("berth-cli"))
         .await
         .with_context(|| {
             format!("no NATS server answered at {nats_url} within 10 s (is `berth up` running?)")

@@ -3,7 +3,6 @@
 //! (PostgreSQL). For scripts: exit 0 once ready, 1 when the deadline passes first.
 
 use anyhow::{Context, Result, bail};
-use berth_bus::Bus;
 use berth_proto::subjects::ANALYZERS_ALIVE;
 use berth_store::Store;
 use clap::Args;
@@ -32,11 +31,11 @@ pub struct ReadyArgs {
 /// Analyzers beat every 500 ms; a window of three beats hears every live one.
 const LISTEN: Duration = Duration::from_millis(1500);
 
-pub async fn run(database_url: &str, nats_url: &str, args: ReadyArgs) -> Result<()> {
+pub async fn run(database_url: &str, nats_url: &crate::Nats, args: ReadyArgs) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     let bus = tokio::time::timeout(
         Duration::from_secs(args.timeout),
-        Bus::connect(nats_url, "berth-ready"),
+        nats_url.connect("berth-ready"),
     )
     .await
     .with_context(|| {

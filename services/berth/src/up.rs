@@ -49,6 +49,10 @@ pub struct UpArgs {
     /// Run the gateway without API keys: anyone who reaches it may use and manage the fleet.
     #[arg(long)]
     no_auth: bool,
+    /// Run NATS without roles: any local client may publish anything (by default every part
+    /// gets credentials of its own under <dir>/auth, see `berth auth`).
+    #[arg(long)]
+    no_nats_auth: bool,
 }
 
 /// The name of the admin key `berth up` makes for its local fleet.
@@ -86,6 +90,13 @@ pub async fn run(args: UpArgs) -> Result<()> {
         ),
         None => println!("the gateway runs without API keys (--no-auth)"),
     }
+    match &fleet.nats_auth {
+        Some(auth) => println!(
+            "NATS roles on: credentials under {} (berth commands run here use publisher.nk)",
+            auth.path().display()
+        ),
+        None => println!("NATS runs without roles (--no-nats-auth)"),
+    }
     println!("try: berth start demo --vram 20GiB --wait   (Ctrl-C stops everything)");
 
     let mut check = tokio::time::interval(CHECK_EVERY);
@@ -113,6 +124,8 @@ struct Fleet {
     gateway_addr: std::net::SocketAddr,
     /// Where the admin key for this fleet is, unless it runs without keys.
     admin_key: Option<PathBuf>,
+    /// The NATS credentials of every part, unless NATS runs without roles.
+    nats_auth: Option<berth_bus::auth::AuthDir>,
     agents: Children,
     analyzers: Children,
     nats: NatsServer,
@@ -139,9 +152,24 @@ async fn start(args: UpArgs) -> Result<Fleet> {
     let dir = berth_dir.join("run");
     let (nats_dir, pg_dir) = (dir.join("nats"), dir.join("pg"));
     let (nats_port, pg_port) = (args.nats_port, args.pg_port);
-    let nats = tokio::task::spawn_blocking(move || NatsServer::start_on(&nats_dir, nats_port))
-        .await?
-        .with_context(|| format!("starting NATS on port {nats_port}"))?;
+    let nats_auth = if args.no_nats_auth {
+        None
+    } else {
+        let auth = berth_bus::auth::AuthDir::new(berth_dir.join("auth"));
+        auth.init()?;
+        for w in &workers {
+            auth.add(berth_bus::auth::Role::Agent { worker: w.clone() }, "")?;
+        }
+        Some(auth)
+    };
+    let nats_config = nats_auth
+        .as_ref()
+        .map(berth_bus::auth::AuthDir::server_config);
+    let nats = tokio::task::spawn_blocking(move || {
+        NatsServer::start_on(&nats_dir, nats_port, nats_config.as_deref())
+    })
+    .await?
+    .with_context(|| format!("starting NATS on port {nats_port}"))?;
     let pg =
         tokio::task::spawn_blocking(move || PgServer::start_on(&pg_dir, pg_port, Durability::Safe))
             .await?
@@ -154,6 +182,7 @@ async fn start(args: UpArgs) -> Result<Fleet> {
         gateway: Children::default(),
         gateway_addr: args.gateway_listen,
         admin_key: None,
+        nats_auth,
         agents: Children::default(),
         analyzers: Children::default(),
         nats,
@@ -170,6 +199,7 @@ async fn start(args: UpArgs) -> Result<Fleet> {
             &fleet.pg.url(),
         ])
         .args(["--name", &name]);
+        fleet.creds(&mut cmd, "analyzer");
         fleet.analyzers.spawn(name, cmd)?;
     }
     let registered_since = Utc::now();
@@ -185,6 +215,7 @@ async fn start(args: UpArgs) -> Result<Fleet> {
             .args(["--runtime", "process", "--port-range", &ports])
             .arg("--state-dir")
             .arg(dir.join("agents").join(worker));
+        fleet.creds(&mut cmd, &format!("agent-{worker}"));
         fleet.agents.spawn(format!("agent-{worker}"), cmd)?;
     }
     wait_registered(&mut fleet, &workers, registered_since).await?;
@@ -204,6 +235,7 @@ async fn start(args: UpArgs) -> Result<Fleet> {
     if args.no_auth {
         cmd.arg("--no-auth");
     }
+    fleet.creds(&mut cmd, "publisher");
     fleet.gateway.spawn("gateway".into(), cmd)?;
     wait_listening(&mut fleet.gateway, args.gateway_listen).await?;
     Ok(fleet)
@@ -256,6 +288,15 @@ async fn wait_listening(children: &mut Children, addr: std::net::SocketAddr) -> 
         }
         if Instant::now() > deadline {
             bail!("the gateway does not listen on {addr} after {STARTUP:?}");
+        }
+    }
+}
+
+impl Fleet {
+    /// Gives `cmd` the NATS credentials of `user`, when NATS runs with roles.
+    fn creds(&self, cmd: &mut Command, user: &str) {
+        if let Some(auth) = &self.nats_auth {
+            cmd.arg("--nats-creds").arg(auth.creds(user));
         }
     }
 }

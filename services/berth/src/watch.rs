@@ -1,7 +1,6 @@
 //! `berth watch`: state changes as they happen, one line each.
 
 use anyhow::Result;
-use berth_bus::Bus;
 use berth_proto::{InstanceEvent, subjects};
 use clap::Args;
 use futures::StreamExt;
@@ -18,12 +17,12 @@ pub struct WatchArgs {
     json: bool,
 }
 
-pub async fn run(nats_url: &str, args: WatchArgs) -> Result<()> {
+pub async fn run(nats_url: &crate::Nats, args: WatchArgs) -> Result<()> {
     let subject = match &args.instance {
         Some(id) => subjects::event_subject(id)?,
         None => format!("{}.*", subjects::EVENTS_PREFIX),
     };
-    let bus = Bus::connect(nats_url, "berth-watch").await?;
+    let bus = nats_url.connect("berth-watch").await?;
     let mut sub = bus.client().subscribe(subject).await?;
     let mut seen = 0;
     while args.count.is_none_or(|c| seen < c) {

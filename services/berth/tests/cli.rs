@@ -53,6 +53,32 @@ fn bad_arguments_are_refused_with_a_clear_error() {
         ),
         (&["start", "m"], "--vram"),
         (
+            &[
+                "start",
+                "m",
+                "--vram",
+                "1GiB",
+                "--nats-creds",
+                "/nonexistent.nk",
+            ],
+            "/nonexistent.nk",
+        ),
+        (
+            &[
+                "start",
+                "m",
+                "--vram",
+                "1GiB",
+                "--nats-creds",
+                "/etc/hostname",
+            ],
+            "neither a user nkey seed",
+        ),
+        (
+            &["auth", "add-agent", "a.b", "--dir", "/tmp/berth-never"],
+            "bad name",
+        ),
+        (
             &["start", "m", "--vram", "1GiB", "--max-gpus", "2"],
             "scaling needs model_ref",
         ),
@@ -228,10 +254,18 @@ fn start_ps_stop_against_berth_up() {
 
     let nats = format!("nats://127.0.0.1:{nats_port}");
     let db = format!("postgres://postgres@127.0.0.1:{pg_port}/postgres");
+    let creds = dir.path().join("auth/publisher.nk");
     let env = [
         ("BERTH_NATS_URL", nats.as_str()),
         ("BERTH_DATABASE_URL", db.as_str()),
+        ("BERTH_NATS_CREDS", creds.to_str().unwrap()),
     ];
+    // NATS runs with roles: without credentials the CLI is refused.
+    let out = berth(
+        &["start", "nobody", "--vram", "1GiB"],
+        &[("BERTH_NATS_URL", nats.as_str())],
+    );
+    assert!(!out.status.success(), "{}", stdout(&out));
     // What a script waits for before its first command.
     let out = berth(
         &["ready", "--analyzers", "2", "--workers", "3", "--json"],

@@ -31,6 +31,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     pub nats_url: String,
+    /// Credentials and TLS for NATS (a publisher role).
+    pub nats_access: berth_bus::Access,
     pub database_url: String,
     pub listen: SocketAddr,
     /// Name in logs and NATS connection lists.
@@ -57,6 +59,7 @@ impl GatewayConfig {
     pub fn new(nats_url: String, database_url: String) -> GatewayConfig {
         GatewayConfig {
             nats_url,
+            nats_access: berth_bus::Access::default(),
             database_url,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             name: "gateway".into(),
@@ -112,7 +115,7 @@ impl Gateway {
     /// Connects, reads the routes and the keys, and serves until stopped.
     pub async fn start(config: GatewayConfig) -> Result<Gateway, GatewayError> {
         let store = Store::connect(&config.database_url, config.pool_size)?;
-        let bus = Bus::connect(&config.nats_url, &config.name).await?;
+        let bus = Bus::connect_as(&config.nats_url, &config.name, &config.nats_access).await?;
         // Subscribed before the first read: no change can fall between the two.
         let events = bus
             .client()

@@ -15,6 +15,8 @@ struct Args {
     /// NATS server URL(s), comma separated.
     #[arg(long, env = "BERTH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    #[command(flatten)]
+    nats: berth_bus::NatsArgs,
     /// PostgreSQL URL.
     #[arg(long, env = "BERTH_DATABASE_URL", required_unless_present = "openapi")]
     database_url: Option<String>,
@@ -62,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         .database_url
         .context("--database-url (or BERTH_DATABASE_URL) is required")?;
     let mut config = GatewayConfig::new(args.nats_url, database_url);
+    config.nats_access = args.nats.access();
     config.listen = args.listen;
     config.name = args.name;
     config.auth = !args.no_auth;
