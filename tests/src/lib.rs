@@ -60,6 +60,7 @@ impl Fleet {
         let store = Store::connect(&servers.pg.url(), 8).expect("pool");
         let access = berth_bus::Access {
             creds: auth.as_ref().map(|a| a.creds("analyzer")),
+            tls_ca: auth.as_ref().and_then(berth_bus::auth::AuthDir::ca),
             ..berth_bus::Access::default()
         };
         let bus = Bus::connect_as(&servers.nats.url(), "test", &access)
@@ -82,6 +83,7 @@ impl Fleet {
         let mut c = AnalyzerConfig::new(self.servers.nats.url(), self.servers.pg.url());
         c.name = name.into();
         c.nats_access.creds = self.auth.as_ref().map(|a| a.creds("analyzer"));
+        c.nats_access.tls_ca = self.auth.as_ref().and_then(berth_bus::auth::AuthDir::ca);
         c.ack_wait = Duration::from_secs(2);
         c.sweep_every = Duration::from_millis(250);
         c.stuck_after = Duration::from_secs(5);
@@ -121,6 +123,7 @@ impl Fleet {
             nats_url: self.servers.nats.url(),
             nats_access: berth_bus::Access {
                 creds: self.auth.as_ref().map(|a| a.creds(&format!("agent-{id}"))),
+                tls_ca: self.auth.as_ref().and_then(berth_bus::auth::AuthDir::ca),
                 provision: self.auth.is_none(),
                 ..berth_bus::Access::default()
             },

@@ -213,3 +213,68 @@ async fn each_part_runs_under_its_own_role_and_nothing_more() {
     let gpus = fleet.store.gpus().await.unwrap();
     assert!(gpus.iter().all(|g| g.worker_id == "w1"), "{gpus:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_carries_every_role_end_to_end_and_nothing_else_gets_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = AuthDir::new(dir.path().join("auth"));
+    auth.init().unwrap();
+    auth.add(
+        Role::Agent {
+            worker: "w1".into(),
+        },
+        "",
+    )
+    .unwrap();
+    auth.enable_tls(&["127.0.0.1".into(), "localhost".into()])
+        .unwrap();
+    let ca = auth.ca().expect("a CA");
+    let mut fleet = Fleet::start_with(Some(auth.clone())).await;
+    fleet.add_analyzer(Default::default()).await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+
+    let url = fleet.servers.nats.url();
+    let publisher = Bus::connect_as(
+        &url,
+        "publisher",
+        &Access::user(Some(auth.creds("publisher")), Some(ca.clone())),
+    )
+    .await
+    .unwrap();
+    publisher
+        .publish_command(
+            "tls-job",
+            &berth_proto::Command::Start(berth_proto::StartSpec::claim(GIB, 1)),
+        )
+        .await
+        .unwrap();
+    fleet
+        .wait_state("tls-job", InstanceState::Running, LIMIT)
+        .await;
+
+    // The right key without TLS, and TLS without trusting berth's CA, are both refused.
+    let plain = Access::user(Some(auth.creds("publisher")), None)
+        .connect_options("plain")
+        .await
+        .unwrap()
+        .connect(&url)
+        .await;
+    assert!(plain.is_err(), "a plaintext client was let in");
+    let other_ca = tempfile::NamedTempFile::new().unwrap();
+    let stranger = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    std::fs::write(other_ca.path(), stranger.cert.pem()).unwrap();
+    let untrusted = Access::user(
+        Some(auth.creds("publisher")),
+        Some(other_ca.path().to_path_buf()),
+    )
+    .connect_options("untrusted")
+    .await
+    .unwrap()
+    .connect(&url)
+    .await;
+    assert!(
+        untrusted.is_err(),
+        "a server the client cannot verify was trusted"
+    );
+    fleet.assert_books_balanced().await;
+}

@@ -189,6 +189,66 @@ impl AuthDir {
         }
     }
 
+    /// The CA certificate clients trust when NATS serves TLS from this directory.
+    pub fn ca(&self) -> Option<PathBuf> {
+        let ca = self.dir.join("nats-ca.pem");
+        ca.is_file().then_some(ca)
+    }
+
+    /// Makes a CA (`nats-ca.pem`) and a server certificate for `hosts` signed by it
+    /// (`nats-server.pem`, key `nats-server-key.pem`, owner only), and has the server's
+    /// configuration serve TLS with them. The CA's key is not kept: a new host means new
+    /// certificates (run it again).
+    pub fn enable_tls(&self, hosts: &[String]) -> Result<(), AuthError> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let tls = |e: rcgen::Error| AuthError::Key(e.to_string());
+        if hosts.is_empty() {
+            return Err(AuthError::BadName {
+                name: String::new(),
+                detail: "TLS needs at least one host name or address".into(),
+            });
+        }
+        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(tls)?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "berth NATS CA");
+        let ca_key = KeyPair::generate().map_err(tls)?;
+        let ca_cert = ca_params.self_signed(&ca_key).map_err(tls)?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        let mut server_params = CertificateParams::new(hosts.to_vec()).map_err(tls)?;
+        server_params
+            .distinguished_name
+            .push(DnType::CommonName, "berth NATS server");
+        let server_key = KeyPair::generate().map_err(tls)?;
+        let server_cert = server_params.signed_by(&server_key, &issuer).map_err(tls)?;
+        write_private(
+            &self.dir.join("nats-server-key.pem"),
+            server_key.serialize_pem().as_bytes(),
+        )?;
+        write_atomic(
+            &self.dir.join("nats-server.pem"),
+            server_cert.pem().as_bytes(),
+        )?;
+        write_atomic(&self.dir.join("nats-ca.pem"), ca_cert.pem().as_bytes())?;
+        self.write_config(&self.users()?)
+    }
+
+    fn write_config(&self, users: &[User]) -> Result<(), AuthError> {
+        let mut conf = render(users);
+        if self.ca().is_some() {
+            let q =
+                |name: &str| serde_json::Value::String(self.dir.join(name).display().to_string());
+            conf.push_str(&format!(
+                "tls {{\n  cert_file: {}\n  key_file: {}\n}}\n",
+                q("nats-server.pem"),
+                q("nats-server-key.pem")
+            ));
+        }
+        write_atomic(&self.server_config(), conf.as_bytes())
+    }
+
     /// Makes the directory with an analyzer and a `publisher`, unless they exist.
     pub fn init(&self) -> Result<(), AuthError> {
         self.add(Role::Analyzer, "analyzer")?;
@@ -230,7 +290,7 @@ impl AuthDir {
             detail: e.to_string(),
         })?;
         write_atomic(&self.users_file(), &json)?;
-        write_atomic(&self.server_config(), render(&users).as_bytes())?;
+        self.write_config(&users)?;
         Ok(seed_path)
     }
 }

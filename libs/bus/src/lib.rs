@@ -64,6 +64,22 @@ impl std::fmt::Debug for Bus {
     }
 }
 
+/// Whether a failed first connection will fail the same way every time: credentials the
+/// server refuses, a TLS setup or a server certificate that cannot be trusted, a bad URL.
+fn refused_for_good(e: &async_nats::ConnectError) -> bool {
+    let tls = {
+        let text = format!("{e} {:?}", std::error::Error::source(e)).to_lowercase();
+        text.contains("certificate") || text.contains("tls")
+    };
+    tls || matches!(
+        e.kind(),
+        ConnectErrorKind::AuthorizationViolation
+            | ConnectErrorKind::Authentication
+            | ConnectErrorKind::Tls
+            | ConnectErrorKind::ServerParse
+    )
+}
+
 impl Bus {
     /// Connects without credentials (retrying until the server answers, and reconnecting
     /// forever after) and makes sure every stream exists with berth's configuration.
@@ -87,17 +103,7 @@ impl Bus {
         // not a retry forever. A server not up yet is waited for.
         let client = match access.connect_options(name).await?.connect(url).await {
             Ok(client) => client,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ConnectErrorKind::AuthorizationViolation
-                        | ConnectErrorKind::Authentication
-                        | ConnectErrorKind::Tls
-                        | ConnectErrorKind::ServerParse
-                ) =>
-            {
-                return Err(refused(e));
-            }
+            Err(e) if refused_for_good(&e) => return Err(refused(e)),
             Err(_) => access
                 .connect_options(name)
                 .await?

@@ -17,7 +17,12 @@ pub struct AuthArgs {
 #[derive(Debug, Subcommand)]
 enum AuthCmd {
     /// Make the directory with the analyzer and a `publisher` user (kept if they exist).
-    Init,
+    Init {
+        /// Also make a CA and a server certificate for these names or addresses, and have
+        /// the server serve TLS (clients then take --nats-ca DIR/nats-ca.pem).
+        #[arg(long = "tls-host", value_name = "HOST")]
+        tls_hosts: Vec<String>,
+    },
     /// Add the agent of WORKER: it may use only that worker's subjects.
     AddAgent { worker: String },
     /// Add a publisher (commands, events, logs): for a person, a gateway, a script.
@@ -29,8 +34,14 @@ enum AuthCmd {
 pub fn run(args: &AuthArgs) -> Result<()> {
     let auth = AuthDir::new(&args.dir);
     let added = match &args.command {
-        AuthCmd::Init => {
+        AuthCmd::Init { tls_hosts } => {
             auth.init()?;
+            if !tls_hosts.is_empty() {
+                auth.enable_tls(tls_hosts)?;
+                if let Some(ca) = auth.ca() {
+                    println!("TLS: clients trust {} (--nats-ca)", ca.display());
+                }
+            }
             None
         }
         AuthCmd::AddAgent { worker } => Some(auth.add(

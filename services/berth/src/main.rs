@@ -108,14 +108,19 @@ pub struct Nats {
     access: berth_bus::Access,
 }
 
-/// The publisher credentials `berth up` makes, used when none are given and they exist.
+/// The publisher credentials `berth up` makes, used when none are given and they exist,
+/// with the CA of its NATS when that serves TLS.
 const LOCAL_CREDS: &str = ".berth/auth/publisher.nk";
+const LOCAL_CA: &str = ".berth/auth/nats-ca.pem";
 
 impl Nats {
     fn new(url: String, args: &berth_bus::NatsArgs) -> Nats {
         let mut args = args.clone();
         if args.nats_creds.is_none() && std::path::Path::new(LOCAL_CREDS).is_file() {
             args.nats_creds = Some(LOCAL_CREDS.into());
+            if args.nats_ca.is_none() && std::path::Path::new(LOCAL_CA).is_file() {
+                args.nats_ca = Some(LOCAL_CA.into());
+            }
         }
         Nats {
             url,

@@ -53,6 +53,10 @@ pub struct UpArgs {
     /// gets credentials of its own under <dir>/auth, see `berth auth`).
     #[arg(long)]
     no_nats_auth: bool,
+    /// Serve NATS over TLS (a CA and a certificate for 127.0.0.1 under <dir>/auth; the
+    /// parts trust that CA). Needs NATS roles.
+    #[arg(long, conflicts_with = "no_nats_auth")]
+    nats_tls: bool,
 }
 
 /// The name of the admin key `berth up` makes for its local fleet.
@@ -159,6 +163,9 @@ async fn start(args: UpArgs) -> Result<Fleet> {
         auth.init()?;
         for w in &workers {
             auth.add(berth_bus::auth::Role::Agent { worker: w.clone() }, "")?;
+        }
+        if args.nats_tls && auth.ca().is_none() {
+            auth.enable_tls(&["127.0.0.1".into(), "localhost".into()])?;
         }
         Some(auth)
     };
@@ -297,6 +304,9 @@ impl Fleet {
     fn creds(&self, cmd: &mut Command, user: &str) {
         if let Some(auth) = &self.nats_auth {
             cmd.arg("--nats-creds").arg(auth.creds(user));
+            if let Some(ca) = auth.ca() {
+                cmd.arg("--nats-ca").arg(ca);
+            }
         }
     }
 }
