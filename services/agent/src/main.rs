@@ -62,6 +62,10 @@ struct Args {
     /// ops/build-llama.sh under ~/.cache/berth/llama.cpp/).
     #[arg(long, env = "BERTH_LLAMA_SERVER")]
     llama_server: Option<PathBuf>,
+    /// llama.cpp's RPC server, run by the followers of an instance spread over several
+    /// workers (else `ggml-rpc-server` on PATH, else the one next to the llama-server found).
+    #[arg(long, env = "BERTH_RPC_SERVER")]
+    rpc_server: Option<PathBuf>,
     /// vLLM's binary (else `vllm` on PATH).
     #[arg(long, env = "BERTH_VLLM")]
     vllm: Option<PathBuf>,
@@ -146,6 +150,7 @@ fn runtime(args: &Args) -> anyhow::Result<Runtime> {
         .unwrap_or_else(|| args.advertise_host.clone());
     config.binaries = Binaries {
         llama_server: args.llama_server.clone(),
+        rpc_server: args.rpc_server.clone(),
         vllm: args.vllm.clone(),
     };
     config.startup_timeout = args.startup_timeout;

@@ -110,6 +110,19 @@ impl Agent {
             )
             .await?;
             tasks.spawn(serve);
+            // Instances over several workers: where this worker's stages are, and how a
+            // leader here asks the other workers about theirs.
+            let serve = crate::rpc_service::serve(
+                bus.client().clone(),
+                &id,
+                supervisor.stage_board(),
+                shutdown.clone(),
+            )
+            .await?;
+            tasks.spawn(serve);
+            supervisor.set_peers(Arc::new(crate::rpc_service::NatsPeers {
+                client: bus.client().clone(),
+            }));
         }
         let mut keep_servers = None;
         let supervisor = supervisor.map(|(mut supervisor, reports)| {

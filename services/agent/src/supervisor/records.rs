@@ -3,6 +3,7 @@
 //! It lets an operator, and the next agent, find the processes berth started: an agent that
 //! starts adopts the servers of its records that still run (see `Supervisor::adopt`).
 
+use super::stages::FollowerStage;
 use crate::backend::AssignedGpu;
 use berth_proto::StartSpec;
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,12 @@ pub struct Record {
     pub spec: Option<Box<StartSpec>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<AssignedGpu>,
+    /// For an instance spread over several workers: all of them, the leader first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workers: Vec<String>,
+    /// A leader's: the followers' stages its server was started with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub followers: Vec<FollowerStage>,
 }
 
 pub fn path(dir: &Path, instance_id: &str) -> PathBuf {
@@ -117,6 +124,12 @@ mod tests {
             restarts: 1,
             spec: Some(Box::new(StartSpec::claim(1 << 30, 1))),
             gpus: Vec::new(),
+            workers: vec!["w1".into(), "w2".into()],
+            followers: vec![FollowerStage {
+                worker_id: "w2".into(),
+                endpoint: "10.0.0.2:40000".into(),
+                restarts: 0,
+            }],
         };
         write(dir.path(), &r).unwrap();
         assert_eq!(read(dir.path(), "i1"), Some(r.clone()));
