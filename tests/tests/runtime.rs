@@ -249,9 +249,10 @@ async fn a_restarted_agent_adopts_the_server_its_killed_predecessor_left() {
 async fn a_crashed_server_is_restarted_and_the_books_and_events_follow() {
     let state = tempfile::tempdir().unwrap();
     let (fleet, _reports) = process_fleet(state.path(), 42200..=42299).await;
+    // Two seconds from its start: ready well before then, even on a busy machine.
     fleet
         .bus
-        .publish_command("flaky", &fake(&["--exit-after", "1"]))
+        .publish_command("flaky", &fake(&["--exit-after", "2"]))
         .await
         .unwrap();
     // One restart allowed (see `process_runtime`): running, crash, running again, crash, error.

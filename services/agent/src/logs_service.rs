@@ -78,7 +78,9 @@ fn answer(logs_dir: &Path, req: &LogsRequest) -> LogsReply {
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let chunk = u64::from(MAX_LOG_CHUNK);
     let start = match req.offset {
-        Some(o) => o.min(len),
+        Some(o) if o <= len => o,
+        // Shorter than where the follow was: the log was cut at its cap and starts again.
+        Some(_) => 0,
         // The last lines: read the end of the file, then keep `tail_lines` of it.
         None => len.saturating_sub(chunk),
     };
@@ -166,6 +168,16 @@ mod tests {
             },
         );
         assert_eq!((follow.text.as_str(), follow.offset), ("y\nz\n", 6));
+        // Cut at its cap since: the follow goes on from its start.
+        std::fs::write(logs.join("10.log"), "w\n").unwrap();
+        let after_cut = answer(
+            dir.path(),
+            &LogsRequest {
+                offset: Some(6),
+                ..request("smol")
+            },
+        );
+        assert_eq!((after_cut.text.as_str(), after_cut.offset), ("w\n", 2));
         assert!(answer(dir.path(), &request("other")).error.is_some());
         // A path cannot leave the logs directory.
         assert!(

@@ -103,6 +103,14 @@ struct Args {
     /// Longest wait before a restart (the first is 1 s, doubling).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     restart_backoff_max: Duration,
+    /// A model server's log past this size (checked every second) keeps only its last part,
+    /// as the previous file (`.log.1`); with the logs of earlier attempts, at most
+    /// --logs-kept such files per placement.
+    #[arg(long, default_value = "16MiB", value_parser = parse_log_size)]
+    log_max_bytes: u64,
+    /// Earlier log files kept per placement (earlier attempts, earlier parts).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=100))]
+    logs_kept: u64,
     /// On SIGTERM or Ctrl-C, leave the model servers running (with their records in
     /// --state-dir) for the next agent to adopt, e.g. for an upgrade of the agent, instead
     /// of stopping them. An agent always adopts what a previous one left running.
@@ -114,6 +122,15 @@ struct Args {
 enum RuntimeKind {
     Simulated,
     Process,
+}
+
+/// A size like "16MiB", at least 4 KiB.
+fn parse_log_size(s: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(s)?;
+    match u64::try_from(bytes) {
+        Ok(b) if b >= 4096 => Ok(b),
+        _ => Err(format!("{s:?}: a log size is at least 4KiB")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -158,6 +175,8 @@ fn runtime(args: &Args) -> anyhow::Result<Runtime> {
     config.unhealthy_after = args.unhealthy_after;
     config.grace = args.stop_grace;
     config.keep_servers_on_exit = args.keep_servers_on_exit;
+    config.log_max_bytes = args.log_max_bytes;
+    config.logs_kept = usize::try_from(args.logs_kept)?;
     config.restarts = RestartLimits {
         max_restarts: args.max_restarts,
         window: args.restart_window,

@@ -83,8 +83,13 @@ pub struct ProcessConfig {
     /// Between SIGTERM and SIGKILL.
     pub grace: Duration,
     pub restarts: RestartLimits,
-    /// Logs of earlier attempts kept per placement.
+    /// Logs of earlier attempts kept per placement (and earlier parts of a long one).
     pub logs_kept: usize,
+    /// A server's log past this is cut ([`logs::keep_bounded`]): its last part goes to
+    /// `.log.1`, like a previous attempt's.
+    pub log_max_bytes: u64,
+    /// How often the size of a running server's log is checked.
+    pub log_check_every: Duration,
     /// [`Supervisor::shutdown`] leaves the servers running, with their records, for the next
     /// agent to adopt (a rolling upgrade of the agent) instead of stopping them.
     pub keep_servers_on_exit: bool,
@@ -107,6 +112,8 @@ impl ProcessConfig {
             grace: Duration::from_secs(10),
             restarts: RestartLimits::default(),
             logs_kept: 3,
+            log_max_bytes: 16 << 20,
+            log_check_every: Duration::from_secs(1),
             keep_servers_on_exit: false,
         }
     }
@@ -890,6 +897,14 @@ impl Shared {
             deadline,
             followers,
         };
+        // Ends with the attempt (a dropped set aborts its task).
+        let mut log_keeper = JoinSet::new();
+        log_keeper.spawn(logs::keep_bounded(
+            run.log_path.clone(),
+            self.config.log_max_bytes,
+            self.config.logs_kept,
+            self.config.log_check_every,
+        ));
         let ended = self.supervise(p, backend, &mut server, &run, stop).await;
         if p.stage == Stage::Follower {
             // The leader must not connect to a server that is going away.

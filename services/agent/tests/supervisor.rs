@@ -278,6 +278,51 @@ async fn a_ready_server_runs_with_its_endpoint_and_stops_with_its_group() {
     eprintln!("fake server: assign → running {to_running:?}, unassign → stopped {to_stopped:?}");
 }
 
+/// A server that logs about 1 MB/s: its log is cut at the cap, the earlier parts kept as
+/// `.log.1`, `.log.2` (each within the cap), never more files, however long it writes.
+#[tokio::test]
+async fn a_server_log_stays_bounded_however_much_it_writes() {
+    const CAP: u64 = 64 << 10;
+    let mut rig = rig(|c| {
+        c.log_max_bytes = CAP;
+        c.logs_kept = 2;
+        c.log_check_every = Duration::from_millis(100);
+    });
+    rig.sup
+        .apply(assign("i1", 1, fake(&["--log-bytes-per-sec", "1000000"])));
+    rig.expect(ReportedState::Starting, SOON).await;
+    rig.expect(ReportedState::Running, SOON).await;
+    let log = rig.config.log_path("i1", Version::new(1));
+    let earlier = |n: usize| PathBuf::from(format!("{}.{n}", log.display()));
+    // Lines are numbered: wait until the server wrote 2 MB (30 times the cap) and the
+    // oldest part kept comes from that late.
+    let first_line_no = |path: &Path| -> Option<u64> {
+        let text = std::fs::read_to_string(path).ok()?;
+        text.lines()
+            .find(|l| l.contains(" chatter "))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first_line_no(&earlier(2)).is_none_or(|n| n < 20_000) {
+        assert!(Instant::now() < deadline, "the log was not cut in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let files = std::fs::read_dir(log.parent().unwrap()).unwrap().count();
+    assert_eq!(files, 3, "the log and two earlier parts");
+    for n in [1, 2] {
+        let len = std::fs::metadata(earlier(n)).unwrap().len();
+        assert!(len <= CAP, ".log.{n} is {len} bytes");
+    }
+    // The current one passes the cap by what the server writes between two checks.
+    let len = std::fs::metadata(&log).unwrap().len();
+    assert!(len < 1 << 20, "the current log is {len} bytes");
+    rig.sup.apply(unassign("i1", 2));
+    rig.expect(ReportedState::Stopped, SOON).await;
+}
+
 #[tokio::test]
 async fn a_server_never_ready_is_an_error_after_the_startup_deadline_and_its_group_is_killed() {
     let mut rig = rig(|c| c.startup_timeout = Duration::from_secs(1));
