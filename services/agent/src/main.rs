@@ -7,7 +7,7 @@ use berth_agent::{
     backend::Binaries,
     inventory::parse_bytes,
     metrics, nvml,
-    supervisor::{PortPool, RestartLimits, ports::parse_range},
+    supervisor::{PortPool, RestartLimits, ports::parse_range, records},
 };
 use clap::Parser;
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
@@ -147,18 +147,11 @@ fn runtime(args: &Args) -> anyhow::Result<Runtime> {
     if kind == RuntimeKind::Simulated {
         return Ok(Runtime::Simulated);
     }
-    let state_dir = match &args.state_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            let system = PathBuf::from("/var/lib/berth-agent");
-            if std::fs::create_dir_all(&system).is_ok() {
-                system
-            } else {
-                PathBuf::from(".berth/agent")
-            }
-        }
-    };
-    let mut config = ProcessConfig::new(state_dir);
+    if args.state_dir.is_none() {
+        // The system directory when it can be made, else the local one (`state_dir`).
+        let _ = std::fs::create_dir_all(SYSTEM_STATE_DIR);
+    }
+    let mut config = ProcessConfig::new(state_dir(args));
     config.ports = PortPool::new(args.port_range.clone());
     config.advertise_host = args.advertise_host.clone();
     config.listen_host = args
@@ -189,6 +182,17 @@ fn runtime(args: &Args) -> anyhow::Result<Runtime> {
     Ok(Runtime::Process(Box::new(config)))
 }
 
+const SYSTEM_STATE_DIR: &str = "/var/lib/berth-agent";
+
+/// --state-dir, else the system directory if it exists, else `./.berth/agent`.
+fn state_dir(args: &Args) -> PathBuf {
+    match &args.state_dir {
+        Some(dir) => dir.clone(),
+        None if std::path::Path::new(SYSTEM_STATE_DIR).is_dir() => PathBuf::from(SYSTEM_STATE_DIR),
+        None => PathBuf::from(".berth/agent"),
+    }
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
@@ -207,7 +211,11 @@ async fn main() -> anyhow::Result<()> {
             // What the first heartbeat would report: checks NVML's memory reading too.
             let usage = match &w.usage {
                 berth_agent::Usage::Fixed(fixed) => fixed.clone(),
-                berth_agent::Usage::Nvml => nvml::UsageReader::open()?.read()?,
+                berth_agent::Usage::Nvml => {
+                    // The servers a process agent recorded here are berth's, not outside.
+                    let ours = records::own_pids(&state_dir(&args).join("instances"));
+                    nvml::UsageReader::open()?.read(&ours)?
+                }
             };
             doc.push(serde_json::json!({
                 "worker": w.id, "labels": w.labels, "gpus": w.gpus, "usage": usage,

@@ -100,6 +100,8 @@ impl Agent {
         )
         .await?;
         let consumer = bus.agent_consumer(&id).await?;
+        // The servers' records: their processes' GPU memory is berth's, not outside use.
+        let own_records = supervisor.as_ref().map(|(s, _)| s.records_dir());
         if let Some((supervisor, _)) = &supervisor {
             // `berth logs`: this worker's server logs, read from its state directory.
             let serve = crate::logs_service::serve(
@@ -141,6 +143,7 @@ impl Agent {
             bus.clone(),
             id.clone(),
             config.worker.usage.clone(),
+            own_records,
             config.heartbeat,
             config.stats.clone(),
             shutdown.clone(),
@@ -226,6 +229,7 @@ async fn heartbeats(
     bus: Bus,
     worker_id: String,
     usage: Usage,
+    own_records: Option<std::path::PathBuf>,
     every: Duration,
     stats: Arc<AgentStats>,
     shutdown: CancellationToken,
@@ -249,10 +253,16 @@ async fn heartbeats(
         }
         let usage = match (&usage, &reader) {
             (Usage::Fixed(fixed), _) => fixed.clone(),
-            (Usage::Nvml, Some(r)) => r.read().unwrap_or_else(|e| {
-                tracing::warn!(%e, "cannot read GPU memory in use");
-                Vec::new()
-            }),
+            (Usage::Nvml, Some(r)) => {
+                let ours = own_records
+                    .as_deref()
+                    .map(crate::supervisor::records::own_pids)
+                    .unwrap_or_default();
+                r.read(&ours).unwrap_or_else(|e| {
+                    tracing::warn!(%e, "cannot read GPU memory in use");
+                    Vec::new()
+                })
+            }
             (Usage::Nvml, None) => Vec::new(),
         };
         let beat = StatusMsg::Heartbeat {

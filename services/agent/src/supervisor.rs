@@ -240,6 +240,11 @@ impl Supervisor {
         self.shared.config.state_dir.join("logs")
     }
 
+    /// Where what runs is recorded ([`records::own_pids`] reads it).
+    pub fn records_dir(&self) -> PathBuf {
+        self.shared.config.records_dir()
+    }
+
     /// A supervisor for `worker`'s placements; reports go to `reports`.
     pub fn new(
         config: ProcessConfig,
