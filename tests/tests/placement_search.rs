@@ -60,8 +60,15 @@ fn search(
     (dir, spec, all)
 }
 
-/// Two workers' share of the model over two workers, one GPU each.
+/// The llama.cpp shape over two workers, one GPU each.
 const OVER_TWO: &str = "split over 2 workers × 1 GPUs";
+
+/// One GPU per worker, up to two workers.
+const ONE_GPU_TWO_WORKERS: Scaling = Scaling {
+    max_gpus: Some(1),
+    max_workers: Some(2),
+    partial_offload: false,
+};
 
 /// The shapes the analyzer will try for `spec`, by the same library.
 fn shapes_of(dir: &Path, spec: &StartSpec) -> Vec<Shape> {
@@ -148,11 +155,7 @@ async fn tensor_parallel_search_takes_the_fewest_gpus_that_fit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_too_big_for_any_worker_runs_across_two() {
-    let (_dir, spec, all) = llama_search(Scaling {
-        max_gpus: Some(1),
-        max_workers: Some(2),
-        ..Scaling::default()
-    });
+    let (_dir, spec, all) = llama_search(ONE_GPU_TWO_WORKERS);
     let (one, two) = (shape(&all, "1 GPU"), shape(&all, OVER_TWO));
     let spec = &spec;
     assert_eq!((two.workers, two.gpus_per_worker), (2, 1));
@@ -219,11 +222,7 @@ async fn a_model_too_big_for_any_worker_runs_across_two() {
 /// pending and says why, and none of its shapes spans workers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vllm_is_never_spread_over_workers_and_the_reason_says_so() {
-    let (_dir, spec, all) = vllm_search(Scaling {
-        max_gpus: Some(1),
-        max_workers: Some(2),
-        ..Scaling::default()
-    });
+    let (_dir, spec, all) = vllm_search(ONE_GPU_TWO_WORKERS);
     assert!(all.iter().all(|s| s.workers == 1), "{all:?}");
     let one = shape(&all, "tp=1");
     // Half the model's need per card: two stages would fit, one worker cannot.
@@ -461,11 +460,7 @@ async fn memory_used_outside_berth_is_left_alone_and_its_release_wakes_pending()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_stage_worker_moves_the_whole_instance() {
-    let (_dir, spec, all) = llama_search(Scaling {
-        max_gpus: Some(1),
-        max_workers: Some(2),
-        ..Scaling::default()
-    });
+    let (_dir, spec, all) = llama_search(ONE_GPU_TWO_WORKERS);
     let two = shape(&all, OVER_TWO);
     let card_gib = i64::try_from(two.vram_per_gpu.div_ceil(GIB.unsigned_abs())).expect("size");
 

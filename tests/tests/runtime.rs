@@ -299,12 +299,7 @@ async fn a_crashed_server_is_restarted_and_the_books_and_events_follow() {
 /// process groups.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smollm2_over_two_workers_serves_through_the_followers_rpc_server() {
-    let Some(llama) = std::env::var_os("BERTH_LLAMA_SERVER") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "BERTH_LLAMA_SERVER must be set under CI"
-        );
-        eprintln!("skipped: BERTH_LLAMA_SERVER is not set (run ops/build-llama.sh)");
+    let Some(llama) = berth_harness::test_llama_server().unwrap() else {
         return;
     };
     let model = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -341,7 +336,7 @@ async fn smollm2_over_two_workers_serves_through_the_followers_rpc_server() {
         let mut w = worker(id, 1, 1, &[]);
         w.gpus[0].total_bytes = card;
         let mut c = process_config(state.path(), ports);
-        c.binaries.llama_server = Some(llama.clone().into());
+        c.binaries.llama_server = Some(llama.clone());
         c.startup_timeout = Duration::from_secs(120);
         c.probe_every = Duration::from_secs(1);
         c.probe_timeout = Duration::from_secs(2);

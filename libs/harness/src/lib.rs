@@ -11,7 +11,9 @@ mod nats;
 mod postgres;
 mod process;
 
-pub use binaries::{find_nats_server, find_pg_bin, sibling_binary, workspace_root};
+pub use binaries::{
+    find_nats_server, find_pg_bin, sibling_binary, test_llama_server, workspace_root,
+};
 pub use http::http;
 pub use nats::NatsServer;
 /// The signals [`stop_children`] sends.

@@ -59,6 +59,7 @@ use tokio::{
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// How the process runtime runs servers.
 #[derive(Debug, Clone)]
@@ -904,12 +905,19 @@ impl Shared {
         };
         // Ends with the attempt (a dropped set aborts its task).
         let mut log_keeper = JoinSet::new();
-        log_keeper.spawn(logs::keep_bounded(
-            run.log_path.clone(),
-            self.config.log_max_bytes,
-            self.config.logs_kept,
-            self.config.log_check_every,
-        ));
+        log_keeper.spawn(
+            logs::keep_bounded(
+                run.log_path.clone(),
+                self.config.log_max_bytes,
+                self.config.logs_kept,
+                self.config.log_check_every,
+            )
+            .instrument(tracing::info_span!(
+                "server_log",
+                instance_id = p.instance_id,
+                version = p.version.get()
+            )),
+        );
         let ended = self.supervise(p, backend, &mut server, &run, stop).await;
         if p.stage == Stage::Follower {
             // The leader must not connect to a server that is going away.

@@ -576,12 +576,7 @@ async fn shutting_down_stops_every_server() {
 /// The real llama-server on SmolLM2 (CPU: the worker's GPUs are simulated).
 #[tokio::test]
 async fn llama_server_serves_smollm2_and_stops() {
-    let Some(bin) = std::env::var_os("BERTH_LLAMA_SERVER") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "BERTH_LLAMA_SERVER must be set under CI"
-        );
-        eprintln!("skipped: BERTH_LLAMA_SERVER is not set (run ops/build-llama.sh)");
+    let Some(bin) = berth_harness::test_llama_server().unwrap() else {
         return;
     };
     let model = repo().join(".berth/models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -591,7 +586,7 @@ async fn llama_server_serves_smollm2_and_stops() {
         model.display()
     );
     let mut rig = rig(|c| {
-        c.binaries.llama_server = Some(bin.into());
+        c.binaries.llama_server = Some(bin);
         c.startup_timeout = Duration::from_secs(120);
         c.probe_every = Duration::from_secs(1);
         c.probe_timeout = Duration::from_secs(2);
