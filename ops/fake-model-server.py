@@ -51,6 +51,10 @@ def parse_args(argv):
                    help="spawn a long-lived child in the same process group")
     p.add_argument("--log-bytes-per-sec", type=int, default=0, metavar="N",
                    help="write about N bytes of log lines per second to stderr")
+    p.add_argument("--hold-file", metavar="PATH",
+                   help="streamed replies stop after their first token until PATH exists "
+                        "(at most 30 s, then an error chunk): shows that a proxy passes "
+                        "chunks through as they come")
     return p.parse_args(argv)
 
 
@@ -154,6 +158,18 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"data: {data}\n\n".encode())
         self.wfile.flush()
 
+    def hold(self):
+        """With --hold-file: wait until the file exists; False if it never did."""
+        path = self.server.args.hold_file
+        if not path:
+            return True
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     def loading(self):
         """Like llama-server, every endpoint answers 503 until the model is loaded."""
         if self.server.ready():
@@ -207,12 +223,21 @@ class Handler(BaseHTTPRequestHandler):
             base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
             self.send_sse({**base, "choices": [
                 {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-            for t in toks:
-                self.send_sse({**base, "choices": [
-                    {"index": 0, "delta": {"content": t}, "finish_reason": None}]})
-            self.send_sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}],
-                           "usage": usage(n_prompt, len(toks))})
-            self.send_sse("[DONE]")
+            try:
+                for i, t in enumerate(toks):
+                    self.send_sse({**base, "choices": [
+                        {"index": 0, "delta": {"content": t}, "finish_reason": None}]})
+                    if i == 0 and not self.hold():
+                        self.send_sse({**base, "choices": [{"index": 0, "delta": {
+                            "content": " [hold timed out]"}, "finish_reason": "stop"}]})
+                        self.send_sse("[DONE]")
+                        return
+                self.send_sse({**base, "choices": [{"index": 0, "delta": {},
+                                                    "finish_reason": finish}],
+                               "usage": usage(n_prompt, len(toks))})
+                self.send_sse("[DONE]")
+            except (BrokenPipeError, ConnectionResetError):
+                log("client went away during a stream")
             return
         self.send_json(200, {
             "id": cid, "object": "chat.completion", "created": created, "model": model,

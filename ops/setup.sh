@@ -193,11 +193,12 @@ ensure_postgres_user() {
 
 # --- Python deps for the cross-language example ------------------------------
 
-# Best effort: only the Python example needs these, so failure is a warning.
+# Best effort: only the Python example and the gateway's client tests need these (under CI
+# the tests then fail and say so), so failure is a warning here.
 PY_DEPS=missing
 install_py_deps() {
     local target="$BERTH_DIR/py"
-    if [ -d "$target/nats" ] && [ -d "$target/msgpack" ]; then
+    if [ -d "$target/nats" ] && [ -d "$target/msgpack" ] && [ -d "$target/openai" ]; then
         PY_DEPS=ok
         return 0
     fi
@@ -205,13 +206,13 @@ install_py_deps() {
         warn "python3/pip unavailable; skipping nats-py and msgpack (Python example will not run)"
         return 0
     fi
-    log "installing nats-py and msgpack into $target"
+    log "installing nats-py, msgpack and openai into $target"
     # --upgrade lets pip replace a partial earlier install in the target dir.
     if python3 -m pip install --quiet --disable-pip-version-check --upgrade \
-        --target "$target" 'nats-py>=2.6' 'msgpack>=1.0' >&2; then
+        --target "$target" 'nats-py>=2.6' 'msgpack>=1.0' 'openai>=1.50,<3' >&2; then
         PY_DEPS=ok
     else
-        warn "pip install of nats-py/msgpack failed; Python example will not run"
+        warn "pip install of nats-py/msgpack/openai failed; Python example and client tests will not run"
     fi
 }
 

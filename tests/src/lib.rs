@@ -2,6 +2,7 @@
 //! simulated agents in this process, and checks of berth's invariants.
 
 pub mod hold;
+pub mod serving;
 
 use berth_agent::{Agent, AgentConfig, AgentStats, Runtime, WorkerSpec};
 use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks, Stats};

@@ -13,6 +13,7 @@
 mod error;
 pub mod grouping;
 mod newest;
+pub mod settle;
 mod topology;
 
 pub use error::{BusError, Source};

@@ -26,6 +26,7 @@ pub enum EstimateError {
 /// `{"backend": "llama_cpp", "context": 8192}`, `{"backend": "vllm", "tensor_parallel": 2}`,
 /// `{"backend": "custom", "bytes_per_gpu": 1073741824, "gpus": 1}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "backend", rename_all = "snake_case")]
 pub enum EstimateOptions {
     LlamaCpp(LlamaCppOptions),
@@ -35,6 +36,7 @@ pub enum EstimateOptions {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CustomClaim {
     pub bytes_per_gpu: u64,
     #[serde(default = "one")]
@@ -203,6 +205,7 @@ impl EstimateOptions {
 
 /// KV cache element types llama.cpp accepts (`--cache-type-k/-v`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum KvCacheType {
     F32,
@@ -219,6 +222,7 @@ pub enum KvCacheType {
 
 /// llama.cpp server options that change memory use. Missing JSON fields take the defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct LlamaCppOptions {
     /// `--ctx-size`; `None` sizes the cache for the model's trained context.
@@ -284,6 +288,7 @@ impl LlamaCppOptions {
 
 /// `--kv-cache-dtype`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum VllmKvDtype {
     /// The model's activation dtype: 16-bit.
@@ -305,6 +310,7 @@ impl VllmKvDtype {
 
 /// vLLM engine arguments that change memory use. Missing JSON fields take the defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct VllmOptions {
     /// `--tensor-parallel-size`.

@@ -48,6 +48,7 @@ pub fn layer_count(what: &str, layers: u64) -> Result<u32, InvalidProfile> {
 /// Serializable, so a profile can be cached, shown as JSON, or carried inline in a start
 /// command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelProfile {
     pub format: ProfileFormat,
     /// `general.architecture` (GGUF) or `model_type` (Hugging Face), e.g. "llama".
@@ -74,6 +75,7 @@ pub struct ModelProfile {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ProfileFormat {
     Gguf,
@@ -83,6 +85,7 @@ pub enum ProfileFormat {
 
 /// Weight bytes, split the way offloading splits them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WeightBytes {
     /// Every weight, once.
     pub total: u64,
@@ -100,6 +103,7 @@ pub struct WeightBytes {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Attention {
     pub heads: u32,
     /// KV heads (GQA); the largest when layers differ.
@@ -127,6 +131,7 @@ pub struct Attention {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Experts {
     pub count: u32,
     pub used: u32,
@@ -143,8 +148,10 @@ pub fn pattern_layers(layers: u32, n: u32) -> Vec<bool> {
 /// `{"explicit": {"parameters": …}}`.
 /// `berth-models`' `resolve` turns one into a checked [`ModelProfile`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ModelRef {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     Path(PathBuf),
     Profile(Box<ModelProfile>),
     Explicit(ExplicitProfile),
@@ -152,6 +159,7 @@ pub enum ModelRef {
 
 /// Weight storage for an explicit profile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum WeightDtype {
     F32,
@@ -192,6 +200,7 @@ impl WeightDtype {
 /// taken equal to the KV heads and the vocabulary and hidden size are left out of the compute
 /// estimate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExplicitProfile {
     pub parameters: u64,
     pub dtype: WeightDtype,

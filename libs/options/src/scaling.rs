@@ -11,6 +11,7 @@ pub const MAX_SEARCH_WORKERS: u32 = 16;
 
 /// How far the placement search may go beyond the backend options' own GPU count.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct Scaling {
     /// Try every GPU count up to this many on one worker that the backend can split the model

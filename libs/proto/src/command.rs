@@ -21,6 +21,7 @@ pub const MAX_MODEL_LEN: usize = 256;
 pub const MAX_GPU_IDS: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Command {
     Start(StartSpec),
@@ -29,6 +30,7 @@ pub enum Command {
 
 /// What to run and what it needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StartSpec {
     /// Model name, informational.
     #[serde(default)]
@@ -91,6 +93,7 @@ fn one() -> i64 {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StopSpec {
     /// Free text kept with the instance, for people reading `berth ps`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

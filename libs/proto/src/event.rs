@@ -4,6 +4,7 @@ use crate::{CmdSeq, InstanceState, Version};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InstanceEvent {
     pub instance_id: String,
     pub state: InstanceState,

@@ -107,6 +107,15 @@ pub fn instance_of_cmd_subject(subject: &str) -> Option<&str> {
     validate_id(id).ok().map(|()| id)
 }
 
+/// The instance id of an event subject, if the subject is one.
+pub fn instance_of_event_subject(subject: &str) -> Option<&str> {
+    let id = subject.strip_prefix(EVENTS_PREFIX)?.strip_prefix('.')?;
+    validate_id(id).ok().map(|()| id)
+}
+
+/// What a subscriber to every instance's events listens on.
+pub const ALL_EVENTS: &str = "berth.events.instance.*";
+
 #[cfg(test)]
 mod tests {
     use super::*;

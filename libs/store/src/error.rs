@@ -13,6 +13,9 @@ pub enum StoreError {
     /// A grouped statement failed; each request of the group gets this copy of the reason.
     #[error("grouped statement failed: {0}")]
     Group(String),
+    /// A request the database would refuse, said plainly (e.g. a key name taken).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl StoreError {

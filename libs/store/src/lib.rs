@@ -10,6 +10,7 @@
 
 pub mod commands;
 pub mod error;
+pub mod keys;
 pub mod models;
 pub mod outbox;
 pub mod placement;
@@ -17,6 +18,7 @@ pub mod pool;
 mod prepared;
 pub mod queries;
 pub mod reports;
+pub mod routes;
 pub mod schema;
 pub mod sweep;
 

@@ -72,3 +72,15 @@ diesel::table! {
 diesel::joinable!(gpus -> workers (worker_id));
 diesel::joinable!(allocations -> instances (instance_id));
 diesel::allow_tables_to_appear_in_same_query!(workers, gpus, instances, allocations, event_outbox);
+
+diesel::table! {
+    api_keys (id) {
+        id -> Int8,
+        name -> Text,
+        scope -> Text,
+        prefix -> Text,
+        hash -> Bytea,
+        created_at -> Timestamptz,
+        revoked_at -> Nullable<Timestamptz>,
+    }
+}

@@ -1,5 +1,7 @@
 //! Logs and metrics plumbing shared by the berth processes.
 
+pub mod args;
+
 use axum::{Router, routing::get};
 use std::{future::Future, net::SocketAddr};
 use tokio_util::sync::CancellationToken;

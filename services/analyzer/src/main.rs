@@ -28,40 +28,30 @@ struct Args {
     #[arg(long, env = "BERTH_POLICY", default_value = "binpack", value_parser = ["binpack", "spread"])]
     policy: String,
     /// Serve Prometheus metrics at http://ADDR/metrics ("off" to disable).
-    #[arg(long, env = "BERTH_METRICS_ADDR", default_value = "127.0.0.1:9101")]
-    metrics_addr: String,
+    #[arg(long, env = "BERTH_METRICS_ADDR", default_value = "127.0.0.1:9101", value_parser = berth_telemetry::args::metrics_addr)]
+    metrics_addr: berth_telemetry::args::MetricsAddr,
     /// How long a command may stay unacknowledged with an analyzer before another gets it
     /// (all analyzers must agree).
-    #[arg(long, env = "BERTH_ACK_WAIT", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "BERTH_ACK_WAIT", default_value = "30s", value_parser = berth_telemetry::args::duration)]
     ack_wait: Duration,
     /// A placement unsettled after this long ends in `error`.
-    #[arg(long, env = "BERTH_FIT_TIMEOUT", default_value = "20s", value_parser = duration)]
+    #[arg(long, env = "BERTH_FIT_TIMEOUT", default_value = "20s", value_parser = berth_telemetry::args::duration)]
     fit_timeout: Duration,
     /// How often to sweep for pending, stuck and orphaned instances.
-    #[arg(long, env = "BERTH_SWEEP_EVERY", default_value = "5s", value_parser = duration)]
+    #[arg(long, env = "BERTH_SWEEP_EVERY", default_value = "5s", value_parser = berth_telemetry::args::duration)]
     sweep_every: Duration,
     /// An instance analyzing or stopping for longer than this is handled again.
-    #[arg(long, env = "BERTH_STUCK_AFTER", default_value = "60s", value_parser = duration)]
+    #[arg(long, env = "BERTH_STUCK_AFTER", default_value = "60s", value_parser = berth_telemetry::args::duration)]
     stuck_after: Duration,
     /// A worker silent this long is no longer chosen.
-    #[arg(long, env = "BERTH_UNREACHABLE_AFTER", default_value = "15s", value_parser = duration)]
+    #[arg(long, env = "BERTH_UNREACHABLE_AFTER", default_value = "15s", value_parser = berth_telemetry::args::duration)]
     unreachable_after: Duration,
     /// A worker silent this long loses its instances to other workers.
-    #[arg(long, env = "BERTH_GONE_AFTER", default_value = "60s", value_parser = duration)]
+    #[arg(long, env = "BERTH_GONE_AFTER", default_value = "60s", value_parser = berth_telemetry::args::duration)]
     gone_after: Duration,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "BERTH_LOG_JSON")]
     log_json: bool,
-}
-
-/// "500ms", "30s", "2m": a positive duration.
-fn duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration like \"30s\": {e}"))?;
-    if d.is_zero() {
-        return Err("must be longer than zero".into());
-    }
-    Ok(d)
 }
 
 #[tokio::main]
@@ -72,13 +62,7 @@ async fn main() -> anyhow::Result<()> {
     config.name = args.name;
     config.concurrency = args.concurrency as usize;
     config.pool_size = args.pool_size as usize;
-    config.metrics_addr = match args.metrics_addr.as_str() {
-        "off" => None,
-        addr => Some(
-            addr.parse()
-                .with_context(|| format!("--metrics-addr {addr:?} is not host:port or \"off\""))?,
-        ),
-    };
+    config.metrics_addr = args.metrics_addr.0;
     config.ack_wait = args.ack_wait;
     config.fit_timeout = args.fit_timeout;
     config.sweep_every = args.sweep_every;

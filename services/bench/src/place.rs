@@ -222,7 +222,10 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
     let shutdown = CancellationToken::new();
     let agent = cluster::bulk_agent(bus.clone(), shutdown.clone()).await?;
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let mut events = bus.client().subscribe("berth.events.instance.*").await?;
+    let mut events = bus
+        .client()
+        .subscribe(berth_proto::subjects::ALL_EVENTS)
+        .await?;
     let watcher = {
         let seen = seen.clone();
         tokio::spawn(async move {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod estimate;
+mod keys;
 mod logs;
 mod ps;
 mod publish;
@@ -50,6 +51,8 @@ enum Cmd {
     Logs(logs::LogsArgs),
     /// Wait until enough analyzers are alive and workers registered (exit 0), for scripts.
     Ready(ready::ReadyArgs),
+    /// API keys for the gateway: create (printed once), list, revoke.
+    Keys(keys::KeysArgs),
     /// Apply database migrations (analyzers also do this at start).
     Migrate,
     /// What a model needs on the GPUs, estimated from its own files.
@@ -80,6 +83,7 @@ async fn main() -> Result<()> {
         Cmd::Watch(args) => watch::run(&cli.nats_url, args).await,
         Cmd::Logs(args) => logs::run(&cli.database_url, &cli.nats_url, args).await,
         Cmd::Ready(args) => ready::run(&cli.database_url, &cli.nats_url, args).await,
+        Cmd::Keys(args) => keys::run(&cli.database_url, args).await,
         Cmd::Bench { args } => bench::run(&args),
         Cmd::Estimate(args) => estimate::run(&args),
         Cmd::Migrate => {

@@ -2,9 +2,8 @@
 
 use anyhow::{Context, Result, bail};
 use berth_bus::Bus;
-use berth_proto::{Command, InstanceEvent, StartSpec, StopSpec, size::parse_bytes, subjects};
+use berth_proto::{Command, StartSpec, StopSpec, size::parse_bytes, subjects};
 use clap::Args;
-use futures::StreamExt;
 use std::time::Duration;
 
 #[derive(Debug, Args)]
@@ -154,24 +153,15 @@ async fn publish(nats_url: &str, id: &str, cmd: &Command, wait: &WaitArgs) -> Re
         return Ok(());
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait.timeout);
-    loop {
-        let msg = match tokio::time::timeout_at(deadline, events.next()).await {
-            Ok(Some(m)) => m,
-            Ok(None) => bail!("event subscription closed"),
-            Err(_) => bail!("{id}: no resting state within {} s", wait.timeout),
-        };
-        let Ok(ev) = berth_proto::decode::<InstanceEvent>(&msg.payload) else {
-            continue;
-        };
-        if ev.cmd_seq < seq {
-            continue;
+    let settled = berth_bus::settle::settled(events, seq, deadline, |ev| {
+        println!("{}", crate::watch::line(ev));
+    })
+    .await;
+    match settled {
+        None => bail!("{id}: no resting state within {} s", wait.timeout),
+        Some(ev) if ev.state == berth_proto::InstanceState::Error => {
+            bail!("{id}: {}", ev.reason.unwrap_or_default())
         }
-        println!("{}", crate::watch::line(&ev));
-        if ev.state.is_terminal() {
-            if ev.state == berth_proto::InstanceState::Error {
-                bail!("{id}: {}", ev.reason.unwrap_or_default());
-            }
-            return Ok(());
-        }
+        Some(_) => Ok(()),
     }
 }

@@ -43,7 +43,16 @@ pub struct UpArgs {
     /// Analyzers to run.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     analyzers: u32,
+    /// Where the gateway (OpenAI-compatible API, management API, dashboard) listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    gateway_listen: std::net::SocketAddr,
+    /// Run the gateway without API keys: anyone who reaches it may use and manage the fleet.
+    #[arg(long)]
+    no_auth: bool,
 }
+
+/// The name of the admin key `berth up` makes for its local fleet.
+const UP_KEY_NAME: &str = "berth-up-admin";
 
 pub async fn run(args: UpArgs) -> Result<()> {
     // Listening from the start: Ctrl-C while the fleet starts stops what was started (the
@@ -66,6 +75,17 @@ pub async fn run(args: UpArgs) -> Result<()> {
         fleet.inventory.display()
     );
     println!("logs of the analyzers and agents: on stderr, each line prefixed with its name");
+    println!(
+        "dashboard and OpenAI-compatible API: http://{}/  (API at /v1, management at /api/v1)",
+        fleet.gateway_addr
+    );
+    match &fleet.admin_key {
+        Some(path) => println!(
+            "admin key: {} (use it as the bearer key, or paste it into the dashboard)",
+            path.display()
+        ),
+        None => println!("the gateway runs without API keys (--no-auth)"),
+    }
     println!("try: berth start demo --vram 20GiB --wait   (Ctrl-C stops everything)");
 
     let mut check = tokio::time::interval(CHECK_EVERY);
@@ -73,7 +93,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         tokio::select! {
             r = &mut shutdown => { r?; break; }
             _ = check.tick() => {
-                for group in [&mut fleet.analyzers, &mut fleet.agents] {
+                for group in [&mut fleet.gateway, &mut fleet.analyzers, &mut fleet.agents] {
                     for (name, pid, status) in group.newly_exited() {
                         eprintln!("berth up: {name} (pid {pid}) exited ({status}); the rest keep running");
                     }
@@ -87,8 +107,12 @@ pub async fn run(args: UpArgs) -> Result<()> {
     Ok(())
 }
 
-/// What `berth up` runs. Fields drop in order: agents, analyzers, then the servers.
+/// What `berth up` runs. Fields drop in order: gateway, agents, analyzers, then the servers.
 struct Fleet {
+    gateway: Children,
+    gateway_addr: std::net::SocketAddr,
+    /// Where the admin key for this fleet is, unless it runs without keys.
+    admin_key: Option<PathBuf>,
     agents: Children,
     analyzers: Children,
     nats: NatsServer,
@@ -102,6 +126,7 @@ async fn start(args: UpArgs) -> Result<Fleet> {
     // The binaries and the inventory first: either missing should fail before anything starts.
     let analyzer_bin = sibling_binary("berth-analyzer")?;
     let agent_bin = sibling_binary("berth-agent")?;
+    let gateway_bin = sibling_binary("berth-gateway")?;
     let inventory = match args.inventory {
         Some(p) => std::path::absolute(p)?,
         None => workspace_root()
@@ -110,7 +135,8 @@ async fn start(args: UpArgs) -> Result<Fleet> {
     };
     let workers = inventory_workers(&agent_bin, &inventory)?;
 
-    let dir = std::path::absolute(&args.dir)?.join("run");
+    let berth_dir = std::path::absolute(&args.dir)?;
+    let dir = berth_dir.join("run");
     let (nats_dir, pg_dir) = (dir.join("nats"), dir.join("pg"));
     let (nats_port, pg_port) = (args.nats_port, args.pg_port);
     let nats = tokio::task::spawn_blocking(move || NatsServer::start_on(&nats_dir, nats_port))
@@ -125,6 +151,9 @@ async fn start(args: UpArgs) -> Result<Fleet> {
     tracing::info!(applied, "migrations done");
 
     let mut fleet = Fleet {
+        gateway: Children::default(),
+        gateway_addr: args.gateway_listen,
+        admin_key: None,
         agents: Children::default(),
         analyzers: Children::default(),
         nats,
@@ -159,7 +188,76 @@ async fn start(args: UpArgs) -> Result<Fleet> {
         fleet.agents.spawn(format!("agent-{worker}"), cmd)?;
     }
     wait_registered(&mut fleet, &workers, registered_since).await?;
+
+    if !args.no_auth {
+        fleet.admin_key = Some(admin_key(&fleet.pg.url(), &berth_dir).await?);
+    }
+    let mut cmd = Command::new(&gateway_bin);
+    cmd.args([
+        "--nats-url",
+        &fleet.nats.url(),
+        "--database-url",
+        &fleet.pg.url(),
+        "--listen",
+        &args.gateway_listen.to_string(),
+    ]);
+    if args.no_auth {
+        cmd.arg("--no-auth");
+    }
+    fleet.gateway.spawn("gateway".into(), cmd)?;
+    wait_listening(&mut fleet.gateway, args.gateway_listen).await?;
     Ok(fleet)
+}
+
+/// The admin key of this fleet, in `<dir>/admin.key` (readable by its owner only): the one
+/// there if it still opens the gateway, else a new one (replacing the old live key).
+async fn admin_key(database_url: &str, dir: &Path) -> Result<PathBuf> {
+    use berth_store::keys::{NewKey, Scope, digest};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("admin.key");
+    let store = Store::connect(database_url, 1)?;
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let d = digest(existing.trim());
+        if store
+            .live_keys()
+            .await?
+            .iter()
+            .any(|k| k.digest == d && k.scope == Scope::Admin)
+        {
+            return Ok(path);
+        }
+    }
+    store.revoke_key(UP_KEY_NAME).await?;
+    let key = NewKey::generate();
+    store.create_key(UP_KEY_NAME, Scope::Admin, &key).await?;
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{}", key.secret)?;
+    Ok(path)
+}
+
+/// Waits until something accepts connections on `addr`; fails if the child exits first or
+/// after [`STARTUP`].
+async fn wait_listening(children: &mut Children, addr: std::net::SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + STARTUP;
+    let mut interval = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        interval.tick().await;
+        if let Some((name, pid, status)) = children.newly_exited().into_iter().next() {
+            bail!("{name} (pid {pid}) exited ({status}) while starting (is {addr} in use?)");
+        }
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the gateway does not listen on {addr} after {STARTUP:?}");
+        }
+    }
 }
 
 /// Ports for the model servers of the `i`th agent of this machine: 100 each from 40000.

@@ -150,6 +150,7 @@ fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
 fn start_ps_stop_against_berth_up() {
     sibling("berth-analyzer");
     sibling("berth-agent");
+    sibling("berth-gateway");
     let dir = tempfile::Builder::new()
         .prefix("berth-test-up-")
         .tempdir()
@@ -162,11 +163,13 @@ fn start_ps_stop_against_berth_up() {
         let probe = TestServers::start().expect("servers");
         (probe.nats.port(), probe.pg.port())
     };
+    let gateway = format!("127.0.0.1:{}", berth_harness::free_port().unwrap());
     let log = dir.path().join("up.stderr");
     let mut up = Command::new(env!("CARGO_BIN_EXE_berth"))
         .args(["up", "--dir"])
         .arg(dir.path())
         .args(["--nats-port", &port(nats_port), "--pg-port", &port(pg_port)])
+        .args(["--gateway-listen", &gateway])
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -195,7 +198,8 @@ fn start_ps_stop_against_berth_up() {
             "agent-gpu-b",
             "agent-gpu-c",
             "analyzer-0",
-            "analyzer-1"
+            "analyzer-1",
+            "gateway"
         ]
     );
     // Its children: those processes, and the two servers.
@@ -210,6 +214,7 @@ fn start_ps_stop_against_berth_up() {
             "berth-agent",
             "berth-analyzer",
             "berth-analyzer",
+            "berth-gateway",
             "nats-server",
             "postgres"
         ],
@@ -244,6 +249,65 @@ fn start_ps_stop_against_berth_up() {
         stderr(&out).contains("3 of 4 workers registered"),
         "{}",
         stderr(&out)
+    );
+
+    // The gateway, with the admin key berth up made for this fleet (its owner's alone).
+    let key_file = dir.path().join("admin.key");
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let key = std::fs::read_to_string(&key_file).unwrap();
+    let (status, body) = http_get(&gateway, "/api/v1/workers", Some(key.trim()));
+    assert_eq!(status, 200, "{body}");
+    let workers: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(workers.as_array().map(Vec::len), Some(3), "{body}");
+    assert_eq!(http_get(&gateway, "/api/v1/workers", None).0, 401);
+
+    // Keys: made once, listed without the secret, revoked by name; bad input refused.
+    let out = berth(&["keys", "create", "ci", "--scope", "inference"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let secret = stdout(&out).trim().to_owned();
+    assert!(
+        secret.starts_with("berth_") && secret.len() == 70,
+        "{secret}"
+    );
+    // Gateways read the live keys every second.
+    wait_for(
+        "the new key does not open /v1",
+        Duration::from_secs(10),
+        || http_get(&gateway, "/v1/models", Some(&secret)).0 == 200,
+    );
+    assert_eq!(http_get(&gateway, "/api/v1/workers", Some(&secret)).0, 401);
+    let out = berth(&["keys", "create", "ci", "--scope", "admin"], &env);
+    assert!(
+        !out.status.success() && stderr(&out).contains("exists already"),
+        "{}",
+        stderr(&out)
+    );
+    for bad in [
+        &["keys", "create", "x", "--scope", "root"][..],
+        &["keys", "create", "", "--scope", "admin"],
+        &["keys", "revoke", "nobody"],
+    ] {
+        let out = berth(bad, &env);
+        assert!(!out.status.success(), "{bad:?}");
+        assert!(!stderr(&out).is_empty(), "{bad:?}");
+    }
+    let out = berth(&["keys", "list"], &env);
+    let listed = stdout(&out);
+    assert!(
+        listed.contains("berth-up-admin") && listed.contains("ci"),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains(&secret) && !listed.contains(key.trim()),
+        "{listed}"
+    );
+    let out = berth(&["keys", "revoke", "ci"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for(
+        "the revoked key still opens /v1",
+        Duration::from_secs(10),
+        || http_get(&gateway, "/v1/models", Some(&secret)).0 == 401,
     );
 
     let out = berth(&["start", "demo", "--vram", "20GiB", "--wait"], &env);
@@ -378,6 +442,33 @@ fn bench_runs_berth_bench_with_the_same_arguments() {
     }
     let help = stdout(&berth(&["bench", "--help"], &[]));
     assert!(help.contains("place") && help.contains("storm"), "{help}");
+}
+
+/// A GET on a fresh connection: status and body.
+fn http_get(addr: &str, path: &str, key: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the gateway");
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .expect("send the request");
+    let mut response = String::new();
+    conn.read_to_string(&mut response)
+        .expect("read the response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// `berth` copied away from its siblings says which one is missing and how to build it,
