@@ -11,6 +11,10 @@
 # Idempotent: when both cached binaries run, nothing is downloaded or built.
 # The paths are recorded in .berth/env (BERTH_LLAMA_SERVER, BERTH_RPC_SERVER)
 # and printed on stdout, llama-server first.
+#
+# BERTH_LLAMA_CUDA=1 builds for CUDA instead (needs nvcc; for ops/gpu-check.sh)
+# into a cache of its own, .../berth/llama.cpp-cuda/<version>/bin/, and only
+# prints the paths: .berth/env, the tests and `berth up` keep the CPU build.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -27,6 +31,12 @@ CMAKE_MIN_MAJOR=3
 CMAKE_MIN_MINOR=18
 CACHE_BASE="${XDG_CACHE_HOME:-$HOME/.cache}/berth"
 DEST="$CACHE_BASE/llama.cpp/$LLAMA_VERSION"
+CUDA=${BERTH_LLAMA_CUDA:-0}
+TARGET="the CPU"
+if [ "$CUDA" = 1 ]; then
+    DEST="$CACHE_BASE/llama.cpp-cuda/$LLAMA_VERSION"
+    TARGET="CUDA"
+fi
 TOOLS="$CACHE_BASE/build-tools"
 SERVER_NAME=llama-server
 # tools/rpc/CMakeLists.txt names the target (and binary) ggml-rpc-server.
@@ -78,7 +88,7 @@ record_env() {
 }
 
 finish() {
-    record_env
+    [ "$CUDA" = 1 ] || record_env
     printf '%s\n%s\n' "$DEST/bin/$SERVER_NAME" "$DEST/bin/$RPC_NAME"
     exit 0
 }
@@ -216,6 +226,9 @@ CMAKE_FLAGS=(
     # No HTTPS (we never download models from the server), no libssl dependency.
     -DLLAMA_OPENSSL=OFF
 )
+if [ "$CUDA" = 1 ]; then
+    CMAKE_FLAGS+=(-DGGML_CUDA=ON)
+fi
 
 build() {
     local work stage t0 gen=()
@@ -250,6 +263,7 @@ build() {
     if [ -e "$DEST" ]; then
         mv -f -- "$DEST" "$work/old"
     fi
+    mkdir -p "$(dirname "$DEST")"
     mv -- "$stage" "$DEST"
     log "built in $(($(date +%s) - t0))s; cached in $DEST"
 }
@@ -278,7 +292,7 @@ else
     warn "flock not found; not guarding against a concurrent build"
 fi
 
-log "building llama.cpp $LLAMA_VERSION for the CPU (first time only: takes several minutes, then cached in $DEST)"
+log "building llama.cpp $LLAMA_VERSION for $TARGET (first time only: takes several minutes, then cached in $DEST)"
 ensure_compiler
 ensure_build_tools
 build

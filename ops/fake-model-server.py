@@ -49,6 +49,8 @@ def parse_args(argv):
                    help="ignore SIGTERM (and SIGINT): only SIGKILL stops it")
     p.add_argument("--child", action="store_true",
                    help="spawn a long-lived child in the same process group")
+    p.add_argument("--log-bytes-per-sec", type=int, default=0, metavar="N",
+                   help="write about N bytes of log lines per second to stderr")
     p.add_argument("--hold-file", metavar="PATH",
                    help="streamed replies stop after their first token until PATH exists "
                         "(at most 30 s, then an error chunk): shows that a proxy passes "
@@ -298,6 +300,18 @@ def spawn_child():
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
 
+def chatter(bytes_per_sec):
+    """Log lines at about bytes_per_sec, in bursts every 50 ms, for the log bound's tests."""
+    line = "chatter " + "x" * 91 + "\n"  # 100 bytes
+    per_burst = max(1, bytes_per_sec // 20 // len(line))
+    n = 0
+    while True:
+        sys.stderr.write("".join(f"{n + i:08d} {line}" for i in range(per_burst)))
+        sys.stderr.flush()
+        n += per_burst
+        time.sleep(0.05)
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.crash_on_start:
@@ -328,6 +342,10 @@ def main(argv=None):
             os._exit(3)
         t = threading.Timer(args.exit_after, die)
         t.daemon = True
+        t.start()
+
+    if args.log_bytes_per_sec > 0:
+        t = threading.Thread(target=chatter, args=(args.log_bytes_per_sec,), daemon=True)
         t.start()
 
     host, port = server.server_address[:2]

@@ -1,6 +1,7 @@
 //! The placement search end to end: tensor-parallel sizes tried in order, a model spread over
-//! two workers, partial offload, vLLM's share of each GPU, explicit GPU ids, replicas kept
-//! apart under spread, and memory used outside berth (live, from heartbeats).
+//! two workers (llama.cpp; never vLLM), partial offload, vLLM's share of each GPU, explicit
+//! GPU ids, replicas kept apart under spread, and memory used outside berth (live, from
+//! heartbeats).
 
 use berth_fit::Shape;
 use berth_models::{
@@ -36,12 +37,38 @@ fn spec_for(dir: &Path, backend: EstimateOptions, scaling: Option<Scaling>) -> S
 /// A model directory and a vLLM start for it with `scaling`, and the shapes the analyzer
 /// will try for it.
 fn vllm_search(scaling: Scaling) -> (tempfile::TempDir, StartSpec, Vec<Shape>) {
+    search(vllm_exact(), scaling)
+}
+
+/// The same with llama.cpp, the one backend that runs over several workers.
+fn llama_search(scaling: Scaling) -> (tempfile::TempDir, StartSpec, Vec<Shape>) {
+    let llama = EstimateOptions::LlamaCpp(LlamaCppOptions {
+        context: Some(4096),
+        ..LlamaCppOptions::default()
+    });
+    search(llama, scaling)
+}
+
+fn search(
+    backend: EstimateOptions,
+    scaling: Scaling,
+) -> (tempfile::TempDir, StartSpec, Vec<Shape>) {
     let dir = tempfile::tempdir().expect("tempdir");
     write_llama_8b_config(dir.path());
-    let spec = spec_for(dir.path(), vllm_exact(), Some(scaling));
+    let spec = spec_for(dir.path(), backend, Some(scaling));
     let all = shapes_of(dir.path(), &spec);
     (dir, spec, all)
 }
+
+/// The llama.cpp shape over two workers, one GPU each.
+const OVER_TWO: &str = "split over 2 workers × 1 GPUs";
+
+/// One GPU per worker, up to two workers.
+const ONE_GPU_TWO_WORKERS: Scaling = Scaling {
+    max_gpus: Some(1),
+    max_workers: Some(2),
+    partial_offload: false,
+};
 
 /// The shapes the analyzer will try for `spec`, by the same library.
 fn shapes_of(dir: &Path, spec: &StartSpec) -> Vec<Shape> {
@@ -128,12 +155,8 @@ async fn tensor_parallel_search_takes_the_fewest_gpus_that_fit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_too_big_for_any_worker_runs_across_two() {
-    let (_dir, spec, all) = vllm_search(Scaling {
-        max_gpus: Some(1),
-        max_workers: Some(2),
-        ..Scaling::default()
-    });
-    let (one, two) = (shape(&all, "tp=1"), shape(&all, "pp=2 × tp=1"));
+    let (_dir, spec, all) = llama_search(ONE_GPU_TWO_WORKERS);
+    let (one, two) = (shape(&all, "1 GPU"), shape(&all, OVER_TWO));
     let spec = &spec;
     assert_eq!((two.workers, two.gpus_per_worker), (2, 1));
     let card_gib = i64::try_from(two.vram_per_gpu.div_ceil(GIB.unsigned_abs())).expect("size");
@@ -192,6 +215,33 @@ async fn a_model_too_big_for_any_worker_runs_across_two() {
         }
     })
     .await;
+    fleet.assert_books_balanced().await;
+}
+
+/// vLLM cannot run over several workers: a start that would fit only as two stages stays
+/// pending and says why, and none of its shapes spans workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllm_is_never_spread_over_workers_and_the_reason_says_so() {
+    let (_dir, spec, all) = vllm_search(ONE_GPU_TWO_WORKERS);
+    assert!(all.iter().all(|s| s.workers == 1), "{all:?}");
+    let one = shape(&all, "tp=1");
+    // Half the model's need per card: two stages would fit, one worker cannot.
+    let card_gib =
+        i64::try_from((one.vram_per_gpu / 2).div_ceil(GIB.unsigned_abs()) + 1).expect("size");
+    assert!(card_gib * GIB < i64::try_from(one.vram_per_gpu).expect("size"));
+
+    let mut fleet = Fleet::start().await;
+    fleet.add_analyzer(Default::default()).await;
+    fleet.add_agent(worker("w1", 1, card_gib, &[])).await;
+    fleet.add_agent(worker("w2", 1, card_gib, &[])).await;
+    start(&fleet, "big", spec).await;
+    let row = fleet.wait_state("big", InstanceState::Pending, LIMIT).await;
+    let reason = row.reason.unwrap_or_default();
+    assert!(
+        reason.contains("vLLM cannot run over several workers"),
+        "{reason}"
+    );
+    assert!(allocations_of(&fleet, "big").await.is_empty());
     fleet.assert_books_balanced().await;
 }
 
@@ -410,12 +460,8 @@ async fn memory_used_outside_berth_is_left_alone_and_its_release_wakes_pending()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_stage_worker_moves_the_whole_instance() {
-    let (_dir, spec, all) = vllm_search(Scaling {
-        max_gpus: Some(1),
-        max_workers: Some(2),
-        ..Scaling::default()
-    });
-    let two = shape(&all, "pp=2 × tp=1");
+    let (_dir, spec, all) = llama_search(ONE_GPU_TWO_WORKERS);
+    let two = shape(&all, OVER_TWO);
     let card_gib = i64::try_from(two.vram_per_gpu.div_ceil(GIB.unsigned_abs())).expect("size");
 
     let mut fleet = Fleet::start().await;

@@ -1,12 +1,15 @@
 //! The process runtime end to end: a start command through NATS and an analyzer to an agent
 //! that runs a real server (`ops/fake-model-server.py` through the custom backend), reports it
-//! running with its endpoint, restarts it when it crashes and stops its whole process group.
+//! running with its endpoint, restarts it when it crashes and stops its whole process group;
+//! and SmolLM2 over two workers with the real llama-server and ggml-rpc-server.
 
 use berth_agent::{
     ProcessConfig, Runtime,
     supervisor::{PortPool, RestartLimits, process, records},
 };
-use berth_models::{CustomClaim, EstimateOptions};
+use berth_models::{
+    CustomClaim, EstimateOptions, LlamaCppOptions, ModelRef, Scaling, profile_from_path, shapes,
+};
 use berth_proto::{
     Command, InstanceState, StartSpec, StatusMsg, Version,
     logs::{LogsReply, LogsRequest},
@@ -22,6 +25,10 @@ use std::{
 const LIMIT: Duration = Duration::from_secs(30);
 
 fn process_runtime(state_dir: &Path, ports: std::ops::RangeInclusive<u16>) -> Runtime {
+    Runtime::Process(Box::new(process_config(state_dir, ports)))
+}
+
+fn process_config(state_dir: &Path, ports: std::ops::RangeInclusive<u16>) -> ProcessConfig {
     let mut c = ProcessConfig::new(state_dir.to_path_buf());
     c.ports = PortPool::new(ports);
     c.startup_timeout = Duration::from_secs(20);
@@ -33,7 +40,7 @@ fn process_runtime(state_dir: &Path, ports: std::ops::RangeInclusive<u16>) -> Ru
         ..RestartLimits::default()
     };
     c.restarts.backoff.first_delay = Duration::from_millis(50);
-    Runtime::Process(Box::new(c))
+    c
 }
 
 fn fake(flags: &[&str]) -> Command {
@@ -242,9 +249,10 @@ async fn a_restarted_agent_adopts_the_server_its_killed_predecessor_left() {
 async fn a_crashed_server_is_restarted_and_the_books_and_events_follow() {
     let state = tempfile::tempdir().unwrap();
     let (fleet, _reports) = process_fleet(state.path(), 42200..=42299).await;
+    // Two seconds from its start: ready well before then, even on a busy machine.
     fleet
         .bus
-        .publish_command("flaky", &fake(&["--exit-after", "1"]))
+        .publish_command("flaky", &fake(&["--exit-after", "2"]))
         .await
         .unwrap();
     // One restart allowed (see `process_runtime`): running, crash, running again, crash, error.
@@ -283,4 +291,143 @@ async fn a_crashed_server_is_restarted_and_the_books_and_events_follow() {
     );
     let why = steps[4].3.clone().unwrap_or_default();
     assert!(why.contains("code 3") || why.contains("exit"), "{why}");
+}
+
+/// SmolLM2 on two workers whose (simulated) GPUs hold it only as two stages: the analyzer
+/// places it over both, the follower runs ggml-rpc-server, the leader llama-server with
+/// `--rpc`; a chat completion at the instance's endpoint answers, and a stop ends both
+/// process groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_over_two_workers_serves_through_the_followers_rpc_server() {
+    let Some(llama) = berth_harness::test_llama_server().unwrap() else {
+        return;
+    };
+    let model = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../.berth/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        model.exists(),
+        "{} (run ops/fetch-models.sh)",
+        model.display()
+    );
+    let options = EstimateOptions::LlamaCpp(LlamaCppOptions {
+        context: Some(2048),
+        ..LlamaCppOptions::default()
+    });
+    let scaling = Scaling {
+        max_gpus: Some(1),
+        max_workers: Some(2),
+        ..Scaling::default()
+    };
+    // A card between the two shapes' needs: one worker cannot hold it, two stages can.
+    let all = shapes(&profile_from_path(&model).unwrap(), &options, &scaling).unwrap();
+    let need = |label: &str| {
+        let s = all.iter().find(|s| s.label == label).unwrap();
+        i64::try_from(s.vram_per_gpu).unwrap()
+    };
+    let card = (need("1 GPU") + need("split over 2 workers × 1 GPUs")) / 2;
+
+    let mut fleet = Fleet::start().await;
+    fleet.add_analyzer(Default::default()).await;
+    let states = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    for ((id, ports), state) in [("w1", 42300..=42349), ("w2", 42350..=42399)]
+        .into_iter()
+        .zip(&states)
+    {
+        let mut w = worker(id, 1, 1, &[]);
+        w.gpus[0].total_bytes = card;
+        let mut c = process_config(state.path(), ports);
+        c.binaries.llama_server = Some(llama.clone());
+        c.startup_timeout = Duration::from_secs(120);
+        c.probe_every = Duration::from_secs(1);
+        c.probe_timeout = Duration::from_secs(2);
+        fleet.add_agent_with(w, Runtime::Process(Box::new(c))).await;
+    }
+    let start = Command::Start(StartSpec {
+        model: "smollm2".into(),
+        model_ref: Some(Box::new(ModelRef::Path(model))),
+        backend: Some(Box::new(options)),
+        scaling: Some(scaling),
+        ..StartSpec::default()
+    });
+    let t0 = Instant::now();
+    fleet.bus.publish_command("smol", &start).await.unwrap();
+    let row = fleet
+        .wait_state("smol", InstanceState::Running, Duration::from_secs(120))
+        .await;
+    let to_running = t0.elapsed();
+    let mut on: Vec<String> = fleet
+        .store
+        .allocations()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.worker_id)
+        .collect();
+    on.sort();
+    assert_eq!(on, ["w1", "w2"], "one stage on each worker");
+    let lead = row.worker_id.clone().unwrap();
+    let (leader_state, follower_state) = if lead == "w1" {
+        (&states[0], &states[1])
+    } else {
+        (&states[1], &states[0])
+    };
+    let leader = records::read(&leader_state.path().join("instances"), "smol").unwrap();
+    let follower = records::read(&follower_state.path().join("instances"), "smol").unwrap();
+    assert!(
+        follower.program.ends_with("ggml-rpc-server"),
+        "{follower:?}"
+    );
+    assert!(leader.program.ends_with("llama-server"), "{leader:?}");
+    assert_eq!(
+        leader
+            .followers
+            .iter()
+            .map(|f| f.endpoint.as_str())
+            .collect::<Vec<_>>(),
+        [format!("127.0.0.1:{}", follower.port)]
+    );
+    let endpoint = row.endpoint.clone().expect("the leader's endpoint");
+    assert_eq!(endpoint, format!("127.0.0.1:{}", leader.port));
+    fleet.assert_books_balanced().await;
+
+    let (status, body) = berth_harness::http(
+        &endpoint,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"smollm2","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let tokens = reply["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+    assert!(tokens > 0, "{body}");
+    let rpc_log = std::fs::read_to_string(
+        follower_state
+            .path()
+            .join("logs/smol")
+            .join(format!("{}.log", row.version.get())),
+    )
+    .unwrap();
+    assert!(
+        rpc_log.contains("Accepted client connection"),
+        "the leader connected to the stage: {rpc_log}"
+    );
+
+    let t1 = Instant::now();
+    fleet.stop_instance("smol").await;
+    fleet
+        .wait_state("smol", InstanceState::Stopped, LIMIT)
+        .await;
+    let to_stopped = t1.elapsed();
+    for r in [&leader, &follower] {
+        assert!(process::group_members(r.pid).is_empty(), "{r:?}");
+        assert!(std::net::TcpListener::bind(("127.0.0.1", r.port)).is_ok());
+    }
+    assert!(fleet.store.allocations().await.unwrap().is_empty());
+    fleet.assert_books_balanced().await;
+    eprintln!(
+        "SmolLM2 over two workers: publish → running {to_running:?}, {tokens} tokens, \
+         stop → stopped {to_stopped:?}"
+    );
 }

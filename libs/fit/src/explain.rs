@@ -18,6 +18,9 @@ pub fn explain_no_fit(workers: &[Worker], request: &Request) -> String {
     if !request.gpu_ids.is_empty() {
         let _ = write!(need, " (only GPUs {})", request.gpu_ids.join(", "));
     }
+    if let Some(note) = &request.note {
+        let _ = write!(need, " ({note})");
+    }
     if workers.is_empty() {
         return format!("{need}; no workers are registered");
     }

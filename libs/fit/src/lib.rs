@@ -145,6 +145,9 @@ pub struct Request {
     pub gpu_ids: Vec<String>,
     /// The replica group (usually the model): spread keeps a group's replicas apart.
     pub group: Option<String>,
+    /// Said in a "nothing fits" reason: a way of running it that was ruled out (vLLM over
+    /// several workers).
+    pub note: Option<String>,
 }
 
 impl Request {

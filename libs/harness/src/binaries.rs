@@ -114,3 +114,20 @@ pub fn find_pg_bin() -> Result<PathBuf, HarnessError> {
             hint: SETUP_HINT.into(),
         })
 }
+
+/// The llama-server the tests with a real model run: `BERTH_LLAMA_SERVER` (which
+/// `ops/build-llama.sh` records in `.berth/env`). `None` when it is not set: such a test is
+/// skipped (and says so), except under CI, where that is an error.
+pub fn test_llama_server() -> Result<Option<PathBuf>, HarnessError> {
+    match std::env::var_os("BERTH_LLAMA_SERVER") {
+        Some(path) => Ok(Some(PathBuf::from(path))),
+        None if std::env::var_os("CI").is_some() => Err(HarnessError::Missing {
+            what: "BERTH_LLAMA_SERVER",
+            hint: "CI runs the tests with a real model: run ops/build-llama.sh".into(),
+        }),
+        None => {
+            eprintln!("skipped: BERTH_LLAMA_SERVER is not set (run ops/build-llama.sh)");
+            Ok(None)
+        }
+    }
+}

@@ -6,11 +6,15 @@
 //! run as the `postgres` user (`ops/setup.sh` makes sure it exists).
 
 mod binaries;
+mod http;
 mod nats;
 mod postgres;
 mod process;
 
-pub use binaries::{find_nats_server, find_pg_bin, sibling_binary, workspace_root};
+pub use binaries::{
+    find_nats_server, find_pg_bin, sibling_binary, test_llama_server, workspace_root,
+};
+pub use http::http;
 pub use nats::NatsServer;
 /// The signals [`stop_children`] sends.
 pub use nix::sys::signal::Signal;

@@ -22,5 +22,5 @@ mod read;
 
 pub use berth_options::*;
 pub use estimate::{Backend, Estimate, GpuMemory, estimate};
-pub use plan::shapes;
+pub use plan::{shapes, workers_note};
 pub use read::{ProfileError, profile_from_path, resolve};

@@ -5,7 +5,9 @@
 //!   up to it the backend can split the model over (vLLM: tensor-parallel sizes the
 //!   attention and KV heads divide over; llama.cpp: layer splits).
 //! - On several workers, when [`Scaling::max_workers`] allows: one pipeline stage per
-//!   worker (vLLM `--pipeline-parallel-size`, llama.cpp RPC layer split).
+//!   worker, llama.cpp only (its RPC servers on the followers hold their layers). berth's
+//!   agents cannot run vLLM or a custom server over several workers, so those get no such
+//!   shape ([`workers_note`] says so in a "nothing fits" reason).
 //! - llama.cpp partial offload, when [`Scaling::partial_offload`] allows and no full offload
 //!   fits: fewer layers on the GPU, the rest in host memory.
 
@@ -34,34 +36,28 @@ pub fn shapes(
                 Some(max) => tensor_parallel_sizes(profile, max),
                 None => vec![o.tensor_parallel],
             };
-            let per_worker_pp = if scaling.max_gpus.is_some() {
+            // Pipeline stages only within the worker, as the options ask.
+            let pp = if scaling.max_gpus.is_some() {
                 1
             } else {
                 o.pipeline_parallel.max(1)
             };
-            for workers in 1..=scaling.workers() {
-                if workers > 1 && workers > profile.layers {
-                    break;
+            for &tp in &tps {
+                if u64::from(tp) * u64::from(pp) > u64::from(MAX_GPUS) {
+                    continue;
                 }
-                for &tp in &tps {
-                    let mut v = o.clone();
-                    v.tensor_parallel = tp;
-                    v.pipeline_parallel = per_worker_pp * workers;
-                    if u64::from(tp) * u64::from(v.pipeline_parallel) > u64::from(MAX_GPUS) {
-                        continue;
-                    }
-                    let e = estimate(profile, &EstimateOptions::Vllm(v.clone()))?;
-                    let label = match (workers, per_worker_pp) {
-                        (1, 1) => format!("tp={tp}"),
-                        (1, pp) => format!("tp={tp} pp={pp}"),
-                        (w, _) => format!("pp={} × tp={tp}", v.pipeline_parallel.max(w)),
-                    };
-                    out.push(Shape {
-                        workers,
-                        gpus_per_worker: tp * per_worker_pp,
-                        ..e.shape(label)
-                    });
-                }
+                let mut v = o.clone();
+                v.tensor_parallel = tp;
+                v.pipeline_parallel = pp;
+                let e = estimate(profile, &EstimateOptions::Vllm(v))?;
+                let label = match pp {
+                    1 => format!("tp={tp}"),
+                    pp => format!("tp={tp} pp={pp}"),
+                };
+                out.push(Shape {
+                    gpus_per_worker: tp * pp,
+                    ..e.shape(label)
+                });
             }
         }
         EstimateOptions::LlamaCpp(o) => {
@@ -109,6 +105,21 @@ pub fn shapes(
         }
     }
     Ok(out)
+}
+
+/// Why `options` get no shape over several workers although `scaling` allows them, for the
+/// reason of a start that fits nowhere; `None` when they can have such shapes (llama.cpp).
+pub fn workers_note(options: &EstimateOptions, scaling: &Scaling) -> Option<String> {
+    let backend = match options {
+        _ if scaling.workers() <= 1 => return None,
+        EstimateOptions::LlamaCpp(_) => return None,
+        EstimateOptions::Vllm(_) => "vLLM",
+        EstimateOptions::Custom(_) => "a custom backend",
+    };
+    Some(format!(
+        "{backend} cannot run over several workers, only llama.cpp can: max_workers {} not used",
+        scaling.workers()
+    ))
 }
 
 /// Tensor-parallel sizes up to `max` that vLLM accepts for this model: the attention heads
@@ -170,6 +181,30 @@ mod tests {
     }
 
     #[test]
+    fn only_llama_cpp_spreads_over_workers() {
+        let scaling = Scaling {
+            max_gpus: Some(1),
+            max_workers: Some(2),
+            partial_offload: false,
+        };
+        let vllm = EstimateOptions::Vllm(VllmOptions::default());
+        let v = shapes(&model(32, 8, 32), &vllm, &scaling).unwrap();
+        assert_eq!(labels(&v), ["tp=1"]);
+        let why = workers_note(&vllm, &scaling).unwrap();
+        assert!(
+            why.contains("vLLM cannot run over several workers"),
+            "{why}"
+        );
+        let llama = EstimateOptions::LlamaCpp(LlamaCppOptions::default());
+        let l = shapes(&model(32, 8, 32), &llama, &scaling).unwrap();
+        assert_eq!(labels(&l), ["1 GPU", "split over 2 workers × 1 GPUs"]);
+        assert_eq!((l[1].workers, l[1].gpus_per_worker), (2, 1));
+        assert!(l[1].vram_per_gpu < l[0].vram_per_gpu);
+        assert_eq!(workers_note(&llama, &scaling), None);
+        assert_eq!(workers_note(&vllm, &Scaling::default()), None);
+    }
+
+    #[test]
     fn vllm_search_gets_cheaper_per_gpu() {
         let o = EstimateOptions::Vllm(VllmOptions {
             gpu_memory_utilization: None,
@@ -180,27 +215,16 @@ mod tests {
             &o,
             &Scaling {
                 max_gpus: Some(4),
-                max_workers: Some(2),
+                max_workers: None,
                 partial_offload: false,
             },
         )
         .unwrap();
-        assert_eq!(
-            labels(&s),
-            [
-                "tp=1",
-                "tp=2",
-                "tp=4",
-                "pp=2 × tp=1",
-                "pp=2 × tp=2",
-                "pp=2 × tp=4"
-            ]
-        );
-        for w in s[..3].windows(2) {
+        assert_eq!(labels(&s), ["tp=1", "tp=2", "tp=4"]);
+        for w in s.windows(2) {
             assert!(w[1].vram_per_gpu < w[0].vram_per_gpu, "{s:?}");
         }
-        assert_eq!((s[4].workers, s[4].gpus_per_worker), (2, 2));
-        assert!(s[4].vram_per_gpu < s[1].vram_per_gpu);
+        assert!(s.iter().all(|s| s.workers == 1));
     }
 
     #[test]

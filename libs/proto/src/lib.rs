@@ -12,6 +12,7 @@ pub mod event;
 pub mod ids;
 pub mod lifecycle;
 pub mod logs;
+pub mod rpc;
 pub mod size;
 pub mod state;
 pub mod status;

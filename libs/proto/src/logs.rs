@@ -14,7 +14,8 @@ pub struct LogsRequest {
     /// The placement's version; absent: the newest one this worker has a log of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<Version>,
-    /// 0: the server's current attempt; 1: the attempt before the last restart, and so on.
+    /// 0: the server's current log; 1: the file before it (the attempt before the last
+    /// restart, or the earlier part of a log the agent cut at its size cap), and so on.
     #[serde(default)]
     pub previous: u32,
     /// Read from this byte on (a follow); absent: the last `tail_lines` lines.

@@ -10,6 +10,9 @@ pub const AGENT_PREFIX: &str = "berth.agent";
 pub const STATUS_PREFIX: &str = "berth.status";
 /// Requests for a model server's log, answered by the worker's agent (core NATS).
 pub const LOGS_PREFIX: &str = "berth.logs";
+/// Requests for the RPC server a follower runs for its stage of an instance spread over
+/// several workers, answered by that worker's agent (core NATS; see [`crate::rpc`]).
+pub const RPC_PREFIX: &str = "berth.rpc";
 /// State-change events, by instance.
 pub const EVENTS_PREFIX: &str = "berth.events.instance";
 /// Analyzers' heartbeats: the payload is the sender's member id (UTF-8). Core NATS, not
@@ -75,6 +78,10 @@ pub fn logs_subject(worker_id: &str) -> Result<String, InvalidId> {
     join(LOGS_PREFIX, worker_id)
 }
 
+pub fn rpc_subject(worker_id: &str) -> Result<String, InvalidId> {
+    join(RPC_PREFIX, worker_id)
+}
+
 pub fn event_subject(instance_id: &str) -> Result<String, InvalidId> {
     join(EVENTS_PREFIX, instance_id)
 }
@@ -132,5 +139,7 @@ mod tests {
         assert_eq!(worker_of_status_subject("berth.status.w-1"), Some("w-1"));
         assert_eq!(worker_of_status_subject("berth.status.w.1"), None);
         assert_eq!(dlq_subject(Some("a.b")), "berth.dlq.cmd.unknown");
+        assert_eq!(rpc_subject("w-1").unwrap(), "berth.rpc.w-1");
+        assert!(rpc_subject("w.1").is_err() && rpc_subject(">").is_err());
     }
 }

@@ -342,7 +342,8 @@ impl Store {
     /// ignored), so reordered or old reports are harmless. `stopped` and `error` release the
     /// reporting worker's allocations of older versions (`stopped`) or up to this version
     /// (`error`). A `shared` report comes from one of several workers an instance is
-    /// spread over: that part is marked ready, and the instance runs once every part is.
+    /// spread over: that part is marked ready, and the instance runs once every part is,
+    /// at the endpoint its leading worker reported (the others' are their stages' servers).
     /// Returns the transitions made.
     pub async fn apply_report(&self, report: &Report<'_>) -> Result<Vec<Transition>, StoreError> {
         let Report {
@@ -410,8 +411,13 @@ impl Store {
                             || !shared
                             || (next.is_some()
                                 && all_ready_after(conn, id, worker_id, version).await?);
+                        // The instance answers at its leader's endpoint (the followers' are
+                        // their stages' RPC servers).
+                        let leads = row.worker_id.as_deref() == Some(worker_id);
+                        let endpoint =
+                            endpoint.filter(|_| leads && reported == ReportedState::Running);
                         if let Some(next) = next.filter(|_| all_ready) {
-                            out.push(set_state(conn, &row, next, None).await?);
+                            out.push(set_state(conn, &row, next, None, endpoint).await?);
                         }
                     }
                     // A stop is confirmed at the version its unassign named: the instance's
@@ -429,14 +435,14 @@ impl Store {
                             lifecycle::after_report(state, reported, restarts).filter(|_| current)
                         {
                             let why = reason.as_deref().unwrap_or("backend failed");
-                            out.push(set_state(conn, &row, next, Some(why)).await?);
+                            out.push(set_state(conn, &row, next, Some(why), None).await?);
                         }
                     }
                 }
                 if state == InstanceState::Stopping
                     && let Some(next) = lifecycle::after_release(state, holds_any(conn, id).await?)
                 {
-                    out.push(set_state(conn, &row, next, row.reason.as_deref()).await?);
+                    out.push(set_state(conn, &row, next, row.reason.as_deref(), None).await?);
                 }
                 Ok(out)
             })
@@ -449,11 +455,13 @@ async fn set_state(
     row: &InstanceRow,
     state: InstanceState,
     reason: Option<&str>,
+    endpoint: Option<&str>,
 ) -> Result<Transition, StoreError> {
     diesel::update(instances::table.find(&row.id))
         .set((
             instances::state.eq(state.as_str()),
             instances::reason.eq(reason),
+            instances::endpoint.eq(endpoint),
             instances::updated_at.eq(diesel::dsl::now),
         ))
         .execute(conn)
@@ -466,7 +474,7 @@ async fn set_state(
         worker_id: row.worker_id.clone(),
         gpus: Vec::new(),
         reason: reason.map(str::to_owned),
-        endpoint: None,
+        endpoint: endpoint.map(str::to_owned),
     })
 }
 

@@ -8,6 +8,11 @@
 //! - anything else — no `model_ref` (only `vram_bytes`), a model given as a profile or as
 //!   numbers, a custom claim without `argv` — is a plain **reservation**: the GPUs are held
 //!   and the instance reports `running` at once, with no process and no endpoint.
+//!
+//! An instance spread over several workers ([`Stage`]) runs only on llama.cpp: each follower
+//! runs `ggml-rpc-server` ([`RpcServer`]) for its GPUs, and the leader runs `llama-server`
+//! with `--rpc` naming the followers' servers. Any other backend over several workers is an
+//! error (the analyzers do not choose such shapes).
 
 use berth_options::{
     CustomClaim, EstimateOptions, KvCacheType, LlamaCppOptions, ModelRef, Placeholder,
@@ -47,6 +52,9 @@ pub struct Launch<'a> {
     pub gpus: &'a [AssignedGpu],
     /// The GPUs are real (CUDA); false for a simulated inventory: the server runs on CPUs.
     pub cuda: bool,
+    /// The leader of an instance spread over several workers: the followers' RPC servers
+    /// (`host:port`), in stage order. Empty otherwise.
+    pub rpc: &'a [String],
 }
 
 /// A command line to run.
@@ -58,20 +66,54 @@ pub struct CommandLine {
     pub env: Vec<(String, String)>,
 }
 
+/// How the supervisor tells a server is ready, and healthy while it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// Paths that must each answer `200` to a GET, in order; the same while it runs.
+    Http(Vec<String>),
+    /// Ready once a TCP connection is accepted; while it runs, healthy as long as its group
+    /// still listens on the port (seen in `/proc`, without connecting: llama.cpp's RPC server
+    /// serves one client at a time and keeps only one more waiting).
+    Listening,
+}
+
 /// A model server: how to start it for an assignment and how to tell it is ready.
 pub trait Backend: std::fmt::Debug + Send + Sync {
     /// For logs and reasons: "llama.cpp", "vLLM", "custom".
     fn name(&self) -> &'static str;
     fn command(&self, launch: &Launch<'_>) -> Result<CommandLine, BackendError>;
-    /// Paths that must each answer `200` to a GET, in order, before the server is ready.
-    fn ready_paths(&self) -> Vec<String>;
+    fn probe(&self) -> Probe;
 }
 
 /// Server binaries, as the agent's flags give them.
 #[derive(Debug, Clone, Default)]
 pub struct Binaries {
     pub llama_server: Option<PathBuf>,
+    /// llama.cpp's `ggml-rpc-server`, for the followers of an instance over several workers.
+    pub rpc_server: Option<PathBuf>,
     pub vllm: Option<PathBuf>,
+}
+
+/// Which part of an instance an assignment is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The instance runs on this worker alone.
+    Alone,
+    /// The first of several workers: runs the model server, with the followers' stages.
+    Leader,
+    /// One of the others: runs a stage for the leader (llama.cpp's RPC server).
+    Follower,
+}
+
+impl Stage {
+    /// This worker's stage among `workers` (the assignment's list, the first leads).
+    pub fn of(worker_id: &str, workers: &[String]) -> Stage {
+        match workers {
+            [] | [_] => Stage::Alone,
+            [first, ..] if first == worker_id => Stage::Leader,
+            _ => Stage::Follower,
+        }
+    }
 }
 
 /// What an assignment asks of the runtime.
@@ -82,9 +124,29 @@ pub enum Plan {
     Run(Box<dyn Backend>),
 }
 
-/// Chooses the backend for `spec` (see the module doc); a missing binary or a bad template
-/// is an error for the instance's report.
-pub fn plan(spec: &StartSpec, bins: &Binaries) -> Result<Plan, BackendError> {
+/// Chooses the backend for `spec` and this worker's `stage` of it (see the module doc); a
+/// missing binary, a bad template or a backend that cannot run over several workers is an
+/// error for the instance's report.
+pub fn plan(spec: &StartSpec, bins: &Binaries, stage: Stage) -> Result<Plan, BackendError> {
+    let plan = plan_alone(spec, bins)?;
+    let Plan::Run(backend) = &plan else {
+        // A reservation holds its GPUs on every worker alike.
+        return Ok(plan);
+    };
+    match stage {
+        Stage::Alone => Ok(plan),
+        _ if backend.name() != LLAMA_CPP => Err(BackendError::Invalid(format!(
+            "{} cannot run over several workers (only llama.cpp can, through its RPC server)",
+            backend.name()
+        ))),
+        Stage::Leader => Ok(plan),
+        Stage::Follower => Ok(Plan::Run(Box::new(RpcServer {
+            binary: find_rpc_server(bins)?,
+        }))),
+    }
+}
+
+fn plan_alone(spec: &StartSpec, bins: &Binaries) -> Result<Plan, BackendError> {
     let options = spec.backend.as_deref();
     if let Some(EstimateOptions::Custom(claim)) = options {
         if claim.argv.is_empty() {
@@ -131,38 +193,69 @@ fn model_path(spec: &StartSpec) -> Option<&Path> {
 /// `--llama-server` (or `BERTH_LLAMA_SERVER`), else `llama-server` on `PATH`, else the newest
 /// build of `ops/build-llama.sh` under `~/.cache/berth/llama.cpp/*/bin/`.
 pub fn find_llama_server(bins: &Binaries) -> Result<PathBuf, BackendError> {
-    let not_found =
-        || "llama-server not found: set --llama-server or run ops/build-llama.sh".to_owned();
-    if let Some(p) = &bins.llama_server {
-        return if is_executable(p) {
-            Ok(p.clone())
-        } else {
-            Err(BackendError::NotFound(format!(
-                "{} ({} is not an executable file)",
-                not_found(),
-                p.display()
-            )))
-        };
-    }
-    if let Some(p) = on_path("llama-server") {
-        return Ok(p);
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from);
-    home.and_then(|h| newest_build(&h.join(".cache/berth/llama.cpp")))
-        .ok_or_else(|| BackendError::NotFound(not_found()))
+    find(
+        bins.llama_server.as_deref(),
+        LLAMA_SERVER,
+        "set --llama-server or run ops/build-llama.sh",
+        || newest_build(&cache_root()?, LLAMA_SERVER),
+    )
+}
+
+/// `--rpc-server` (or `BERTH_RPC_SERVER`), else `ggml-rpc-server` on `PATH`, else the one
+/// next to the llama-server found (a build holds both), else the newest cached build.
+pub fn find_rpc_server(bins: &Binaries) -> Result<PathBuf, BackendError> {
+    find(
+        bins.rpc_server.as_deref(),
+        RPC_SERVER,
+        "set --rpc-server or run ops/build-llama.sh",
+        || {
+            let beside = find_llama_server(bins)
+                .ok()
+                .and_then(|l| Some(l.parent()?.join(RPC_SERVER)))
+                .filter(|p| is_executable(p));
+            beside.or_else(|| newest_build(&cache_root()?, RPC_SERVER))
+        },
+    )
 }
 
 fn find_vllm(bins: &Binaries) -> Result<PathBuf, BackendError> {
-    let not_found = || "vllm not found: set --vllm or install vLLM on PATH".to_owned();
-    match &bins.vllm {
-        Some(p) if is_executable(p) => Ok(p.clone()),
+    find(
+        bins.vllm.as_deref(),
+        "vllm",
+        "set --vllm or install vLLM on PATH",
+        || None,
+    )
+}
+
+/// The binary the flag names (which must be executable), else `name` on `PATH`, else what
+/// `fallback` finds; the error says `hint`.
+fn find(
+    given: Option<&Path>,
+    name: &str,
+    hint: &str,
+    fallback: impl FnOnce() -> Option<PathBuf>,
+) -> Result<PathBuf, BackendError> {
+    let not_found = format!("{name} not found: {hint}");
+    match given {
+        Some(p) if is_executable(p) => Ok(p.to_path_buf()),
         Some(p) => Err(BackendError::NotFound(format!(
-            "{} ({} is not an executable file)",
-            not_found(),
+            "{not_found} ({} is not an executable file)",
             p.display()
         ))),
-        None => on_path("vllm").ok_or_else(|| BackendError::NotFound(not_found())),
+        None => on_path(name)
+            .or_else(fallback)
+            .ok_or(BackendError::NotFound(not_found)),
     }
+}
+
+const LLAMA_CPP: &str = "llama.cpp";
+const LLAMA_SERVER: &str = "llama-server";
+const RPC_SERVER: &str = "ggml-rpc-server";
+
+/// Where `ops/build-llama.sh` puts its builds.
+fn cache_root() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME").map(PathBuf::from)?;
+    Some(home.join(".cache/berth/llama.cpp"))
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -177,8 +270,8 @@ fn on_path(name: &str) -> Option<PathBuf> {
         .find(|p| is_executable(p))
 }
 
-/// `<root>/<version>/bin/llama-server` of the highest version (`11434.0.0` > `9000.1.0`).
-fn newest_build(root: &Path) -> Option<PathBuf> {
+/// `<root>/<version>/bin/<name>` of the highest version (`11434.0.0` > `9000.1.0`).
+fn newest_build(root: &Path, name: &str) -> Option<PathBuf> {
     let version = |name: &str| -> Vec<u64> {
         name.split('.')
             .map(|part| part.parse().unwrap_or(0))
@@ -188,7 +281,7 @@ fn newest_build(root: &Path) -> Option<PathBuf> {
         .ok()?
         .filter_map(Result::ok)
         .filter_map(|e| {
-            let bin = e.path().join("bin/llama-server");
+            let bin = e.path().join("bin").join(name);
             is_executable(&bin).then(|| (version(&e.file_name().to_string_lossy()), bin))
         })
         .max()
@@ -222,12 +315,13 @@ fn cache_type(t: KvCacheType) -> &'static str {
 
 impl Backend for LlamaCpp {
     fn name(&self) -> &'static str {
-        "llama.cpp"
+        LLAMA_CPP
     }
 
     fn command(&self, l: &Launch<'_>) -> Result<CommandLine, BackendError> {
         let o = &self.options;
-        let layers = if l.cuda {
+        // With followers, layers go to their RPC servers even on simulated GPUs (their CPUs).
+        let layers = if l.cuda || !l.rpc.is_empty() {
             o.gpu_layers.unwrap_or(ALL_LAYERS)
         } else {
             0
@@ -244,7 +338,11 @@ impl Backend for LlamaCpp {
             "-ngl".to_owned(),
             layers.to_string(),
         ];
-        if l.cuda && l.gpus.len() > 1 {
+        if !l.rpc.is_empty() {
+            // No --tensor-split: the leader does not know what the followers' GPUs hold, and
+            // llama.cpp splits by each device's free memory.
+            args.extend(["--rpc".to_owned(), l.rpc.join(",")]);
+        } else if l.cuda && l.gpus.len() > 1 {
             // Proportional to what each GPU holds for the instance (MiB keeps it short).
             let split: Vec<String> = l
                 .gpus
@@ -274,8 +372,44 @@ impl Backend for LlamaCpp {
         })
     }
 
-    fn ready_paths(&self) -> Vec<String> {
-        vec!["/health".into()]
+    fn probe(&self) -> Probe {
+        Probe::Http(vec!["/health".into()])
+    }
+}
+
+/// llama.cpp's `ggml-rpc-server`: a follower's stage of an instance spread over several
+/// workers. It holds the layers the leader's `llama-server` sends it, on this worker's GPUs
+/// (its CPU with simulated GPUs).
+#[derive(Debug, Clone)]
+pub struct RpcServer {
+    pub binary: PathBuf,
+}
+
+impl Backend for RpcServer {
+    fn name(&self) -> &'static str {
+        "llama.cpp RPC server"
+    }
+
+    fn command(&self, l: &Launch<'_>) -> Result<CommandLine, BackendError> {
+        let mut args = vec![
+            "-H".to_owned(),
+            l.host.to_owned(),
+            "-p".to_owned(),
+            l.port.to_string(),
+        ];
+        if !l.cuda {
+            // Simulated GPUs: the CPU, even where a GPU build would find a real one.
+            args.extend(["-d".to_owned(), "CPU".to_owned()]);
+        }
+        Ok(CommandLine {
+            program: self.binary.clone(),
+            args,
+            env: Vec::new(),
+        })
+    }
+
+    fn probe(&self) -> Probe {
+        Probe::Listening
     }
 }
 
@@ -343,8 +477,8 @@ impl Backend for Vllm {
         })
     }
 
-    fn ready_paths(&self) -> Vec<String> {
-        vec!["/health".into(), "/v1/models".into()]
+    fn probe(&self) -> Probe {
+        Probe::Http(vec!["/health".into(), "/v1/models".into()])
     }
 }
 
@@ -378,13 +512,13 @@ impl Backend for Custom {
         })
     }
 
-    fn ready_paths(&self) -> Vec<String> {
-        vec![
+    fn probe(&self) -> Probe {
+        Probe::Http(vec![
             self.claim
                 .ready_path
                 .clone()
                 .unwrap_or_else(|| "/health".into()),
-        ]
+        ])
     }
 }
 
@@ -482,6 +616,7 @@ mod tests {
             port: 40001,
             gpus,
             cuda,
+            rpc: &[],
         }
     }
 
@@ -512,7 +647,7 @@ mod tests {
             "-m /m/x.gguf --host 127.0.0.1 --port 40001 -c 8192 -ngl 999 \
              --tensor-split 30720,10240 -ctk q8_0 -ctv iq4_nl -fa off -np 4 -ub 256 --alias smol"
         );
-        assert_eq!(b.ready_paths(), ["/health"]);
+        assert_eq!(b.probe(), Probe::Http(vec!["/health".into()]));
     }
 
     #[test]
@@ -559,7 +694,10 @@ mod tests {
              --max-num-seqs 64 --max-num-batched-tokens 8192 --block-size 16 \
              --kv-cache-dtype fp8 --enforce-eager"
         );
-        assert_eq!(b.ready_paths(), ["/health", "/v1/models"]);
+        assert_eq!(
+            b.probe(),
+            Probe::Http(vec!["/health".into(), "/v1/models".into()])
+        );
     }
 
     fn custom(argv: &[&str]) -> Custom {
@@ -595,7 +733,7 @@ mod tests {
             args(&c),
             "srv.py --model=/m/x.gguf --listen 127.0.0.1:40001 --gpus 2 -c 4096 {literal}"
         );
-        assert_eq!(b.ready_paths(), ["/health"]);
+        assert_eq!(b.probe(), Probe::Http(vec!["/health".into()]));
         let named = Custom {
             model: None,
             ..custom(&["srv", "{model}"])
@@ -620,7 +758,7 @@ mod tests {
             ..StartSpec::claim(1 << 30, 1)
         };
         assert!(matches!(
-            plan(&spec, &Binaries::default()),
+            plan(&spec, &Binaries::default(), Stage::Alone),
             Err(BackendError::Invalid(_))
         ));
     }
@@ -629,27 +767,31 @@ mod tests {
     fn a_start_without_a_model_path_is_a_reservation() {
         let bins = Binaries::default();
         assert!(matches!(
-            plan(&StartSpec::claim(1 << 30, 1), &bins),
+            plan(&StartSpec::claim(1 << 30, 1), &bins, Stage::Alone),
             Ok(Plan::Reserve)
         ));
         let claim_only = StartSpec {
             backend: Some(Box::new(EstimateOptions::Custom(CustomClaim::default()))),
             ..StartSpec::claim(1 << 30, 1)
         };
-        assert!(matches!(plan(&claim_only, &bins), Ok(Plan::Reserve)));
+        assert!(matches!(
+            plan(&claim_only, &bins, Stage::Follower),
+            Ok(Plan::Reserve)
+        ));
     }
 
     #[test]
     fn a_missing_server_binary_is_named_in_the_error() {
         let bins = Binaries {
             llama_server: Some("/nonexistent/llama-server".into()),
+            rpc_server: Some("/nonexistent/ggml-rpc-server".into()),
             vllm: Some("/nonexistent/vllm".into()),
         };
         let spec = StartSpec {
             model_ref: Some(Box::new(ModelRef::Path("/m/x.gguf".into()))),
             ..StartSpec::claim(1 << 30, 1)
         };
-        let err = plan(&spec, &bins).unwrap_err().to_string();
+        let err = plan(&spec, &bins, Stage::Alone).unwrap_err().to_string();
         assert!(
             err.contains("llama-server not found: set --llama-server or run ops/build-llama.sh"),
             "{err}"
@@ -659,27 +801,124 @@ mod tests {
             ..spec
         };
         assert!(
-            plan(&vllm, &bins)
+            plan(&vllm, &bins, Stage::Alone)
                 .unwrap_err()
                 .to_string()
                 .contains("vllm not found")
         );
     }
 
+    fn executable(path: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, "").unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
     #[test]
     fn the_newest_llama_build_is_found() {
         let root = tempfile::tempdir().unwrap();
         for v in ["9000.1.0", "11434.0.0", "10000.0.0"] {
-            let bin = root.path().join(v).join("bin");
-            std::fs::create_dir_all(&bin).unwrap();
-            let exe = bin.join("llama-server");
-            std::fs::write(&exe, "").unwrap();
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+            executable(&root.path().join(v).join("bin/llama-server"));
         }
         assert_eq!(
-            newest_build(root.path()).unwrap(),
+            newest_build(root.path(), LLAMA_SERVER).unwrap(),
             root.path().join("11434.0.0/bin/llama-server")
         );
+        assert_eq!(newest_build(root.path(), RPC_SERVER), None);
+    }
+
+    #[test]
+    fn the_rpc_server_is_found_next_to_the_llama_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let llama = dir.path().join("bin/llama-server");
+        executable(&llama);
+        executable(&dir.path().join("bin/ggml-rpc-server"));
+        let bins = Binaries {
+            llama_server: Some(llama),
+            ..Binaries::default()
+        };
+        let rpc = find_rpc_server(&bins).unwrap();
+        assert!(
+            rpc == dir.path().join("bin/ggml-rpc-server") || on_path(RPC_SERVER) == Some(rpc),
+            "the one on PATH comes first"
+        );
+    }
+
+    fn smol(backend: Option<EstimateOptions>) -> StartSpec {
+        StartSpec {
+            model_ref: Some(Box::new(ModelRef::Path("/m/x.gguf".into()))),
+            backend: backend.map(Box::new),
+            ..StartSpec::claim(1 << 30, 1)
+        }
+    }
+
+    #[test]
+    fn stages_over_several_workers_run_llama_cpp_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let bins = Binaries {
+            llama_server: Some(dir.path().join("llama-server")),
+            rpc_server: Some(dir.path().join("ggml-rpc-server")),
+            vllm: Some(dir.path().join("vllm")),
+        };
+        for exe in ["llama-server", "ggml-rpc-server", "vllm"] {
+            executable(&dir.path().join(exe));
+        }
+        let Ok(Plan::Run(follower)) = plan(&smol(None), &bins, Stage::Follower) else {
+            panic!("a follower runs the RPC server");
+        };
+        assert_eq!(follower.probe(), Probe::Listening);
+        let g = gpus(&[1 << 30]);
+        let sim = follower.command(&launch(&g, false)).unwrap();
+        assert_eq!(sim.program, dir.path().join("ggml-rpc-server"));
+        assert_eq!(args(&sim), "-H 127.0.0.1 -p 40001 -d CPU");
+        assert_eq!(
+            args(&follower.command(&launch(&g, true)).unwrap()),
+            "-H 127.0.0.1 -p 40001"
+        );
+        let Ok(Plan::Run(leader)) = plan(&smol(None), &bins, Stage::Leader) else {
+            panic!("a leader runs llama-server");
+        };
+        let rpc = ["10.0.0.2:40000".to_owned(), "10.0.0.3:40000".to_owned()];
+        let two = gpus(&[1 << 30, 1 << 30]);
+        let led = args(
+            &leader
+                .command(&Launch {
+                    rpc: &rpc,
+                    ..launch(&two, false)
+                })
+                .unwrap(),
+        );
+        assert!(
+            led.contains("-ngl 999 --rpc 10.0.0.2:40000,10.0.0.3:40000 -ctk"),
+            "{led}"
+        );
+        for other in [
+            EstimateOptions::Vllm(VllmOptions::default()),
+            EstimateOptions::Custom(CustomClaim {
+                argv: vec!["srv".into()],
+                ..CustomClaim::default()
+            }),
+        ] {
+            for stage in [Stage::Leader, Stage::Follower] {
+                let err = plan(&smol(Some(other.clone())), &bins, stage).unwrap_err();
+                assert!(
+                    err.to_string().contains("cannot run over several workers"),
+                    "{err}"
+                );
+            }
+        }
+        // A reservation over several workers holds its GPUs as today.
+        assert!(matches!(
+            plan(&StartSpec::claim(1 << 30, 1), &bins, Stage::Follower),
+            Ok(Plan::Reserve)
+        ));
+        assert_eq!(
+            Stage::of("w2", &["w1".into(), "w2".into()]),
+            Stage::Follower
+        );
+        assert_eq!(Stage::of("w1", &["w1".into(), "w2".into()]), Stage::Leader);
+        assert_eq!(Stage::of("w1", &["w1".into()]), Stage::Alone);
+        assert_eq!(Stage::of("w1", &[]), Stage::Alone);
     }
 }

@@ -7,6 +7,8 @@ pub mod inventory;
 pub mod logs_service;
 pub mod metrics;
 pub mod nvml;
+mod replier;
+pub mod rpc_service;
 pub mod runner;
 pub mod supervisor;
 

@@ -7,7 +7,6 @@ use berth_proto::{
     logs::{LogsReply, LogsRequest, MAX_LOG_CHUNK},
     subjects::{logs_subject, validate_id},
 };
-use futures::StreamExt;
 use std::{
     io::{Read, Seek, SeekFrom},
     path::{Path, PathBuf},
@@ -22,37 +21,15 @@ pub async fn serve(
     logs_dir: PathBuf,
     shutdown: CancellationToken,
 ) -> Result<impl Future<Output = ()> + use<>, BusError> {
-    let mut requests = client
-        .subscribe(logs_subject(worker_id)?)
-        .await
-        .map_err(|e| BusError::request("logs subscription", e))?;
-    Ok(async move {
-        loop {
-            let msg = tokio::select! {
-                () = shutdown.cancelled() => return,
-                msg = requests.next() => match msg {
-                    Some(msg) => msg,
-                    None => return,
-                },
-            };
-            let Some(reply_to) = msg.reply else {
-                continue;
-            };
-            let dir = logs_dir.clone();
-            let reply = match berth_proto::decode::<LogsRequest>(&msg.payload) {
-                Ok(req) => tokio::task::spawn_blocking(move || answer(&dir, &req))
-                    .await
-                    .unwrap_or_else(|e| failure(format!("reading the log failed: {e}"))),
-                Err(e) => failure(format!("bad logs request: {e}")),
-            };
-            let Ok(bytes) = berth_proto::encode(&reply) else {
-                continue;
-            };
-            if let Err(e) = client.publish(reply_to, bytes.into()).await {
-                tracing::warn!(%e, "cannot answer a logs request");
-            }
+    let answer = move |req: LogsRequest| {
+        let dir = logs_dir.clone();
+        async move {
+            tokio::task::spawn_blocking(move || answer(&dir, &req))
+                .await
+                .unwrap_or_else(|e| failure(format!("reading the log failed: {e}")))
         }
-    })
+    };
+    crate::replier::serve(client, logs_subject(worker_id)?, shutdown, answer, failure).await
 }
 
 fn failure(why: String) -> LogsReply {
@@ -101,7 +78,9 @@ fn answer(logs_dir: &Path, req: &LogsRequest) -> LogsReply {
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let chunk = u64::from(MAX_LOG_CHUNK);
     let start = match req.offset {
-        Some(o) => o.min(len),
+        Some(o) if o <= len => o,
+        // Shorter than where the follow was: the log was cut at its cap and starts again.
+        Some(_) => 0,
         // The last lines: read the end of the file, then keep `tail_lines` of it.
         None => len.saturating_sub(chunk),
     };
@@ -189,6 +168,16 @@ mod tests {
             },
         );
         assert_eq!((follow.text.as_str(), follow.offset), ("y\nz\n", 6));
+        // Cut at its cap since: the follow goes on from its start.
+        std::fs::write(logs.join("10.log"), "w\n").unwrap();
+        let after_cut = answer(
+            dir.path(),
+            &LogsRequest {
+                offset: Some(6),
+                ..request("smol")
+            },
+        );
+        assert_eq!((after_cut.text.as_str(), after_cut.offset), ("w\n", 2));
         assert!(answer(dir.path(), &request("other")).error.is_some());
         // A path cannot leave the logs directory.
         assert!(

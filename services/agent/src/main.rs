@@ -7,7 +7,7 @@ use berth_agent::{
     backend::Binaries,
     inventory::parse_bytes,
     metrics, nvml,
-    supervisor::{PortPool, RestartLimits, ports::parse_range},
+    supervisor::{PortPool, RestartLimits, ports::parse_range, records},
 };
 use clap::Parser;
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
@@ -64,6 +64,10 @@ struct Args {
     /// ops/build-llama.sh under ~/.cache/berth/llama.cpp/).
     #[arg(long, env = "BERTH_LLAMA_SERVER")]
     llama_server: Option<PathBuf>,
+    /// llama.cpp's RPC server, run by the followers of an instance spread over several
+    /// workers (else `ggml-rpc-server` on PATH, else the one next to the llama-server found).
+    #[arg(long, env = "BERTH_RPC_SERVER")]
+    rpc_server: Option<PathBuf>,
     /// vLLM's binary (else `vllm` on PATH).
     #[arg(long, env = "BERTH_VLLM")]
     vllm: Option<PathBuf>,
@@ -101,6 +105,14 @@ struct Args {
     /// Longest wait before a restart (the first is 1 s, doubling).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     restart_backoff_max: Duration,
+    /// A model server's log past this size (checked every second) keeps only its last part,
+    /// as the previous file (`.log.1`); with the logs of earlier attempts, at most
+    /// --logs-kept such files per placement.
+    #[arg(long, default_value = "16MiB", value_parser = parse_log_size)]
+    log_max_bytes: u64,
+    /// Earlier log files kept per placement (earlier attempts, earlier parts).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=100))]
+    logs_kept: u64,
     /// On SIGTERM or Ctrl-C, leave the model servers running (with their records in
     /// --state-dir) for the next agent to adopt, e.g. for an upgrade of the agent, instead
     /// of stopping them. An agent always adopts what a previous one left running.
@@ -112,6 +124,15 @@ struct Args {
 enum RuntimeKind {
     Simulated,
     Process,
+}
+
+/// A size like "16MiB", at least 4 KiB.
+fn parse_log_size(s: &str) -> Result<u64, String> {
+    let bytes = parse_bytes(s)?;
+    match u64::try_from(bytes) {
+        Ok(b) if b >= 4096 => Ok(b),
+        _ => Err(format!("{s:?}: a log size is at least 4KiB")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -128,18 +149,11 @@ fn runtime(args: &Args) -> anyhow::Result<Runtime> {
     if kind == RuntimeKind::Simulated {
         return Ok(Runtime::Simulated);
     }
-    let state_dir = match &args.state_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            let system = PathBuf::from("/var/lib/berth-agent");
-            if std::fs::create_dir_all(&system).is_ok() {
-                system
-            } else {
-                PathBuf::from(".berth/agent")
-            }
-        }
-    };
-    let mut config = ProcessConfig::new(state_dir);
+    if args.state_dir.is_none() {
+        // The system directory when it can be made, else the local one (`state_dir`).
+        let _ = std::fs::create_dir_all(SYSTEM_STATE_DIR);
+    }
+    let mut config = ProcessConfig::new(state_dir(args));
     config.ports = PortPool::new(args.port_range.clone());
     config.advertise_host = args.advertise_host.clone();
     config.listen_host = args
@@ -148,6 +162,7 @@ fn runtime(args: &Args) -> anyhow::Result<Runtime> {
         .unwrap_or_else(|| args.advertise_host.clone());
     config.binaries = Binaries {
         llama_server: args.llama_server.clone(),
+        rpc_server: args.rpc_server.clone(),
         vllm: args.vllm.clone(),
     };
     config.startup_timeout = args.startup_timeout;
@@ -155,6 +170,8 @@ fn runtime(args: &Args) -> anyhow::Result<Runtime> {
     config.unhealthy_after = args.unhealthy_after;
     config.grace = args.stop_grace;
     config.keep_servers_on_exit = args.keep_servers_on_exit;
+    config.log_max_bytes = args.log_max_bytes;
+    config.logs_kept = usize::try_from(args.logs_kept)?;
     config.restarts = RestartLimits {
         max_restarts: args.max_restarts,
         window: args.restart_window,
@@ -165,6 +182,17 @@ fn runtime(args: &Args) -> anyhow::Result<Runtime> {
         },
     };
     Ok(Runtime::Process(Box::new(config)))
+}
+
+const SYSTEM_STATE_DIR: &str = "/var/lib/berth-agent";
+
+/// --state-dir, else the system directory if it exists, else `./.berth/agent`.
+fn state_dir(args: &Args) -> PathBuf {
+    match &args.state_dir {
+        Some(dir) => dir.clone(),
+        None if std::path::Path::new(SYSTEM_STATE_DIR).is_dir() => PathBuf::from(SYSTEM_STATE_DIR),
+        None => PathBuf::from(".berth/agent"),
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -185,7 +213,11 @@ async fn main() -> anyhow::Result<()> {
             // What the first heartbeat would report: checks NVML's memory reading too.
             let usage = match &w.usage {
                 berth_agent::Usage::Fixed(fixed) => fixed.clone(),
-                berth_agent::Usage::Nvml => nvml::UsageReader::open()?.read()?,
+                berth_agent::Usage::Nvml => {
+                    // The servers a process agent recorded here are berth's, not outside.
+                    let ours = records::own_pids(&state_dir(&args).join("instances"));
+                    nvml::UsageReader::open()?.read(&ours)?
+                }
             };
             doc.push(serde_json::json!({
                 "worker": w.id, "labels": w.labels, "gpus": w.gpus, "usage": usage,

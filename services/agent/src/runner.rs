@@ -105,6 +105,8 @@ impl Agent {
         )
         .await?;
         let consumer = bus.agent_consumer(&id).await?;
+        // The servers' records: their processes' GPU memory is berth's, not outside use.
+        let own_records = supervisor.as_ref().map(|(s, _)| s.records_dir());
         if let Some((supervisor, _)) = &supervisor {
             // `berth logs`: this worker's server logs, read from its state directory.
             let serve = crate::logs_service::serve(
@@ -115,6 +117,19 @@ impl Agent {
             )
             .await?;
             tasks.spawn(serve);
+            // Instances over several workers: where this worker's stages are, and how a
+            // leader here asks the other workers about theirs.
+            let serve = crate::rpc_service::serve(
+                bus.client().clone(),
+                &id,
+                supervisor.stage_board(),
+                shutdown.clone(),
+            )
+            .await?;
+            tasks.spawn(serve);
+            supervisor.set_peers(Arc::new(crate::rpc_service::NatsPeers {
+                client: bus.client().clone(),
+            }));
         }
         let mut keep_servers = None;
         let supervisor = supervisor.map(|(mut supervisor, reports)| {
@@ -133,6 +148,7 @@ impl Agent {
             bus.clone(),
             id.clone(),
             config.worker.usage.clone(),
+            own_records,
             config.heartbeat,
             config.stats.clone(),
             shutdown.clone(),
@@ -218,6 +234,7 @@ async fn heartbeats(
     bus: Bus,
     worker_id: String,
     usage: Usage,
+    own_records: Option<std::path::PathBuf>,
     every: Duration,
     stats: Arc<AgentStats>,
     shutdown: CancellationToken,
@@ -241,10 +258,16 @@ async fn heartbeats(
         }
         let usage = match (&usage, &reader) {
             (Usage::Fixed(fixed), _) => fixed.clone(),
-            (Usage::Nvml, Some(r)) => r.read().unwrap_or_else(|e| {
-                tracing::warn!(%e, "cannot read GPU memory in use");
-                Vec::new()
-            }),
+            (Usage::Nvml, Some(r)) => {
+                let ours = own_records
+                    .as_deref()
+                    .map(crate::supervisor::records::own_pids)
+                    .unwrap_or_default();
+                r.read(&ours).unwrap_or_else(|e| {
+                    tracing::warn!(%e, "cannot read GPU memory in use");
+                    Vec::new()
+                })
+            }
             (Usage::Nvml, None) => Vec::new(),
         };
         let beat = StatusMsg::Heartbeat {

@@ -19,6 +19,11 @@
 //!   probe answers. An agent that exits stops its servers, unless told to leave them to the
 //!   next one (`--keep-servers-on-exit`); one that is killed leaves them anyway.
 //!
+//! - An instance spread over several workers (llama.cpp): each follower runs an RPC server
+//!   for its stage (`running` with that server's endpoint once it accepts connections), the
+//!   leader waits for every stage within its startup deadline and runs `llama-server --rpc`
+//!   with them ([`stages`]).
+//!
 //! Reports go, in order, to a channel: the agent publishes them on NATS; tests read them.
 
 mod logs;
@@ -27,22 +32,24 @@ mod probe;
 pub mod process;
 pub mod records;
 pub mod restart;
+pub mod stages;
 
 use crate::{
     Usage, WorkerSpec,
-    backend::{self, AssignedGpu, Backend, Binaries, Launch, Plan},
+    backend::{self, AssignedGpu, Backend, Binaries, Launch, Plan, Probe, Stage},
 };
 use berth_proto::{AgentMsg, StartSpec, StatusMsg, Version, status::ReportedState};
 pub use ports::{PortLease, PortPool};
 use process::{GroupGuard, exit_reason, signal_group, wait_group_gone};
 use records::Record;
 pub use restart::{RestartBudget, RestartLimits};
+use stages::{FollowerStage, Peers, StageBoard, StagesCheck};
 use std::{
     collections::HashMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Stdio,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -52,6 +59,7 @@ use tokio::{
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// How the process runtime runs servers.
 #[derive(Debug, Clone)]
@@ -76,8 +84,13 @@ pub struct ProcessConfig {
     /// Between SIGTERM and SIGKILL.
     pub grace: Duration,
     pub restarts: RestartLimits,
-    /// Logs of earlier attempts kept per placement.
+    /// Logs of earlier attempts kept per placement (and earlier parts of a long one).
     pub logs_kept: usize,
+    /// A server's log past this is cut ([`logs::keep_bounded`]): its last part goes to
+    /// `.log.1`, like a previous attempt's.
+    pub log_max_bytes: u64,
+    /// How often the size of a running server's log is checked.
+    pub log_check_every: Duration,
     /// [`Supervisor::shutdown`] leaves the servers running, with their records, for the next
     /// agent to adopt (a rolling upgrade of the agent) instead of stopping them.
     pub keep_servers_on_exit: bool,
@@ -100,6 +113,8 @@ impl ProcessConfig {
             grace: Duration::from_secs(10),
             restarts: RestartLimits::default(),
             logs_kept: 3,
+            log_max_bytes: 16 << 20,
+            log_check_every: Duration::from_secs(1),
             keep_servers_on_exit: false,
         }
     }
@@ -161,6 +176,10 @@ struct Shared {
     reports: mpsc::UnboundedSender<StatusMsg>,
     /// Set, the servers outlive their tasks ([`KeepServers`]).
     keep: Arc<AtomicBool>,
+    /// The stages this worker runs for leaders on other workers.
+    stages: StageBoard,
+    /// How a leader reaches its followers' agents; set once the agent is connected.
+    peers: OnceLock<Arc<dyn Peers>>,
 }
 
 /// Leaves a supervisor's servers running when it is dropped or its tasks are aborted, as a
@@ -192,6 +211,8 @@ struct Adopted {
     port: u16,
     lease: Option<PortLease>,
     restarts: u32,
+    /// A leader's: the stages its server runs with.
+    followers: Vec<FollowerStage>,
 }
 
 /// The placements of one worker. Owned by the agent's assignment loop, which calls
@@ -220,6 +241,11 @@ impl Supervisor {
         self.shared.config.state_dir.join("logs")
     }
 
+    /// Where what runs is recorded ([`records::own_pids`] reads it).
+    pub fn records_dir(&self) -> PathBuf {
+        self.shared.config.records_dir()
+    }
+
     /// A supervisor for `worker`'s placements; reports go to `reports`.
     pub fn new(
         config: ProcessConfig,
@@ -240,11 +266,24 @@ impl Supervisor {
                 cuda: matches!(worker.usage, Usage::Nvml),
                 reports,
                 keep: Arc::new(AtomicBool::new(false)),
+                stages: StageBoard::default(),
+                peers: OnceLock::new(),
             }),
             placements: HashMap::new(),
             stopped_at: HashMap::new(),
             tasks: JoinSet::new(),
         })
+    }
+
+    /// The stages this worker runs for leaders on other workers: what the agent answers on
+    /// `berth.rpc.<worker>`.
+    pub fn stage_board(&self) -> StageBoard {
+        self.shared.stages.clone()
+    }
+
+    /// How leaders here reach their followers' agents (once; later calls change nothing).
+    pub fn set_peers(&self, peers: Arc<dyn Peers>) {
+        let _ = self.shared.peers.set(peers);
     }
 
     /// Placements whose task has not ended.
@@ -306,12 +345,14 @@ impl Supervisor {
                         }
                     })
                     .collect();
+                let stage = Stage::of(&self.shared.worker_id, &workers);
                 let placement = Placement {
                     instance_id,
                     version,
                     gpus: assigned,
                     spec,
-                    shared_instance: workers.len() > 1,
+                    workers,
+                    stage,
                 };
                 self.spawn(placement, prev, None);
             }
@@ -434,7 +475,8 @@ impl Supervisor {
                     .as_deref()
                     .cloned()
                     .unwrap_or_else(|| StartSpec::claim(0, 0)),
-                shared_instance: false,
+                stage: Stage::of(&record.worker_id, &record.workers),
+                workers: record.workers.clone(),
             };
             let adopted = Adopted {
                 pid: record.pid,
@@ -442,6 +484,7 @@ impl Supervisor {
                 port: record.port,
                 lease,
                 restarts: record.restarts,
+                followers: record.followers.clone(),
             };
             if record.spec.is_none() {
                 // An older agent's record: what runs, and how to probe it, is unknown.
@@ -529,8 +572,23 @@ struct Placement {
     version: Version,
     gpus: Vec<AssignedGpu>,
     spec: StartSpec,
+    /// For an instance spread over several workers: all of them, the leader first.
+    workers: Vec<String>,
+    stage: Stage,
+}
+
+impl Placement {
     /// One part of an instance spread over several workers.
-    shared_instance: bool,
+    fn shared(&self) -> bool {
+        self.stage != Stage::Alone
+    }
+
+    fn followers(&self) -> &[String] {
+        match self.stage {
+            Stage::Leader => self.workers.get(1..).unwrap_or_default(),
+            _ => &[],
+        }
+    }
 }
 
 /// The optional parts of an instance report.
@@ -540,6 +598,17 @@ struct Report {
     endpoint: Option<String>,
     restarts: u32,
     shared: bool,
+}
+
+/// What one attempt runs with.
+struct Run {
+    port: u16,
+    restarts: u32,
+    log_path: PathBuf,
+    /// Ready by then, or the attempt fails.
+    deadline: tokio::time::Instant,
+    /// A leader's: the followers' stages its server was started with.
+    followers: Vec<FollowerStage>,
 }
 
 /// How one run of a server ended.
@@ -640,7 +709,7 @@ impl Shared {
             Report {
                 reason: Some(reason),
                 restarts,
-                shared: p.shared_instance,
+                shared: p.shared(),
                 ..Report::default()
             },
         );
@@ -655,7 +724,7 @@ impl Shared {
     ) {
         if let Some(a) = adopted {
             // Planned again from the record: the server runs already.
-            let backend = match backend::plan(&p.spec, &self.config.binaries) {
+            let backend = match backend::plan(&p.spec, &self.config.binaries, p.stage) {
                 Ok(Plan::Run(b)) => b,
                 Ok(Plan::Reserve) => {
                     self.discard(&p, a).await;
@@ -686,26 +755,16 @@ impl Shared {
             return self.stopped(&p, s);
         }
         let shared = Report {
-            shared: p.shared_instance,
+            shared: p.shared(),
             ..Report::default()
         };
-        let backend = match backend::plan(&p.spec, &self.config.binaries) {
-            Ok(Plan::Run(b)) if p.shared_instance => {
-                return self.error(
-                    &p,
-                    format!(
-                        "{} over several workers is not supported by the process runtime yet",
-                        b.name()
-                    ),
-                    0,
-                );
-            }
+        let backend = match backend::plan(&p.spec, &self.config.binaries, p.stage) {
             Ok(Plan::Run(b)) => b,
             Ok(Plan::Reserve) => {
                 // A reservation: the GPUs are held, nothing runs.
                 self.report(&p.instance_id, p.version, ReportedState::Starting, shared);
                 let shared = Report {
-                    shared: p.shared_instance,
+                    shared: p.shared(),
                     ..Report::default()
                 };
                 self.report(&p.instance_id, p.version, ReportedState::Running, shared);
@@ -729,6 +788,8 @@ impl Shared {
         stop: &mut watch::Receiver<Option<Stop>>,
     ) {
         let mut budget = RestartBudget::new(self.config.restarts);
+        // A follower's stage is on the board (not ready yet) for as long as it is supervised.
+        let _board = (p.stage == Stage::Follower).then(|| self.stages.enter(p));
         loop {
             match self
                 .attempt(p, backend, restarts, stop, adopted.take())
@@ -764,7 +825,7 @@ impl Shared {
                         Report {
                             reason: Some(reason),
                             restarts,
-                            shared: p.shared_instance,
+                            shared: p.shared(),
                             ..Report::default()
                         },
                     );
@@ -787,7 +848,9 @@ impl Shared {
         stop: &mut watch::Receiver<Option<Stop>>,
         adopted: Option<Adopted>,
     ) -> Ended {
-        let (mut server, pid, port, lease) = match adopted {
+        // One deadline for the followers' stages and the server's own loading.
+        let deadline = tokio::time::Instant::now() + self.config.startup_timeout;
+        let (mut server, pid, port, lease, followers) = match adopted {
             Some(a) => (
                 Server::Adopted {
                     pid: a.pid,
@@ -796,18 +859,70 @@ impl Shared {
                 a.pid,
                 a.port,
                 a.lease,
+                a.followers,
             ),
-            None => match self.launch(p, backend, restarts) {
-                Ok((child, pid, lease)) => (Server::Spawned(child), pid, lease.port(), Some(lease)),
-                Err(ended) => return ended,
-            },
+            None => {
+                // `starting` once launched (a restart was reported as one); a leader says it
+                // before it waits for the followers' stages.
+                let starting = || {
+                    let r = Report {
+                        shared: p.shared(),
+                        ..Report::default()
+                    };
+                    self.report(&p.instance_id, p.version, ReportedState::Starting, r);
+                };
+                let followers = match p.stage {
+                    Stage::Leader => {
+                        if restarts == 0 {
+                            starting();
+                        }
+                        match self.await_followers(p, stop, deadline).await {
+                            Ok(f) => f,
+                            Err(ended) => return ended,
+                        }
+                    }
+                    Stage::Alone | Stage::Follower => Vec::new(),
+                };
+                let (child, pid, lease) = match self.launch(p, backend, restarts, &followers) {
+                    Ok(launched) => launched,
+                    Err(ended) => return ended,
+                };
+                if restarts == 0 && p.stage != Stage::Leader {
+                    starting();
+                }
+                let port = lease.port();
+                (Server::Spawned(child), pid, port, Some(lease), followers)
+            }
         };
         // No await since the launch: the group is guarded from the start.
         let group = GroupGuard::spared_by(pid, self.keep.clone());
-        let log_path = self.config.log_path(&p.instance_id, p.version);
-        let ended = self
-            .supervise(p, backend, &mut server, port, restarts, &log_path, stop)
-            .await;
+        let run = Run {
+            port,
+            restarts,
+            log_path: self.config.log_path(&p.instance_id, p.version),
+            deadline,
+            followers,
+        };
+        // Ends with the attempt (a dropped set aborts its task).
+        let mut log_keeper = JoinSet::new();
+        log_keeper.spawn(
+            logs::keep_bounded(
+                run.log_path.clone(),
+                self.config.log_max_bytes,
+                self.config.logs_kept,
+                self.config.log_check_every,
+            )
+            .instrument(tracing::info_span!(
+                "server_log",
+                instance_id = p.instance_id,
+                version = p.version.get()
+            )),
+        );
+        let ended = self.supervise(p, backend, &mut server, &run, stop).await;
+        if p.stage == Stage::Follower {
+            // The leader must not connect to a server that is going away.
+            self.stages.not_yet(p, restarts);
+        }
         // Whatever happened, nothing of the group may outlive the attempt.
         match ended {
             Ended::Stopped(_) | Ended::Fatal(_) => self.terminate(&mut server, pid).await,
@@ -839,6 +954,7 @@ impl Shared {
         p: &Placement,
         backend: &dyn Backend,
         restarts: u32,
+        followers: &[FollowerStage],
     ) -> Result<(tokio::process::Child, i32, PortLease), Ended> {
         let c = &self.config;
         let Some(port) = c.ports.allocate(&c.listen_host) else {
@@ -854,12 +970,14 @@ impl Shared {
         } else {
             p.spec.model.as_str()
         };
+        let rpc: Vec<String> = followers.iter().map(|f| f.endpoint.clone()).collect();
         let cmd = match backend.command(&Launch {
             name,
             host: &c.listen_host,
             port: port.port(),
             gpus: &p.gpus,
             cuda: self.cuda,
+            rpc: &rpc,
         }) {
             Ok(cmd) => cmd,
             Err(e) => return Err(Ended::Fatal(e.to_string())),
@@ -929,6 +1047,8 @@ impl Shared {
             restarts,
             spec: Some(Box::new(p.spec.clone())),
             gpus: p.gpus.clone(),
+            workers: p.workers.clone(),
+            followers: followers.to_vec(),
         };
         if let Err(e) = records::write(&records, &record) {
             tracing::warn!(%e, "cannot write the state record");
@@ -941,45 +1061,31 @@ impl Shared {
     }
 
     /// Watches a started (or adopted) server: readiness, health, exit, stop.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "one call site; the attempt's own state"
-    )]
     async fn supervise(
         &self,
         p: &Placement,
         backend: &dyn Backend,
         server: &mut Server,
-        port: u16,
-        restarts: u32,
-        log_path: &Path,
+        run: &Run,
         stop: &mut watch::Receiver<Option<Stop>>,
     ) -> Ended {
         let c = &self.config;
+        let port = run.port;
         let report = |reason: Option<String>, endpoint: Option<String>| Report {
             reason,
             endpoint,
-            restarts,
-            shared: p.shared_instance,
+            restarts: run.restarts,
+            shared: p.shared(),
         };
         let failed = |what: String| {
-            let tail = logs::tail(log_path, TAIL_LINES, TAIL_BYTES);
+            let tail = logs::tail(&run.log_path, TAIL_LINES, TAIL_BYTES);
             if tail.is_empty() {
                 what
             } else {
                 format!("{what}; log: {tail}")
             }
         };
-        // An adopted server was reported starting by the agent that started it.
-        if restarts == 0 && !server.adopted() {
-            self.report(
-                &p.instance_id,
-                p.version,
-                ReportedState::Starting,
-                report(None, None),
-            );
-        }
-        let paths = backend.ready_paths();
+        let check = backend.probe();
         let host = c.probe_host();
         // The server leads its own process group.
         let pgid = match server {
@@ -989,7 +1095,6 @@ impl Shared {
                 .unwrap_or(0),
             Server::Adopted { pid, .. } => *pid,
         };
-        let deadline = tokio::time::Instant::now() + c.startup_timeout;
         let mut last = String::from("not probed yet");
         loop {
             tokio::select! {
@@ -997,7 +1102,7 @@ impl Shared {
                 why = server.exited() => {
                     return Ended::Failed(failed(format!("{why} while loading")));
                 }
-                () = tokio::time::sleep_until(deadline) => {
+                () = tokio::time::sleep_until(run.deadline) => {
                     let why = format!("not ready after {}s ({last})", c.startup_timeout.as_secs_f32());
                     // An adopted server that does not answer is a crash: a restart may help.
                     return if server.adopted() {
@@ -1007,7 +1112,7 @@ impl Shared {
                     };
                 }
                 () = tokio::time::sleep(c.startup_probe_every) => {
-                    match probe::all(host, port, &paths, c.probe_timeout).await {
+                    match probe::ready(host, port, &check, c.probe_timeout).await {
                         // The answer must come from this server, not from another process
                         // that holds the port (this one then fails to bind and exits).
                         Ok(()) if process::group_listens_on(pgid, port) => break,
@@ -1022,10 +1127,21 @@ impl Shared {
         let endpoint = format!("{}:{port}", c.advertise_host);
         tracing::info!(
             instance_id = p.instance_id,
+            version = %p.version,
             endpoint,
             adopted = server.adopted(),
             "server ready"
         );
+        if p.stage == Stage::Follower {
+            self.stages.set(
+                p,
+                berth_proto::rpc::RpcReply {
+                    state: berth_proto::rpc::RpcPartState::Ready,
+                    endpoint: Some(endpoint.clone()),
+                    restarts: run.restarts,
+                },
+            );
+        }
         self.report(
             &p.instance_id,
             p.version,
@@ -1040,11 +1156,15 @@ impl Shared {
             tokio::select! {
                 s = stop_asked(stop) => return Ended::Stopped(s),
                 why = server.exited() => return Ended::Failed(failed(why)),
-                _ = tick.tick() => match probe::all(host, port, &paths, c.probe_timeout).await {
+                _ = tick.tick() => match self.healthy(p, &check, pgid, run).await {
                     Ok(()) => failures = 0,
-                    Err(e) => {
+                    Err(StagesCheck::Changed(why)) => {
+                        tracing::warn!(instance_id = p.instance_id, version = %p.version, why, "restarting with the new stages");
+                        return Ended::Failed(why);
+                    }
+                    Err(StagesCheck::Unanswered(e)) => {
                         failures += 1;
-                        tracing::warn!(instance_id = p.instance_id, failures, e, "health probe failed");
+                        tracing::warn!(instance_id = p.instance_id, version = %p.version, failures, e, "health probe failed");
                         if failures >= c.unhealthy_after {
                             return Ended::Failed(failed(format!(
                                 "unhealthy: {failures} probes failed in a row ({e})"
@@ -1054,6 +1174,35 @@ impl Shared {
                 },
             }
         }
+    }
+
+    /// One health probe of a running server: its own probe, and for a leader its followers'
+    /// stages. A failure to answer is `Unanswered`; a stage that changed is `Changed`.
+    async fn healthy(
+        &self,
+        p: &Placement,
+        check: &Probe,
+        pgid: i32,
+        run: &Run,
+    ) -> Result<(), StagesCheck> {
+        let c = &self.config;
+        match check {
+            Probe::Http(paths) => probe::all(c.probe_host(), run.port, paths, c.probe_timeout)
+                .await
+                .map_err(StagesCheck::Unanswered)?,
+            // No connection: the one the leader holds would keep a probe waiting.
+            Probe::Listening if process::group_listens_on(pgid, run.port) => {}
+            Probe::Listening => {
+                return Err(StagesCheck::Unanswered(format!(
+                    "no longer listens on port {}",
+                    run.port
+                )));
+            }
+        }
+        if p.stage == Stage::Leader {
+            self.check_followers(p, &run.followers).await?;
+        }
+        Ok(())
     }
 
     /// SIGTERM to the group, `grace`, SIGKILL; returns once the leader is reaped (when it is

@@ -5,19 +5,23 @@
 use berth_agent::{
     ProcessConfig, Supervisor, Usage, WorkerSpec,
     backend::Binaries,
-    supervisor::{PortPool, RestartLimits, process, records},
+    supervisor::{
+        PortPool, RestartLimits, process, records,
+        stages::{Peers, StageBoard},
+    },
 };
 use berth_options::{CustomClaim, EstimateOptions, LlamaCppOptions, ModelRef};
-use berth_proto::{AgentMsg, GpuInfo, StartSpec, StatusMsg, Version, status::ReportedState};
+use berth_proto::{
+    AgentMsg, GpuInfo, StartSpec, StatusMsg, Version,
+    rpc::{RpcPartState, RpcReply, RpcRequest},
+    status::ReportedState,
+};
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    sync::mpsc::UnboundedReceiver,
-};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 const GIB: i64 = 1 << 30;
 
@@ -56,9 +60,9 @@ struct Rig {
     dir: tempfile::TempDir,
 }
 
-fn worker() -> WorkerSpec {
+fn worker(id: &str) -> WorkerSpec {
     WorkerSpec {
-        id: "w1".into(),
+        id: id.into(),
         labels: Default::default(),
         gpus: vec![GpuInfo {
             index: 0,
@@ -77,6 +81,11 @@ fn rig(tweak: impl FnOnce(&mut ProcessConfig)) -> Rig {
 
 /// A supervisor on the state dir `dir` (an earlier one's, to adopt its servers).
 fn rig_at(dir: tempfile::TempDir, tweak: impl FnOnce(&mut ProcessConfig)) -> Rig {
+    rig_of("w1", dir, tweak)
+}
+
+/// A supervisor of worker `id`.
+fn rig_of(id: &str, dir: tempfile::TempDir, tweak: impl FnOnce(&mut ProcessConfig)) -> Rig {
     let mut config = ProcessConfig::new(dir.path().to_path_buf());
     config.ports = ports();
     config.startup_timeout = Duration::from_secs(20);
@@ -95,7 +104,7 @@ fn rig_at(dir: tempfile::TempDir, tweak: impl FnOnce(&mut ProcessConfig)) -> Rig
     };
     tweak(&mut config);
     let (tx, reports) = tokio::sync::mpsc::unbounded_channel();
-    let sup = Supervisor::new(config.clone(), &worker(), tx).expect("supervisor");
+    let sup = Supervisor::new(config.clone(), &worker(id), tx).expect("supervisor");
     Rig {
         sup,
         reports,
@@ -130,6 +139,11 @@ fn fake(flags: &[&str]) -> StartSpec {
 }
 
 fn assign(id: &str, version: i64, spec: StartSpec) -> AgentMsg {
+    assign_over(id, version, spec, &[])
+}
+
+/// An assignment of a placement over `workers` (none: this worker alone).
+fn assign_over(id: &str, version: i64, spec: StartSpec, workers: &[&str]) -> AgentMsg {
     AgentMsg::Assign {
         instance_id: id.into(),
         version: Version::new(version),
@@ -137,7 +151,7 @@ fn assign(id: &str, version: i64, spec: StartSpec) -> AgentMsg {
         vram_bytes_per_gpu: GIB,
         spec,
         gpu_bytes: Vec::new(),
-        workers: Vec::new(),
+        workers: workers.iter().map(|w| (*w).to_owned()).collect(),
     }
 }
 
@@ -218,28 +232,9 @@ fn port_free(port: u16) -> bool {
 
 /// A one-shot HTTP/1.1 request; the status code and body.
 async fn http(endpoint: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(endpoint)
+    berth_harness::http(endpoint, method, path, body)
         .await
-        .expect("connect");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {endpoint}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("send");
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.expect("receive");
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+        .expect("an HTTP answer")
 }
 
 #[tokio::test]
@@ -281,6 +276,51 @@ async fn a_ready_server_runs_with_its_endpoint_and_stops_with_its_group() {
     assert!(port_free(port));
     assert_eq!(rig.sup.active(), 0);
     eprintln!("fake server: assign → running {to_running:?}, unassign → stopped {to_stopped:?}");
+}
+
+/// A server that logs about 1 MB/s: its log is cut at the cap, the earlier parts kept as
+/// `.log.1`, `.log.2` (each within the cap), never more files, however long it writes.
+#[tokio::test]
+async fn a_server_log_stays_bounded_however_much_it_writes() {
+    const CAP: u64 = 64 << 10;
+    let mut rig = rig(|c| {
+        c.log_max_bytes = CAP;
+        c.logs_kept = 2;
+        c.log_check_every = Duration::from_millis(100);
+    });
+    rig.sup
+        .apply(assign("i1", 1, fake(&["--log-bytes-per-sec", "1000000"])));
+    rig.expect(ReportedState::Starting, SOON).await;
+    rig.expect(ReportedState::Running, SOON).await;
+    let log = rig.config.log_path("i1", Version::new(1));
+    let earlier = |n: usize| PathBuf::from(format!("{}.{n}", log.display()));
+    // Lines are numbered: wait until the server wrote 2 MB (30 times the cap) and the
+    // oldest part kept comes from that late.
+    let first_line_no = |path: &Path| -> Option<u64> {
+        let text = std::fs::read_to_string(path).ok()?;
+        text.lines()
+            .find(|l| l.contains(" chatter "))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first_line_no(&earlier(2)).is_none_or(|n| n < 20_000) {
+        assert!(Instant::now() < deadline, "the log was not cut in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let files = std::fs::read_dir(log.parent().unwrap()).unwrap().count();
+    assert_eq!(files, 3, "the log and two earlier parts");
+    for n in [1, 2] {
+        let len = std::fs::metadata(earlier(n)).unwrap().len();
+        assert!(len <= CAP, ".log.{n} is {len} bytes");
+    }
+    // The current one passes the cap by what the server writes between two checks.
+    let len = std::fs::metadata(&log).unwrap().len();
+    assert!(len < 1 << 20, "the current log is {len} bytes");
+    rig.sup.apply(unassign("i1", 2));
+    rig.expect(ReportedState::Stopped, SOON).await;
 }
 
 #[tokio::test]
@@ -479,6 +519,7 @@ async fn a_missing_server_binary_is_an_error_not_a_hang() {
     let mut rig = rig(|c| {
         c.binaries = Binaries {
             llama_server: Some("/nonexistent/llama-server".into()),
+            rpc_server: None,
             vllm: None,
         }
     });
@@ -535,12 +576,7 @@ async fn shutting_down_stops_every_server() {
 /// The real llama-server on SmolLM2 (CPU: the worker's GPUs are simulated).
 #[tokio::test]
 async fn llama_server_serves_smollm2_and_stops() {
-    let Some(bin) = std::env::var_os("BERTH_LLAMA_SERVER") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "BERTH_LLAMA_SERVER must be set under CI"
-        );
-        eprintln!("skipped: BERTH_LLAMA_SERVER is not set (run ops/build-llama.sh)");
+    let Some(bin) = berth_harness::test_llama_server().unwrap() else {
         return;
     };
     let model = repo().join(".berth/models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -550,7 +586,7 @@ async fn llama_server_serves_smollm2_and_stops() {
         model.display()
     );
     let mut rig = rig(|c| {
-        c.binaries.llama_server = Some(bin.into());
+        c.binaries.llama_server = Some(bin);
         c.startup_timeout = Duration::from_secs(120);
         c.probe_every = Duration::from_secs(1);
         c.probe_timeout = Duration::from_secs(2);
@@ -770,6 +806,8 @@ fn record_of(pid: i32, start_time: u64) -> records::Record {
         restarts: 0,
         spec: Some(Box::new(fake(&[]))),
         gpus: Vec::new(),
+        workers: Vec::new(),
+        followers: Vec::new(),
     }
 }
 
@@ -841,4 +879,186 @@ async fn a_record_of_a_process_that_is_gone_is_removed_and_nothing_reported() {
     );
     assert_eq!(rig.sup.active(), 0);
     rig.no_report_pending();
+}
+
+/// Each worker's stage board, as the agents' `berth.rpc.<worker>` answer it, without NATS.
+#[derive(Debug, Default)]
+struct Boards(std::sync::Mutex<std::collections::HashMap<String, StageBoard>>);
+
+impl Peers for Boards {
+    fn ask(
+        &self,
+        worker_id: &str,
+        request: RpcRequest,
+    ) -> futures::future::BoxFuture<'static, Result<RpcReply, String>> {
+        let board = self.0.lock().expect("boards").get(worker_id).cloned();
+        let worker_id = worker_id.to_owned();
+        Box::pin(async move {
+            match board {
+                Some(b) => Ok(b.answer(&request)),
+                None => Err(format!("no responders for {worker_id}")),
+            }
+        })
+    }
+}
+
+/// Stand-ins for llama-server and ggml-rpc-server in `dir`: the fake server on the host and
+/// port each is given (llama-server's `--rpc` is echoed to its log). The RPC server of the
+/// first launch exits after `crash_after` seconds when given.
+fn fake_llama_binaries(dir: &Path, crash_after: Option<u32>) -> Binaries {
+    let fake = fake_server();
+    let marker = dir.join("crashed-once");
+    let crash = match crash_after {
+        Some(s) => format!(
+            "if [ ! -e {m} ]; then : > {m}; set -- --exit-after {s}; else set --; fi",
+            m = marker.display()
+        ),
+        None => "set --".to_owned(),
+    };
+    let script = |host: &str, port: &str, extra: &str| {
+        format!(
+            "#!/bin/sh\nhost=127.0.0.1; port=0\n\
+             while [ $# -gt 0 ]; do case \"$1\" in {host}) host=$2; shift;; {port}) port=$2; shift;; \
+             --rpc) echo \"rpc $2\" >&2; shift;; esac; shift; done\n{extra}\n\
+             exec python3 {fake} --host \"$host\" --port \"$port\" \"$@\"\n"
+        )
+    };
+    let write = |name: &str, text: String| {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write a stand-in");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .expect("make it executable");
+        path
+    };
+    Binaries {
+        llama_server: Some(write("llama-server", script("--host", "--port", "set --"))),
+        rpc_server: Some(write("ggml-rpc-server", script("-H", "-p", &crash))),
+        vllm: None,
+    }
+}
+
+/// A llama.cpp start placed on w1 (leading) and w2.
+fn over_two(id: &str, version: i64) -> AgentMsg {
+    let spec = StartSpec {
+        model_ref: Some(Box::new(ModelRef::Path("/models/x.gguf".into()))),
+        ..StartSpec::claim(GIB, 1)
+    };
+    assign_over(id, version, spec, &["w1", "w2"])
+}
+
+/// A leader on w1 and a follower on w2 running the stand-ins from `bins`, the leader
+/// reaching the follower's board.
+fn leader_and_follower(bins: &Binaries, tweak: impl Fn(&mut ProcessConfig) + Copy) -> (Rig, Rig) {
+    let leader = rig_of("w1", tempfile::tempdir().expect("temp dir"), |c| {
+        c.binaries = bins.clone();
+        tweak(c);
+    });
+    let follower = rig_of("w2", tempfile::tempdir().expect("temp dir"), |c| {
+        c.binaries = bins.clone();
+        tweak(c);
+    });
+    let boards = Boards::default();
+    boards
+        .0
+        .lock()
+        .expect("boards")
+        .insert("w2".into(), follower.sup.stage_board());
+    leader.sup.set_peers(Arc::new(boards));
+    (leader, follower)
+}
+
+/// The leader waits for its follower's stage, runs with `--rpc` naming it, and restarts
+/// once that stage restarted elsewhere (llama-server does not reconnect); a stop ends both.
+#[tokio::test]
+async fn a_leader_runs_with_its_followers_stage_and_follows_its_restart() {
+    let bins_dir = tempfile::tempdir().unwrap();
+    let bins = fake_llama_binaries(bins_dir.path(), Some(3));
+    let (mut leader, mut follower) = leader_and_follower(&bins, |_| {});
+    leader.sup.apply(over_two("big", 1));
+    assert_eq!(
+        leader.expect(ReportedState::Starting, SOON).await.restarts,
+        0
+    );
+    // The follower is assigned after the leader: the leader waits for it.
+    follower.sup.apply(over_two("big", 1));
+    follower.expect(ReportedState::Starting, SOON).await;
+    let stage = follower.expect(ReportedState::Running, SOON).await;
+    let stage_at = stage.endpoint.expect("the stage's endpoint");
+    assert_eq!(
+        follower.record("big").unwrap().program,
+        bins.rpc_server.clone().unwrap().display().to_string()
+    );
+    let running = leader.expect(ReportedState::Running, SOON).await;
+    assert!(running.endpoint.is_some());
+    let record = leader.record("big").unwrap();
+    assert_eq!(record.workers, ["w1", "w2"]);
+    assert_eq!(record.followers.len(), 1);
+    assert_eq!(record.followers[0].endpoint, stage_at);
+    let log = std::fs::read_to_string(leader.config.log_path("big", Version::new(1))).unwrap();
+    assert!(log.contains(&format!("--rpc {stage_at}")), "{log}");
+
+    // The stage's server exits: the follower restarts it, and the leader follows.
+    let restart = follower.expect(ReportedState::Starting, SOON).await;
+    assert_eq!(restart.restarts, 1);
+    let again = follower.expect(ReportedState::Running, SOON).await;
+    let moved_to = again.endpoint.expect("the restarted stage's endpoint");
+    let follows = leader.expect(ReportedState::Starting, SOON).await;
+    assert_eq!(follows.restarts, 1);
+    assert!(
+        follows.reason.contains("the stage on w2 changed"),
+        "{follows:?}"
+    );
+    leader.expect(ReportedState::Running, SOON).await;
+    assert_eq!(
+        leader.record("big").unwrap().followers[0].endpoint,
+        moved_to
+    );
+
+    let pgids = [leader.pgid("big"), follower.pgid("big")];
+    leader.sup.apply(unassign("big", 2));
+    follower.sup.apply(unassign("big", 2));
+    leader.expect(ReportedState::Stopped, SOON).await;
+    follower.expect(ReportedState::Stopped, SOON).await;
+    for pgid in pgids {
+        assert!(process::group_members(pgid).is_empty());
+    }
+    let gone = follower.sup.stage_board().answer(&RpcRequest {
+        instance_id: "big".into(),
+        version: Version::new(1),
+    });
+    assert_eq!(gone.state, RpcPartState::NotAssigned);
+}
+
+#[tokio::test]
+async fn a_leader_whose_follower_never_comes_is_an_error_at_the_deadline() {
+    let bins_dir = tempfile::tempdir().unwrap();
+    let bins = fake_llama_binaries(bins_dir.path(), None);
+    let (mut leader, _follower) =
+        leader_and_follower(&bins, |c| c.startup_timeout = Duration::from_secs(1));
+    leader.sup.apply(over_two("big", 1));
+    leader.expect(ReportedState::Starting, SOON).await;
+    let error = leader.expect(ReportedState::Error, SOON).await;
+    assert!(
+        error
+            .reason
+            .starts_with("stages on other workers not ready after 1s (w2: NotAssigned)"),
+        "{error:?}"
+    );
+    assert!(leader.record("big").is_none(), "nothing was launched");
+
+    // Without a way to the other workers the reason says so.
+    let mut alone = rig(|c| {
+        c.binaries = bins.clone();
+        c.startup_timeout = Duration::from_millis(300);
+    });
+    alone.sup.apply(over_two("big", 1));
+    alone.expect(ReportedState::Starting, SOON).await;
+    let error = alone.expect(ReportedState::Error, SOON).await;
+    assert!(
+        error
+            .reason
+            .contains("w2: this agent cannot reach other workers"),
+        "{error:?}"
+    );
 }

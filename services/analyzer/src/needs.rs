@@ -3,7 +3,9 @@
 //! Profiles read from files are cached by path, size and modification time.
 
 use berth_fit::{Request, Shape};
-use berth_models::{EstimateOptions, LlamaCppOptions, ModelProfile, ModelRef, resolve, shapes};
+use berth_models::{
+    EstimateOptions, LlamaCppOptions, ModelProfile, ModelRef, resolve, shapes, workers_note,
+};
 use berth_proto::StartSpec;
 use std::{
     collections::HashMap,
@@ -58,6 +60,7 @@ impl ProfileCache {
             gpu_name: spec.gpu_name.clone(),
             gpu_ids: spec.gpu_ids.clone(),
             group: spec.group().map(str::to_owned),
+            note: None,
         };
         if spec.vram_bytes > 0 || spec.model_ref.is_none() {
             let gpus = u32::try_from(spec.gpu_count()).unwrap_or(u32::MAX);
@@ -78,6 +81,10 @@ impl ProfileCache {
         });
         let scaling = spec.scaling.clone().unwrap_or_default();
         let shapes = shapes(&profile, &options, &scaling).map_err(|e| e.to_string())?;
-        Ok(Request { shapes, ..base })
+        Ok(Request {
+            shapes,
+            note: workers_note(&options, &scaling),
+            ..base
+        })
     }
 }

@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 use berth_fit::Shape;
 use berth_models::{
     EstimateOptions, KvCacheType, LlamaCppOptions, Scaling, VllmOptions, estimate,
-    profile_from_path, shapes,
+    profile_from_path, shapes, workers_note,
 };
 use clap::Args;
 use std::path::PathBuf;
@@ -149,16 +149,20 @@ pub fn run(args: &EstimateArgs) -> Result<()> {
         .with_context(|| format!("reading model {}", args.path.display()))?;
     let options = args.backend.options(args.gpus)?;
     let est = estimate(&profile, &options)?;
-    let shapes = args
-        .scaling
-        .scaling()
-        .map(|s| shapes(&profile, &options, &s))
+    let scaling = args.scaling.scaling();
+    let shapes = scaling
+        .as_ref()
+        .map(|s| shapes(&profile, &options, s))
         .transpose()?;
+    let note = scaling.and_then(|s| workers_note(&options, &s));
     if args.json {
         let mut doc =
             serde_json::json!({ "profile": profile, "options": options, "estimate": est });
         if let Some(shapes) = &shapes {
             doc["shapes"] = serde_json::to_value(shapes)?;
+        }
+        if let Some(note) = &note {
+            doc["note"] = serde_json::Value::from(note.as_str());
         }
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -178,6 +182,9 @@ pub fn run(args: &EstimateArgs) -> Result<()> {
     if let Some(shapes) = shapes {
         println!("\nplacement shapes, tried in order (the first that fits anywhere wins):");
         print!("{}", shapes_table(&shapes));
+    }
+    if let Some(note) = note {
+        println!("({note})");
     }
     Ok(())
 }

@@ -21,7 +21,8 @@ pub struct LogsArgs {
     /// Keep printing what the server writes (Ctrl-C to leave).
     #[arg(long, short)]
     follow: bool,
-    /// An earlier attempt: 1 is the server before its last restart.
+    /// An earlier file: 1 is the one before the current log (the server before its last
+    /// restart, or the earlier part of a log its agent cut at --log-max-bytes).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100))]
     previous: u32,
 }

@@ -1,4 +1,5 @@
-//! Readiness and health probes: an HTTP/1 GET that must answer 200 within a timeout.
+//! Readiness and health probes: an HTTP/1 GET that must answer 200 within a timeout, or a TCP
+//! connection that must be accepted.
 
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -51,4 +52,27 @@ pub async fn all(host: &str, port: u16, paths: &[String], timeout: Duration) -> 
         get(host, port, path, timeout).await?;
     }
     Ok(())
+}
+
+/// Whether the server is ready by `check`: its paths answer 200, or it accepts a TCP
+/// connection (closed at once).
+pub async fn ready(
+    host: &str,
+    port: u16,
+    check: &crate::backend::Probe,
+    timeout: Duration,
+) -> Result<(), String> {
+    match check {
+        crate::backend::Probe::Http(paths) => all(host, port, paths, timeout).await,
+        crate::backend::Probe::Listening => {
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("connect {host}:{port}: {e}")),
+                Err(_) => Err(format!(
+                    "connect {host}:{port}: no answer within {timeout:?}"
+                )),
+            }
+        }
+    }
 }

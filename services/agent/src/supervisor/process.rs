@@ -7,6 +7,7 @@ use nix::{
     unistd::Pid,
 };
 use std::{
+    collections::HashSet,
     process::ExitStatus,
     sync::{
         Arc,
@@ -44,12 +45,22 @@ pub fn is_same_process(pid: i32, start_time: u64) -> bool {
 
 /// Live (not zombie) processes of process group `pgid`.
 pub fn group_members(pgid: i32) -> Vec<i32> {
+    members_of(&HashSet::from([pgid]))
+}
+
+/// Live (not zombie) processes of any of the groups `pgids`, in one pass over `/proc`.
+pub fn members_of(pgids: &HashSet<i32>) -> Vec<i32> {
+    if pgids.is_empty() {
+        return Vec::new();
+    }
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(Result::ok)
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| stat(*pid).is_some_and(|s| s.pgrp == pgid && !matches!(s.state, 'Z' | 'X')))
+        .filter(|pid| {
+            stat(*pid).is_some_and(|s| pgids.contains(&s.pgrp) && !matches!(s.state, 'Z' | 'X'))
+        })
         .collect()
 }
 

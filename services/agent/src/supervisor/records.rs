@@ -3,10 +3,14 @@
 //! It lets an operator, and the next agent, find the processes berth started: an agent that
 //! starts adopts the servers of its records that still run (see `Supervisor::adopt`).
 
+use super::stages::FollowerStage;
 use crate::backend::AssignedGpu;
 use berth_proto::StartSpec;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
@@ -29,6 +33,29 @@ pub struct Record {
     pub spec: Option<Box<StartSpec>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<AssignedGpu>,
+    /// For an instance spread over several workers: all of them, the leader first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workers: Vec<String>,
+    /// A leader's: the followers' stages its server was started with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub followers: Vec<FollowerStage>,
+}
+
+/// The pids of every process in the groups of the servers recorded in `dir` that still run
+/// (berth's own on this host, whichever agent started them): what NVML shows of them is not
+/// memory used outside berth.
+pub fn own_pids(dir: &Path) -> HashSet<u32> {
+    let pgids: HashSet<i32> = all(dir)
+        .into_iter()
+        .filter_map(Result::ok)
+        // A record whose pid is another process's now is not ours.
+        .filter(|r| super::process::is_same_process(r.pid, r.start_time))
+        .map(|r| r.pid)
+        .collect();
+    super::process::members_of(&pgids)
+        .into_iter()
+        .filter_map(|pid| u32::try_from(pid).ok())
+        .collect()
 }
 
 pub fn path(dir: &Path, instance_id: &str) -> PathBuf {
@@ -96,6 +123,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn own_pids_are_the_live_recorded_groups() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A server: the leader of a process group of its own.
+        let mut server = std::process::Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(server.id()).unwrap();
+        let mut r: Record = serde_json::from_str(
+            r#"{"worker_id":"w1","instance_id":"i1","version":1,"pid":0,
+                "start_time":0,"port":40000,"program":"sleep"}"#,
+        )
+        .unwrap();
+        r.pid = pid;
+        r.start_time = crate::supervisor::process::stat(pid).unwrap().start_time;
+        write(dir.path(), &r).unwrap();
+        assert_eq!(own_pids(dir.path()), HashSet::from([server.id()]));
+        // Another start time: the pid was reused, nothing of it is ours.
+        r.start_time += 1;
+        write(dir.path(), &r).unwrap();
+        assert!(own_pids(dir.path()).is_empty());
+        assert!(own_pids(&dir.path().join("none")).is_empty());
+        server.kill().unwrap();
+        server.wait().unwrap();
+    }
+
+    #[test]
     fn records_of_older_agents_still_read() {
         let old = r#"{"worker_id":"w1","instance_id":"i1","version":3,"pid":42,
             "start_time":1234,"port":40000,"program":"llama-server"}"#;
@@ -117,6 +173,12 @@ mod tests {
             restarts: 1,
             spec: Some(Box::new(StartSpec::claim(1 << 30, 1))),
             gpus: Vec::new(),
+            workers: vec!["w1".into(), "w2".into()],
+            followers: vec![FollowerStage {
+                worker_id: "w2".into(),
+                endpoint: "10.0.0.2:40000".into(),
+                restarts: 0,
+            }],
         };
         write(dir.path(), &r).unwrap();
         assert_eq!(read(dir.path(), "i1"), Some(r.clone()));
