@@ -97,6 +97,8 @@ pub(crate) struct App {
     bus: Bus,
     upstream: proxy::Upstream,
     metrics: metrics::Metrics,
+    /// Cancelled when the gateway stops: endless responses (event streams) end with it.
+    shutdown: CancellationToken,
 }
 
 /// A running gateway; dropping it stops it.
@@ -163,6 +165,7 @@ impl Gateway {
             store,
             bus,
             metrics: metrics::Metrics::default(),
+            shutdown: shutdown.clone(),
         });
         if let Some(maddr) = app.config.metrics_addr {
             let a = app.clone();
@@ -195,7 +198,7 @@ impl Gateway {
         })
     }
 
-    /// Stops serving: requests in flight finish, streams in flight are cut.
+    /// Stops serving: requests in flight finish, event streams in flight end.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         for t in self.tasks.drain(..) {
