@@ -6,6 +6,7 @@
 
 mod api;
 mod auth;
+mod dashboard;
 mod errors;
 mod follow;
 mod metrics;
@@ -228,6 +229,7 @@ fn router(app: Arc<App>) -> Router {
     Router::new()
         .merge(inference)
         .merge(admin)
+        .merge(dashboard::router())
         .route("/api/v1/openapi.json", get(openapi::document))
         // Bodies are limited where they are read (the proxy, with its own error).
         .layer(axum::extract::DefaultBodyLimit::disable())
