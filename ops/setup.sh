@@ -216,6 +216,36 @@ install_py_deps() {
     fi
 }
 
+# --- A browser for the dashboard's test ----------------------------------------
+
+# Best effort like the Python packages: only the dashboard's browser test needs Chromium and
+# chromedriver (under CI it then fails and says so), so failure is a warning here.
+BROWSER=missing
+have_browser() { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }
+install_browser() {
+    local pkgs=(chromium chromium-driver)
+    if have_browser; then
+        BROWSER=ok
+        return 0
+    fi
+    if ! is_root || ! command -v apt-get >/dev/null 2>&1; then
+        warn "chromium/chromedriver missing (as root: 'apt-get install chromium chromium-driver'); the dashboard's browser test will not run"
+        return 0
+    fi
+    log "installing chromium and chromium-driver with apt-get"
+    # The package lists as they are first; stale or absent ones (a fresh container) are
+    # refreshed once.
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null 2>&1; then
+        apt-get update -qq >&2 || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null || true
+    fi
+    if have_browser; then
+        BROWSER=ok
+    else
+        warn "apt-get could not install chromium and chromium-driver; the dashboard's browser test will not run"
+    fi
+}
+
 # --- main ----------------------------------------------------------------------
 
 mkdir -p "$BERTH_DIR"
@@ -225,6 +255,7 @@ find_nats
 find_pg
 ensure_postgres_user
 install_py_deps
+install_browser
 
 # Write atomically so a concurrent reader never sees a half-written file.
 printf 'BERTH_NATS_SERVER=%s\nBERTH_PG_BIN=%s\n' "$NATS_SERVER" "$PG_BIN" >"$BERTH_DIR/env.tmp"
@@ -250,5 +281,6 @@ fi
 printf 'nats-server: %s (v%s)\n' "$NATS_SERVER" "$(nats_version "$NATS_SERVER")"
 printf 'postgres:    %s (%s)\n' "$PG_BIN" "$("$PG_BIN/initdb" --version)"
 printf 'python deps: %s\n' "$PY_DEPS"
+printf 'browser:     %s\n' "$BROWSER"
 printf 'llama:       %s\n' "$LLAMA_SERVER"
 printf 'rpc-server:  %s\n' "$RPC_SERVER"

@@ -385,5 +385,8 @@ pub async fn events(
         let event = Event::default().event("instance").json_data(&ev).ok()?;
         Some(Ok(event))
     });
+    // Ended when the gateway stops: an endless response would hold its graceful shutdown
+    // (and every page following it) forever.
+    let stream = stream.take_until(app.shutdown.clone().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

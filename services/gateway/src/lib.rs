@@ -6,6 +6,7 @@
 
 mod api;
 mod auth;
+mod dashboard;
 mod errors;
 mod follow;
 mod metrics;
@@ -100,6 +101,8 @@ pub(crate) struct App {
     bus: Bus,
     upstream: proxy::Upstream,
     metrics: metrics::Metrics,
+    /// Cancelled when the gateway stops: endless responses (event streams) end with it.
+    shutdown: CancellationToken,
 }
 
 /// A running gateway; dropping it stops it.
@@ -166,6 +169,7 @@ impl Gateway {
             store,
             bus,
             metrics: metrics::Metrics::default(),
+            shutdown: shutdown.clone(),
         });
         if let Some(maddr) = app.config.metrics_addr {
             let a = app.clone();
@@ -198,7 +202,7 @@ impl Gateway {
         })
     }
 
-    /// Stops serving: requests in flight finish, streams in flight are cut.
+    /// Stops serving: requests in flight finish, event streams in flight end.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         for t in self.tasks.drain(..) {
@@ -228,6 +232,7 @@ fn router(app: Arc<App>) -> Router {
     Router::new()
         .merge(inference)
         .merge(admin)
+        .merge(dashboard::router())
         .route("/api/v1/openapi.json", get(openapi::document))
         // Bodies are limited where they are read (the proxy, with its own error).
         .layer(axum::extract::DefaultBodyLimit::disable())
