@@ -101,13 +101,19 @@ id = "placeholder"
 name = "placeholder"
 vram = "1GiB"
 EOF
+# NATS roles as berth up runs them, with credentials for this host's NVML agent too.
+"$BIN/berth" auth --dir "$DIR/auth" init >/dev/null
+"$BIN/berth" auth --dir "$DIR/auth" add-agent "$WORKER" >/dev/null
+export BERTH_NATS_CREDS="$DIR/auth/publisher.nk"
 berth up --dir "$DIR" --nats-port "$NATS_PORT" --pg-port "$PG_PORT" --analyzers 1 \
+    --gateway-listen "127.0.0.1:$((NATS_PORT + 2))" \
     --inventory "$DIR/placeholder.toml" 2>"$DIR/up.log" &
 PIDS+=("$!")
 berth ready --workers 1 --timeout 120 >&2 || die "berth up did not come up (see $DIR/up.log)"
 
 gpu_memory "before"
-"$BIN/berth-agent" --nats-url "$NATS" --worker "$WORKER" --label gpu-check=yes \
+"$BIN/berth-agent" --nats-url "$NATS" --nats-creds "$DIR/auth/agent-$WORKER.nk" \
+    --worker "$WORKER" --label gpu-check=yes \
     --runtime process --llama-server "$LLAMA" --state-dir "$DIR/agent" \
     --port-range 41000-41099 --heartbeat-secs 1 --metrics-addr off 2>"$DIR/agent.log" &
 PIDS+=("$!")
