@@ -5,6 +5,7 @@
 //! statistics so that the client does not have to.
 
 mod cluster;
+mod gateway;
 mod place;
 mod procs;
 mod stats;
@@ -33,6 +34,13 @@ enum BenchCmd {
     /// The reported failure at scale: batch start/stop twice, then a few starts; how much
     /// work superseded commands cost and how fast stops cancel in-flight fits.
     Storm(storm::StormArgs),
+    /// What the gateway adds in front of a model server: requests/s and latency at rising
+    /// concurrency, straight and through it, and the time from `running` to the first routed
+    /// request.
+    Gateway(gateway::GatewayArgs),
+    /// A tiny OpenAI-compatible server that answers at once (the gateway benchmark runs it).
+    #[command(hide = true)]
+    FakeBackend(gateway::FakeBackendArgs),
 }
 
 #[tokio::main]
@@ -43,6 +51,8 @@ async fn main() -> Result<()> {
         // Boxed: the benchmark's future is large, and only it needs to be.
         BenchCmd::Place(args) => Box::pin(place::run(args)).await?,
         BenchCmd::Storm(args) => storm::run(args).await?,
+        BenchCmd::Gateway(args) => Box::pin(gateway::run(args)).await?,
+        BenchCmd::FakeBackend(args) => return gateway::fake_backend(args).await,
     };
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())

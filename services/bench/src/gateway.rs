@@ -1,0 +1,320 @@
+//! `berth bench gateway`: what the gateway costs in front of a model server.
+//!
+//! A real fleet on private servers: an analyzer, a process agent that runs `berth-bench
+//! fake-backend` (a tiny OpenAI-compatible server answering at once) through the custom
+//! backend, and a gateway with an API key. At each concurrency, closed-loop clients send chat
+//! completions for a fixed time straight to the backend, then through the gateway:
+//! requests per second, latency percentiles, and what the gateway adds. Then, for a few fresh
+//! instances, the time from the `running` event to the first request the gateway routes.
+
+use crate::stats::{ms, summary};
+use anyhow::{Context, Result, bail};
+use berth_agent::{Agent, AgentConfig, ProcessConfig, Runtime, WorkerSpec, supervisor::PortPool};
+use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks};
+use berth_bus::Bus;
+use berth_gateway::{Gateway, GatewayConfig};
+use berth_proto::{Command, InstanceEvent, InstanceState, StartSpec, subjects};
+use berth_store::keys::{NewKey, Scope};
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+#[derive(Debug, clap::Args)]
+pub struct GatewayArgs {
+    /// Clients sending at once, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    concurrency: Vec<usize>,
+    /// How long each run lasts.
+    #[arg(long, default_value = "3s", value_parser = berth_telemetry::args::duration)]
+    duration: Duration,
+    /// Fresh instances whose running event → first routed request is timed.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    route_trials: u32,
+}
+
+const BODY: &str =
+    r#"{"model":"bench","messages":[{"role":"user","content":"Say hi"}],"max_tokens":8}"#;
+const GIB: i64 = 1 << 30;
+
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+
+pub async fn run(args: GatewayArgs) -> Result<Value> {
+    if args.concurrency.iter().any(|&c| c == 0 || c > 4096) {
+        bail!("--concurrency values must be 1..=4096");
+    }
+    let servers = tokio::task::spawn_blocking(berth_harness::TestServers::start)
+        .await?
+        .context("starting NATS and PostgreSQL (run ops/setup.sh first)")?;
+    let (nats, pg) = (servers.nats.url(), servers.pg.url());
+    berth_store::migrate(&pg).await?;
+    let store = berth_store::Store::connect(&pg, 2)?;
+    let bus = Bus::connect(&nats, "bench-gateway").await?;
+    let _analyzer = Analyzer::start(
+        AnalyzerConfig::new(nats.clone(), pg.clone()),
+        Hooks::default(),
+    )
+    .await?;
+    let state = tempfile::tempdir()?;
+    let mut process = ProcessConfig::new(state.path().to_path_buf());
+    process.ports = PortPool::new(45000..=45999);
+    process.startup_probe_every = Duration::from_millis(20);
+    let _agent = Agent::start_with(
+        AgentConfig {
+            nats_url: nats.clone(),
+            nats_access: Default::default(),
+            worker: WorkerSpec {
+                id: "w1".into(),
+                labels: Default::default(),
+                gpus: (0..8)
+                    .map(|index| berth_proto::GpuInfo {
+                        index,
+                        name: "Simulated H100".into(),
+                        uuid: format!("GPU-bench-{index}"),
+                        total_bytes: 80 * GIB,
+                        system_reserved_bytes: 0,
+                    })
+                    .collect(),
+                usage: berth_agent::Usage::Fixed(Vec::new()),
+            },
+            heartbeat: Duration::from_secs(1),
+            stats: Arc::default(),
+        },
+        Runtime::Process(Box::new(process)),
+    )
+    .await?;
+    let key = NewKey::generate();
+    store.create_key("bench", Scope::Inference, &key).await?;
+    let mut config = GatewayConfig::new(nats.clone(), pg.clone());
+    config.listen = ([127, 0, 0, 1], 0).into();
+    let gateway = Gateway::start(config).await?;
+    let client = client();
+
+    // One instance for the load runs.
+    let mut events = bus.client().subscribe(subjects::ALL_EVENTS).await?;
+    let endpoint = start_and_wait(&bus, &mut events, "load").await?.1;
+    let direct = format!("http://{endpoint}/v1/chat/completions");
+    let routed = format!("http://{}/v1/chat/completions", gateway.addr);
+    // The gateway may learn of the instance a moment after the event: wait for a route.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while send(&client, &routed, Some(&key.secret)).await != Some(200) {
+        if Instant::now() > deadline {
+            bail!("the gateway never routed to the instance");
+        }
+    }
+
+    let mut runs = Vec::new();
+    for &c in &args.concurrency {
+        let straight = load(&client, &direct, None, c, args.duration).await;
+        let through = load(&client, &routed, Some(&key.secret), c, args.duration).await;
+        let added = |p: &str| {
+            let a = through.latency[p].as_f64().unwrap_or(0.0);
+            let b = straight.latency[p].as_f64().unwrap_or(0.0);
+            ((a - b) * 1000.0).round() / 1000.0
+        };
+        runs.push(json!({
+            "concurrency": c,
+            "direct": straight.doc(),
+            "gateway": through.doc(),
+            "added_ms": { "p50": added("p50"), "p99": added("p99") },
+            "throughput_ratio": ((through.rate / straight.rate.max(f64::MIN_POSITIVE)) * 1000.0).round() / 1000.0,
+        }));
+    }
+
+    // Running event → first routed request, on fresh instances of a model of their own.
+    let mut to_route = Vec::new();
+    for i in 0..args.route_trials {
+        let id = format!("route-{i}");
+        let (at_event, _) = start_and_wait(&bus, &mut events, &id).await?;
+        let body = BODY.replace("\"bench\"", &format!("\"{id}\""));
+        let deadline = at_event + Duration::from_secs(30);
+        loop {
+            let status = post(&client, &routed, Some(&key.secret), body.clone()).await;
+            if status == Some(200) {
+                to_route.push(ms(at_event.elapsed()));
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{id} was never routed");
+            }
+        }
+    }
+    gateway.stop().await;
+    Ok(json!({
+        "scenario": "gateway",
+        "duration_s": args.duration.as_secs_f64(),
+        "backend": "berth-bench fake-backend (answers at once)",
+        "runs": runs,
+        "running_event_to_first_routed_ms": summary(&mut to_route),
+    }))
+}
+
+fn client() -> Client {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_nodelay(true);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(4096)
+        .build(http)
+}
+
+/// Starts `id` on the fake backend and waits for its `running` event: when it came, and the
+/// endpoint.
+async fn start_and_wait(
+    bus: &Bus,
+    events: &mut async_nats::Subscriber,
+    id: &str,
+) -> Result<(Instant, String)> {
+    let server = std::env::current_exe()?;
+    let argv = vec![
+        server.display().to_string(),
+        "fake-backend".into(),
+        "--host".into(),
+        "{host}".into(),
+        "--port".into(),
+        "{port}".into(),
+    ];
+    let model = if id == "load" { "bench" } else { id };
+    let spec = StartSpec {
+        model: model.into(),
+        backend: Some(Box::new(berth_options::EstimateOptions::Custom(
+            berth_options::CustomClaim {
+                bytes_per_gpu: GIB.unsigned_abs(),
+                argv,
+                ..Default::default()
+            },
+        ))),
+        ..StartSpec::claim(GIB, 1)
+    };
+    bus.publish_command(id, &Command::Start(spec)).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .with_context(|| format!("{id} did not run within 60 s"))?
+            .context("event subscription ended")?;
+        let Ok(ev) = berth_proto::decode::<InstanceEvent>(&msg.payload) else {
+            continue;
+        };
+        if ev.instance_id != id {
+            continue;
+        }
+        match ev.state {
+            InstanceState::Running => {
+                return Ok((
+                    Instant::now(),
+                    ev.endpoint.context("running without an endpoint")?,
+                ));
+            }
+            InstanceState::Error => bail!("{id}: {}", ev.reason.unwrap_or_default()),
+            _ => {}
+        }
+    }
+}
+
+async fn send(client: &Client, url: &str, key: Option<&str>) -> Option<u16> {
+    post(client, url, key, BODY.to_owned()).await
+}
+
+async fn post(client: &Client, url: &str, key: Option<&str>, body: String) -> Option<u16> {
+    let mut req = hyper::Request::post(url).header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let req = req.body(Full::new(Bytes::from(body))).ok()?;
+    let resp = client.request(req).await.ok()?;
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await.ok()?;
+    Some(status)
+}
+
+struct Load {
+    rate: f64,
+    errors: u64,
+    latency: Value,
+}
+
+impl Load {
+    fn doc(&self) -> Value {
+        json!({
+            "requests_per_s": (self.rate * 10.0).round() / 10.0,
+            "errors": self.errors,
+            "latency_ms": self.latency,
+        })
+    }
+}
+
+/// `clients` closed loops posting to `url` for `duration`.
+async fn load(
+    client: &Client,
+    url: &str,
+    key: Option<&str>,
+    clients: usize,
+    duration: Duration,
+) -> Load {
+    let start = Instant::now();
+    let end = start + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (client, url, key) = (client.clone(), url.to_owned(), key.map(str::to_owned));
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < end {
+                let t = Instant::now();
+                match send(&client, &url, key.as_deref()).await {
+                    Some(200) => samples.push(ms(t.elapsed())),
+                    _ => errors += 1,
+                }
+            }
+            (samples, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((s, e)) = t.await {
+            all.extend(s);
+            errors += e;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Load {
+        rate: all.len() as f64 / elapsed,
+        errors,
+        latency: summary(&mut all),
+    }
+}
+
+/// `berth-bench fake-backend`: an OpenAI-compatible server that answers at once, for the
+/// gateway benchmark (run by the agent like any model server).
+#[derive(Debug, clap::Args)]
+pub struct FakeBackendArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long)]
+    port: u16,
+}
+
+pub async fn fake_backend(args: FakeBackendArgs) -> Result<()> {
+    use axum::{
+        Router,
+        routing::{get, post},
+    };
+    const REPLY: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":0,"model":"bench","choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":"Hi!"}}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+    let app = Router::new()
+        .route("/health", get(|| async { r#"{"status":"ok"}"# }))
+        .route(
+            "/v1/chat/completions",
+            post(|_body: Bytes| async { ([("content-type", "application/json")], REPLY) }),
+        );
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}
