@@ -41,6 +41,9 @@ def parse_args(argv):
     p.add_argument("--never-ready", action="store_true", help="/health answers 503 forever")
     p.add_argument("--ready-after", type=float, default=0.0, metavar="SECONDS",
                    help="/health answers 503 until this long after start")
+    p.add_argument("--exit-after-healthy", type=float, metavar="SECONDS",
+                   help="exit with code 3 this long after /health first answered 200 "
+                        "(the supervisor has then seen it ready, however slow the start)")
     p.add_argument("--exit-after", type=float, metavar="SECONDS",
                    help="exit with code 3 this long after start")
     p.add_argument("--crash-on-start", action="store_true",
@@ -103,6 +106,18 @@ class Server(ThreadingHTTPServer):
         self.args = args
         self.started = time.monotonic()
         self.started_wall = time.time()
+
+    def healthy_once(self):
+        """With --exit-after-healthy: the first healthy answer starts the countdown."""
+        after = self.args.exit_after_healthy
+        if after is None or getattr(self, "countdown", None):
+            return
+        def die():
+            log(f"exiting with code 3 {after}s after the first healthy answer")
+            os._exit(3)
+        self.countdown = threading.Timer(after, die)
+        self.countdown.daemon = True
+        self.countdown.start()
 
     def ready(self):
         if self.args.never_ready:
@@ -184,6 +199,7 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/health":
             if not self.loading():
                 self.send_json(200, {"status": "ok"})
+                self.server.healthy_once()
         elif path in ("/v1/models", "/models"):
             if not self.loading():
                 self.send_json(200, {"object": "list", "data": [{

@@ -54,6 +54,8 @@ pub(crate) struct Ctx {
     >,
     /// `starting`/`running` reports, applied in groups.
     pub(crate) forwards: crate::grouped::Grouped<berth_store::reports::Forward, status::Forwarded>,
+    /// Reports about one instance, applied in arrival order.
+    pub(crate) report_order: Arc<crate::in_order::InOrder>,
 }
 
 impl Ctx {
@@ -113,6 +115,7 @@ impl Analyzer {
             commands: commands.clone(),
             intents,
             forwards,
+            report_order: Arc::default(),
             commits,
             snapshot,
             peers,

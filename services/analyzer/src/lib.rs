@@ -9,6 +9,7 @@ mod events;
 mod grouped;
 mod hooks;
 mod in_flight;
+mod in_order;
 mod intake;
 mod intents;
 mod metrics;

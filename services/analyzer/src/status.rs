@@ -53,7 +53,20 @@ pub async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, shutdown: CancellationTo
     let concurrency = ctx.config.concurrency;
     pull_loop("reports", consumer, concurrency, shutdown, move |msg| {
         let ctx = ctx.clone();
-        async move { handle(&ctx, &msg).await }
+        // Decoded here, as the messages come in, so each takes its instance's place in line
+        // in arrival order.
+        let report = checked_report(&msg.subject, &msg.payload);
+        let turn = match &report {
+            Ok(StatusMsg::Instance { instance_id, .. }) => Some(ctx.report_order.take(instance_id)),
+            _ => None,
+        };
+        async move {
+            let mut turn = turn;
+            if let Some(t) = turn.as_mut() {
+                t.wait().await;
+            }
+            handle(&ctx, &msg, report).await
+        }
     })
     .await;
 }
@@ -97,8 +110,8 @@ fn checked_report(subject: &str, payload: &[u8]) -> Result<StatusMsg, String> {
     }
 }
 
-async fn handle(ctx: &Ctx, msg: &Message) -> Handled {
-    let report = match checked_report(&msg.subject, &msg.payload) {
+async fn handle(ctx: &Ctx, msg: &Message, report: Result<StatusMsg, String>) -> Handled {
+    let report = match report {
         Ok(r) => r,
         Err(why) => {
             tracing::warn!(subject = %msg.subject, why, "dropping agent report");
