@@ -252,7 +252,7 @@ async fn a_crashed_server_is_restarted_and_the_books_and_events_follow() {
     // Two seconds from its start: ready well before then, even on a busy machine.
     fleet
         .bus
-        .publish_command("flaky", &fake(&["--exit-after-healthy", "0.5"]))
+        .publish_command("flaky", &fake(&["--exit-after-healthy", "2"]))
         .await
         .unwrap();
     // One restart allowed (see `process_runtime`): running, crash, running again, crash, error.

@@ -200,38 +200,11 @@ impl AuthDir {
     /// configuration serve TLS with them. The CA's key is not kept: a new host means new
     /// certificates (run it again).
     pub fn enable_tls(&self, hosts: &[String]) -> Result<(), AuthError> {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-        let tls = |e: rcgen::Error| AuthError::Key(e.to_string());
-        if hosts.is_empty() {
-            return Err(AuthError::BadName {
-                name: String::new(),
-                detail: "TLS needs at least one host name or address".into(),
-            });
-        }
+        let tls = certificates(hosts)?;
         std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(tls)?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "berth NATS CA");
-        let ca_key = KeyPair::generate().map_err(tls)?;
-        let ca_cert = ca_params.self_signed(&ca_key).map_err(tls)?;
-        let issuer = Issuer::new(ca_params, ca_key);
-        let mut server_params = CertificateParams::new(hosts.to_vec()).map_err(tls)?;
-        server_params
-            .distinguished_name
-            .push(DnType::CommonName, "berth NATS server");
-        let server_key = KeyPair::generate().map_err(tls)?;
-        let server_cert = server_params.signed_by(&server_key, &issuer).map_err(tls)?;
-        write_private(
-            &self.dir.join("nats-server-key.pem"),
-            server_key.serialize_pem().as_bytes(),
-        )?;
-        write_atomic(
-            &self.dir.join("nats-server.pem"),
-            server_cert.pem().as_bytes(),
-        )?;
-        write_atomic(&self.dir.join("nats-ca.pem"), ca_cert.pem().as_bytes())?;
+        write_private(&self.dir.join("nats-server-key.pem"), tls.key.as_bytes())?;
+        write_atomic(&self.dir.join("nats-server.pem"), tls.cert.as_bytes())?;
+        write_atomic(&self.dir.join("nats-ca.pem"), tls.ca.as_bytes())?;
         self.write_config(&self.users()?)
     }
 
@@ -293,6 +266,55 @@ impl AuthDir {
         self.write_config(&users)?;
         Ok(seed_path)
     }
+}
+
+/// A new CA and a server certificate signed by it, as PEM.
+#[derive(Clone)]
+pub struct Certificates {
+    /// What clients trust.
+    pub ca: String,
+    /// The server's certificate, for `hosts`.
+    pub cert: String,
+    /// The server's private key.
+    pub key: String,
+}
+
+impl std::fmt::Debug for Certificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certificates").finish_non_exhaustive()
+    }
+}
+
+/// Makes a CA (whose key is dropped: no more certificates come from it) and a server
+/// certificate for `hosts` (names or addresses) signed by it.
+pub fn certificates(hosts: &[String]) -> Result<Certificates, AuthError> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let tls = |e: rcgen::Error| AuthError::Key(e.to_string());
+    if hosts.is_empty() {
+        return Err(AuthError::BadName {
+            name: String::new(),
+            detail: "TLS needs at least one host name or address".into(),
+        });
+    }
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(tls)?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "berth CA");
+    let ca_key = KeyPair::generate().map_err(tls)?;
+    let ca_cert = ca_params.self_signed(&ca_key).map_err(tls)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let mut server_params = CertificateParams::new(hosts.to_vec()).map_err(tls)?;
+    server_params
+        .distinguished_name
+        .push(DnType::CommonName, "berth server");
+    let server_key = KeyPair::generate().map_err(tls)?;
+    let server_cert = server_params.signed_by(&server_key, &issuer).map_err(tls)?;
+    Ok(Certificates {
+        ca: ca_cert.pem(),
+        cert: server_cert.pem(),
+        key: server_key.serialize_pem(),
+    })
 }
 
 /// The `authorization` block for `users`.

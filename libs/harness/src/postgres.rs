@@ -29,6 +29,10 @@ pub struct PgServer {
     port: u16,
     durability: Durability,
     owner: Option<User>,
+    /// The `postgres` role's password once connections over TCP need one.
+    password: Option<String>,
+    /// Serves TLS with `server.crt` / `server.key` in its data directory.
+    tls: bool,
 }
 
 impl PgServer {
@@ -67,6 +71,8 @@ impl PgServer {
             port,
             durability,
             owner,
+            password: None,
+            tls: false,
         };
         if !dir.join("data/PG_VERSION").is_file() {
             server.initdb()?;
@@ -146,6 +152,10 @@ impl PgServer {
                 cmd.args(["-c", setting]);
             }
         }
+        if self.tls {
+            cmd.args(["-c", "ssl=on", "-c", "ssl_cert_file=server.crt"])
+                .args(["-c", "ssl_key_file=server.key"]);
+        }
         if self.durability == Durability::Fast {
             cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
                 .args(["-c", "full_page_writes=off"]);
@@ -174,9 +184,97 @@ impl PgServer {
         Ok(())
     }
 
-    /// A connection URL for the `postgres` database as the `postgres` superuser.
+    /// A connection URL for the `postgres` database as the `postgres` superuser (with its
+    /// password, once [`PgServer::require_password`] set one).
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        match &self.password {
+            Some(p) => format!("postgres://postgres:{p}@127.0.0.1:{}/postgres", self.port),
+            None => format!("postgres://postgres@127.0.0.1:{}/postgres", self.port),
+        }
+    }
+
+    /// Serves TLS from now on with this certificate chain and key (PEM), after a restart.
+    pub fn enable_tls(&mut self, cert_pem: &str, key_pem: &str) -> Result<(), HarnessError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        for (name, text, mode) in [
+            ("server.crt", cert_pem, 0o644),
+            ("server.key", key_pem, 0o600),
+        ] {
+            let path = self.dir.join("data").join(name);
+            let _ = std::fs::remove_file(&path);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&path)
+                .map_err(|e| HarnessError::io(&path, e))?;
+            std::io::Write::write_all(&mut f, text.as_bytes())
+                .map_err(|e| HarnessError::io(&path, e))?;
+            if let Some(user) = &self.owner {
+                std::os::unix::fs::chown(&path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+                    .map_err(|e| HarnessError::io(&path, e))?;
+            }
+        }
+        self.tls = true;
+        self.restart()
+    }
+
+    /// From now on connections over TCP authenticate with SCRAM-SHA-256 and `password` (the
+    /// `postgres` role's, set here). Only the server's own socket directory, which nobody
+    /// but its owner can enter, still connects without one: that is how the password is set,
+    /// also on a cluster made before with `trust`, or when the password was lost.
+    pub fn require_password(&mut self, password: &str) -> Result<(), HarnessError> {
+        if password.is_empty() || !password.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(HarnessError::Failed {
+                what: "postgres password".into(),
+                detail: "letters and digits only, at least one".into(),
+            });
+        }
+        let sock = self.dir.join("sock");
+        let mut perms = std::fs::metadata(&sock)
+            .map_err(|e| HarnessError::io(&sock, e))?
+            .permissions();
+        perms.set_mode(0o700);
+        std::fs::set_permissions(&sock, perms).map_err(|e| HarnessError::io(&sock, e))?;
+        let (out, err, log_path) = self.log("password.log")?;
+        let status = self
+            .command("psql")?
+            .arg("-h")
+            .arg(&sock)
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres"])
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
+            .arg(format!(
+                "SET password_encryption = 'scram-sha-256'; ALTER ROLE postgres PASSWORD '{password}'"
+            ))
+            .stdout(out)
+            .stderr(err)
+            .status()
+            .map_err(|e| HarnessError::io("psql", e))?;
+        if !status.success() {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(HarnessError::Failed {
+                what: "setting the postgres password".into(),
+                detail: format!("{status}; log:\n{log}"),
+            });
+        }
+        let hba = self.dir.join("data/pg_hba.conf");
+        std::fs::write(
+            &hba,
+            "# Written by berth: the socket directory is its owner's alone; TCP needs a password.\n\
+             local all all trust\n\
+             host all all 127.0.0.1/32 scram-sha-256\n\
+             host all all ::1/128 scram-sha-256\n",
+        )
+        .map_err(|e| HarnessError::io(&hba, e))?;
+        if let Some(child) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+            nix::sys::signal::kill(pid, Signal::SIGHUP).map_err(|e| HarnessError::Failed {
+                what: "postgres reload".into(),
+                detail: e.to_string(),
+            })?;
+        }
+        self.password = Some(password.to_owned());
+        Ok(())
     }
 
     pub fn port(&self) -> u16 {

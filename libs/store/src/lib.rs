@@ -9,6 +9,7 @@
 //!   statement that runs after taking the row lock sees every placement that held it before.
 
 pub mod commands;
+pub mod connect;
 pub mod error;
 pub mod keys;
 pub mod models;

@@ -2,7 +2,7 @@
 
 use crate::StoreError;
 use diesel_async::{
-    AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection,
+    AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection,
     pooled_connection::{
         AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
         deadpool::{Object, Pool},
@@ -46,7 +46,7 @@ impl Store {
             pool: pool(url, max_size.max(1), |url| Box::pin(setup(url.to_owned())))?,
             scans: pool(url, SCAN_CONNECTIONS, |url| {
                 let url = url.to_owned();
-                Box::pin(async move { AsyncPgConnection::establish(&url).await })
+                Box::pin(async move { crate::connect::establish(&url).await })
             })?,
         })
     }
@@ -109,7 +109,7 @@ fn pool(url: &str, max_size: usize, setup: Setup) -> Result<Pool<AsyncPgConnecti
 /// sequential scans off, a key lookup is always planned as one. Queries that have no index
 /// to use (the sweeper's, by state) still scan.
 async fn setup(url: String) -> diesel::ConnectionResult<AsyncPgConnection> {
-    let mut conn = AsyncPgConnection::establish(&url).await?;
+    let mut conn = crate::connect::establish(&url).await?;
     conn.batch_execute("SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off")
         .await
         .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
@@ -162,7 +162,7 @@ async fn prepare(conn: &mut AsyncPgConnection) -> Result<(), StoreError> {
 /// Applies pending migrations. Safe when several processes start at once: they take turns on
 /// an advisory lock, and each one after the first finds nothing to do.
 pub async fn migrate(url: &str) -> Result<usize, StoreError> {
-    let mut conn = AsyncPgConnection::establish(url)
+    let mut conn = crate::connect::establish(url)
         .await
         .map_err(|e| StoreError::Migration(format!("cannot connect to {url}: {e}")))?;
     diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
@@ -192,7 +192,7 @@ pub async fn create_database(url: &str, name: &str) -> Result<String, StoreError
     if !name.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
         return Err(StoreError::Corrupt(format!("database name {name:?}")));
     }
-    let mut conn = AsyncPgConnection::establish(url)
+    let mut conn = crate::connect::establish(url)
         .await
         .map_err(|e| StoreError::Migration(format!("cannot connect to {url}: {e}")))?;
     diesel::sql_query(format!("DROP DATABASE IF EXISTS {name}"))

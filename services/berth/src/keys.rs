@@ -46,10 +46,12 @@ fn parse_scope(s: &str) -> Result<Scope, String> {
 
 pub async fn run(database_url: &str, args: KeysArgs) -> Result<()> {
     let store = Store::connect(database_url, 1)?;
-    store
-        .warm()
-        .await
-        .with_context(|| format!("no database answered at {database_url}"))?;
+    store.warm().await.with_context(|| {
+        format!(
+            "no database answered at {}",
+            berth_store::connect::redacted(database_url)
+        )
+    })?;
     match args.command {
         KeysCmd::Create { name, scope } => {
             let key = NewKey::generate();

@@ -30,9 +30,11 @@ struct Cli {
     nats_url: String,
     #[command(flatten)]
     nats: berth_bus::NatsArgs,
-    /// PostgreSQL URL (for ps and migrate).
-    #[arg(long, global = true, env = "BERTH_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
-    database_url: String,
+    /// PostgreSQL URL (for ps, keys, logs, ready and migrate). Default: the one `berth up`
+    /// wrote to .berth/database-url when it is there, else
+    /// postgres://postgres@127.0.0.1:5433/postgres.
+    #[arg(long, global = true, env = "BERTH_DATABASE_URL")]
+    database_url: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -81,20 +83,22 @@ async fn main() -> Result<()> {
     };
     berth_telemetry::init_tracing(false, default);
     let nats = Nats::new(cli.nats_url, &cli.nats);
+    let database_url = database_url(cli.database_url);
+    let cli_database_url = &database_url;
     match cli.command {
         Cmd::Up(args) => up::run(args).await,
         Cmd::Start(args) => publish::start(&nats, args).await,
         Cmd::Stop(args) => publish::stop(&nats, args).await,
-        Cmd::Ps(args) => ps::run(&cli.database_url, &nats, args).await,
+        Cmd::Ps(args) => ps::run(cli_database_url, &nats, args).await,
         Cmd::Watch(args) => watch::run(&nats, args).await,
-        Cmd::Logs(args) => logs::run(&cli.database_url, &nats, args).await,
-        Cmd::Ready(args) => ready::run(&cli.database_url, &nats, args).await,
+        Cmd::Logs(args) => logs::run(cli_database_url, &nats, args).await,
+        Cmd::Ready(args) => ready::run(cli_database_url, &nats, args).await,
         Cmd::Auth(args) => auth::run(&args),
-        Cmd::Keys(args) => keys::run(&cli.database_url, args).await,
+        Cmd::Keys(args) => keys::run(cli_database_url, args).await,
         Cmd::Bench { args } => bench::run(&args),
         Cmd::Estimate(args) => estimate::run(&args),
         Cmd::Migrate => {
-            let applied = berth_store::migrate(&cli.database_url).await?;
+            let applied = berth_store::migrate(cli_database_url).await?;
             println!("migrations applied: {applied}");
             Ok(())
         }
@@ -137,4 +141,16 @@ impl std::fmt::Display for Nats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.url)
     }
+}
+
+/// Where `berth up` writes its database URL (with the password it made).
+const LOCAL_DATABASE_URL: &str = ".berth/database-url";
+
+fn database_url(given: Option<String>) -> String {
+    given
+        .or_else(|| {
+            let url = std::fs::read_to_string(LOCAL_DATABASE_URL).ok()?;
+            Some(url.trim().to_owned()).filter(|u| !u.is_empty())
+        })
+        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned())
 }

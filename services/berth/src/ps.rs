@@ -45,9 +45,17 @@ pub async fn run(database_url: &str, nats_url: &crate::Nats, args: PsArgs) -> Re
         async { Ok::<_, anyhow::Error>((store.instances().await?, store.allocations().await?)) };
     let (instances, allocs) = tokio::time::timeout(Duration::from_secs(10), read)
         .await
-        .with_context(|| format!("PostgreSQL at {database_url} did not answer within 10 s"))?
         .with_context(|| {
-            format!("reading instances from {database_url} (is `berth up` running?)")
+            format!(
+                "PostgreSQL at {} did not answer within 10 s",
+                berth_store::connect::redacted(database_url)
+            )
+        })?
+        .with_context(|| {
+            format!(
+                "reading instances from {} (is `berth up` running?)",
+                berth_store::connect::redacted(database_url)
+            )
         })?;
     let rows: Vec<Row> = instances
         .into_iter()

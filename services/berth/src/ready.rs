@@ -67,7 +67,12 @@ pub async fn run(database_url: &str, nats_url: &crate::Nats, args: ReadyArgs) ->
                 tracing::debug!(%e, "PostgreSQL not ready");
                 0
             }
-            Err(e) => return Err(e).context(format!("reading workers from {database_url}")),
+            Err(e) => {
+                return Err(e).context(format!(
+                    "reading workers from {}",
+                    berth_store::connect::redacted(database_url)
+                ));
+            }
         };
         if analyzers.len() >= args.analyzers && workers >= args.workers {
             break workers;

@@ -75,9 +75,10 @@ pub async fn run(args: UpArgs) -> Result<()> {
         fleet = start(args) => fleet?,
     };
     println!(
-        "berth is up: NATS {} · PostgreSQL {} · {} analyzers · {} simulated workers from {}",
+        "berth is up: NATS {} · PostgreSQL 127.0.0.1:{} (password in {}) · {} analyzers · {} simulated workers from {}",
         fleet.nats.url(),
-        fleet.pg.url(),
+        fleet.pg.port(),
+        fleet.database_url_file.display(),
         fleet.analyzers.names.len(),
         fleet.agents.names.len(),
         fleet.inventory.display()
@@ -128,6 +129,8 @@ struct Fleet {
     gateway_addr: std::net::SocketAddr,
     /// Where the admin key for this fleet is, unless it runs without keys.
     admin_key: Option<PathBuf>,
+    /// Holds the database URL with its password.
+    database_url_file: PathBuf,
     /// The NATS credentials of every part, unless NATS runs without roles.
     nats_auth: Option<berth_bus::auth::AuthDir>,
     agents: Children,
@@ -177,11 +180,17 @@ async fn start(args: UpArgs) -> Result<Fleet> {
     })
     .await?
     .with_context(|| format!("starting NATS on port {nats_port}"))?;
-    let pg =
-        tokio::task::spawn_blocking(move || PgServer::start_on(&pg_dir, pg_port, Durability::Safe))
-            .await?
-            .with_context(|| format!("starting PostgreSQL on port {pg_port}"))?;
-    tracing::info!(nats = %nats.url(), postgres = %pg.url(), "servers started under {}", dir.display());
+    let password = pg_password(&dir)?;
+    let pg = tokio::task::spawn_blocking(move || {
+        let mut pg = PgServer::start_on(&pg_dir, pg_port, Durability::Safe)?;
+        pg.require_password(&password)?;
+        Ok::<_, berth_harness::HarnessError>(pg)
+    })
+    .await?
+    .with_context(|| format!("starting PostgreSQL on port {pg_port}"))?;
+    // Where the `berth` commands run next to the fleet find the database (and its password).
+    write_private(&berth_dir.join("database-url"), &pg.url())?;
+    tracing::info!(nats = %nats.url(), postgres_port = pg.port(), "servers started under {}", dir.display());
     let applied = berth_store::migrate(&pg.url()).await?;
     tracing::info!(applied, "migrations done");
 
@@ -189,6 +198,7 @@ async fn start(args: UpArgs) -> Result<Fleet> {
         gateway: Children::default(),
         gateway_addr: args.gateway_listen,
         admin_key: None,
+        database_url_file: berth_dir.join("database-url"),
         nats_auth,
         agents: Children::default(),
         analyzers: Children::default(),
@@ -199,13 +209,10 @@ async fn start(args: UpArgs) -> Result<Fleet> {
     for i in 0..args.analyzers {
         let name = format!("analyzer-{i}");
         let mut cmd = Command::new(&analyzer_bin);
-        cmd.args([
-            "--nats-url",
-            &fleet.nats.url(),
-            "--database-url",
-            &fleet.pg.url(),
-        ])
-        .args(["--name", &name]);
+        // The URL holds the password: in the environment, not on a command line anyone can read.
+        cmd.args(["--nats-url", &fleet.nats.url()])
+            .env("BERTH_DATABASE_URL", fleet.pg.url())
+            .args(["--name", &name]);
         fleet.creds(&mut cmd, "analyzer");
         fleet.analyzers.spawn(name, cmd)?;
     }
@@ -234,11 +241,10 @@ async fn start(args: UpArgs) -> Result<Fleet> {
     cmd.args([
         "--nats-url",
         &fleet.nats.url(),
-        "--database-url",
-        &fleet.pg.url(),
         "--listen",
         &args.gateway_listen.to_string(),
-    ]);
+    ])
+    .env("BERTH_DATABASE_URL", fleet.pg.url());
     if args.no_auth {
         cmd.arg("--no-auth");
     }
@@ -252,7 +258,6 @@ async fn start(args: UpArgs) -> Result<Fleet> {
 /// there if it still opens the gateway, else a new one (replacing the old live key).
 async fn admin_key(database_url: &str, dir: &Path) -> Result<PathBuf> {
     use berth_store::keys::{NewKey, Scope, digest};
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("admin.key");
     let store = Store::connect(database_url, 1)?;
     if let Ok(existing) = std::fs::read_to_string(&path) {
@@ -269,15 +274,38 @@ async fn admin_key(database_url: &str, dir: &Path) -> Result<PathBuf> {
     store.revoke_key(UP_KEY_NAME).await?;
     let key = NewKey::generate();
     store.create_key(UP_KEY_NAME, Scope::Admin, &key).await?;
-    let _ = std::fs::remove_file(&path);
+    write_private(&path, &key.secret)?;
+    Ok(path)
+}
+
+/// Writes `text` and a newline to `path`, readable by its owner only.
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
+        .open(path)
         .with_context(|| format!("writing {}", path.display()))?;
-    writeln!(f, "{}", key.secret)?;
-    Ok(path)
+    writeln!(f, "{text}")?;
+    Ok(())
+}
+
+/// The password of this fleet's PostgreSQL: the one kept under `dir`, or a new one.
+fn pg_password(dir: &Path) -> Result<String> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("pg-password");
+    if let Ok(p) = std::fs::read_to_string(&path) {
+        let p = p.trim();
+        if !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Ok(p.to_owned());
+        }
+    }
+    let bytes: [u8; 24] = rand::random();
+    let password: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(&path, &password)?;
+    Ok(password)
 }
 
 /// Waits until something accepts connections on `addr`; fails if the child exits first or

@@ -253,7 +253,24 @@ fn start_ps_stop_against_berth_up() {
     );
 
     let nats = format!("nats://127.0.0.1:{nats_port}");
-    let db = format!("postgres://postgres@127.0.0.1:{pg_port}/postgres");
+    // PostgreSQL asks for a password over TCP; berth up keeps its URL for the commands.
+    let db_file = dir.path().join("database-url");
+    let mode = std::fs::metadata(&db_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let db = std::fs::read_to_string(&db_file).unwrap().trim().to_owned();
+    assert!(
+        db.starts_with("postgres://postgres:"),
+        "a password in {db:?}"
+    );
+    let no_password = format!("postgres://postgres@127.0.0.1:{pg_port}/postgres");
+    let out = berth(&["ps"], &[("BERTH_DATABASE_URL", no_password.as_str())]);
+    assert!(!out.status.success(), "connected without a password");
+    assert!(
+        stderr(&out).contains("password"),
+        "the refusal says why: {}",
+        stderr(&out)
+    );
+    assert!(!read(&log).contains(&db), "the password is not logged");
     let creds = dir.path().join("auth/publisher.nk");
     let env = [
         ("BERTH_NATS_URL", nats.as_str()),
