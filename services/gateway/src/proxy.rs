@@ -10,7 +10,6 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::Bytes;
-use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
 use std::{error::Error as _, sync::Arc};
@@ -221,11 +220,11 @@ fn respond(resp: hyper::Response<hyper::body::Incoming>, flight: InFlight) -> Re
     // Chunks go out as they come (server-sent events included). The guard lives as long as
     // the body: the request counts as in flight until the last byte, or until the client
     // goes away, which drops the body and with it the upstream connection.
-    let stream = body.into_data_stream().map(move |chunk| {
+    let body = body.map_frame(move |frame| {
         let _counted = &flight;
-        chunk
+        frame
     });
-    Response::from_parts(parts, Body::from_stream(stream))
+    Response::from_parts(parts, Body::new(body))
 }
 
 /// A connection refused, or closed before any byte of the response: nothing reached the
