@@ -117,10 +117,7 @@ pub(super) fn estimate(p: &ModelProfile, o: &LlamaCppOptions) -> Estimate {
     // Compute buffers (heuristic; see docs/estimation.md).
     let n_embd = u64::from(p.embedding_length);
     let n_head = u64::from(p.attention.heads);
-    let n_ff = match p.experts {
-        Some(e) => u64::from(p.feed_forward_length) * u64::from(e.used.max(1)),
-        None => u64::from(p.feed_forward_length),
-    };
+    let n_ff = super::ffn_width_per_token(p);
     let width = if o.flash_attention {
         n_ff.saturating_mul(2)
     } else {

@@ -213,6 +213,26 @@ impl Estimate {
     }
 }
 
+/// The widest feed-forward intermediate one token passes through: the dense MLP, or for
+/// MoE layers the routed experts' width times the experts per token plus the shared
+/// experts (the larger when some layers stay dense).
+pub(crate) fn ffn_width_per_token(p: &ModelProfile) -> u64 {
+    let dense = u64::from(p.feed_forward_length);
+    match p.experts {
+        None => dense,
+        Some(e) => {
+            let moe = u64::from(e.expert_width(p.feed_forward_length))
+                .saturating_mul(u64::from(e.used.max(1)))
+                .saturating_add(u64::from(e.shared_feed_forward_length.unwrap_or(0)));
+            if e.dense_layers > 0 {
+                moe.max(dense)
+            } else {
+                moe
+            }
+        }
+    }
+}
+
 pub(crate) fn pad(x: u64, to: u64) -> u64 {
     if to == 0 {
         return x;
@@ -380,6 +400,9 @@ mod tests {
         big.experts = Some(berth_options::Experts {
             count: u32::MAX,
             used: u32::MAX,
+            feed_forward_length: Some(u32::MAX),
+            shared_feed_forward_length: Some(u32::MAX),
+            dense_layers: 1,
         });
         big.context_length = MAX_CONTEXT;
         for o in [

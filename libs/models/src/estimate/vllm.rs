@@ -70,10 +70,7 @@ pub(super) fn estimate(p: &ModelProfile, o: &VllmOptions) -> Estimate {
     // see docs/estimation.md): the MLP and residual stream over the batched tokens in 16-bit,
     // plus f32 logits and sampling buffers for max_num_seqs sequences.
     let t = u64::from(o.max_num_batched_tokens);
-    let ffw = match p.experts {
-        Some(e) => u64::from(p.feed_forward_length) * u64::from(e.used.max(1)),
-        None => u64::from(p.feed_forward_length),
-    };
+    let ffw = super::ffn_width_per_token(p);
     let act = t
         .saturating_mul((4 * u64::from(p.embedding_length)).saturating_add(ffw.saturating_mul(3)))
         .saturating_mul(2)
