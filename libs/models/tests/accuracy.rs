@@ -8,8 +8,8 @@
 //! graphs are captured) or `nvidia-smi`.
 
 use berth_models::{
-    Estimate, EstimateOptions, ExplicitProfile, LlamaCppOptions, ModelProfile, VllmOptions,
-    WeightDtype, estimate,
+    Estimate, EstimateOptions, ExplicitProfile, FlashAttention, LlamaCppOptions, ModelProfile,
+    VllmOptions, WeightDtype, estimate,
 };
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -95,7 +95,7 @@ fn rows() -> Vec<Row> {
         &trilm,
         &EstimateOptions::LlamaCpp(LlamaCppOptions {
             context: Some(512),
-            flash_attention: false,
+            flash_attention: FlashAttention::Off,
             ..LlamaCppOptions::default()
         }),
     )
@@ -124,7 +124,7 @@ fn rows() -> Vec<Row> {
         &llama31,
         &EstimateOptions::LlamaCpp(LlamaCppOptions {
             context: Some(8192),
-            flash_attention: false,
+            flash_attention: FlashAttention::Off,
             ..LlamaCppOptions::default()
         }),
     )

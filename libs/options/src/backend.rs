@@ -220,7 +220,8 @@ pub enum KvCacheType {
     Q5_1,
 }
 
-/// llama.cpp server options that change memory use. Missing JSON fields take the defaults.
+/// llama.cpp server options that change memory use. Missing JSON fields take the defaults,
+/// which are llama-server's own.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
@@ -234,12 +235,17 @@ pub struct LlamaCppOptions {
     pub gpus: u32,
     pub cache_type_k: KvCacheType,
     pub cache_type_v: KvCacheType,
-    /// `--flash-attn`: attention scores are not materialised, so the compute buffer does not
-    /// grow with the context.
-    pub flash_attention: bool,
-    /// `--ubatch-size`.
+    /// `--flash-attn on|off|auto` (llama.cpp's default: auto). With it, attention scores are
+    /// not materialised, so the compute buffer does not grow with the context. On the wire
+    /// `true`/`false` (what older senders wrote) or `"auto"`/`"on"`/`"off"`; auto is left
+    /// out, so older readers take their own default (on).
+    #[serde(skip_serializing_if = "FlashAttention::is_auto")]
+    pub flash_attention: FlashAttention,
+    /// `--ubatch-size` (llama.cpp's default: 512).
     pub ubatch: u32,
-    /// `--parallel`: sequences sharing the context (sizes sliding-window caches).
+    /// `--parallel`: sequences sharing the context (sizes sliding-window caches). 1, the
+    /// default, is what llama-server turns into 4 slots over one unified cache (it does so
+    /// whenever it is given 1 without `--kv-unified`), and is estimated as 4.
     pub parallel: u32,
     /// `--swa-full`: full-size cache for sliding-window layers.
     pub swa_full: bool,
@@ -255,7 +261,7 @@ impl Default for LlamaCppOptions {
             gpus: 1,
             cache_type_k: KvCacheType::F16,
             cache_type_v: KvCacheType::F16,
-            flash_attention: true,
+            flash_attention: FlashAttention::Auto,
             ubatch: 512,
             parallel: 1,
             swa_full: false,
@@ -266,6 +272,9 @@ impl Default for LlamaCppOptions {
 
 /// Per-GPU CUDA footprint outside llama.cpp's own buffers (context, cuBLAS, kernels).
 pub const DEFAULT_OVERHEAD: u64 = 400 * MIB;
+
+/// Slots llama-server runs when given `--parallel 1` (or nothing) without `--kv-unified`.
+pub const LLAMA_SERVER_AUTO_PARALLEL: u32 = 4;
 
 impl LlamaCppOptions {
     pub fn validate(&self) -> Result<(), EstimateError> {
@@ -283,6 +292,90 @@ impl LlamaCppOptions {
             return bad(&format!("context must be at most {MAX_CONTEXT}"));
         }
         Ok(())
+    }
+
+    /// Sequences llama-server really runs: `parallel`, except that 1 becomes 4.
+    pub fn sequences(&self) -> u32 {
+        if self.parallel <= 1 {
+            LLAMA_SERVER_AUTO_PARALLEL
+        } else {
+            self.parallel
+        }
+    }
+}
+
+/// llama.cpp's `--flash-attn`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(rename_all = "snake_case"))]
+pub enum FlashAttention {
+    /// llama.cpp's default: on where the device supports it for the model (CUDA does for
+    /// the usual head sizes), so estimated as on.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl FlashAttention {
+    pub fn is_auto(&self) -> bool {
+        *self == Self::Auto
+    }
+
+    /// Whether attention scores stay unmaterialised (auto counts as on).
+    pub fn enabled(self) -> bool {
+        self != Self::Off
+    }
+
+    /// The `--flash-attn` argument.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for FlashAttention {
+    type Err = EstimateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" | "true" => Ok(Self::On),
+            "off" | "false" => Ok(Self::Off),
+            _ => Err(EstimateError::InvalidOptions(format!(
+                "flash_attention {s:?}: expected auto, on or off"
+            ))),
+        }
+    }
+}
+
+impl Serialize for FlashAttention {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            // Booleans, as older readers expect.
+            Self::On => s.serialize_bool(true),
+            Self::Off => s.serialize_bool(false),
+            Self::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FlashAttention {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(Self::On),
+            Raw::Bool(false) => Ok(Self::Off),
+            Raw::Word(w) => w.parse().map_err(serde::de::Error::custom),
+        }
     }
 }
 
@@ -428,6 +521,31 @@ mod tests {
         for bad in ["{modle}", "{port", "port}", "{}", "{{port}"] {
             assert!(template_pieces(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn older_llama_cpp_messages_still_read() {
+        // What senders wrote before flash attention had three states.
+        let old: LlamaCppOptions =
+            serde_json::from_str(r#"{"flash_attention": false, "parallel": 1}"#).unwrap();
+        assert_eq!(old.flash_attention, FlashAttention::Off);
+        let on: LlamaCppOptions = serde_json::from_str(r#"{"flash_attention": true}"#).unwrap();
+        assert_eq!(on.flash_attention, FlashAttention::On);
+        let auto: LlamaCppOptions = serde_json::from_str(r#"{"flash_attention": "auto"}"#).unwrap();
+        assert_eq!(auto, LlamaCppOptions::default());
+        assert!(
+            serde_json::from_str::<LlamaCppOptions>(r#"{"flash_attention": "maybe"}"#).is_err()
+        );
+        // Auto is left out (older readers default to on); on and off stay booleans.
+        let j = serde_json::to_value(LlamaCppOptions::default()).unwrap();
+        assert!(j.get("flash_attention").is_none(), "{j}");
+        let j = serde_json::to_value(LlamaCppOptions {
+            flash_attention: FlashAttention::Off,
+            ..LlamaCppOptions::default()
+        })
+        .unwrap();
+        assert_eq!(j["flash_attention"], serde_json::json!(false));
+        assert_eq!(LlamaCppOptions::default().sequences(), 4);
     }
 
     #[test]

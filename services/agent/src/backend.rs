@@ -357,7 +357,7 @@ impl Backend for LlamaCpp {
             "-ctv".to_owned(),
             cache_type(o.cache_type_v).to_owned(),
             "-fa".to_owned(),
-            if o.flash_attention { "on" } else { "off" }.to_owned(),
+            o.flash_attention.as_arg().to_owned(),
             "-np".to_owned(),
             o.parallel.to_string(),
             "-ub".to_owned(),
@@ -632,7 +632,7 @@ mod tests {
                 context: Some(8192),
                 cache_type_k: KvCacheType::Q8_0,
                 cache_type_v: KvCacheType::Iq4Nl,
-                flash_attention: false,
+                flash_attention: berth_options::FlashAttention::Off,
                 parallel: 4,
                 ubatch: 256,
                 ..LlamaCppOptions::default()
@@ -660,7 +660,7 @@ mod tests {
         let one = gpus(&[1 << 30]);
         let sim = args(&b.command(&launch(&one, false)).unwrap());
         assert!(
-            sim.contains("-c 0 -ngl 0 -ctk f16 -ctv f16 -fa on -np 1 -ub 512"),
+            sim.contains("-c 0 -ngl 0 -ctk f16 -ctv f16 -fa auto -np 1 -ub 512"),
             "{sim}"
         );
         assert!(!sim.contains("--tensor-split"));

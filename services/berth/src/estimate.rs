@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use berth_fit::Shape;
 use berth_models::{
-    EstimateOptions, KvCacheType, LlamaCppOptions, Scaling, VllmOptions, estimate,
+    EstimateOptions, FlashAttention, KvCacheType, LlamaCppOptions, Scaling, VllmOptions, estimate,
     profile_from_path, shapes, workers_note,
 };
 use clap::Args;
@@ -36,6 +36,23 @@ pub struct BackendArgs {
     /// vLLM: no CUDA graphs.
     #[arg(long)]
     enforce_eager: bool,
+    /// llama.cpp: `--flash-attn` (auto, llama.cpp's default, on or off).
+    #[arg(long, value_parser = parse_from_str::<FlashAttention>)]
+    flash_attn: Option<FlashAttention>,
+    /// llama.cpp: `--parallel`, sequences sharing the context (default 1, which
+    /// llama-server runs as 4 slots over one cache).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(berth_models::MAX_BATCH)))]
+    parallel: Option<u32>,
+    /// llama.cpp: `--ubatch-size` (default 512).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(berth_models::MAX_BATCH)))]
+    ubatch_size: Option<u32>,
+}
+
+fn parse_from_str<T: std::str::FromStr<Err = berth_models::EstimateError>>(
+    s: &str,
+) -> Result<T, String> {
+    s.parse()
+        .map_err(|e: berth_models::EstimateError| e.to_string())
 }
 
 /// What `--gpu-memory-utilization` asks for.
@@ -63,18 +80,26 @@ impl BackendArgs {
     /// Estimator options for `gpus` GPUs (llama.cpp split; vLLM uses --tp).
     pub fn options(&self, gpus: u32) -> Result<EstimateOptions> {
         Ok(match self.backend.as_str() {
-            "vllm" => EstimateOptions::Vllm(VllmOptions {
-                tensor_parallel: self.tp.unwrap_or(gpus),
-                max_model_len: self.ctx,
-                enforce_eager: self.enforce_eager,
-                gpu_memory_utilization: match self.gpu_memory_utilization {
-                    // What vLLM does without the flag.
-                    None => VllmOptions::default().gpu_memory_utilization,
-                    Some(Share::Fraction(f)) => Some(f),
-                    Some(Share::EstimateOnly) => None,
-                },
-                ..Default::default()
-            }),
+            "vllm" => {
+                if self.flash_attn.is_some()
+                    || self.parallel.is_some()
+                    || self.ubatch_size.is_some()
+                {
+                    bail!("--flash-attn, --parallel and --ubatch-size are llama.cpp options");
+                }
+                EstimateOptions::Vllm(VllmOptions {
+                    tensor_parallel: self.tp.unwrap_or(gpus),
+                    max_model_len: self.ctx,
+                    enforce_eager: self.enforce_eager,
+                    gpu_memory_utilization: match self.gpu_memory_utilization {
+                        // What vLLM does without the flag.
+                        None => VllmOptions::default().gpu_memory_utilization,
+                        Some(Share::Fraction(f)) => Some(f),
+                        Some(Share::EstimateOnly) => None,
+                    },
+                    ..Default::default()
+                })
+            }
             _ => {
                 if self.tp.is_some() || self.gpu_memory_utilization.is_some() {
                     bail!("--tp and --gpu-memory-utilization are vLLM options; add --backend vllm");
@@ -84,13 +109,17 @@ impl BackendArgs {
                     "q4_0" => KvCacheType::Q4_0,
                     _ => KvCacheType::F16,
                 };
+                let defaults = LlamaCppOptions::default();
                 EstimateOptions::LlamaCpp(LlamaCppOptions {
                     context: self.ctx,
                     gpu_layers: self.gpu_layers,
                     gpus,
                     cache_type_k: cache,
                     cache_type_v: cache,
-                    ..Default::default()
+                    flash_attention: self.flash_attn.unwrap_or_default(),
+                    parallel: self.parallel.unwrap_or(defaults.parallel),
+                    ubatch: self.ubatch_size.unwrap_or(defaults.ubatch),
+                    ..defaults
                 })
             }
         })
@@ -214,4 +243,50 @@ fn shapes_table(shapes: &[Shape]) -> String {
         ]);
     }
     format!("{table}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        backend: BackendArgs,
+    }
+
+    fn options(args: &[&str]) -> Result<EstimateOptions> {
+        let cli = Cli::try_parse_from(std::iter::once("berth").chain(args.iter().copied()))?;
+        cli.backend.options(1)
+    }
+
+    #[test]
+    fn backend_flags_reach_the_options() {
+        let EstimateOptions::LlamaCpp(l) = options(&[
+            "--flash-attn",
+            "off",
+            "--parallel",
+            "2",
+            "--ubatch-size",
+            "256",
+        ])
+        .unwrap() else {
+            panic!("not llama.cpp")
+        };
+        assert_eq!(
+            (l.flash_attention, l.parallel, l.ubatch),
+            (FlashAttention::Off, 2, 256)
+        );
+        let EstimateOptions::LlamaCpp(l) = options(&[]).unwrap() else {
+            panic!("not llama.cpp")
+        };
+        assert_eq!(l, LlamaCppOptions::default());
+        for bad in [
+            &["--backend", "vllm", "--flash-attn", "on"][..],
+            &["--flash-attn", "maybe"],
+        ] {
+            assert!(options(bad).is_err(), "{bad:?}");
+        }
+    }
 }

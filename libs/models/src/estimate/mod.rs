@@ -244,8 +244,8 @@ pub(crate) fn pad(x: u64, to: u64) -> u64 {
 mod tests {
     use super::*;
     use berth_options::{
-        CustomClaim, ExplicitProfile, GIB, KvCacheType, LlamaCppOptions, MAX_BATCH, MAX_CONTEXT,
-        VllmKvDtype, VllmOptions, WeightDtype,
+        CustomClaim, ExplicitProfile, FlashAttention, GIB, KvCacheType, LlamaCppOptions, MAX_BATCH,
+        MAX_CONTEXT, VllmKvDtype, VllmOptions, WeightDtype,
     };
 
     pub(crate) fn llama3_8b() -> ModelProfile {
@@ -407,7 +407,7 @@ mod tests {
         big.context_length = MAX_CONTEXT;
         for o in [
             EstimateOptions::LlamaCpp(LlamaCppOptions {
-                flash_attention: false,
+                flash_attention: FlashAttention::Off,
                 ubatch: MAX_BATCH,
                 ..LlamaCppOptions::default()
             }),
