@@ -452,11 +452,13 @@ impl Backend for Vllm {
         if let Some(len) = o.max_model_len {
             opt("--max-model-len", len.to_string());
         }
-        opt("--max-num-seqs", o.max_num_seqs.to_string());
-        opt(
-            "--max-num-batched-tokens",
-            o.max_num_batched_tokens.to_string(),
-        );
+        // Unset: vLLM's own defaults (GPU-dependent); the estimate allows for the larger.
+        if let Some(n) = o.max_num_seqs {
+            opt("--max-num-seqs", n.to_string());
+        }
+        if let Some(n) = o.max_num_batched_tokens {
+            opt("--max-num-batched-tokens", n.to_string());
+        }
         opt("--block-size", o.block_size.to_string());
         let dtype = match o.kv_cache_dtype {
             berth_options::VllmKvDtype::Auto => None,
@@ -678,7 +680,7 @@ mod tests {
                 tensor_parallel: 2,
                 max_model_len: Some(32768),
                 gpu_memory_utilization: Some(0.85),
-                max_num_seqs: 64,
+                max_num_seqs: Some(64),
                 kv_cache_dtype: VllmKvDtype::Fp8,
                 enforce_eager: true,
                 ..VllmOptions::default()
@@ -691,7 +693,7 @@ mod tests {
             args(&c),
             "serve /m/llama --host 127.0.0.1 --port 40001 --served-model-name smol \
              --tensor-parallel-size 2 --gpu-memory-utilization 0.85 --max-model-len 32768 \
-             --max-num-seqs 64 --max-num-batched-tokens 8192 --block-size 16 \
+             --max-num-seqs 64 --block-size 16 \
              --kv-cache-dtype fp8 --enforce-eager"
         );
         assert_eq!(

@@ -3,8 +3,8 @@
 use anyhow::{Context, Result, bail};
 use berth_fit::Shape;
 use berth_models::{
-    EstimateOptions, FlashAttention, KvCacheType, LlamaCppOptions, Scaling, VllmOptions, estimate,
-    profile_from_path, shapes, workers_note,
+    EstimateOptions, FlashAttention, KvCacheType, LlamaCppOptions, Scaling, VllmOptions,
+    VllmVersion, estimate, profile_from_path, shapes, workers_note,
 };
 use clap::Args;
 use std::path::PathBuf;
@@ -36,6 +36,18 @@ pub struct BackendArgs {
     /// vLLM: no CUDA graphs.
     #[arg(long)]
     enforce_eager: bool,
+    /// vLLM: the engine generation, `v1` (vLLM 0.8 and later, the default) or `v0`, or a
+    /// release number such as 0.7.3.
+    #[arg(long, value_parser = parse_from_str::<VllmVersion>)]
+    vllm_version: Option<VllmVersion>,
+    /// vLLM: `--max-num-seqs` (default: vLLM's, 1024 on GPUs of 70 GiB or more but A100s,
+    /// else 256; V0 256).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(berth_models::MAX_BATCH)))]
+    max_num_seqs: Option<u32>,
+    /// vLLM: `--max-num-batched-tokens` (default: vLLM's, 8192 on GPUs of 70 GiB or more
+    /// but A100s, else 2048; V0 depends on the context).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(berth_models::MAX_BATCH)))]
+    max_num_batched_tokens: Option<u32>,
     /// llama.cpp: `--flash-attn` (auto, llama.cpp's default, on or off).
     #[arg(long, value_parser = parse_from_str::<FlashAttention>)]
     flash_attn: Option<FlashAttention>,
@@ -91,6 +103,9 @@ impl BackendArgs {
                     tensor_parallel: self.tp.unwrap_or(gpus),
                     max_model_len: self.ctx,
                     enforce_eager: self.enforce_eager,
+                    vllm_version: self.vllm_version.unwrap_or_default(),
+                    max_num_seqs: self.max_num_seqs,
+                    max_num_batched_tokens: self.max_num_batched_tokens,
                     gpu_memory_utilization: match self.gpu_memory_utilization {
                         // What vLLM does without the flag.
                         None => VllmOptions::default().gpu_memory_utilization,
@@ -101,8 +116,16 @@ impl BackendArgs {
                 })
             }
             _ => {
-                if self.tp.is_some() || self.gpu_memory_utilization.is_some() {
-                    bail!("--tp and --gpu-memory-utilization are vLLM options; add --backend vllm");
+                if self.tp.is_some()
+                    || self.gpu_memory_utilization.is_some()
+                    || self.vllm_version.is_some()
+                    || self.max_num_seqs.is_some()
+                    || self.max_num_batched_tokens.is_some()
+                {
+                    bail!(
+                        "--tp, --gpu-memory-utilization, --vllm-version, --max-num-seqs and \
+                         --max-num-batched-tokens are vLLM options; add --backend vllm"
+                    );
                 }
                 let cache = match self.cache_type.as_str() {
                     "q8_0" => KvCacheType::Q8_0,
@@ -263,6 +286,31 @@ mod tests {
 
     #[test]
     fn backend_flags_reach_the_options() {
+        let EstimateOptions::Vllm(v) = options(&["--backend", "vllm"]).unwrap() else {
+            panic!("not vLLM")
+        };
+        // Unset: what vLLM does itself.
+        assert_eq!(
+            (v.max_num_seqs, v.max_num_batched_tokens, v.vllm_version),
+            (None, None, VllmVersion::V1)
+        );
+        let EstimateOptions::Vllm(v) = options(&[
+            "--backend",
+            "vllm",
+            "--vllm-version",
+            "0.7.3",
+            "--max-num-seqs",
+            "64",
+            "--max-num-batched-tokens",
+            "4096",
+        ])
+        .unwrap() else {
+            panic!("not vLLM")
+        };
+        assert_eq!(
+            (v.max_num_seqs, v.max_num_batched_tokens, v.vllm_version),
+            (Some(64), Some(4096), VllmVersion::V0)
+        );
         let EstimateOptions::LlamaCpp(l) = options(&[
             "--flash-attn",
             "off",
@@ -283,7 +331,9 @@ mod tests {
         };
         assert_eq!(l, LlamaCppOptions::default());
         for bad in [
-            &["--backend", "vllm", "--flash-attn", "on"][..],
+            &["--max-num-seqs", "64"][..],
+            &["--backend", "vllm", "--flash-attn", "on"],
+            &["--backend", "vllm", "--vllm-version", "v2"],
             &["--flash-attn", "maybe"],
         ] {
             assert!(options(bad).is_err(), "{bad:?}");

@@ -127,6 +127,19 @@ impl Estimate {
             .is_some_and(|need| need <= free_bytes)
     }
 
+    /// For a claiming backend, the KV cache it allocates on each GPU of `gpu_total_bytes`
+    /// (the least over the GPUs): the claimed share less everything but the minimum KV
+    /// cache. This is what vLLM logs as "Available KV cache memory". `None` without a claim,
+    /// or when the share cannot hold the rest.
+    pub fn kv_room_on(&self, gpu_total_bytes: u64) -> Option<u64> {
+        let share = self.claim?.share_of(gpu_total_bytes);
+        self.gpus
+            .iter()
+            .map(|g| share.checked_sub(g.total.saturating_sub(g.kv_cache)))
+            .try_fold(u64::MAX, |least, room| room.map(|r| least.min(r)))
+            .filter(|_| !self.gpus.is_empty())
+    }
+
     /// The placement shape of this estimate on one worker: as many GPUs as it uses, each
     /// with the largest per-GPU need free (or the claimed share, for a claiming backend).
     pub fn shape(&self, label: String) -> Shape {
@@ -245,7 +258,7 @@ mod tests {
     use super::*;
     use berth_options::{
         CustomClaim, ExplicitProfile, FlashAttention, GIB, KvCacheType, LlamaCppOptions, MAX_BATCH,
-        MAX_CONTEXT, VllmKvDtype, VllmOptions, WeightDtype,
+        MAX_CONTEXT, VllmKvDtype, VllmOptions, VllmVersion, WeightDtype,
     };
 
     pub(crate) fn llama3_8b() -> ModelProfile {
@@ -374,6 +387,10 @@ mod tests {
                 max_model_len: Some(u64::MAX),
                 ..VllmOptions::default()
             }),
+            EstimateOptions::Vllm(VllmOptions {
+                max_num_seqs: Some(0),
+                ..VllmOptions::default()
+            }),
             EstimateOptions::Custom(CustomClaim {
                 bytes_per_gpu: 1,
                 gpus: u32::MAX,
@@ -412,9 +429,14 @@ mod tests {
                 ..LlamaCppOptions::default()
             }),
             EstimateOptions::Vllm(VllmOptions {
-                max_num_batched_tokens: MAX_BATCH,
-                max_num_seqs: u32::MAX,
+                max_num_batched_tokens: Some(MAX_BATCH),
+                max_num_seqs: Some(MAX_BATCH),
                 non_torch_bytes: u64::MAX,
+                ..VllmOptions::default()
+            }),
+            EstimateOptions::Vllm(VllmOptions {
+                vllm_version: VllmVersion::V0,
+                tensor_parallel: 4,
                 ..VllmOptions::default()
             }),
         ] {
