@@ -116,7 +116,12 @@ pub(super) fn estimate(p: &ModelProfile, o: &VllmOptions) -> Estimate {
     let block = u64::from(o.block_size.max(1));
     let kv_bytes = o.kv_cache_dtype.bytes();
     let a = &p.attention;
-    let batched = u64::from(o.resolved_max_num_batched_tokens(len));
+    // V0 never turned chunked prefill on by itself for sliding-window models
+    // (EngineArgs.create_engine_config), so it profiled the whole max_model_len.
+    let batched = match (o.vllm_version, o.max_num_batched_tokens) {
+        (VllmVersion::V0, None) if a.sliding_window.is_some() => len.max(2048),
+        _ => u64::from(o.resolved_max_num_batched_tokens(len)),
+    };
     let seqs = u64::from(o.resolved_max_num_seqs()).min(batched);
 
     // KV bytes per token of one layer on one GPU (CacheEngine.get_cache_block_size / the V1
@@ -356,6 +361,18 @@ mod tests {
             ),
             (4096, 64)
         );
+    }
+
+    #[test]
+    fn v0_profiled_the_whole_context_of_sliding_window_models() {
+        let mut p = llama3_8b();
+        p.context_length = 131_072;
+        let long = est(&p, v0()).gpus[0].compute;
+        p.attention.sliding_window = Some(4096);
+        p.attention.sliding_layers = vec![true; 32];
+        let sliding = est(&p, v0()).gpus[0].compute;
+        let forward = |t: u64| activation(&p, VllmVersion::V0, t, 256, 1).peak();
+        assert_eq!((long, sliding), (forward(2048), forward(131_072)));
     }
 
     #[test]
