@@ -4,7 +4,7 @@ use anyhow::{Context, Result, bail};
 use berth_fit::Shape;
 use berth_models::{
     EstimateOptions, FlashAttention, KvCacheType, LlamaCppOptions, Scaling, VllmOptions,
-    VllmVersion, estimate, profile_from_path, shapes, workers_note,
+    VllmVersion, context_that_fits, estimate, profile_from_path, shapes, workers_note,
 };
 use clap::Args;
 use std::path::PathBuf;
@@ -191,9 +191,21 @@ pub struct EstimateArgs {
     /// With these, also list the shapes the placement search would try, in order.
     #[command(flatten)]
     scaling: ScalingArgs,
+    /// Also find the largest context (llama.cpp `--ctx-size`, vLLM `--max-model-len`) that
+    /// fits GPUs of this size ("80GiB"), with these options and GPU count.
+    #[arg(long, value_parser = parse_size)]
+    fit_context: Option<u64>,
     /// Print JSON (profile and estimate) instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let b = berth_proto::size::parse_bytes(s)?;
+    u64::try_from(b)
+        .ok()
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("{s:?} must be positive"))
 }
 
 pub fn run(args: &EstimateArgs) -> Result<()> {
@@ -207,6 +219,10 @@ pub fn run(args: &EstimateArgs) -> Result<()> {
         .map(|s| shapes(&profile, &options, s))
         .transpose()?;
     let note = scaling.and_then(|s| workers_note(&options, &s));
+    let fit = args
+        .fit_context
+        .map(|gpu| context_that_fits(&profile, &options, gpu).map(|ctx| (gpu, ctx)))
+        .transpose()?;
     if args.json {
         let mut doc =
             serde_json::json!({ "profile": profile, "options": options, "estimate": est });
@@ -215,6 +231,9 @@ pub fn run(args: &EstimateArgs) -> Result<()> {
         }
         if let Some(note) = &note {
             doc["note"] = serde_json::Value::from(note.as_str());
+        }
+        if let Some((gpu, ctx)) = fit {
+            doc["context_that_fits"] = serde_json::json!({ "gpu_bytes": gpu, "context": ctx });
         }
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -237,6 +256,13 @@ pub fn run(args: &EstimateArgs) -> Result<()> {
     }
     if let Some(note) = note {
         println!("({note})");
+    }
+    if let Some((gpu, ctx)) = fit {
+        let gpu = bytesize::ByteSize::b(gpu).display().iec();
+        match ctx {
+            Some(ctx) => println!("largest context that fits GPUs of {gpu}: {ctx} tokens"),
+            None => println!("no context fits GPUs of {gpu}"),
+        }
     }
     Ok(())
 }
@@ -282,6 +308,22 @@ mod tests {
     fn options(args: &[&str]) -> Result<EstimateOptions> {
         let cli = Cli::try_parse_from(std::iter::once("berth").chain(args.iter().copied()))?;
         cli.backend.options(1)
+    }
+
+    #[test]
+    fn fit_context_takes_a_gpu_size() {
+        #[derive(Parser)]
+        struct Estimate {
+            #[command(flatten)]
+            args: EstimateArgs,
+        }
+        let parse = |size: &str| {
+            Estimate::try_parse_from(["berth", "/m", "--fit-context", size])
+                .map(|e| e.args.fit_context)
+        };
+        assert_eq!(parse("80GiB").unwrap(), Some(80 << 30));
+        assert!(parse("0").is_err());
+        assert!(parse("lots").is_err());
     }
 
     #[test]

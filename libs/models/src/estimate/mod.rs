@@ -7,7 +7,9 @@ mod llama_cpp;
 mod vllm;
 
 use berth_fit::{Claim, Shape, gib};
-use berth_options::{EstimateError, EstimateOptions, ModelProfile};
+use berth_options::{
+    EstimateError, EstimateOptions, LlamaCppOptions, MAX_CONTEXT, ModelProfile, VllmOptions,
+};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 
@@ -83,6 +85,61 @@ pub fn estimate(profile: &ModelProfile, opts: &EstimateOptions) -> Result<Estima
             notes: vec!["explicit claim, not estimated".into()],
         },
     })
+}
+
+/// The largest context (llama.cpp `n_ctx`, vLLM `max_model_len`) at which `profile` under
+/// `options` fits GPUs of `gpu_total_bytes` each, as [`Estimate::fits_gpu`] judges a free GPU:
+/// for vLLM the longest request the KV cache left in its share can hold, for llama.cpp the
+/// largest `-c` whose buffers fit. Searched up to the model's trained context (the longest
+/// vLLM accepts), or [`MAX_CONTEXT`] when the model states none; `None` when not even one
+/// token fits. Custom claims have no context to size.
+pub fn context_that_fits(
+    profile: &ModelProfile,
+    options: &EstimateOptions,
+    gpu_total_bytes: u64,
+) -> Result<Option<u64>, EstimateError> {
+    let with = |ctx: u64| -> Result<bool, EstimateError> {
+        let o = with_context(options, ctx).ok_or_else(|| {
+            EstimateError::InvalidOptions("a custom claim has no context to fit".into())
+        })?;
+        Ok(estimate(profile, &o)?.fits_gpu(gpu_total_bytes, gpu_total_bytes))
+    };
+    let cap = match profile.context_length {
+        0 => MAX_CONTEXT,
+        c => c.min(MAX_CONTEXT),
+    };
+    if with(cap)? {
+        return Ok(Some(cap));
+    }
+    if !with(1)? {
+        return Ok(None);
+    }
+    // The need grows with the context: the largest fitting one lies in [lo, hi).
+    let (mut lo, mut hi) = (1, cap);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if with(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(Some(lo))
+}
+
+/// `options` with the context set to `ctx`; `None` for a custom claim, which has none.
+fn with_context(options: &EstimateOptions, ctx: u64) -> Option<EstimateOptions> {
+    match options {
+        EstimateOptions::LlamaCpp(l) => Some(EstimateOptions::LlamaCpp(LlamaCppOptions {
+            context: Some(ctx),
+            ..l.clone()
+        })),
+        EstimateOptions::Vllm(v) => Some(EstimateOptions::Vllm(VllmOptions {
+            max_model_len: Some(ctx),
+            ..v.clone()
+        })),
+        EstimateOptions::Custom(_) => None,
+    }
 }
 
 impl Estimate {
@@ -443,6 +500,41 @@ mod tests {
             let e = estimate(&big, &o).unwrap();
             assert!(e.max_per_gpu() > 1 << 60, "{e:?}");
         }
+    }
+
+    #[test]
+    fn the_context_that_fits() {
+        let mut p = llama3_8b();
+        p.context_length = 131_072;
+        let gib24 = 24 * GIB;
+        let at = |o: &EstimateOptions, ctx: u64| {
+            estimate(&p, &with_context(o, ctx).unwrap())
+                .unwrap()
+                .fits_gpu(gib24, gib24)
+        };
+        for o in [
+            EstimateOptions::Vllm(VllmOptions::default()),
+            EstimateOptions::LlamaCpp(LlamaCppOptions::default()),
+        ] {
+            let ctx = context_that_fits(&p, &o, gib24).unwrap().unwrap();
+            assert!(ctx < 131_072, "{ctx}");
+            assert!(at(&o, ctx) && !at(&o, ctx + 1), "{ctx}");
+        }
+        // vLLM: the longest request the KV cache left in the share holds, to a block.
+        let v = EstimateOptions::Vllm(VllmOptions::default());
+        let ctx = context_that_fits(&p, &v, gib24).unwrap().unwrap();
+        assert_eq!(ctx % 16, 0);
+        let room = estimate(&p, &v).unwrap().kv_room_on(gib24).unwrap();
+        assert_eq!(ctx, room / 131_072 / 16 * 16);
+        // llama.cpp: to llama.cpp's 256-cell padding.
+        let l = EstimateOptions::LlamaCpp(LlamaCppOptions::default());
+        assert_eq!(context_that_fits(&p, &l, gib24).unwrap().unwrap() % 256, 0);
+        // The trained context caps it; a GPU too small fits nothing.
+        assert_eq!(context_that_fits(&p, &v, 141 * GIB).unwrap(), Some(131_072));
+        assert_eq!(context_that_fits(&p, &v, 8 * GIB).unwrap(), None);
+        assert!(
+            context_that_fits(&p, &EstimateOptions::Custom(CustomClaim::default()), gib24).is_err()
+        );
     }
 
     #[test]
