@@ -1144,15 +1144,38 @@ pub fn profile_from_gguf(g: &GgufFile) -> Result<ModelProfile, ProfileError> {
         },
     };
 
-    let experts = match num("expert_count")? {
-        Some(c) if c > 0 => Some(Experts {
-            count: u32_of("expert_count", c)?,
-            used: u32_of("expert_used_count", num("expert_used_count")?.unwrap_or(0))?,
-        }),
-        _ => None,
-    };
     let opt32 = |k: &str| -> Result<Option<u32>, ProfileError> {
         num(k)?.filter(|&v| v > 0).map(|v| u32_of(k, v)).transpose()
+    };
+    let experts = match num("expert_count")? {
+        Some(c) if c > 0 => {
+            let expert_ff = opt32("expert_feed_forward_length")?;
+            // Shared experts: qwen2moe states their width, deepseek2 their count.
+            let shared = match (
+                opt32("expert_shared_feed_forward_length")?,
+                num("expert_shared_count")?.filter(|&n| n > 0),
+            ) {
+                (Some(width), _) => Some(width),
+                (None, Some(count)) => Some(u32_of(
+                    "expert_shared_count",
+                    count.saturating_mul(u64::from(expert_ff.unwrap_or(n_ff))),
+                )?),
+                (None, None) => None,
+            };
+            Some(Experts {
+                count: u32_of("expert_count", c)?,
+                used: u32_of("expert_used_count", num("expert_used_count")?.unwrap_or(0))?,
+                feed_forward_length: expert_ff,
+                shared_feed_forward_length: shared,
+                dense_layers: u32_of(
+                    "leading_dense_block_count",
+                    num("leading_dense_block_count")?
+                        .unwrap_or(0)
+                        .min(u64::from(n_layers)),
+                )?,
+            })
+        }
+        _ => None,
     };
     let kv_lora_rank = opt32("attention.kv_lora_rank")?;
     let q_lora_rank = opt32("attention.q_lora_rank")?;
@@ -2006,6 +2029,15 @@ mod profile_tests {
                 ("deepseek2.expert_count".into(), MetaValue::U32(64)),
                 ("deepseek2.expert_used_count".into(), MetaValue::U32(6)),
                 (
+                    "deepseek2.expert_feed_forward_length".into(),
+                    MetaValue::U32(1408),
+                ),
+                ("deepseek2.expert_shared_count".into(), MetaValue::U32(2)),
+                (
+                    "deepseek2.leading_dense_block_count".into(),
+                    MetaValue::U32(1),
+                ),
+                (
                     "deepseek2.attention.kv_lora_rank".into(),
                     MetaValue::U32(512),
                 ),
@@ -2025,7 +2057,16 @@ mod profile_tests {
         assert_eq!(p.attention.kv_heads, 2);
         assert_eq!(p.kv_heads_of(3), 0);
         assert_eq!(p.kv_heads_of(4), 2);
-        assert_eq!(p.experts, Some(Experts { count: 64, used: 6 }));
+        assert_eq!(
+            p.experts,
+            Some(Experts {
+                count: 64,
+                used: 6,
+                feed_forward_length: Some(1408),
+                shared_feed_forward_length: Some(2 * 1408),
+                dense_layers: 1,
+            })
+        );
         assert_eq!(p.attention.kv_lora_rank, Some(512));
         assert_eq!(p.attention.q_lora_rank, Some(1536));
         assert_eq!(p.attention.rope_dim, Some(64));

@@ -279,7 +279,15 @@ fn quantization(q: &Value) -> Option<(String, f64)> {
         }
         "bitsandbytes" => {
             if q.get("load_in_4bit").and_then(Value::as_bool) == Some(true) {
-                ("bnb-4bit".into(), 4.0 + 32.0 / 64.0)
+                // 4-bit weights and an f32 absmax per 64; double quantization stores the
+                // absmax in 8 bits with an f32 scale per 256 of them.
+                let double = q.get("bnb_4bit_use_double_quant").and_then(Value::as_bool);
+                let absmax = if double == Some(true) {
+                    8.0 / 64.0 + 32.0 / (64.0 * 256.0)
+                } else {
+                    32.0 / 64.0
+                };
+                ("bnb-4bit".into(), 4.0 + absmax)
             } else {
                 ("bnb-8bit".into(), 8.0)
             }
@@ -302,6 +310,33 @@ fn quantization(q: &Value) -> Option<(String, f64)> {
         }
         other => (other.to_owned(), bits.map_or(16.0, |b| b as f64)),
     })
+}
+
+/// Layers of an MoE config that keep a dense MLP: DeepSeek's leading
+/// `first_k_dense_replace`, Qwen-MoE's `mlp_only_layers` and the layers between its
+/// `decoder_sparse_step` sparse ones.
+fn dense_mlp_layers(c: &Value, layers: u32) -> u32 {
+    let n = u64::from(layers);
+    let leading = first_u64(c, &["first_k_dense_replace"]).unwrap_or(0);
+    let listed = c
+        .get("mlp_only_layers")
+        .and_then(Value::as_array)
+        .map_or(0, |l| {
+            l.iter()
+                .filter(|v| v.as_u64().is_some_and(|i| i < n))
+                .count() as u64
+        });
+    let between = match first_u64(c, &["decoder_sparse_step"]) {
+        Some(step) if step > 1 => n - n / step,
+        _ => 0,
+    };
+    u32::try_from(
+        leading
+            .saturating_add(listed)
+            .saturating_add(between)
+            .min(n),
+    )
+    .unwrap_or(layers)
 }
 
 fn dtype_bits(name: &str) -> Option<(String, f64)> {
@@ -389,7 +424,7 @@ pub fn profile_from_config(
         "moe_intermediate_size",
     ])
     .unwrap_or(0);
-    let moe_inter = u(&["moe_intermediate_size"]).unwrap_or(inter);
+    let moe_inter = u(&["moe_intermediate_size"]).filter(|&v| v > 0);
     let vocab = u32_of(
         "vocab_size",
         u(&["vocab_size", "padded_vocab_size"]).unwrap_or(0),
@@ -402,13 +437,31 @@ pub fn profile_from_config(
         .to_owned();
 
     let experts = match u(&["num_local_experts", "num_experts", "n_routed_experts"]) {
-        Some(n) if n > 0 => Some(Experts {
-            count: u32_of("num_experts", n)?,
-            used: u32_of(
-                "num_experts_per_tok",
-                u(&["num_experts_per_tok", "moe_topk"]).unwrap_or(0),
-            )?,
-        }),
+        Some(n) if n > 0 => {
+            // Shared experts: Qwen-MoE states their width, DeepSeek their count.
+            let shared = match (
+                u(&["shared_expert_intermediate_size"]).filter(|&v| v > 0),
+                u(&["n_shared_experts", "num_shared_experts"]).filter(|&v| v > 0),
+            ) {
+                (Some(width), _) => Some(width),
+                (None, Some(count)) => Some(count.saturating_mul(moe_inter.unwrap_or(inter))),
+                (None, None) => None,
+            };
+            Some(Experts {
+                count: u32_of("num_experts", n)?,
+                used: u32_of(
+                    "num_experts_per_tok",
+                    u(&["num_experts_per_tok", "moe_topk"]).unwrap_or(0),
+                )?,
+                feed_forward_length: moe_inter
+                    .map(|v| u32_of("moe_intermediate_size", v))
+                    .transpose()?,
+                shared_feed_forward_length: shared
+                    .map(|v| u32_of("shared_expert_intermediate_size", v))
+                    .transpose()?,
+                dense_layers: dense_mlp_layers(c, layers),
+            })
+        }
         _ => None,
     };
 
@@ -454,9 +507,18 @@ pub fn profile_from_config(
         .get("quantization_config")
         .or_else(|| c.get("quantization_config"))
         .and_then(quantization);
+    let quantized = quant.is_some();
     let (weight_dtype, bits) = match quant {
         Some(q) => q,
         None => dtype_bits(dtype_name).unwrap_or_else(|| (dtype_name.to_owned(), 16.0)),
+    };
+    // Quantization covers the decoder's linear layers; embeddings and the output head stay
+    // in the model's 16-bit dtype (bitsandbytes replaces only nn.Linear modules, and AWQ,
+    // GPTQ and FP8 checkpoints leave lm_head and the embeddings unquantized).
+    let embed_bits = if quantized {
+        dtype_bits(dtype_name).map_or(16.0, |(_, b)| b)
+    } else {
+        bits
     };
     let tied = c
         .get("tie_word_embeddings")
@@ -466,26 +528,62 @@ pub fn profile_from_config(
 
     // Parameters from the shape (used when the files do not say).
     let h = u64::from(hidden);
-    let attn = h
-        .saturating_mul(u64::from(heads))
-        .saturating_mul(u64::from(key_length))
-        .saturating_mul(2)
-        .saturating_add(
-            h.saturating_mul(u64::from(kv_heads))
-                .saturating_mul(u64::from(key_length) + u64::from(value_length)),
-        );
-    let mlp = match experts {
-        Some(e) => h
-            .saturating_mul(moe_inter)
-            .saturating_mul(3)
-            .saturating_mul(u64::from(e.count))
-            .saturating_add(h.saturating_mul(u64::from(e.count))),
-        None => h.saturating_mul(inter).saturating_mul(3),
+    let (nh, kl, vl) = (
+        u64::from(heads),
+        u64::from(key_length),
+        u64::from(value_length),
+    );
+    let attn = match kv_lora_rank.map(u64::from) {
+        // MLA: q (through its own low rank when there is one), the latent kv_a, its
+        // up-projection kv_b to the heads' keys and values, and o.
+        Some(rank) => {
+            let q = match q_lora_rank.map(u64::from) {
+                Some(qr) => h.saturating_add(nh.saturating_mul(kl)).saturating_mul(qr),
+                None => h.saturating_mul(nh).saturating_mul(kl),
+            };
+            let rope = u64::from(rope_dim.unwrap_or(0));
+            let nope = kl.saturating_sub(rope);
+            q.saturating_add(h.saturating_mul(rank.saturating_add(rope)))
+                .saturating_add(
+                    rank.saturating_mul(nh)
+                        .saturating_mul(nope.saturating_add(vl)),
+                )
+                .saturating_add(nh.saturating_mul(vl).saturating_mul(h))
+        }
+        None => h
+            .saturating_mul(nh)
+            .saturating_mul(kl)
+            .saturating_mul(2)
+            .saturating_add(
+                h.saturating_mul(u64::from(kv_heads))
+                    .saturating_mul(kl.saturating_add(vl)),
+            ),
+    };
+    let dense_mlp = h.saturating_mul(inter).saturating_mul(3);
+    let mlp_params = match experts {
+        Some(e) => {
+            // Routed experts with their router, plus the shared experts.
+            let moe = h
+                .saturating_mul(moe_inter.unwrap_or(inter))
+                .saturating_mul(3)
+                .saturating_mul(u64::from(e.count))
+                .saturating_add(h.saturating_mul(u64::from(e.count)))
+                .saturating_add(
+                    h.saturating_mul(u64::from(e.shared_feed_forward_length.unwrap_or(0)))
+                        .saturating_mul(3),
+                );
+            let dense = u64::from(e.dense_layers);
+            moe.saturating_mul(u64::from(layers) - dense)
+                .saturating_add(dense_mlp.saturating_mul(dense))
+        }
+        None => dense_mlp.saturating_mul(u64::from(layers)),
     };
     let embed = u64::from(vocab) * h;
+    let embed_params = if tied { embed } else { embed.saturating_mul(2) };
     let shape_params = u64::from(layers)
-        .saturating_mul(attn.saturating_add(mlp))
-        .saturating_add(if tied { embed } else { embed.saturating_mul(2) });
+        .saturating_mul(attn)
+        .saturating_add(mlp_params)
+        .saturating_add(embed_params);
 
     let (parameters, weights) = match weights {
         Some(w) => {
@@ -514,8 +612,10 @@ pub fn profile_from_config(
             )
         }
         None => {
-            let total = (shape_params as f64 * bits / 8.0).ceil() as u64;
-            let emb_bytes = (embed as f64 * bits / 8.0) as u64;
+            let total = (shape_params.saturating_sub(embed_params) as f64 * bits / 8.0
+                + embed_params as f64 * embed_bits / 8.0)
+                .ceil() as u64;
+            let emb_bytes = (embed as f64 * embed_bits / 8.0) as u64;
             (
                 shape_params,
                 WeightBytes {
@@ -722,31 +822,27 @@ pub(crate) mod tests {
         c["quantization_config"] = json!({"quant_method": "awq", "bits": 4, "group_size": 128});
         let p = profile_from_config(&c, None).unwrap();
         assert_eq!(p.weight_dtype, "awq-int4");
-        let ratio = p.weights.total as f64 / p.parameters as f64;
-        assert!((0.5..0.6).contains(&ratio), "{ratio}");
+        // Linear layers at 4 + 16/128 + 4/128 bits, embeddings and head in f16: 5.73 GB,
+        // the size of published Llama-3-8B AWQ checkpoints.
+        let gb = p.weights.total as f64 / 1e9;
+        assert!((5.70..5.76).contains(&gb), "{gb}");
         c["quantization_config"] = json!({"quant_method": "fp8"});
         let p = profile_from_config(&c, None).unwrap();
+        let embeddings = 2 * 128_256 * 4096;
         assert_eq!(
             (p.weight_dtype.as_str(), p.weights.total),
-            ("fp8", p.parameters)
+            ("fp8", p.parameters + embeddings)
         );
 
-        let ds = json!({
-            "model_type": "deepseek_v3", "num_hidden_layers": 61, "hidden_size": 7168,
-            "intermediate_size": 18432, "moe_intermediate_size": 2048,
-            "num_attention_heads": 128, "num_key_value_heads": 128,
-            "n_routed_experts": 256, "num_experts_per_tok": 8,
-            "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
-            "qk_nope_head_dim": 128, "v_head_dim": 128, "max_position_embeddings": 163840,
-            "vocab_size": 129280, "torch_dtype": "bfloat16",
-            "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}
-        });
-        let p = profile_from_config(&ds, None).unwrap();
+        let p = fixture("deepseek-v3.json");
         assert_eq!(
             p.experts,
             Some(Experts {
                 count: 256,
-                used: 8
+                used: 8,
+                feed_forward_length: Some(2048),
+                shared_feed_forward_length: Some(2048),
+                dense_layers: 3,
             })
         );
         assert_eq!(
@@ -758,6 +854,8 @@ pub(crate) mod tests {
             (192, 128)
         );
         assert_eq!(p.feed_forward_length, 18432);
+        // 671 B parameters (DeepSeek-V3's model card, without the MTP layer).
+        assert_within(p.parameters, 671_000_000_000, 0.01);
 
         let gemma = json!({
             "model_type": "gemma3", "text_config": {
@@ -797,6 +895,102 @@ pub(crate) mod tests {
         );
         let p = profile_from_config(&qwen, None).unwrap();
         assert_eq!((0..32).filter(|&i| p.is_sliding(i)).count(), 4);
+    }
+
+    /// A profile from a fixture config in `tests/fixtures`.
+    pub(crate) fn fixture(name: &str) -> ModelProfile {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        let text = std::fs::read_to_string(&path).unwrap();
+        profile_from_config(&serde_json::from_str(&text).unwrap(), None).unwrap()
+    }
+
+    fn assert_within(got: u64, want: u64, tolerance: f64) {
+        let err = (got as f64 - want as f64) / want as f64;
+        assert!(
+            err.abs() <= tolerance,
+            "{got} vs {want}: {:+.2}%",
+            err * 100.0
+        );
+    }
+
+    #[test]
+    fn moe_configs_carry_expert_widths() {
+        // Mixtral: intermediate_size is the expert width; no shared experts, no dense layers.
+        let p = fixture("mixtral-8x7b.json");
+        assert_eq!(
+            p.experts,
+            Some(Experts {
+                count: 8,
+                used: 2,
+                ..Experts::default()
+            })
+        );
+        assert_eq!(p.feed_forward_length, 14336);
+        assert_within(p.parameters, 46_702_792_704, 0.001);
+        // Qwen-MoE states the shared experts' width; every layer is sparse.
+        let p = fixture("qwen1.5-moe-a2.7b.json");
+        assert_eq!(
+            p.experts,
+            Some(Experts {
+                count: 60,
+                used: 4,
+                feed_forward_length: Some(1408),
+                shared_feed_forward_length: Some(5632),
+                dense_layers: 0,
+            })
+        );
+        assert_within(p.parameters, 14_315_784_192, 0.01);
+        // DeepSeek-V2-Lite: two shared experts of the expert width, the first layer dense.
+        let p = fixture("deepseek-v2-lite.json");
+        assert_eq!(
+            p.experts,
+            Some(Experts {
+                count: 64,
+                used: 6,
+                feed_forward_length: Some(1408),
+                shared_feed_forward_length: Some(2816),
+                dense_layers: 1,
+            })
+        );
+        assert_eq!(p.feed_forward_length, 10944);
+        assert_within(p.parameters, 15_706_484_224, 0.01);
+        // Older profiles without the widths still read, the dense width standing in.
+        let old: Experts = serde_json::from_str(r#"{"count": 8, "used": 2}"#).unwrap();
+        assert_eq!(old.expert_width(14336), 14336);
+        let mut odd = serde_json::from_str::<Value>(
+            &std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deepseek-v2-lite.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        odd["first_k_dense_replace"] = json!(1000);
+        assert_eq!(
+            profile_from_config(&odd, None)
+                .unwrap()
+                .experts
+                .unwrap()
+                .dense_layers,
+            27
+        );
+    }
+
+    #[test]
+    fn bitsandbytes_keeps_embeddings_in_16_bits() {
+        let p = fixture("llama-3-8b-bnb-4bit.json");
+        assert_eq!(p.weight_dtype, "bnb-4bit");
+        assert!(!p.weights.exact);
+        // Embeddings and head in bf16, as bitsandbytes quantizes nn.Linear only.
+        assert_eq!(p.weights.input, 128_256 * 4096 * 2);
+        assert_eq!(p.weights.output, 128_256 * 4096 * 2);
+        // 6.98 B linear weights at 4.127 bits (nf4 with double-quantized absmax) + 2.10 GB
+        // of embeddings: 5.70 GB, the size of unsloth/llama-3-8b-bnb-4bit's safetensors.
+        let gb = p.weights.total as f64 / 1e9;
+        assert!((5.65..5.75).contains(&gb), "{gb}");
+        // Counting the embeddings as 4-bit would have given 4.14 GB, a quarter too small.
+        assert!(p.weights.total as f64 > 1.3 * 8.03e9 * 4.127 / 8.0);
     }
 
     #[test]

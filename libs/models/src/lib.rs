@@ -11,7 +11,8 @@
 //! - [`hf`]: Hugging Face `config.json` + safetensors headers, and the profile they give.
 //! - [`profile_from_path`], [`resolve`]: the profile of a path, or of what a command names.
 //!   Every profile passes the one validator, [`ModelProfile::validate`].
-//! - [`estimate()`]: llama.cpp- and vLLM-style memory estimates ([`Estimate`]).
+//! - [`estimate()`]: llama.cpp- and vLLM-style memory estimates ([`Estimate`]), and
+//!   [`context_that_fits`] on GPUs of a given size.
 //! - [`shapes`]: the shapes an estimated model can run in, for the placement search.
 
 mod estimate;
@@ -21,6 +22,6 @@ mod plan;
 mod read;
 
 pub use berth_options::*;
-pub use estimate::{Backend, Estimate, GpuMemory, estimate};
+pub use estimate::{Backend, Estimate, GpuMemory, context_that_fits, estimate};
 pub use plan::{shapes, workers_note};
 pub use read::{ProfileError, profile_from_path, resolve};

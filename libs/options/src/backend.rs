@@ -220,7 +220,8 @@ pub enum KvCacheType {
     Q5_1,
 }
 
-/// llama.cpp server options that change memory use. Missing JSON fields take the defaults.
+/// llama.cpp server options that change memory use. Missing JSON fields take the defaults,
+/// which are llama-server's own.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
@@ -234,12 +235,17 @@ pub struct LlamaCppOptions {
     pub gpus: u32,
     pub cache_type_k: KvCacheType,
     pub cache_type_v: KvCacheType,
-    /// `--flash-attn`: attention scores are not materialised, so the compute buffer does not
-    /// grow with the context.
-    pub flash_attention: bool,
-    /// `--ubatch-size`.
+    /// `--flash-attn on|off|auto` (llama.cpp's default: auto). With it, attention scores are
+    /// not materialised, so the compute buffer does not grow with the context. On the wire
+    /// `true`/`false` (what older senders wrote) or `"auto"`/`"on"`/`"off"`; auto is left
+    /// out, so older readers take their own default (on).
+    #[serde(skip_serializing_if = "FlashAttention::is_auto")]
+    pub flash_attention: FlashAttention,
+    /// `--ubatch-size` (llama.cpp's default: 512).
     pub ubatch: u32,
-    /// `--parallel`: sequences sharing the context (sizes sliding-window caches).
+    /// `--parallel`: sequences sharing the context (sizes sliding-window caches). 1, the
+    /// default, is what llama-server turns into 4 slots over one unified cache (it does so
+    /// whenever it is given 1 without `--kv-unified`), and is estimated as 4.
     pub parallel: u32,
     /// `--swa-full`: full-size cache for sliding-window layers.
     pub swa_full: bool,
@@ -255,7 +261,7 @@ impl Default for LlamaCppOptions {
             gpus: 1,
             cache_type_k: KvCacheType::F16,
             cache_type_v: KvCacheType::F16,
-            flash_attention: true,
+            flash_attention: FlashAttention::Auto,
             ubatch: 512,
             parallel: 1,
             swa_full: false,
@@ -266,6 +272,9 @@ impl Default for LlamaCppOptions {
 
 /// Per-GPU CUDA footprint outside llama.cpp's own buffers (context, cuBLAS, kernels).
 pub const DEFAULT_OVERHEAD: u64 = 400 * MIB;
+
+/// Slots llama-server runs when given `--parallel 1` (or nothing) without `--kv-unified`.
+pub const LLAMA_SERVER_AUTO_PARALLEL: u32 = 4;
 
 impl LlamaCppOptions {
     pub fn validate(&self) -> Result<(), EstimateError> {
@@ -283,6 +292,90 @@ impl LlamaCppOptions {
             return bad(&format!("context must be at most {MAX_CONTEXT}"));
         }
         Ok(())
+    }
+
+    /// Sequences llama-server really runs: `parallel`, except that 1 becomes 4.
+    pub fn sequences(&self) -> u32 {
+        if self.parallel <= 1 {
+            LLAMA_SERVER_AUTO_PARALLEL
+        } else {
+            self.parallel
+        }
+    }
+}
+
+/// llama.cpp's `--flash-attn`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(rename_all = "snake_case"))]
+pub enum FlashAttention {
+    /// llama.cpp's default: on where the device supports it for the model (CUDA does for
+    /// the usual head sizes), so estimated as on.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl FlashAttention {
+    pub fn is_auto(&self) -> bool {
+        *self == Self::Auto
+    }
+
+    /// Whether attention scores stay unmaterialised (auto counts as on).
+    pub fn enabled(self) -> bool {
+        self != Self::Off
+    }
+
+    /// The `--flash-attn` argument.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for FlashAttention {
+    type Err = EstimateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" | "true" => Ok(Self::On),
+            "off" | "false" => Ok(Self::Off),
+            _ => Err(EstimateError::InvalidOptions(format!(
+                "flash_attention {s:?}: expected auto, on or off"
+            ))),
+        }
+    }
+}
+
+impl Serialize for FlashAttention {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            // Booleans, as older readers expect.
+            Self::On => s.serialize_bool(true),
+            Self::Off => s.serialize_bool(false),
+            Self::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FlashAttention {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(Self::On),
+            Raw::Bool(false) => Ok(Self::Off),
+            Raw::Word(w) => w.parse().map_err(serde::de::Error::custom),
+        }
     }
 }
 
@@ -308,7 +401,48 @@ impl VllmKvDtype {
     }
 }
 
-/// vLLM engine arguments that change memory use. Missing JSON fields take the defaults.
+/// The vLLM engine generation, which decides how vLLM profiles memory and its scheduler
+/// defaults (see docs/estimation.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum VllmVersion {
+    /// The V1 engine: vLLM's default since 0.8.0, the only one since 0.11.
+    #[default]
+    V1,
+    /// The V0 engine: vLLM before 0.8.0 (and `VLLM_USE_V1=0` up to 0.10).
+    V0,
+}
+
+impl std::str::FromStr for VllmVersion {
+    type Err = EstimateError;
+
+    /// `v1`, `v0`, or a release number (`0.7.3`), which names the engine that release ran
+    /// by default.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            EstimateError::InvalidOptions(format!(
+                "vLLM version {s:?}: expected v0, v1 or a release such as 0.7.3"
+            ))
+        };
+        match s {
+            "v1" | "V1" => return Ok(Self::V1),
+            "v0" | "V0" => return Ok(Self::V0),
+            _ => {}
+        }
+        let mut parts = s.trim_start_matches('v').split('.');
+        let major: u32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        let minor: u32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+        Ok(if major == 0 && minor < 8 {
+            Self::V0
+        } else {
+            Self::V1
+        })
+    }
+}
+
+/// vLLM engine arguments that change memory use. Missing JSON fields take the defaults;
+/// `None` means what vLLM itself does without the flag.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
@@ -322,10 +456,18 @@ pub struct VllmOptions {
     /// Full-length sequences the KV cache must hold at once for the instance to be useful
     /// (vLLM refuses to start below one).
     pub concurrent_sequences: u32,
-    /// `--max-num-seqs`: sizes the sampler's share of the profiling run.
-    pub max_num_seqs: u32,
-    /// `--max-num-batched-tokens`: the profiling run's batch.
-    pub max_num_batched_tokens: u32,
+    /// The engine generation; decides the profiling run and the scheduler defaults.
+    pub vllm_version: VllmVersion,
+    /// `--max-num-seqs`: the sampler's batch in the profiling run. `None`: vLLM's default
+    /// (V1: 1024 on GPUs of 70 GiB or more but A100s, else 256, estimated as 1024; V0: 256).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_num_seqs: Option<u32>,
+    /// `--max-num-batched-tokens`: the profiling run's batch. `None`: vLLM's default (V1:
+    /// 8192 on GPUs of 70 GiB or more but A100s, else 2048, estimated as 8192; V0: 2048 with
+    /// chunked prefill, which it enables past a 32 768-token `max_model_len`, else
+    /// `max(max_model_len, 2048)`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_num_batched_tokens: Option<u32>,
     pub kv_cache_dtype: VllmKvDtype,
     /// `--block-size`, tokens per KV block.
     pub block_size: u32,
@@ -334,15 +476,20 @@ pub struct VllmOptions {
     /// `--gpu-memory-utilization`: the share of each GPU the instance takes, whatever it
     /// needs. `None` reserves only the estimate (as with `--kv-cache-memory`).
     pub gpu_memory_utilization: Option<f64>,
-    /// CUDA context, cuBLAS, NCCL buffers … per GPU.
+    /// Memory outside PyTorch's allocator per GPU: the CUDA context (the first
+    /// [`VLLM_CUDA_CONTEXT`] of it, which exists before vLLM's baseline snapshot and so lies
+    /// outside the utilization share) and what vLLM logs as non-torch memory.
     pub non_torch_bytes: u64,
     /// Added per GPU when more than one GPU (NCCL, custom all-reduce buffers).
     pub multi_gpu_bytes: u64,
     pub cuda_graph_bytes: u64,
     /// vLLM ≥ 0.21 profiles CUDA graph memory inside the utilization share; older versions
-    /// allocated it on top.
+    /// allocated it on top. The V0 engine always allocated it on top.
     pub cuda_graphs_in_share: bool,
 }
+
+/// The CUDA context vLLM's memory accounting leaves out (per GPU).
+pub const VLLM_CUDA_CONTEXT: u64 = 512 * MIB;
 
 impl Default for VllmOptions {
     fn default() -> Self {
@@ -351,19 +498,29 @@ impl Default for VllmOptions {
             pipeline_parallel: 1,
             max_model_len: None,
             concurrent_sequences: 1,
-            max_num_seqs: 256,
-            max_num_batched_tokens: 8192,
+            vllm_version: VllmVersion::V1,
+            max_num_seqs: None,
+            max_num_batched_tokens: None,
             kv_cache_dtype: VllmKvDtype::Auto,
             block_size: 16,
             enforce_eager: false,
             gpu_memory_utilization: Some(0.9),
-            non_torch_bytes: GIB + GIB / 2,
+            non_torch_bytes: VLLM_CUDA_CONTEXT + 256 * MIB,
             multi_gpu_bytes: GIB + GIB / 2,
             cuda_graph_bytes: 512 * MIB,
             cuda_graphs_in_share: true,
         }
     }
 }
+
+/// vLLM's largest default `max_num_batched_tokens` / `max_num_seqs` (V1 on large GPUs).
+const V1_BATCHED_TOKENS: u32 = 8192;
+const V1_SEQS: u32 = 1024;
+/// V0's `_DEFAULT_MAX_NUM_BATCHED_TOKENS` and `max_num_seqs`.
+const V0_BATCHED_TOKENS: u32 = 2048;
+const V0_SEQS: u32 = 256;
+/// V0 enabled chunked prefill by default past this `max_model_len`.
+const V0_CHUNKED_PREFILL_ABOVE: u64 = 32 * 1024;
 
 impl VllmOptions {
     pub fn validate(&self) -> Result<(), EstimateError> {
@@ -374,10 +531,16 @@ impl VllmOptions {
                 "tensor_parallel × pipeline_parallel must be 1..={MAX_GPUS}"
             ));
         }
-        if self.block_size == 0 || self.max_num_batched_tokens > MAX_BATCH {
-            return bad(format!(
-                "block_size must be positive and max_num_batched_tokens at most {MAX_BATCH}"
-            ));
+        if self.block_size == 0 {
+            return bad("block_size must be positive".into());
+        }
+        for (what, v) in [
+            ("max_num_batched_tokens", self.max_num_batched_tokens),
+            ("max_num_seqs", self.max_num_seqs),
+        ] {
+            if v.is_some_and(|v| v == 0 || v > MAX_BATCH) {
+                return bad(format!("{what} must be 1..={MAX_BATCH}"));
+            }
         }
         if self.max_model_len.is_some_and(|l| l > MAX_CONTEXT) {
             return bad(format!("max_model_len must be at most {MAX_CONTEXT}"));
@@ -388,6 +551,27 @@ impl VllmOptions {
             return bad(format!("gpu_memory_utilization {u} is not in (0, 1]"));
         }
         Ok(())
+    }
+
+    /// `max_num_seqs` as vLLM would run it (the larger of V1's GPU-dependent defaults).
+    pub fn resolved_max_num_seqs(&self) -> u32 {
+        self.max_num_seqs.unwrap_or(match self.vllm_version {
+            VllmVersion::V1 => V1_SEQS,
+            VllmVersion::V0 => V0_SEQS,
+        })
+    }
+
+    /// `max_num_batched_tokens` as vLLM would run it for a `max_model_len` of `len`
+    /// (V1: the larger of its GPU-dependent defaults; V0: by chunked prefill).
+    pub fn resolved_max_num_batched_tokens(&self, len: u64) -> u32 {
+        self.max_num_batched_tokens
+            .unwrap_or(match self.vllm_version {
+                VllmVersion::V1 => V1_BATCHED_TOKENS,
+                VllmVersion::V0 if len > V0_CHUNKED_PREFILL_ABOVE => V0_BATCHED_TOKENS,
+                VllmVersion::V0 => u32::try_from(len.max(u64::from(V0_BATCHED_TOKENS)))
+                    .unwrap_or(MAX_BATCH)
+                    .min(MAX_BATCH),
+            })
     }
 }
 
@@ -428,6 +612,80 @@ mod tests {
         for bad in ["{modle}", "{port", "port}", "{}", "{{port}"] {
             assert!(template_pieces(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn older_llama_cpp_messages_still_read() {
+        // What senders wrote before flash attention had three states.
+        let old: LlamaCppOptions =
+            serde_json::from_str(r#"{"flash_attention": false, "parallel": 1}"#).unwrap();
+        assert_eq!(old.flash_attention, FlashAttention::Off);
+        let on: LlamaCppOptions = serde_json::from_str(r#"{"flash_attention": true}"#).unwrap();
+        assert_eq!(on.flash_attention, FlashAttention::On);
+        let auto: LlamaCppOptions = serde_json::from_str(r#"{"flash_attention": "auto"}"#).unwrap();
+        assert_eq!(auto, LlamaCppOptions::default());
+        assert!(
+            serde_json::from_str::<LlamaCppOptions>(r#"{"flash_attention": "maybe"}"#).is_err()
+        );
+        // Auto is left out (older readers default to on); on and off stay booleans.
+        let j = serde_json::to_value(LlamaCppOptions::default()).unwrap();
+        assert!(j.get("flash_attention").is_none(), "{j}");
+        let j = serde_json::to_value(LlamaCppOptions {
+            flash_attention: FlashAttention::Off,
+            ..LlamaCppOptions::default()
+        })
+        .unwrap();
+        assert_eq!(j["flash_attention"], serde_json::json!(false));
+        assert_eq!(LlamaCppOptions::default().sequences(), 4);
+    }
+
+    #[test]
+    fn older_vllm_messages_still_read_and_defaults_stay_off_the_wire() {
+        // Older senders wrote every field, the batch sizes included.
+        let old: VllmOptions = serde_json::from_str(
+            r#"{"max_num_seqs": 256, "max_num_batched_tokens": 8192, "non_torch_bytes": 1610612736}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                old.max_num_seqs,
+                old.max_num_batched_tokens,
+                old.vllm_version
+            ),
+            (Some(256), Some(8192), VllmVersion::V1)
+        );
+        let j = serde_json::to_value(VllmOptions::default()).unwrap();
+        assert!(j.get("max_num_seqs").is_none(), "{j}");
+        assert!(j.get("max_num_batched_tokens").is_none(), "{j}");
+        assert_eq!(j["vllm_version"], serde_json::json!("v1"));
+        let v0: VllmOptions = serde_json::from_str(r#"{"vllm_version": "v0"}"#).unwrap();
+        assert_eq!(v0.vllm_version, VllmVersion::V0);
+    }
+
+    #[test]
+    fn vllm_versions_name_engines() {
+        for (s, v) in [
+            ("v1", VllmVersion::V1),
+            ("v0", VllmVersion::V0),
+            ("0.7.3", VllmVersion::V0),
+            ("v0.6.5", VllmVersion::V0),
+            ("0.8.0", VllmVersion::V1),
+            ("0.21.1", VllmVersion::V1),
+            ("1.0", VllmVersion::V1),
+        ] {
+            assert_eq!(s.parse::<VllmVersion>().unwrap(), v, "{s}");
+        }
+        for bad in ["", "v2", "latest", "0", "x.y"] {
+            assert!(bad.parse::<VllmVersion>().is_err(), "{bad}");
+        }
+        assert!(
+            VllmOptions {
+                max_num_batched_tokens: Some(0),
+                ..VllmOptions::default()
+            }
+            .validate()
+            .is_err()
+        );
     }
 
     #[test]

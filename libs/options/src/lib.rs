@@ -15,9 +15,10 @@ pub mod profile;
 pub mod scaling;
 
 pub use backend::{
-    CustomClaim, DEFAULT_OVERHEAD, EstimateError, EstimateOptions, GIB, KvCacheType,
-    LlamaCppOptions, MAX_ARG_BYTES, MAX_ARGV, MAX_BATCH, MAX_CONTEXT, MAX_GPUS, MIB, Placeholder,
-    TemplatePiece, VllmKvDtype, VllmOptions, template_pieces,
+    CustomClaim, DEFAULT_OVERHEAD, EstimateError, EstimateOptions, FlashAttention, GIB,
+    KvCacheType, LLAMA_SERVER_AUTO_PARALLEL, LlamaCppOptions, MAX_ARG_BYTES, MAX_ARGV, MAX_BATCH,
+    MAX_CONTEXT, MAX_GPUS, MIB, Placeholder, TemplatePiece, VLLM_CUDA_CONTEXT, VllmKvDtype,
+    VllmOptions, VllmVersion, template_pieces,
 };
 pub use profile::{
     Attention, Experts, ExplicitProfile, InvalidProfile, MAX_HEADS, MAX_LAYERS, ModelProfile,

@@ -66,7 +66,8 @@ pub struct ModelProfile {
     /// Trained context length, tokens (0 when the model does not say).
     pub context_length: u64,
     pub embedding_length: u32,
-    /// Largest feed-forward width (per expert for MoE models).
+    /// Dense feed-forward width (`intermediate_size`). For MoE models the experts' own
+    /// width is `experts.feed_forward_length`; without it, this is the expert width.
     pub feed_forward_length: u32,
     pub vocab_size: u32,
     pub attention: Attention,
@@ -130,11 +131,38 @@ pub struct Attention {
     pub rope_dim: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Mixture-of-experts layout. The widths are optional so profiles written before they
+/// existed still read; [`Experts::expert_width`] says what a missing one means.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Experts {
     pub count: u32,
+    /// Experts routed to per token (`num_experts_per_tok`).
     pub used: u32,
+    /// Feed-forward width of one routed expert (`moe_intermediate_size`, GGUF
+    /// `expert_feed_forward_length`). `None`: the profile's `feed_forward_length`, which is
+    /// the expert width in Mixtral-style configs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feed_forward_length: Option<u32>,
+    /// Feed-forward width of the always-active shared experts together (DeepSeek
+    /// `n_shared_experts × moe_intermediate_size`, Qwen-MoE `shared_expert_intermediate_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_feed_forward_length: Option<u32>,
+    /// Layers with a dense MLP of the profile's `feed_forward_length` instead of experts
+    /// (DeepSeek `first_k_dense_replace`, GGUF `leading_dense_block_count`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dense_layers: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl Experts {
+    /// Width of one routed expert, given the profile's dense `feed_forward_length`.
+    pub fn expert_width(&self, feed_forward_length: u32) -> u32 {
+        self.feed_forward_length.unwrap_or(feed_forward_length)
+    }
 }
 
 /// llama.cpp's `set_swa_pattern(n)`: every n-th layer is full attention, the rest slide.
@@ -322,6 +350,14 @@ impl ModelProfile {
             if v > MAX_HEADS {
                 return bad(what, format!("{v} exceeds {MAX_HEADS}"));
             }
+        }
+        if let Some(e) = self.experts
+            && e.dense_layers > self.layers
+        {
+            return bad(
+                "experts.dense_layers",
+                format!("{} of {} layers", e.dense_layers, self.layers),
+            );
         }
         if let Some(h) = a.kv_heads_per_layer.iter().find(|&&h| h > MAX_HEADS) {
             return bad(

@@ -357,7 +357,7 @@ impl Backend for LlamaCpp {
             "-ctv".to_owned(),
             cache_type(o.cache_type_v).to_owned(),
             "-fa".to_owned(),
-            if o.flash_attention { "on" } else { "off" }.to_owned(),
+            o.flash_attention.as_arg().to_owned(),
             "-np".to_owned(),
             o.parallel.to_string(),
             "-ub".to_owned(),
@@ -452,11 +452,13 @@ impl Backend for Vllm {
         if let Some(len) = o.max_model_len {
             opt("--max-model-len", len.to_string());
         }
-        opt("--max-num-seqs", o.max_num_seqs.to_string());
-        opt(
-            "--max-num-batched-tokens",
-            o.max_num_batched_tokens.to_string(),
-        );
+        // Unset: vLLM's own defaults (GPU-dependent); the estimate allows for the larger.
+        if let Some(n) = o.max_num_seqs {
+            opt("--max-num-seqs", n.to_string());
+        }
+        if let Some(n) = o.max_num_batched_tokens {
+            opt("--max-num-batched-tokens", n.to_string());
+        }
         opt("--block-size", o.block_size.to_string());
         let dtype = match o.kv_cache_dtype {
             berth_options::VllmKvDtype::Auto => None,
@@ -632,7 +634,7 @@ mod tests {
                 context: Some(8192),
                 cache_type_k: KvCacheType::Q8_0,
                 cache_type_v: KvCacheType::Iq4Nl,
-                flash_attention: false,
+                flash_attention: berth_options::FlashAttention::Off,
                 parallel: 4,
                 ubatch: 256,
                 ..LlamaCppOptions::default()
@@ -660,7 +662,7 @@ mod tests {
         let one = gpus(&[1 << 30]);
         let sim = args(&b.command(&launch(&one, false)).unwrap());
         assert!(
-            sim.contains("-c 0 -ngl 0 -ctk f16 -ctv f16 -fa on -np 1 -ub 512"),
+            sim.contains("-c 0 -ngl 0 -ctk f16 -ctv f16 -fa auto -np 1 -ub 512"),
             "{sim}"
         );
         assert!(!sim.contains("--tensor-split"));
@@ -678,7 +680,7 @@ mod tests {
                 tensor_parallel: 2,
                 max_model_len: Some(32768),
                 gpu_memory_utilization: Some(0.85),
-                max_num_seqs: 64,
+                max_num_seqs: Some(64),
                 kv_cache_dtype: VllmKvDtype::Fp8,
                 enforce_eager: true,
                 ..VllmOptions::default()
@@ -691,7 +693,7 @@ mod tests {
             args(&c),
             "serve /m/llama --host 127.0.0.1 --port 40001 --served-model-name smol \
              --tensor-parallel-size 2 --gpu-memory-utilization 0.85 --max-model-len 32768 \
-             --max-num-seqs 64 --max-num-batched-tokens 8192 --block-size 16 \
+             --max-num-seqs 64 --block-size 16 \
              --kv-cache-dtype fp8 --enforce-eager"
         );
         assert_eq!(

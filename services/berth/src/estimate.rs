@@ -3,8 +3,8 @@
 use anyhow::{Context, Result, bail};
 use berth_fit::Shape;
 use berth_models::{
-    EstimateOptions, KvCacheType, LlamaCppOptions, Scaling, VllmOptions, estimate,
-    profile_from_path, shapes, workers_note,
+    EstimateOptions, FlashAttention, KvCacheType, LlamaCppOptions, Scaling, VllmOptions,
+    VllmVersion, context_that_fits, estimate, profile_from_path, shapes, workers_note,
 };
 use clap::Args;
 use std::path::PathBuf;
@@ -36,6 +36,35 @@ pub struct BackendArgs {
     /// vLLM: no CUDA graphs.
     #[arg(long)]
     enforce_eager: bool,
+    /// vLLM: the engine generation, `v1` (vLLM 0.8 and later, the default) or `v0`, or a
+    /// release number such as 0.7.3.
+    #[arg(long, value_parser = parse_from_str::<VllmVersion>)]
+    vllm_version: Option<VllmVersion>,
+    /// vLLM: `--max-num-seqs` (default: vLLM's, 1024 on GPUs of 70 GiB or more but A100s,
+    /// else 256; V0 256).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(berth_models::MAX_BATCH)))]
+    max_num_seqs: Option<u32>,
+    /// vLLM: `--max-num-batched-tokens` (default: vLLM's, 8192 on GPUs of 70 GiB or more
+    /// but A100s, else 2048; V0 depends on the context).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(berth_models::MAX_BATCH)))]
+    max_num_batched_tokens: Option<u32>,
+    /// llama.cpp: `--flash-attn` (auto, llama.cpp's default, on or off).
+    #[arg(long, value_parser = parse_from_str::<FlashAttention>)]
+    flash_attn: Option<FlashAttention>,
+    /// llama.cpp: `--parallel`, sequences sharing the context (default 1, which
+    /// llama-server runs as 4 slots over one cache).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(berth_models::MAX_BATCH)))]
+    parallel: Option<u32>,
+    /// llama.cpp: `--ubatch-size` (default 512).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(berth_models::MAX_BATCH)))]
+    ubatch_size: Option<u32>,
+}
+
+fn parse_from_str<T: std::str::FromStr<Err = berth_models::EstimateError>>(
+    s: &str,
+) -> Result<T, String> {
+    s.parse()
+        .map_err(|e: berth_models::EstimateError| e.to_string())
 }
 
 /// What `--gpu-memory-utilization` asks for.
@@ -63,34 +92,57 @@ impl BackendArgs {
     /// Estimator options for `gpus` GPUs (llama.cpp split; vLLM uses --tp).
     pub fn options(&self, gpus: u32) -> Result<EstimateOptions> {
         Ok(match self.backend.as_str() {
-            "vllm" => EstimateOptions::Vllm(VllmOptions {
-                tensor_parallel: self.tp.unwrap_or(gpus),
-                max_model_len: self.ctx,
-                enforce_eager: self.enforce_eager,
-                gpu_memory_utilization: match self.gpu_memory_utilization {
-                    // What vLLM does without the flag.
-                    None => VllmOptions::default().gpu_memory_utilization,
-                    Some(Share::Fraction(f)) => Some(f),
-                    Some(Share::EstimateOnly) => None,
-                },
-                ..Default::default()
-            }),
+            "vllm" => {
+                if self.flash_attn.is_some()
+                    || self.parallel.is_some()
+                    || self.ubatch_size.is_some()
+                {
+                    bail!("--flash-attn, --parallel and --ubatch-size are llama.cpp options");
+                }
+                EstimateOptions::Vllm(VllmOptions {
+                    tensor_parallel: self.tp.unwrap_or(gpus),
+                    max_model_len: self.ctx,
+                    enforce_eager: self.enforce_eager,
+                    vllm_version: self.vllm_version.unwrap_or_default(),
+                    max_num_seqs: self.max_num_seqs,
+                    max_num_batched_tokens: self.max_num_batched_tokens,
+                    gpu_memory_utilization: match self.gpu_memory_utilization {
+                        // What vLLM does without the flag.
+                        None => VllmOptions::default().gpu_memory_utilization,
+                        Some(Share::Fraction(f)) => Some(f),
+                        Some(Share::EstimateOnly) => None,
+                    },
+                    ..Default::default()
+                })
+            }
             _ => {
-                if self.tp.is_some() || self.gpu_memory_utilization.is_some() {
-                    bail!("--tp and --gpu-memory-utilization are vLLM options; add --backend vllm");
+                if self.tp.is_some()
+                    || self.gpu_memory_utilization.is_some()
+                    || self.vllm_version.is_some()
+                    || self.max_num_seqs.is_some()
+                    || self.max_num_batched_tokens.is_some()
+                {
+                    bail!(
+                        "--tp, --gpu-memory-utilization, --vllm-version, --max-num-seqs and \
+                         --max-num-batched-tokens are vLLM options; add --backend vllm"
+                    );
                 }
                 let cache = match self.cache_type.as_str() {
                     "q8_0" => KvCacheType::Q8_0,
                     "q4_0" => KvCacheType::Q4_0,
                     _ => KvCacheType::F16,
                 };
+                let defaults = LlamaCppOptions::default();
                 EstimateOptions::LlamaCpp(LlamaCppOptions {
                     context: self.ctx,
                     gpu_layers: self.gpu_layers,
                     gpus,
                     cache_type_k: cache,
                     cache_type_v: cache,
-                    ..Default::default()
+                    flash_attention: self.flash_attn.unwrap_or_default(),
+                    parallel: self.parallel.unwrap_or(defaults.parallel),
+                    ubatch: self.ubatch_size.unwrap_or(defaults.ubatch),
+                    ..defaults
                 })
             }
         })
@@ -139,9 +191,21 @@ pub struct EstimateArgs {
     /// With these, also list the shapes the placement search would try, in order.
     #[command(flatten)]
     scaling: ScalingArgs,
+    /// Also find the largest context (llama.cpp `--ctx-size`, vLLM `--max-model-len`) that
+    /// fits GPUs of this size ("80GiB"), with these options and GPU count.
+    #[arg(long, value_parser = parse_size)]
+    fit_context: Option<u64>,
     /// Print JSON (profile and estimate) instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let b = berth_proto::size::parse_bytes(s)?;
+    u64::try_from(b)
+        .ok()
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("{s:?} must be positive"))
 }
 
 pub fn run(args: &EstimateArgs) -> Result<()> {
@@ -155,6 +219,10 @@ pub fn run(args: &EstimateArgs) -> Result<()> {
         .map(|s| shapes(&profile, &options, s))
         .transpose()?;
     let note = scaling.and_then(|s| workers_note(&options, &s));
+    let fit = args
+        .fit_context
+        .map(|gpu| context_that_fits(&profile, &options, gpu).map(|ctx| (gpu, ctx)))
+        .transpose()?;
     if args.json {
         let mut doc =
             serde_json::json!({ "profile": profile, "options": options, "estimate": est });
@@ -163,6 +231,9 @@ pub fn run(args: &EstimateArgs) -> Result<()> {
         }
         if let Some(note) = &note {
             doc["note"] = serde_json::Value::from(note.as_str());
+        }
+        if let Some((gpu, ctx)) = fit {
+            doc["context_that_fits"] = serde_json::json!({ "gpu_bytes": gpu, "context": ctx });
         }
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -185,6 +256,13 @@ pub fn run(args: &EstimateArgs) -> Result<()> {
     }
     if let Some(note) = note {
         println!("({note})");
+    }
+    if let Some((gpu, ctx)) = fit {
+        let gpu = bytesize::ByteSize::b(gpu).display().iec();
+        match ctx {
+            Some(ctx) => println!("largest context that fits GPUs of {gpu}: {ctx} tokens"),
+            None => println!("no context fits GPUs of {gpu}"),
+        }
     }
     Ok(())
 }
@@ -214,4 +292,93 @@ fn shapes_table(shapes: &[Shape]) -> String {
         ]);
     }
     format!("{table}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        backend: BackendArgs,
+    }
+
+    fn options(args: &[&str]) -> Result<EstimateOptions> {
+        let cli = Cli::try_parse_from(std::iter::once("berth").chain(args.iter().copied()))?;
+        cli.backend.options(1)
+    }
+
+    #[test]
+    fn fit_context_takes_a_gpu_size() {
+        #[derive(Parser)]
+        struct Estimate {
+            #[command(flatten)]
+            args: EstimateArgs,
+        }
+        let parse = |size: &str| {
+            Estimate::try_parse_from(["berth", "/m", "--fit-context", size])
+                .map(|e| e.args.fit_context)
+        };
+        assert_eq!(parse("80GiB").unwrap(), Some(80 << 30));
+        assert!(parse("0").is_err());
+        assert!(parse("lots").is_err());
+    }
+
+    #[test]
+    fn backend_flags_reach_the_options() {
+        let EstimateOptions::Vllm(v) = options(&["--backend", "vllm"]).unwrap() else {
+            panic!("not vLLM")
+        };
+        // Unset: what vLLM does itself.
+        assert_eq!(
+            (v.max_num_seqs, v.max_num_batched_tokens, v.vllm_version),
+            (None, None, VllmVersion::V1)
+        );
+        let EstimateOptions::Vllm(v) = options(&[
+            "--backend",
+            "vllm",
+            "--vllm-version",
+            "0.7.3",
+            "--max-num-seqs",
+            "64",
+            "--max-num-batched-tokens",
+            "4096",
+        ])
+        .unwrap() else {
+            panic!("not vLLM")
+        };
+        assert_eq!(
+            (v.max_num_seqs, v.max_num_batched_tokens, v.vllm_version),
+            (Some(64), Some(4096), VllmVersion::V0)
+        );
+        let EstimateOptions::LlamaCpp(l) = options(&[
+            "--flash-attn",
+            "off",
+            "--parallel",
+            "2",
+            "--ubatch-size",
+            "256",
+        ])
+        .unwrap() else {
+            panic!("not llama.cpp")
+        };
+        assert_eq!(
+            (l.flash_attention, l.parallel, l.ubatch),
+            (FlashAttention::Off, 2, 256)
+        );
+        let EstimateOptions::LlamaCpp(l) = options(&[]).unwrap() else {
+            panic!("not llama.cpp")
+        };
+        assert_eq!(l, LlamaCppOptions::default());
+        for bad in [
+            &["--max-num-seqs", "64"][..],
+            &["--backend", "vllm", "--flash-attn", "on"],
+            &["--backend", "vllm", "--vllm-version", "v2"],
+            &["--flash-attn", "maybe"],
+        ] {
+            assert!(options(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -75,7 +75,7 @@ pub(super) fn estimate(p: &ModelProfile, o: &LlamaCppOptions) -> Estimate {
             let window = u64::from(p.attention.sliding_window.unwrap_or(0));
             kv_size.min(pad(
                 window
-                    .saturating_mul(u64::from(o.parallel.max(1)))
+                    .saturating_mul(u64::from(o.sequences()))
                     .saturating_add(ubatch),
                 KV_PAD,
             ))
@@ -117,11 +117,8 @@ pub(super) fn estimate(p: &ModelProfile, o: &LlamaCppOptions) -> Estimate {
     // Compute buffers (heuristic; see docs/estimation.md).
     let n_embd = u64::from(p.embedding_length);
     let n_head = u64::from(p.attention.heads);
-    let n_ff = match p.experts {
-        Some(e) => u64::from(p.feed_forward_length) * u64::from(e.used.max(1)),
-        None => u64::from(p.feed_forward_length),
-    };
-    let width = if o.flash_attention {
+    let n_ff = super::ffn_width_per_token(p);
+    let width = if o.flash_attention.enabled() {
         n_ff.saturating_mul(2)
     } else {
         kv_size.saturating_mul(1 + n_head)
@@ -172,7 +169,7 @@ mod tests {
     use super::super::estimate as run;
     use super::*;
     use crate::estimate::tests::llama3_8b;
-    use berth_options::{DEFAULT_OVERHEAD, EstimateOptions, GIB};
+    use berth_options::{DEFAULT_OVERHEAD, EstimateOptions, FlashAttention, GIB};
 
     fn est(p: &ModelProfile, o: LlamaCppOptions) -> Estimate {
         run(p, &EstimateOptions::LlamaCpp(o)).unwrap()
@@ -222,16 +219,21 @@ mod tests {
         assert_eq!(odd.gpus[0].kv_cache, GIB);
     }
 
-    #[test]
-    fn full_offload_holds_every_weight_but_the_input() {
-        let p = crate::gguf::profile_from_gguf(
+    /// The test GGUF file's profile.
+    fn tiny() -> ModelProfile {
+        crate::gguf::profile_from_gguf(
             &crate::gguf::parse_gguf(
                 &crate::gguf::testutil::tiny_llama(3)[..],
                 &crate::gguf::GgufLimits::default(),
             )
             .unwrap(),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn full_offload_holds_every_weight_but_the_input() {
+        let p = tiny();
         let e = est(&p, LlamaCppOptions::default());
         let g = e.gpus[0];
         assert_eq!(
@@ -241,6 +243,28 @@ mod tests {
         assert_eq!(e.host_bytes, p.weights.input);
         assert_eq!(g.overhead, DEFAULT_OVERHEAD);
         assert_eq!(g.total, g.weights + g.kv_cache + g.compute + g.overhead);
+    }
+
+    #[test]
+    fn a_gguf_model_at_two_context_sizes() {
+        let p = tiny();
+        let at = |ctx| {
+            est(
+                &p,
+                LlamaCppOptions {
+                    context: Some(ctx),
+                    ..LlamaCppOptions::default()
+                },
+            )
+            .gpus[0]
+        };
+        let (small, large) = (at(512), at(2048));
+        // 2 layers × (K + V) × 2 KV heads × 16 × 2 bytes per cell.
+        assert_eq!(small.kv_cache, 512 * 2 * 2 * 32 * 2);
+        assert_eq!(large.kv_cache, 4 * small.kv_cache);
+        assert_eq!(large.weights, small.weights);
+        // Flash attention (auto: on) keeps the compute buffer flat.
+        assert_eq!(large.compute, small.compute);
     }
 
     #[test]
@@ -298,7 +322,8 @@ mod tests {
             },
         );
         let per_cell = 2 * 8 * 128 * 2;
-        let swa_cells = pad(1024 + 512, 256);
+        // llama-server's 4 default slots each keep a window.
+        let swa_cells = pad(4 * 1024 + 512, 256);
         assert_eq!(
             e.gpus[0].kv_cache,
             16 * per_cell * 32768 + 16 * per_cell * swa_cells
@@ -340,7 +365,11 @@ mod tests {
                 &p,
                 LlamaCppOptions {
                     context: Some(ctx),
-                    flash_attention: fa,
+                    flash_attention: if fa {
+                        FlashAttention::On
+                    } else {
+                        FlashAttention::Off
+                    },
                     ..LlamaCppOptions::default()
                 },
             )

@@ -7,7 +7,9 @@ mod llama_cpp;
 mod vllm;
 
 use berth_fit::{Claim, Shape, gib};
-use berth_options::{EstimateError, EstimateOptions, ModelProfile};
+use berth_options::{
+    EstimateError, EstimateOptions, LlamaCppOptions, MAX_CONTEXT, ModelProfile, VllmOptions,
+};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 
@@ -85,6 +87,61 @@ pub fn estimate(profile: &ModelProfile, opts: &EstimateOptions) -> Result<Estima
     })
 }
 
+/// The largest context (llama.cpp `n_ctx`, vLLM `max_model_len`) at which `profile` under
+/// `options` fits GPUs of `gpu_total_bytes` each, as [`Estimate::fits_gpu`] judges a free GPU:
+/// for vLLM the longest request the KV cache left in its share can hold, for llama.cpp the
+/// largest `-c` whose buffers fit. Searched up to the model's trained context (the longest
+/// vLLM accepts), or [`MAX_CONTEXT`] when the model states none; `None` when not even one
+/// token fits. Custom claims have no context to size.
+pub fn context_that_fits(
+    profile: &ModelProfile,
+    options: &EstimateOptions,
+    gpu_total_bytes: u64,
+) -> Result<Option<u64>, EstimateError> {
+    let with = |ctx: u64| -> Result<bool, EstimateError> {
+        let o = with_context(options, ctx).ok_or_else(|| {
+            EstimateError::InvalidOptions("a custom claim has no context to fit".into())
+        })?;
+        Ok(estimate(profile, &o)?.fits_gpu(gpu_total_bytes, gpu_total_bytes))
+    };
+    let cap = match profile.context_length {
+        0 => MAX_CONTEXT,
+        c => c.min(MAX_CONTEXT),
+    };
+    if with(cap)? {
+        return Ok(Some(cap));
+    }
+    if !with(1)? {
+        return Ok(None);
+    }
+    // The need grows with the context: the largest fitting one lies in [lo, hi).
+    let (mut lo, mut hi) = (1, cap);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if with(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(Some(lo))
+}
+
+/// `options` with the context set to `ctx`; `None` for a custom claim, which has none.
+fn with_context(options: &EstimateOptions, ctx: u64) -> Option<EstimateOptions> {
+    match options {
+        EstimateOptions::LlamaCpp(l) => Some(EstimateOptions::LlamaCpp(LlamaCppOptions {
+            context: Some(ctx),
+            ..l.clone()
+        })),
+        EstimateOptions::Vllm(v) => Some(EstimateOptions::Vllm(VllmOptions {
+            max_model_len: Some(ctx),
+            ..v.clone()
+        })),
+        EstimateOptions::Custom(_) => None,
+    }
+}
+
 impl Estimate {
     /// GPUs the instance uses.
     pub fn gpu_count(&self) -> usize {
@@ -125,6 +182,19 @@ impl Estimate {
         self.shape(String::new())
             .need_on(gpu_total_bytes)
             .is_some_and(|need| need <= free_bytes)
+    }
+
+    /// For a claiming backend, the KV cache it allocates on each GPU of `gpu_total_bytes`
+    /// (the least over the GPUs): the claimed share less everything but the minimum KV
+    /// cache. This is what vLLM logs as "Available KV cache memory". `None` without a claim,
+    /// or when the share cannot hold the rest.
+    pub fn kv_room_on(&self, gpu_total_bytes: u64) -> Option<u64> {
+        let share = self.claim?.share_of(gpu_total_bytes);
+        self.gpus
+            .iter()
+            .map(|g| share.checked_sub(g.total.saturating_sub(g.kv_cache)))
+            .try_fold(u64::MAX, |least, room| room.map(|r| least.min(r)))
+            .filter(|_| !self.gpus.is_empty())
     }
 
     /// The placement shape of this estimate on one worker: as many GPUs as it uses, each
@@ -213,6 +283,26 @@ impl Estimate {
     }
 }
 
+/// The widest feed-forward intermediate one token passes through: the dense MLP, or for
+/// MoE layers the routed experts' width times the experts per token plus the shared
+/// experts (the larger when some layers stay dense).
+pub(crate) fn ffn_width_per_token(p: &ModelProfile) -> u64 {
+    let dense = u64::from(p.feed_forward_length);
+    match p.experts {
+        None => dense,
+        Some(e) => {
+            let moe = u64::from(e.expert_width(p.feed_forward_length))
+                .saturating_mul(u64::from(e.used.max(1)))
+                .saturating_add(u64::from(e.shared_feed_forward_length.unwrap_or(0)));
+            if e.dense_layers > 0 {
+                moe.max(dense)
+            } else {
+                moe
+            }
+        }
+    }
+}
+
 pub(crate) fn pad(x: u64, to: u64) -> u64 {
     if to == 0 {
         return x;
@@ -224,8 +314,8 @@ pub(crate) fn pad(x: u64, to: u64) -> u64 {
 mod tests {
     use super::*;
     use berth_options::{
-        CustomClaim, ExplicitProfile, GIB, KvCacheType, LlamaCppOptions, MAX_BATCH, MAX_CONTEXT,
-        VllmKvDtype, VllmOptions, WeightDtype,
+        CustomClaim, ExplicitProfile, FlashAttention, GIB, KvCacheType, LlamaCppOptions, MAX_BATCH,
+        MAX_CONTEXT, VllmKvDtype, VllmOptions, VllmVersion, WeightDtype,
     };
 
     pub(crate) fn llama3_8b() -> ModelProfile {
@@ -354,6 +444,10 @@ mod tests {
                 max_model_len: Some(u64::MAX),
                 ..VllmOptions::default()
             }),
+            EstimateOptions::Vllm(VllmOptions {
+                max_num_seqs: Some(0),
+                ..VllmOptions::default()
+            }),
             EstimateOptions::Custom(CustomClaim {
                 bytes_per_gpu: 1,
                 gpus: u32::MAX,
@@ -380,24 +474,67 @@ mod tests {
         big.experts = Some(berth_options::Experts {
             count: u32::MAX,
             used: u32::MAX,
+            feed_forward_length: Some(u32::MAX),
+            shared_feed_forward_length: Some(u32::MAX),
+            dense_layers: 1,
         });
         big.context_length = MAX_CONTEXT;
         for o in [
             EstimateOptions::LlamaCpp(LlamaCppOptions {
-                flash_attention: false,
+                flash_attention: FlashAttention::Off,
                 ubatch: MAX_BATCH,
                 ..LlamaCppOptions::default()
             }),
             EstimateOptions::Vllm(VllmOptions {
-                max_num_batched_tokens: MAX_BATCH,
-                max_num_seqs: u32::MAX,
+                max_num_batched_tokens: Some(MAX_BATCH),
+                max_num_seqs: Some(MAX_BATCH),
                 non_torch_bytes: u64::MAX,
+                ..VllmOptions::default()
+            }),
+            EstimateOptions::Vllm(VllmOptions {
+                vllm_version: VllmVersion::V0,
+                tensor_parallel: 4,
                 ..VllmOptions::default()
             }),
         ] {
             let e = estimate(&big, &o).unwrap();
             assert!(e.max_per_gpu() > 1 << 60, "{e:?}");
         }
+    }
+
+    #[test]
+    fn the_context_that_fits() {
+        let mut p = llama3_8b();
+        p.context_length = 131_072;
+        let gib24 = 24 * GIB;
+        let at = |o: &EstimateOptions, ctx: u64| {
+            estimate(&p, &with_context(o, ctx).unwrap())
+                .unwrap()
+                .fits_gpu(gib24, gib24)
+        };
+        for o in [
+            EstimateOptions::Vllm(VllmOptions::default()),
+            EstimateOptions::LlamaCpp(LlamaCppOptions::default()),
+        ] {
+            let ctx = context_that_fits(&p, &o, gib24).unwrap().unwrap();
+            assert!(ctx < 131_072, "{ctx}");
+            assert!(at(&o, ctx) && !at(&o, ctx + 1), "{ctx}");
+        }
+        // vLLM: the longest request the KV cache left in the share holds, to a block.
+        let v = EstimateOptions::Vllm(VllmOptions::default());
+        let ctx = context_that_fits(&p, &v, gib24).unwrap().unwrap();
+        assert_eq!(ctx % 16, 0);
+        let room = estimate(&p, &v).unwrap().kv_room_on(gib24).unwrap();
+        assert_eq!(ctx, room / 131_072 / 16 * 16);
+        // llama.cpp: to llama.cpp's 256-cell padding.
+        let l = EstimateOptions::LlamaCpp(LlamaCppOptions::default());
+        assert_eq!(context_that_fits(&p, &l, gib24).unwrap().unwrap() % 256, 0);
+        // The trained context caps it; a GPU too small fits nothing.
+        assert_eq!(context_that_fits(&p, &v, 141 * GIB).unwrap(), Some(131_072));
+        assert_eq!(context_that_fits(&p, &v, 8 * GIB).unwrap(), None);
+        assert!(
+            context_that_fits(&p, &EstimateOptions::Custom(CustomClaim::default()), gib24).is_err()
+        );
     }
 
     #[test]
