@@ -26,7 +26,9 @@ impl Metrics {
     pub fn proxied(&self, status: StatusCode) {
         // The common answer without building its label set each time.
         if status == StatusCode::OK {
-            self.ok.get_or_init(|| self.requests.get_or_create(&label(status)).clone()).inc();
+            self.ok
+                .get_or_init(|| self.requests.get_or_create(&label(status)).clone())
+                .inc();
             return;
         }
         self.requests.get_or_create(&label(status)).inc();
