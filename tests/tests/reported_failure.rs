@@ -72,8 +72,16 @@ async fn assert_final_state(fleet: &Fleet) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_start_stop_twice_then_one_start_while_analyzers_run() {
     let mut fleet = Fleet::start().await;
-    let a = fleet.add_analyzer(Default::default()).await;
-    let b = fleet.add_analyzer(Default::default()).await;
+    // Production's ack wait: with the tests' 2 s, a machine stalled by its neighbours can
+    // redeliver a command mid-fit, and the redelivery's own fit is not what this counts.
+    let analyzer = |name: &str| {
+        let mut c = fleet.analyzer_config(name);
+        c.ack_wait = std::time::Duration::from_secs(30);
+        c
+    };
+    let (ca, cb) = (analyzer("analyzer-a"), analyzer("analyzer-b"));
+    let a = fleet.add_analyzer_with(ca, Default::default()).await;
+    let b = fleet.add_analyzer_with(cb, Default::default()).await;
     fleet.add_agent(worker("w1", 4, 80, &[])).await;
     fleet.add_agent(worker("w2", 4, 80, &[])).await;
 
