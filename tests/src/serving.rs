@@ -23,6 +23,11 @@ pub fn repo() -> PathBuf {
 
 /// The process runtime with timers short enough for tests (one restart allowed).
 pub fn process_runtime(state_dir: &Path, ports: std::ops::RangeInclusive<u16>) -> Runtime {
+    Runtime::Process(Box::new(process_config(state_dir, ports)))
+}
+
+/// Its configuration, to change before use; llama-server from `BERTH_LLAMA_SERVER` when set.
+pub fn process_config(state_dir: &Path, ports: std::ops::RangeInclusive<u16>) -> ProcessConfig {
     let mut c = ProcessConfig::new(state_dir.to_path_buf());
     c.ports = PortPool::new(ports);
     c.startup_timeout = Duration::from_secs(20);
@@ -36,9 +41,8 @@ pub fn process_runtime(state_dir: &Path, ports: std::ops::RangeInclusive<u16>) -
     c.restarts.backoff.first_delay = Duration::from_millis(50);
     if let Some(bin) = std::env::var_os("BERTH_LLAMA_SERVER") {
         c.binaries.llama_server = Some(bin.into());
-        c.startup_timeout = Duration::from_secs(120);
     }
-    Runtime::Process(Box::new(c))
+    c
 }
 
 /// A start of the fake OpenAI-compatible server under `model`, with its `flags`.

@@ -4,18 +4,22 @@
 //! and SmolLM2 over two workers with the real llama-server and ggml-rpc-server.
 
 use berth_agent::{
-    ProcessConfig, Runtime,
-    supervisor::{PortPool, RestartLimits, process, records},
+    Runtime,
+    supervisor::{process, records},
 };
 use berth_models::{
-    CustomClaim, EstimateOptions, LlamaCppOptions, ModelRef, Scaling, profile_from_path, shapes,
+    EstimateOptions, LlamaCppOptions, ModelRef, Scaling, profile_from_path, shapes,
 };
 use berth_proto::{
     Command, InstanceState, StartSpec, StatusMsg, Version,
     logs::{LogsReply, LogsRequest},
     status::ReportedState,
 };
-use berth_tests::{Fleet, GIB, wait_until, worker};
+use berth_tests::{
+    Fleet,
+    serving::{fake_start, process_config, process_runtime},
+    wait_until, worker,
+};
 use futures::StreamExt;
 use std::{
     path::Path,
@@ -24,42 +28,8 @@ use std::{
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-fn process_runtime(state_dir: &Path, ports: std::ops::RangeInclusive<u16>) -> Runtime {
-    Runtime::Process(Box::new(process_config(state_dir, ports)))
-}
-
-fn process_config(state_dir: &Path, ports: std::ops::RangeInclusive<u16>) -> ProcessConfig {
-    let mut c = ProcessConfig::new(state_dir.to_path_buf());
-    c.ports = PortPool::new(ports);
-    c.startup_timeout = Duration::from_secs(20);
-    c.startup_probe_every = Duration::from_millis(50);
-    c.probe_every = Duration::from_millis(200);
-    c.grace = Duration::from_secs(3);
-    c.restarts = RestartLimits {
-        max_restarts: 1,
-        ..RestartLimits::default()
-    };
-    c.restarts.backoff.first_delay = Duration::from_millis(50);
-    c
-}
-
 fn fake(flags: &[&str]) -> Command {
-    let server = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/fake-model-server.py");
-    let mut argv: Vec<String> = ["python3", &server.display().to_string()]
-        .into_iter()
-        .chain(["--host", "{host}", "--port", "{port}", "--model", "{model}"])
-        .map(str::to_owned)
-        .collect();
-    argv.extend(flags.iter().map(|f| (*f).to_owned()));
-    Command::Start(StartSpec {
-        model: "fake".into(),
-        backend: Some(Box::new(EstimateOptions::Custom(CustomClaim {
-            bytes_per_gpu: GIB.unsigned_abs(),
-            argv,
-            ..CustomClaim::default()
-        }))),
-        ..StartSpec::claim(GIB, 1)
-    })
+    fake_start("fake", flags)
 }
 
 /// A fleet with an analyzer and a process agent for worker w1, and the reports of w1.
