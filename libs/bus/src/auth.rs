@@ -342,7 +342,8 @@ pub fn render(users: &[User]) -> String {
     out
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), AuthError> {
+/// Writes a secret to `path` (replacing what was there), readable by its owner only.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), AuthError> {
     use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::remove_file(path);
     let mut f = std::fs::OpenOptions::new()

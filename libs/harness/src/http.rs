@@ -31,7 +31,11 @@ pub async fn http(
     s.read_to_end(&mut out)
         .await
         .map_err(|e| failed(format!("receive: {e}")))?;
-    let text = String::from_utf8_lossy(&out).into_owned();
+    Ok(parse_response(&String::from_utf8_lossy(&out)))
+}
+
+/// The status code (0 if none) and body of a whole HTTP/1.1 answer read until close.
+pub fn parse_response(text: &str) -> (u16, String) {
     let status = text
         .split_whitespace()
         .nth(1)
@@ -41,5 +45,5 @@ pub async fn http(
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
-    Ok((status, body))
+    (status, body)
 }

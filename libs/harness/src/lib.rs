@@ -14,7 +14,7 @@ mod process;
 pub use binaries::{
     find_nats_server, find_pg_bin, sibling_binary, test_llama_server, workspace_root,
 };
-pub use http::http;
+pub use http::{http, parse_response};
 pub use nats::NatsServer;
 /// The signals [`stop_children`] sends.
 pub use nix::sys::signal::Signal;

@@ -106,7 +106,7 @@ pub fn redacted(url: &str) -> String {
 }
 
 /// An error with its causes, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

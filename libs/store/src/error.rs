@@ -48,16 +48,6 @@ impl StoreError {
 impl From<diesel_async::pooled_connection::deadpool::PoolError> for StoreError {
     fn from(e: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
         // With its causes: "password authentication failed" is what a user needs to see.
-        let mut text = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(cause) = source {
-            let more = cause.to_string();
-            if !text.contains(&more) {
-                text.push_str(": ");
-                text.push_str(&more);
-            }
-            source = cause.source();
-        }
-        StoreError::Pool(text)
+        StoreError::Pool(crate::connect::chain(&e))
     }
 }

@@ -280,16 +280,10 @@ async fn admin_key(database_url: &str, dir: &Path) -> Result<PathBuf> {
 
 /// Writes `text` and a newline to `path`, readable by its owner only.
 fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    writeln!(f, "{text}")?;
-    Ok(())
+    Ok(berth_bus::auth::write_private(
+        path,
+        format!("{text}\n").as_bytes(),
+    )?)
 }
 
 /// The password of this fleet's PostgreSQL: the one kept under `dir`, or a new one.

@@ -510,16 +510,7 @@ fn http_get(addr: &str, path: &str, key: Option<&str>) -> (u16, String) {
     let mut response = String::new();
     conn.read_to_string(&mut response)
         .expect("read the response");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    berth_harness::parse_response(&response)
 }
 
 /// `berth` copied away from its siblings says which one is missing and how to build it,
