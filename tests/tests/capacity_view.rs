@@ -15,7 +15,8 @@ fn gpu(index: u32) -> GpuInfo {
     GpuInfo {
         index,
         name: "H100".into(),
-        uuid: format!("GPU-{index}"),
+        // Each worker's GPUs are its own: UUIDs are unique across workers.
+        uuid: String::new(),
         total_bytes: 80 * GIB,
         system_reserved_bytes: GIB,
     }

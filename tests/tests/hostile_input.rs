@@ -7,7 +7,9 @@ use berth_bus::{
     CMD_CONSUMER, CMD_STREAM, DLQ_ORIGINAL_BYTES, DLQ_REASON, DLQ_STREAM, STATUS_CONSUMER,
     STATUS_STREAM,
 };
-use berth_proto::{InstanceEvent, InstanceState, StatusMsg, Version, status::ReportedState};
+use berth_proto::{
+    GpuInfo, InstanceEvent, InstanceState, StatusMsg, Version, status::ReportedState,
+};
 use berth_tests::{Fleet, GIB, wait_until, worker};
 use bytes::Bytes;
 use std::time::Duration;
@@ -291,4 +293,110 @@ async fn a_long_reason_is_cut_and_the_event_relay_keeps_going() {
             .then_some(())
     })
     .await;
+}
+
+fn register(worker_id: &str, gpus: Vec<GpuInfo>) -> StatusMsg {
+    StatusMsg::Register {
+        worker_id: worker_id.into(),
+        labels: Default::default(),
+        gpus,
+    }
+}
+
+fn gpu(index: u32, uuid: &str, gib: i64) -> GpuInfo {
+    GpuInfo {
+        index,
+        name: "Simulated H100".into(),
+        uuid: uuid.into(),
+        total_bytes: gib * GIB,
+        system_reserved_bytes: 0,
+    }
+}
+
+/// A worker that registers again with less memory than berth reserved on it gives up the
+/// instances that no longer fit (largest first, only as many as needed): they are placed
+/// again elsewhere with an event that says why, the smaller size is what the books hold, and
+/// no GPU is over capacity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_shrinks_gives_up_what_no_longer_fits() {
+    let mut fleet = Fleet::start().await;
+    let stats = fleet.add_analyzer(Default::default()).await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+    fleet.start_instance("big", 50 * GIB, 1).await;
+    fleet.start_instance("small", 20 * GIB, 1).await;
+    let big = fleet.wait_state("big", InstanceState::Running, LIMIT).await;
+    let small = fleet
+        .wait_state("small", InstanceState::Running, LIMIT)
+        .await;
+    fleet.add_agent(worker("w2", 1, 80, &[])).await;
+
+    // w1 comes back with 40 GiB: the 20 GiB instance fits there, the 50 GiB one does not.
+    fleet
+        .bus
+        .publish_status("w1", &register("w1", vec![gpu(0, "GPU-w1-0", 40)]))
+        .await
+        .unwrap();
+    let moved = wait_until("big placed again on w2", LIMIT, || async {
+        let row = fleet.store.instance("big").await.unwrap()?;
+        (row.state == "running" && row.worker_id.as_deref() == Some("w2")).then_some(row)
+    })
+    .await;
+    assert!(moved.version > big.version, "{moved:?}");
+    let pending = fleet
+        .bus
+        .history("big", 64)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.state == InstanceState::Pending)
+        .expect("a pending event");
+    let reason = pending.reason.unwrap_or_default();
+    assert!(
+        reason.contains("w1 registered again with 40.0 GiB"),
+        "{reason}"
+    );
+    let kept = fleet.store.instance("small").await.unwrap().expect("row");
+    assert_eq!(
+        (kept.state.as_str(), kept.version, kept.worker_id.as_deref()),
+        ("running", small.version, Some("w1"))
+    );
+    let w1 = fleet
+        .store
+        .gpus()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|g| g.worker_id == "w1")
+        .expect("w1's GPU");
+    assert_eq!((w1.total_bytes, w1.reserved_bytes), (40 * GIB, 20 * GIB));
+    assert_eq!(stats.evictions.get(), 1);
+    fleet.assert_books_balanced().await;
+}
+
+/// A GPU is counted once: a registration that claims a UUID another live worker registered
+/// is refused whole (the worker is not recorded), and counted as a rejected report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_claimed_by_two_workers_is_refused() {
+    let mut fleet = Fleet::start().await;
+    let stats = fleet.add_analyzer(Default::default()).await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+    fleet
+        .bus
+        .publish_status(
+            "w3",
+            &register("w3", vec![gpu(0, "GPU-w3-0", 80), gpu(1, "GPU-w1-0", 80)]),
+        )
+        .await
+        .unwrap();
+    wait_drained(&fleet, STATUS_STREAM, STATUS_CONSUMER).await;
+    assert_eq!(stats.reports_rejected.get(), 1);
+    let workers: Vec<String> = fleet
+        .store
+        .gpus()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.worker_id)
+        .collect();
+    assert_eq!(workers, ["w1"]);
 }

@@ -9,8 +9,10 @@ use berth_store::{
     placement::CommitOutcome,
 };
 use berth_tests::GIB;
+use diesel_async::{AsyncConnection, RunQueryDsl};
 use futures::future::join_all;
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 async fn store_with_worker(servers: &berth_harness::TestServers) -> Store {
     berth_store::migrate(&servers.pg.url())
@@ -874,5 +876,75 @@ async fn endpoints_and_restarts_follow_the_server() {
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+/// A GPU UUID belongs to one worker. A second worker may take it over only from a worker
+/// that stopped answering and reserves nothing on it (the GPU moved, or the worker was
+/// renamed); while its first worker answers, the claim is refused and nothing is recorded;
+/// and the database's unique index holds even against a write that skips the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_uuid_belongs_to_one_worker() {
+    let servers = servers();
+    berth_store::migrate(&servers.pg.url()).await.unwrap();
+    let store = Store::connect(&servers.pg.url(), 2).unwrap();
+    let gpu = |uuid: &str| GpuInfo {
+        index: 0,
+        name: "H100".into(),
+        uuid: uuid.into(),
+        total_bytes: 80 * GIB,
+        system_reserved_bytes: 0,
+    };
+    let none = BTreeMap::new();
+    store
+        .register_worker("old", &none, &[gpu("GPU-a")])
+        .await
+        .unwrap();
+    let refused = store.register_worker("new", &none, &[gpu("GPU-a")]).await;
+    assert!(
+        matches!(&refused, Err(berth_store::StoreError::Invalid(why)) if why.contains("worker old")),
+        "{refused:?}"
+    );
+    let owners = |gpus: Vec<berth_store::GpuRow>| -> Vec<(String, String)> {
+        gpus.into_iter().map(|g| (g.worker_id, g.uuid)).collect()
+    };
+    assert_eq!(
+        owners(store.gpus().await.unwrap()),
+        [("old".to_owned(), "GPU-a".to_owned())]
+    );
+
+    // `old` goes silent: its idle GPU changes hands.
+    assert_eq!(
+        store.mark_unreachable(Duration::ZERO).await.unwrap(),
+        ["old"]
+    );
+    let taken = store
+        .register_worker("new", &none, &[gpu("GPU-a")])
+        .await
+        .unwrap();
+    assert_eq!(taken.taken_over, ["GPU-a from worker old"]);
+    assert_eq!(
+        owners(store.gpus().await.unwrap()),
+        [("new".to_owned(), "GPU-a".to_owned())]
+    );
+
+    let mut conn = diesel_async::AsyncPgConnection::establish(&servers.pg.url())
+        .await
+        .unwrap();
+    let raw = diesel::sql_query(
+        "INSERT INTO gpus (worker_id, idx, name, uuid, total_bytes) \
+         VALUES ('old', 0, 'H100', 'GPU-a', 1)",
+    )
+    .execute(&mut conn)
+    .await;
+    assert!(
+        matches!(
+            &raw,
+            Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                _
+            ))
+        ),
+        "{raw:?}"
     );
 }

@@ -11,6 +11,7 @@
 pub mod commands;
 pub mod connect;
 pub mod error;
+mod eviction;
 pub mod keys;
 pub mod models;
 pub mod outbox;
@@ -22,6 +23,7 @@ pub mod reports;
 pub mod routes;
 pub mod schema;
 pub mod sweep;
+pub mod workers;
 
 pub use error::StoreError;
 pub use models::{AllocationRow, GpuRow, InstanceRow, Transition, WorkerRow};

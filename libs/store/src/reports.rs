@@ -5,11 +5,8 @@ use crate::{
     models::{AllocationRow, InstanceRow},
     schema::{allocations, gpus, instances, workers},
 };
-use berth_proto::{
-    CmdSeq, GpuInfo, GpuUsage, InstanceState, Version, lifecycle, status::ReportedState,
-};
+use berth_proto::{CmdSeq, GpuUsage, InstanceState, Version, lifecycle, status::ReportedState};
 use diesel::prelude::*;
-use diesel::upsert::excluded;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use std::collections::BTreeMap;
 
@@ -118,77 +115,6 @@ pub struct Beat {
 }
 
 impl Store {
-    /// Records a worker and its GPUs (insert or update; reservations are kept).
-    pub async fn register_worker(
-        &self,
-        worker_id: &str,
-        labels: &BTreeMap<String, String>,
-        gpu_list: &[GpuInfo],
-    ) -> Result<(), StoreError> {
-        let labels = serde_json::to_value(labels)
-            .map_err(|e| StoreError::Corrupt(format!("labels: {e}")))?;
-        let mut conn = self.conn().await?;
-        (*conn)
-            .transaction::<_, StoreError, _>(async |conn| {
-                diesel::insert_into(workers::table)
-                    .values((
-                        workers::id.eq(worker_id),
-                        workers::labels.eq(&labels),
-                        workers::schedulable.eq(true),
-                    ))
-                    .on_conflict(workers::id)
-                    .do_update()
-                    .set((
-                        workers::labels.eq(&labels),
-                        workers::schedulable.eq(true),
-                        workers::last_heartbeat.eq(diesel::dsl::now),
-                    ))
-                    .execute(conn)
-                    .await?;
-                for g in gpu_list {
-                    let idx = i32::try_from(g.index)
-                        .map_err(|_| StoreError::Corrupt(format!("GPU index {}", g.index)))?;
-                    diesel::insert_into(gpus::table)
-                        .values((
-                            gpus::worker_id.eq(worker_id),
-                            gpus::idx.eq(idx),
-                            gpus::name.eq(&g.name),
-                            gpus::uuid.eq(&g.uuid),
-                            gpus::total_bytes.eq(g.total_bytes),
-                            gpus::system_reserved_bytes.eq(g.system_reserved_bytes),
-                        ))
-                        .on_conflict((gpus::worker_id, gpus::idx))
-                        .do_update()
-                        .set((
-                            gpus::name.eq(excluded(gpus::name)),
-                            gpus::uuid.eq(excluded(gpus::uuid)),
-                            gpus::total_bytes.eq(excluded(gpus::total_bytes)),
-                            gpus::system_reserved_bytes.eq(excluded(gpus::system_reserved_bytes)),
-                        ))
-                        .execute(conn)
-                        .await?;
-                }
-                // GPUs the agent no longer reports go, unless something still holds them.
-                let present: Vec<i32> = gpu_list
-                    .iter()
-                    .filter_map(|g| i32::try_from(g.index).ok())
-                    .collect();
-                let held = allocations::table
-                    .filter(allocations::worker_id.eq(worker_id))
-                    .select(allocations::gpu_idx);
-                diesel::delete(
-                    gpus::table
-                        .filter(gpus::worker_id.eq(worker_id))
-                        .filter(gpus::idx.ne_all(present))
-                        .filter(gpus::idx.ne_all(held)),
-                )
-                .execute(conn)
-                .await?;
-                Ok(())
-            })
-            .await
-    }
-
     /// Notes that `worker_id` is alive and schedulable again, and records the memory its
     /// GPUs have in use outside berth (`usage`, when the agent reports it). `None` for a
     /// worker that never registered.

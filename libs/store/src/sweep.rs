@@ -1,8 +1,9 @@
 //! Queries for the sweeper: what waits, what is stuck, which workers went quiet.
 
+pub use crate::eviction::Evicted;
 use crate::{
-    InstanceRow, Store, StoreError, Transition,
-    reports::{Upto, holds_any, release},
+    InstanceRow, Store, StoreError,
+    eviction::{self, Why},
     schema::{allocations, instances, workers},
 };
 use berth_proto::{InstanceState, lifecycle};
@@ -10,14 +11,6 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use std::time::Duration;
-
-/// An instance taken off a worker that went away.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Evicted {
-    pub transition: Option<Transition>,
-    /// The instance should be placed again (its start command republished).
-    pub replace: bool,
-}
 
 fn ago(d: Duration) -> DateTime<Utc> {
     Utc::now() - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
@@ -98,65 +91,12 @@ impl Store {
             .await?)
     }
 
-    /// Takes `id` off `worker_id`, which is gone: its allocations there are released; if it
-    /// was placed there it goes back to `pending` to be placed again; if it was stopping and
-    /// holds nothing else, it is `stopped`.
+    /// Takes `id` off `worker_id`, which is gone: see [`eviction::evict`].
     pub async fn evict(&self, worker_id: &str, id: &str) -> Result<Evicted, StoreError> {
         let mut conn = self.conn().await?;
         (*conn)
             .transaction::<_, StoreError, _>(async |conn| {
-                let row: InstanceRow = instances::table
-                    .find(id)
-                    .select(InstanceRow::as_select())
-                    .for_update()
-                    .first(conn)
-                    .await?;
-                let freed = release(conn, id, worker_id, Upto::All).await?;
-                // Placed here: the current placement had this worker, as its only or as one
-                // of several (then the other parts are stopped when it is placed again).
-                let placed_there = row.worker_id.as_deref() == Some(worker_id)
-                    || freed.iter().any(|a| a.version == row.version);
-                let current = row.lifecycle_state()?;
-                let holds_more = holds_any(conn, id).await?;
-                let (state, reason) =
-                    match lifecycle::after_worker_lost(current, placed_there, holds_more) {
-                        Some(InstanceState::Pending) => (
-                            InstanceState::Pending,
-                            format!("worker {worker_id} stopped answering; placing again"),
-                        ),
-                        Some(next) => (
-                            next,
-                            format!("worker {worker_id} stopped answering; its GPUs were released"),
-                        ),
-                        None => {
-                            return Ok(Evicted {
-                                transition: None,
-                                replace: false,
-                            });
-                        }
-                    };
-                let placed_here = state == InstanceState::Pending;
-                diesel::update(instances::table.find(id))
-                    .set((
-                        instances::state.eq(state.as_str()),
-                        instances::reason.eq(&reason),
-                        instances::updated_at.eq(diesel::dsl::now),
-                    ))
-                    .execute(conn)
-                    .await?;
-                Ok(Evicted {
-                    transition: Some(Transition {
-                        instance_id: id.to_owned(),
-                        state,
-                        version: row.version,
-                        cmd_seq: row.cmd_seq,
-                        worker_id: row.worker_id.clone(),
-                        gpus: Vec::new(),
-                        reason: Some(reason),
-                        endpoint: None,
-                    }),
-                    replace: placed_here,
-                })
+                eviction::evict(conn, worker_id, id, Why::Silent).await
             })
             .await
     }

@@ -11,6 +11,7 @@ use berth_retry::{RetryPolicy, retry};
 use berth_store::{
     Store, StoreError, Transition,
     reports::{Forward, Report},
+    workers::Registered,
 };
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -97,6 +98,38 @@ async fn fence_if_stale(
     Ok(())
 }
 
+/// After a registration that took instances off the worker (its GPUs shrank or went away):
+/// each change is announced, what still runs of them there and on other workers is stopped,
+/// and the sweeper's wake-up places them again.
+async fn reconciled(ctx: &Ctx, worker_id: &str, registered: Registered) {
+    for moved in &registered.taken_over {
+        tracing::warn!(worker_id, moved, "GPU taken over from a silent worker");
+    }
+    for (id, evicted) in registered.evicted {
+        ctx.stats.evictions.inc();
+        let Some(t) = &evicted.transition else {
+            continue;
+        };
+        tracing::warn!(
+            instance_id = id,
+            version = t.version.get(),
+            worker_id,
+            reason = t.reason.as_deref().unwrap_or_default(),
+            "instance no longer fits its worker"
+        );
+        ctx.events.announce(t);
+        // An unassign stops versions below the one it names: the placement that was here,
+        // never a newer one made meanwhile.
+        let _ = ctx
+            .agents
+            .unassign(&id, t.version.next(), &[worker_id.to_owned()])
+            .await;
+        if evicted.replace {
+            crate::sweeper::stop_stranded(ctx, &id, t.version).await;
+        }
+    }
+}
+
 /// Decodes a report and checks it against its subject: an agent speaks only for the worker
 /// its subject names (the server's permissions say who may publish there).
 fn checked_report(subject: &str, payload: &[u8]) -> Result<StatusMsg, String> {
@@ -124,12 +157,20 @@ async fn handle(ctx: &Ctx, msg: &Message, report: Result<StatusMsg, String>) -> 
             worker_id,
             labels,
             gpus,
-        } => {
-            tracing::info!(worker_id, gpus = gpus.len(), "worker registered");
-            let done = ctx.store.register_worker(worker_id, labels, gpus).await;
-            ctx.wake.notify_one();
-            done
-        }
+        } => match ctx.store.register_worker(worker_id, labels, gpus).await {
+            Ok(registered) => {
+                tracing::info!(worker_id, gpus = gpus.len(), "worker registered");
+                reconciled(ctx, worker_id, registered).await;
+                ctx.wake.notify_one();
+                Ok(())
+            }
+            Err(StoreError::Invalid(why)) => {
+                tracing::warn!(worker_id, why, "registration refused");
+                ctx.stats.reports_rejected.inc();
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
         StatusMsg::Heartbeat { worker_id, usage } => {
             match ctx.store.heartbeat(worker_id, usage).await {
                 Ok(Some(beat)) => {

@@ -38,7 +38,7 @@ pub async fn register(store: &Store, workers: usize, gpus: u32, fill: f64) -> Re
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect::<Result<Vec<()>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(())
 }
 

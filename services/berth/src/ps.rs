@@ -223,3 +223,49 @@ mod tests {
         assert!(cut.ends_with('…'));
     }
 }
+
+#[cfg(test)]
+mod documented {
+    /// The field names of the `berth ps --json` table in docs/protocol.md.
+    fn documented_fields() -> Vec<String> {
+        let doc = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/protocol.md"),
+        )
+        .expect("docs/protocol.md");
+        let start = doc.find("## `berth ps --json`").expect("the section");
+        let section = &doc[start..];
+        let end = section[3..].find("\n## ").map_or(section.len(), |e| e + 3);
+        section[..end]
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn ps_json_fields_are_the_documented_ones() {
+        let row = super::Row {
+            instance: "m".into(),
+            state: "running".into(),
+            worker: Some("w1".into()),
+            gpus: vec![0],
+            gpu_ids: vec!["w1:0".into()],
+            vram_per_gpu: Some(1),
+            version: berth_proto::Version::new(1),
+            cmd_seq: berth_proto::CmdSeq::new(1),
+            reason: None,
+            endpoint: None,
+            restarts: 0,
+        };
+        let serde_json::Value::Object(fields) = serde_json::to_value(&row).unwrap() else {
+            panic!("a row is an object");
+        };
+        let printed: Vec<String> = fields.keys().cloned().collect();
+        let mut documented = documented_fields();
+        documented.sort();
+        let mut printed_sorted = printed;
+        printed_sorted.sort();
+        assert_eq!(printed_sorted, documented);
+    }
+}

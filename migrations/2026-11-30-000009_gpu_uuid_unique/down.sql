@@ -1,0 +1,1 @@
+DROP INDEX gpus_uuid_unique;
