@@ -6,6 +6,12 @@
 //! completions for a fixed time straight to the backend, then through the gateway:
 //! requests per second, latency percentiles, and what the gateway adds. Then, for a few fresh
 //! instances, the time from the `running` event to the first request the gateway routes.
+//!
+//! Each run is made with the CPUs `shared` (clients, gateway and backend compete for every
+//! core, as when the gateway runs on the model's own host) and `split` (the gateway as its own
+//! process on the last CPU, the clients and the backend on the others, as when it runs on a
+//! host of its own): on a machine with few cores, the first mostly measures how the parties
+//! share the CPUs, the second what the gateway itself can carry.
 
 use crate::stats::{ms, summary};
 use anyhow::{Context, Result, bail};
@@ -32,9 +38,25 @@ pub struct GatewayArgs {
     /// How long each run lasts.
     #[arg(long, default_value = "3s", value_parser = berth_telemetry::args::duration)]
     duration: Duration,
+    /// How the CPUs are shared in the load runs: `shared`, `split`, or both (in that order).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "shared,split"
+    )]
+    cpus: Vec<Cpus>,
     /// Fresh instances whose running event → first routed request is timed.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     route_trials: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Cpus {
+    /// Every party on every CPU.
+    Shared,
+    /// The gateway on a CPU of its own.
+    Split,
 }
 
 const BODY: &str =
@@ -111,21 +133,16 @@ pub async fn run(args: GatewayArgs) -> Result<Value> {
     }
 
     let mut runs = Vec::new();
-    for &c in &args.concurrency {
-        let straight = load(&client, &direct, None, c, args.duration).await;
-        let through = load(&client, &routed, Some(&key.secret), c, args.duration).await;
-        let added = |p: &str| {
-            let a = through.latency[p].as_f64().unwrap_or(0.0);
-            let b = straight.latency[p].as_f64().unwrap_or(0.0);
-            ((a - b) * 1000.0).round() / 1000.0
-        };
-        runs.push(json!({
-            "concurrency": c,
-            "direct": straight.doc(),
-            "gateway": through.doc(),
-            "added_ms": { "p50": added("p50"), "p99": added("p99") },
-            "throughput_ratio": ((through.rate / straight.rate.max(f64::MIN_POSITIVE)) * 1000.0).round() / 1000.0,
-        }));
+    if args.cpus.contains(&Cpus::Shared) {
+        for &c in &args.concurrency {
+            let straight = load(&client, &direct, None, c, args.duration).await;
+            let through = load(&client, &routed, Some(&key.secret), c, args.duration).await;
+            runs.push(compared("shared", c, &straight, &through));
+        }
+    }
+    if args.cpus.contains(&Cpus::Split) {
+        let split = split_runs(&args, &client, &direct, &nats, &pg, &key.secret).await?;
+        runs.extend(split);
     }
 
     // Running event → first routed request, on fresh instances of a model of their own.
@@ -154,6 +171,86 @@ pub async fn run(args: GatewayArgs) -> Result<Value> {
         "runs": runs,
         "running_event_to_first_routed_ms": summary(&mut to_route),
     }))
+}
+
+/// One run's figures, direct and through the gateway side by side.
+fn compared(cpus: &str, clients: usize, straight: &Load, through: &Load) -> Value {
+    let added = |p: &str| {
+        let a = through.latency[p].as_f64().unwrap_or(0.0);
+        let b = straight.latency[p].as_f64().unwrap_or(0.0);
+        ((a - b) * 1000.0).round() / 1000.0
+    };
+    json!({
+        "cpus": cpus,
+        "concurrency": clients,
+        "direct": straight.doc(),
+        "gateway": through.doc(),
+        "added_ms": { "p50": added("p50"), "p99": added("p99") },
+        "throughput_ratio": ((through.rate / straight.rate.max(f64::MIN_POSITIVE)) * 1000.0).round() / 1000.0,
+    })
+}
+
+/// The load runs with the gateway as a process of its own on the last CPU, and this process
+/// (clients, analyzer, agent) and the backend it started on the others. Every thread goes
+/// back to all CPUs afterwards.
+async fn split_runs(
+    args: &GatewayArgs,
+    client: &Client,
+    direct: &str,
+    nats: &str,
+    pg: &str,
+    key: &str,
+) -> Result<Vec<Value>> {
+    let all = crate::cpus::usable()?;
+    let Some((&last, rest)) = all.split_last().filter(|(_, rest)| !rest.is_empty()) else {
+        tracing::warn!("one CPU only: no split runs");
+        return Ok(Vec::new());
+    };
+    let program = std::env::current_exe()?.with_file_name("berth-gateway");
+    if !program.is_file() {
+        bail!(
+            "{} not found: the split runs start the gateway binary (cargo build --bins)",
+            program.display()
+        );
+    }
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let argv: Vec<String> = [
+        "--nats-url",
+        nats,
+        "--database-url",
+        pg,
+        "--listen",
+        &listen.to_string(),
+        "--name",
+        "bench-split",
+        "--metrics-addr",
+        "off",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    crate::cpus::pin_process(rest)?;
+    let runs = async {
+        let _gateway = crate::cpus::spawn_on(&[last], &program, &argv)?;
+        let routed = format!("http://{listen}/v1/chat/completions");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while send(client, &routed, Some(key)).await != Some(200) {
+            if Instant::now() > deadline {
+                bail!("the split gateway never routed to the instance");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut runs = Vec::new();
+        for &c in &args.concurrency {
+            let straight = load(client, direct, None, c, args.duration).await;
+            let through = load(client, &routed, Some(key), c, args.duration).await;
+            runs.push(compared("split", c, &straight, &through));
+        }
+        Ok(runs)
+    }
+    .await;
+    crate::cpus::pin_process(&all)?;
+    runs
 }
 
 fn client() -> Client {

@@ -5,6 +5,7 @@
 //! statistics so that the client does not have to.
 
 mod cluster;
+mod cpus;
 mod gateway;
 mod place;
 mod procs;
