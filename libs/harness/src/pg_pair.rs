@@ -187,10 +187,11 @@ pub struct FailoverServers {
 }
 
 impl FailoverServers {
-    /// Starts NATS and the pair under a fresh `/tmp/berth-failover-*` directory.
+    /// Starts NATS and the pair under a fresh `/tmp/berth-test-failover-*` directory (where
+    /// `ops/test.sh` looks for servers a crashed test left behind).
     pub fn start() -> Result<FailoverServers, HarnessError> {
         let dir = tempfile::Builder::new()
-            .prefix("berth-failover-")
+            .prefix("berth-test-failover-")
             .tempdir()
             .map_err(|e| HarnessError::io(std::env::temp_dir(), e))?;
         open_for_service_user(dir.path())?;
@@ -211,7 +212,7 @@ mod tests {
 
     fn pair() -> (tempfile::TempDir, PgPair) {
         let dir = tempfile::Builder::new()
-            .prefix("berth-pair-test-")
+            .prefix("berth-test-pair-")
             .tempdir()
             .unwrap();
         open_for_service_user(dir.path()).unwrap();
