@@ -7,7 +7,7 @@ pub mod serving;
 use berth_agent::{Agent, AgentConfig, AgentStats, Runtime, WorkerSpec};
 use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks, Stats};
 use berth_bus::Bus;
-use berth_harness::TestServers;
+use berth_harness::{FailoverServers, TestServers};
 use berth_proto::{CmdSeq, Command, GpuInfo, InstanceState, StartSpec, StopSpec};
 use berth_store::{InstanceRow, Store};
 use std::{
@@ -17,15 +17,42 @@ use std::{
 
 pub const GIB: i64 = 1 << 30;
 
+/// What a fleet runs on: one PostgreSQL ([`TestServers`], the default) or a primary with a
+/// synchronous standby ([`FailoverServers`], see [`Fleet::start_failover`]).
+pub trait Servers: Send + Sync + 'static {
+    fn nats_url(&self) -> String;
+    /// The URL every part of the fleet connects to the database with.
+    fn database_url(&self) -> String;
+}
+
+impl Servers for TestServers {
+    fn nats_url(&self) -> String {
+        self.nats.url()
+    }
+    fn database_url(&self) -> String {
+        self.pg.url()
+    }
+}
+
+impl Servers for FailoverServers {
+    fn nats_url(&self) -> String {
+        self.nats.url()
+    }
+    /// Both nodes, `target_session_attrs=read-write`: it follows a promotion.
+    fn database_url(&self) -> String {
+        self.pg.url()
+    }
+}
+
 /// Servers plus the processes under test, all torn down on drop.
-pub struct Fleet {
+pub struct Fleet<S = TestServers> {
     /// Counters of every in-process agent, by worker.
     pub agent_stats: Arc<AgentStats>,
     pub store: Store,
     pub bus: Bus,
     pub analyzers: Vec<Analyzer>,
     pub agents: Vec<Agent>,
-    pub servers: TestServers,
+    pub servers: S,
     /// NATS roles, when the servers enforce them: analyzers and agents get their own.
     pub auth: Option<berth_bus::auth::AuthDir>,
 }
@@ -54,16 +81,36 @@ impl Fleet {
                 .await
                 .expect("harness task")
                 .expect("start NATS and PostgreSQL (run ops/setup.sh first)");
-        berth_store::migrate(&servers.pg.url())
+        Fleet::on(servers, auth).await
+    }
+}
+
+impl Fleet<FailoverServers> {
+    /// Like [`Fleet::start`] on a PostgreSQL primary with a synchronous standby: every
+    /// part of the fleet connects with the pair's two-host URL, so
+    /// `servers.pg.kill_primary()` then `servers.pg.promote_standby()` is a failover.
+    pub async fn start_failover() -> Fleet<FailoverServers> {
+        init_logs();
+        let servers = tokio::task::spawn_blocking(FailoverServers::start)
             .await
-            .expect("migrate");
-        let store = Store::connect(&servers.pg.url(), 8).expect("pool");
+            .expect("harness task")
+            .expect("start NATS and a PostgreSQL pair (run ops/setup.sh first)");
+        Fleet::on(servers, None).await
+    }
+}
+
+impl<S: Servers> Fleet<S> {
+    /// The schema and streams in place on `servers`; no analyzer, no agent yet.
+    async fn on(servers: S, auth: Option<berth_bus::auth::AuthDir>) -> Fleet<S> {
+        let url = servers.database_url();
+        berth_store::migrate(&url).await.expect("migrate");
+        let store = Store::connect(&url, 8).expect("pool");
         let access = berth_bus::Access {
             creds: auth.as_ref().map(|a| a.creds("analyzer")),
             tls_ca: auth.as_ref().and_then(berth_bus::auth::AuthDir::ca),
             ..berth_bus::Access::default()
         };
-        let bus = Bus::connect_as(&servers.nats.url(), "test", &access)
+        let bus = Bus::connect_as(&servers.nats_url(), "test", &access)
             .await
             .expect("bus");
         Fleet {
@@ -80,7 +127,7 @@ impl Fleet {
     /// The configuration tests use: production values, but sweeps and redelivery fast
     /// enough that a test waits seconds, not minutes.
     pub fn analyzer_config(&self, name: &str) -> AnalyzerConfig {
-        let mut c = AnalyzerConfig::new(self.servers.nats.url(), self.servers.pg.url());
+        let mut c = AnalyzerConfig::new(self.servers.nats_url(), self.servers.database_url());
         c.name = name.into();
         c.nats_access.creds = self.auth.as_ref().map(|a| a.creds("analyzer"));
         c.nats_access.tls_ca = self.auth.as_ref().and_then(berth_bus::auth::AuthDir::ca);
@@ -120,7 +167,7 @@ impl Fleet {
         let id = worker.id.clone();
         let gpus = worker.gpus.len();
         let config = AgentConfig {
-            nats_url: self.servers.nats.url(),
+            nats_url: self.servers.nats_url(),
             nats_access: berth_bus::Access {
                 creds: self.auth.as_ref().map(|a| a.creds(&format!("agent-{id}"))),
                 tls_ca: self.auth.as_ref().and_then(berth_bus::auth::AuthDir::ca),

@@ -8,6 +8,7 @@
 mod binaries;
 mod http;
 mod nats;
+mod pg_pair;
 mod postgres;
 mod process;
 
@@ -18,6 +19,7 @@ pub use http::{http, parse_response};
 pub use nats::NatsServer;
 /// The signals [`stop_children`] sends.
 pub use nix::sys::signal::Signal;
+pub use pg_pair::{FailoverServers, PgPair};
 pub use postgres::{Durability, PgServer};
 pub use process::{free_port, stop_children};
 

@@ -4,18 +4,35 @@
 //!
 //! With TLS the server's certificate is verified: against the system's roots, and against
 //! the CA in `sslrootcert=PATH` (a PEM file, libpq's parameter) when the URL gives one.
+//!
+//! A URL may name several servers (`postgres://u@h1:5432,h2:5432/db?target_session_attrs=
+//! read-write`, or `host=h1,h2`): they are tried in order, and with `read-write` only one
+//! that takes writes is kept, so after a failover new connections find the new primary.
 
 use diesel::{ConnectionError, ConnectionResult};
 use diesel_async::AsyncPgConnection;
-use std::{path::Path, sync::Arc};
+use std::{path::Path, sync::Arc, time::Duration};
 use tokio_postgres::config::SslMode;
+
+/// How long one attempt to reach one server may take when the URL does not say
+/// (`connect_timeout`, seconds): a server whose machine is gone answers nothing, and without
+/// a bound each new connection would wait out the system's TCP timeout (minutes) on it
+/// before trying the next server of the URL.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long data sent to a server may go unacknowledged before the connection counts as
+/// lost, when the URL does not say (`tcp_user_timeout`, seconds; Linux): a statement sent to
+/// a server that vanished fails then, and is retried, rather than waiting for hours of TCP
+/// retransmissions.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Opens a connection to `url` (a `postgres://` URL or `key=value` pairs).
 pub async fn establish(url: &str) -> ConnectionResult<AsyncPgConnection> {
     let (url, root) = split_root(url);
-    let config: tokio_postgres::Config = url
+    let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|e: tokio_postgres::Error| ConnectionError::InvalidConnectionUrl(chain(&e)))?;
+    with_timeouts(&mut config);
     let refused = |e: tokio_postgres::Error| ConnectionError::BadConnection(chain(&e));
     if config.get_ssl_mode() == SslMode::Require {
         let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client_config(root.as_deref())?);
@@ -27,6 +44,16 @@ pub async fn establish(url: &str) -> ConnectionResult<AsyncPgConnection> {
             .await
             .map_err(refused)?;
         AsyncPgConnection::try_from_client_and_connection(client, conn).await
+    }
+}
+
+/// The bounds a failover needs, where the URL sets none.
+fn with_timeouts(config: &mut tokio_postgres::Config) {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
     }
 }
 
@@ -138,6 +165,49 @@ mod tests {
             redacted("host=h password=s3cret user=u"),
             "host=h password=*** user=u"
         );
+    }
+
+    #[test]
+    fn urls_naming_several_servers_keep_them_all_and_the_read_write_rule() {
+        use tokio_postgres::config::{Host, TargetSessionAttrs};
+        for url in [
+            "postgres://u:pw@10.0.0.1:5432,10.0.0.2:5433/db?target_session_attrs=read-write\
+             &sslmode=require&sslrootcert=/ca.pem",
+            "host=10.0.0.1,10.0.0.2 port=5432,5433 user=u password=pw dbname=db \
+             target_session_attrs=read-write sslmode=require sslrootcert=/ca.pem",
+        ] {
+            let (rest, root) = split_root(url);
+            assert_eq!(root.as_deref(), Some("/ca.pem"), "{url}");
+            let config: tokio_postgres::Config = rest.parse().expect(url);
+            assert_eq!(
+                config.get_hosts(),
+                [Host::Tcp("10.0.0.1".into()), Host::Tcp("10.0.0.2".into())],
+                "{url}"
+            );
+            assert_eq!(config.get_ports(), [5432, 5433], "{url}");
+            assert_eq!(
+                config.get_target_session_attrs(),
+                TargetSessionAttrs::ReadWrite,
+                "{url}"
+            );
+            assert_eq!(config.get_ssl_mode(), SslMode::Require, "{url}");
+            assert_eq!(redacted(url).matches("pw").count(), 0, "{}", redacted(url));
+        }
+    }
+
+    #[test]
+    fn connections_get_failover_timeouts_unless_the_url_sets_its_own() {
+        let mut config: tokio_postgres::Config = "postgres://u@h1,h2/db".parse().expect("url");
+        with_timeouts(&mut config);
+        assert_eq!(config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert_eq!(config.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        let mut config: tokio_postgres::Config =
+            "postgres://u@h1,h2/db?connect_timeout=3&tcp_user_timeout=7"
+                .parse()
+                .expect("url");
+        with_timeouts(&mut config);
+        assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
     }
 
     #[test]

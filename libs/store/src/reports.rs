@@ -117,62 +117,77 @@ pub struct Beat {
 impl Store {
     /// Notes that `worker_id` is alive and schedulable again, and records the memory its
     /// GPUs have in use outside berth (`usage`, when the agent reports it). `None` for a
-    /// worker that never registered.
+    /// worker that never registered. One transaction: a heartbeat cut off by a failover
+    /// leaves nothing of itself, and the next one is recorded whole.
     pub async fn heartbeat(
         &self,
         worker_id: &str,
         usage: &[GpuUsage],
     ) -> Result<Option<Beat>, StoreError> {
+        // GPU rows are locked in index order, as a placement commit locks them.
+        let mut usage: Vec<(i32, i64)> = usage
+            .iter()
+            .filter_map(|u| {
+                let used = u64::try_from(u.used_outside_bytes).ok()?;
+                Some((
+                    i32::try_from(u.index).ok()?,
+                    i64::try_from(used).unwrap_or(i64::MAX),
+                ))
+            })
+            .collect();
+        usage.sort_unstable();
         let mut conn = self.conn().await?;
-        let was: Option<bool> = workers::table
-            .find(worker_id)
-            .select(workers::schedulable)
-            .first(&mut conn)
+        (*conn)
+            .transaction::<_, StoreError, _>(async |conn| {
+                let was: Option<bool> = workers::table
+                    .find(worker_id)
+                    .select(workers::schedulable)
+                    .for_update()
+                    .first(conn)
+                    .await
+                    .optional()?;
+                let Some(was_schedulable) = was else {
+                    return Ok(None);
+                };
+                diesel::update(workers::table.find(worker_id))
+                    .set((
+                        workers::last_heartbeat.eq(diesel::dsl::now),
+                        workers::schedulable.eq(true),
+                    ))
+                    .execute(conn)
+                    .await?;
+                let mut beat = Beat {
+                    back: !was_schedulable,
+                    freed: false,
+                };
+                if usage.is_empty() {
+                    return Ok(Some(beat));
+                }
+                let known: Vec<(i32, i64, i64)> = gpus::table
+                    .filter(gpus::worker_id.eq(worker_id))
+                    .select((gpus::idx, gpus::used_outside_bytes, gpus::total_bytes))
+                    .load(conn)
+                    .await?;
+                for &(idx, used) in &usage {
+                    let Some(&(_, old, total)) = known.iter().find(|(i, _, _)| *i == idx) else {
+                        continue;
+                    };
+                    // No GPU has more in use than it has: a larger figure is a broken or
+                    // hostile agent, and would keep the GPU out of service even after it is
+                    // corrected.
+                    let used = used.min(total);
+                    if old == used {
+                        continue;
+                    }
+                    beat.freed |= used < old;
+                    diesel::update(gpus::table.find((worker_id, idx)))
+                        .set(gpus::used_outside_bytes.eq(used))
+                        .execute(conn)
+                        .await?;
+                }
+                Ok(Some(beat))
+            })
             .await
-            .optional()?;
-        let Some(was_schedulable) = was else {
-            return Ok(None);
-        };
-        diesel::update(workers::table.find(worker_id))
-            .set((
-                workers::last_heartbeat.eq(diesel::dsl::now),
-                workers::schedulable.eq(true),
-            ))
-            .execute(&mut conn)
-            .await?;
-        let mut beat = Beat {
-            back: !was_schedulable,
-            freed: false,
-        };
-        if usage.is_empty() {
-            return Ok(Some(beat));
-        }
-        let known: Vec<(i32, i64, i64)> = gpus::table
-            .filter(gpus::worker_id.eq(worker_id))
-            .select((gpus::idx, gpus::used_outside_bytes, gpus::total_bytes))
-            .load(&mut conn)
-            .await?;
-        for u in usage {
-            let (Ok(idx), Ok(used)) = (i32::try_from(u.index), u64::try_from(u.used_outside_bytes))
-            else {
-                continue;
-            };
-            let Some(&(_, old, total)) = known.iter().find(|(i, _, _)| *i == idx) else {
-                continue;
-            };
-            // No GPU has more in use than it has: a larger figure is a broken or hostile
-            // agent, and would keep the GPU out of service even after it is corrected.
-            let used = i64::try_from(used).unwrap_or(i64::MAX).min(total);
-            if old == used {
-                continue;
-            }
-            beat.freed |= used < old;
-            diesel::update(gpus::table.find((worker_id, idx)))
-                .set(gpus::used_outside_bytes.eq(used))
-                .execute(&mut conn)
-                .await?;
-        }
-        Ok(Some(beat))
     }
 
     /// Applies many `starting`/`running` reports of single-worker placements in one
