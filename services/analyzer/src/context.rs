@@ -56,6 +56,8 @@ pub(crate) struct Ctx {
     pub(crate) forwards: crate::grouped::Grouped<berth_store::reports::Forward, status::Forwarded>,
     /// Reports about one instance, applied in arrival order.
     pub(crate) report_order: Arc<crate::in_order::InOrder>,
+    /// When the database last failed us: silence before that proves nothing.
+    pub(crate) store_health: crate::store_health::StoreHealth,
 }
 
 impl Ctx {
@@ -116,6 +118,7 @@ impl Analyzer {
             intents,
             forwards,
             report_order: Arc::default(),
+            store_health: Default::default(),
             commits,
             snapshot,
             peers,

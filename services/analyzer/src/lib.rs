@@ -20,6 +20,7 @@ mod recent;
 mod snapshot;
 mod stats;
 mod status;
+mod store_health;
 mod sweeper;
 mod watch;
 

@@ -261,6 +261,7 @@ async fn handle(ctx: &Ctx, msg: &Message, report: Result<StatusMsg, String>) -> 
     match result {
         Ok(()) => Handled::Done,
         Err(e) if e.is_transient() => {
+            ctx.store_health.failed();
             tracing::warn!(%e, "report not applied; will retry");
             Handled::Retry
         }

@@ -30,6 +30,9 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             wake_pending(&ctx).await
         };
         if let Err(e) = result {
+            if e.is_transient() {
+                ctx.store_health.failed();
+            }
             tracing::warn!(%e, "sweep failed; next round retries");
         }
     }
@@ -103,6 +106,10 @@ pub async fn stop_stranded(ctx: &Ctx, id: &str, version: Version) {
 /// One full round: silent workers, gone workers, stuck instances, then pending ones.
 pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
     let cfg = &ctx.config;
+    if !ctx.store_health.reachable_for(cfg.unreachable_after) {
+        // Heartbeats of the last while may not be recorded yet: nobody is silent for sure.
+        return sweep_instances(ctx).await;
+    }
     for worker in ctx.store.mark_unreachable(cfg.unreachable_after).await? {
         tracing::warn!(
             worker,
@@ -123,6 +130,12 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
             }
         }
     }
+    sweep_instances(ctx).await
+}
+
+/// The instances' part of a sweep: stuck analyses and stops, stranded stages, pending ones.
+async fn sweep_instances(ctx: &Ctx) -> Result<(), StoreError> {
+    let cfg = &ctx.config;
     for row in ctx
         .store
         .stuck(&[InstanceState::Analyzing], cfg.stuck_after, BATCH)
