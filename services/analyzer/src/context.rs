@@ -102,6 +102,8 @@ impl Analyzer {
         let intents = crate::intents::Intents::spawn(store.clone(), stats.clone());
         let forwards = status::spawn_forwards(store.clone());
         let commits = crate::placing::spawn_commits(store.clone());
+        let profiles =
+            crate::needs::ProfileCache::new(config.model_roots.clone(), config.model_read_timeout);
         let ctx = Arc::new(Ctx {
             config,
             store,
@@ -119,7 +121,7 @@ impl Analyzer {
             commits,
             snapshot,
             peers,
-            profiles: Default::default(),
+            profiles,
         });
         ctx.snapshot.refresh(&ctx.store).await?;
         let shutdown = CancellationToken::new();
