@@ -320,3 +320,34 @@ fn estimate_refuses_a_fifo_at_once() {
     );
     assert!(!fifo_has_a_reader(&fifo));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_refuses_a_model_outside_its_roots_before_spawning() {
+    let mut fleet = Fleet::start().await;
+    fleet.add_analyzer(Default::default()).await;
+    let state = tempfile::tempdir().expect("state");
+    let agent_root = tempfile::tempdir().expect("agent root");
+    let mut config = berth_tests::serving::process_config(state.path(), 47100..=47199);
+    config.model_roots = berth_models::ModelRoots::new([agent_root.path()]).expect("roots");
+    fleet
+        .add_agent_with(
+            worker("w1", 1, 80, &[]),
+            berth_agent::Runtime::Process(Box::new(config)),
+        )
+        .await;
+    // Readable by the analyzers (under the tests' roots), outside the agent's.
+    let model = tempfile::tempdir().expect("model");
+    write_llama_8b_config(model.path());
+    let (reason, _) = refused(&fleet, "outside-agent", model.path()).await;
+    let shown = model.path().display().to_string();
+    assert_eq!(
+        reason.replace(&shown, "PATH"),
+        format!("model PATH: PATH: {NOT_UNDER_A_ROOT}")
+    );
+    // Nothing was started for it: no log of a server attempt.
+    assert!(
+        !state.path().join("logs/outside-agent").exists(),
+        "a server was started"
+    );
+    fleet.assert_books_balanced().await;
+}
