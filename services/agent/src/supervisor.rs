@@ -96,6 +96,8 @@ pub struct ProcessConfig {
     pub keep_servers_on_exit: bool,
     /// Where the model files of starts may be: a start naming a model outside them (or with
     /// no root at all, the default) ends in `error` before any server is spawned.
+    /// [`ModelRoots::Anywhere`](berth_models::ModelRoots::Anywhere) checks nothing: the
+    /// server gets the path as the start gives it.
     pub model_roots: berth_models::ModelRoots,
 }
 
@@ -711,6 +713,9 @@ impl Shared {
         let Some(berth_options::ModelRef::Path(path)) = spec.model_ref.as_deref() else {
             return Ok(());
         };
+        if self.config.model_roots == berth_models::ModelRoots::Anywhere {
+            return Ok(());
+        }
         let roots = self.config.model_roots.clone();
         let path = path.clone();
         // Canonicalizing touches the file system: off the runtime's threads.
