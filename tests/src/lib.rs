@@ -136,6 +136,7 @@ impl<S: Servers> Fleet<S> {
         c.stuck_after = Duration::from_secs(5);
         c.unreachable_after = Duration::from_secs(1);
         c.gone_after = Duration::from_secs(2);
+        c.model_roots = test_model_roots();
         c
     }
 
@@ -293,6 +294,15 @@ impl<S: Servers> Fleet<S> {
             assert!(holds_ok, "{} is {} but holds {a:?}", inst.id, inst.state);
         }
     }
+}
+
+/// The model roots of the tests' analyzers and agents: the system's temporary directory
+/// (where tests write their model files) and the repository's `.berth/models` (the real GGUF
+/// of `ops/fetch-models.sh`), when it exists.
+pub fn test_model_roots() -> berth_models::ModelRoots {
+    let models = serving::repo().join(".berth/models");
+    let roots = std::iter::once(std::env::temp_dir()).chain(models.is_dir().then_some(models));
+    berth_models::ModelRoots::new(roots).expect("the tests' model roots")
 }
 
 /// Polls `probe` until it returns `Some`, or panics after `limit` with what was awaited.

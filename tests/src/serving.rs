@@ -39,6 +39,7 @@ pub fn process_config(state_dir: &Path, ports: std::ops::RangeInclusive<u16>) ->
         ..RestartLimits::default()
     };
     c.restarts.backoff.first_delay = Duration::from_millis(50);
+    c.model_roots = crate::test_model_roots();
     if let Some(bin) = std::env::var_os("BERTH_LLAMA_SERVER") {
         c.binaries.llama_server = Some(bin.into());
     }

@@ -16,13 +16,13 @@
 //! ends in a [`GgufError`], never a panic or a huge allocation.
 
 use crate::read::ProfileError;
+use crate::roots::{ModelAccess, OpenError};
 use berth_options::{
     Attention, Experts, MAX_LAYERS, ModelProfile, ProfileFormat, WeightBytes, layer_count,
     pattern_layers,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
@@ -48,6 +48,10 @@ pub struct GgufLimits {
     pub max_tensor_count: u64,
     /// Bytes of header (everything before the tensor data) read or skipped, at most.
     pub max_header_bytes: u64,
+    /// Memory the parsed header may take, at most (about: each kept value, string and
+    /// tensor info with its bookkeeping). A header of many tiny kept values costs many
+    /// times its size in memory; this bounds that, whatever the other limits allow.
+    pub max_kept_bytes: u64,
 }
 
 impl Default for GgufLimits {
@@ -60,6 +64,7 @@ impl Default for GgufLimits {
             max_kv_count: 1 << 16,
             max_tensor_count: 1 << 20,
             max_header_bytes: 512 << 20,
+            max_kept_bytes: 128 << 20,
         }
     }
 }
@@ -112,6 +117,9 @@ pub enum GgufError {
     BadAlignment(u64),
     #[error("tensor data needs {need} bytes but the file has {have}")]
     DataTruncated { need: u64, have: u64 },
+    /// The file could not be opened where model files may be read.
+    #[error(transparent)]
+    Refused(#[from] OpenError),
 }
 
 /// Metadata value types (`enum gguf_type`).
@@ -606,8 +614,16 @@ impl GgufFile {
 /// Reads the header of the GGUF file at `path` (never its tensor data) and checks that the
 /// file is long enough to hold the data the tensors describe.
 pub fn read_gguf(path: &Path, limits: &GgufLimits) -> Result<GgufFile, GgufError> {
-    let file = File::open(path)?;
-    let len = file.metadata()?.len();
+    read_gguf_in(path, limits, &ModelAccess::anywhere())
+}
+
+/// [`read_gguf`], opening the file through `access` (its roots, its cancellation).
+pub fn read_gguf_in(
+    path: &Path,
+    limits: &GgufLimits,
+    access: &ModelAccess,
+) -> Result<GgufFile, GgufError> {
+    let (_, len, file) = access.open_file(path)?;
     let gguf = parse_gguf(BufReader::with_capacity(64 << 10, file), limits)?;
     let need = gguf.data_offset.saturating_add(gguf.data_bytes);
     // The last tensor's padding may be absent from the file; the tensors' own bytes may not.
@@ -631,6 +647,7 @@ pub fn parse_gguf<R: BufRead>(reader: R, limits: &GgufLimits) -> Result<GgufFile
         pos: 0,
         limits: *limits,
         elements_left: limits.max_array_elements,
+        kept: 0,
     };
 
     let mut magic = [0u8; 4];
@@ -663,6 +680,11 @@ pub fn parse_gguf<R: BufRead>(reader: R, limits: &GgufLimits) -> Result<GgufFile
 
     let mut metadata = BTreeMap::new();
     for _ in 0..n_kv {
+        // The map's entry: the key's String and the value, with the tree's bookkeeping.
+        r.keep(
+            KEPT_OVERHEAD
+                + (std::mem::size_of::<String>() + std::mem::size_of::<MetaValue>()) as u64,
+        )?;
         let key = r.string("a metadata key")?;
         let type_id = r.u32("a metadata value type")?;
         let Some(ty) = ValueType::from_id(type_id) else {
@@ -699,6 +721,7 @@ pub fn parse_gguf<R: BufRead>(reader: R, limits: &GgufLimits) -> Result<GgufFile
     let mut data_end = 0u64;
     for _ in 0..n_tensors {
         let t = r.tensor_info(alignment)?;
+        r.keep(KEPT_OVERHEAD + std::mem::size_of::<TensorInfo>() as u64 + 8 * t.dims.len() as u64)?;
         let end = t
             .offset
             .checked_add(t.bytes())
@@ -738,9 +761,27 @@ struct Reader<R> {
     pos: u64,
     limits: GgufLimits,
     elements_left: u64,
+    /// Memory taken by what was kept so far (about).
+    kept: u64,
 }
 
+/// What the allocator and the containers add to each thing kept, about.
+const KEPT_OVERHEAD: u64 = 16;
+
 impl<R: BufRead> Reader<R> {
+    /// Counts `n` more bytes of memory kept; refuses to go past `max_kept_bytes`.
+    fn keep(&mut self, n: u64) -> Result<(), GgufError> {
+        self.kept = self.kept.saturating_add(n);
+        if self.kept > self.limits.max_kept_bytes {
+            return Err(GgufError::TooLarge {
+                what: "header kept in memory",
+                value: self.kept,
+                limit: self.limits.max_kept_bytes,
+            });
+        }
+        Ok(())
+    }
+
     /// Refuses to go past the header budget before reading `n` more bytes.
     fn budget(&self, n: u64) -> Result<(), GgufError> {
         let end = self.pos.saturating_add(n);
@@ -821,6 +862,7 @@ impl<R: BufRead> Reader<R> {
 
     fn string(&mut self, what: &'static str) -> Result<String, GgufError> {
         let len = self.string_len(what)?;
+        self.keep(KEPT_OVERHEAD + len)?;
         // Bounded by max_string_len and by the header budget just checked.
         let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
         self.bytes(&mut buf, what)?;
@@ -910,6 +952,7 @@ impl<R: BufRead> Reader<R> {
         // len ≤ keep_array_len and ≤ the element budget; capacity is further capped so a
         // hostile length costs nothing before the bytes really arrive.
         let mut items = Vec::with_capacity(usize::try_from(len.min(1024)).unwrap_or(0));
+        self.keep(len.saturating_mul(std::mem::size_of::<MetaValue>() as u64))?;
         for _ in 0..len {
             items.push(match elem {
                 ValueType::Array => self.array(key, depth + 1)?,
@@ -998,14 +1041,28 @@ impl<R: BufRead> Reader<R> {
 /// Profiles a GGUF file; for a split model (`…-00001-of-00003.gguf`) every shard's header is
 /// read and the tensors summed.
 pub fn profile_from_gguf_path(path: &Path) -> Result<ModelProfile, ProfileError> {
-    let limits = GgufLimits::default();
-    let read = |p: &Path| {
-        read_gguf(p, &limits).map_err(|source| ProfileError::Gguf {
-            path: p.to_owned(),
-            source,
+    profile_from_gguf_path_in(path, &ModelAccess::anywhere())
+}
+
+/// [`profile_from_gguf_path`], opening every shard through `access`. The shards are read one
+/// at a time and only their tensors' sums kept ([`TensorTally`]), so a split model costs
+/// one header's memory, not all of them.
+pub fn profile_from_gguf_path_in(
+    path: &Path,
+    access: &ModelAccess,
+) -> Result<ModelProfile, ProfileError> {
+    let read = |p: &Path, limits: &GgufLimits| {
+        read_gguf_in(p, limits, access).map_err(|source| match source {
+            GgufError::Refused(e) => ProfileError::Refused(e),
+            source => ProfileError::Gguf {
+                path: p.to_owned(),
+                source,
+            },
         })
     };
-    let mut file = read(path)?;
+    let mut file = read(path, &GgufLimits::default())?;
+    let mut tally = TensorTally::default();
+    tally.add_all(&file.tensors);
     let count = file.get_u64("split.count").ok().flatten().unwrap_or(1);
     if count > 1 {
         let shards = split_paths(path, count).ok_or_else(|| {
@@ -1014,12 +1071,75 @@ pub fn profile_from_gguf_path(path: &Path) -> Result<ModelProfile, ProfileError>
                 format!("split.count is {count} but the name is not NAME-00001-of-NNNNN.gguf"),
             )
         })?;
+        file.tensors = Vec::new();
+        // Of the other shards only the tensors count: their arrays are skipped unkept.
+        let limits = GgufLimits {
+            keep_array_len: 0,
+            ..GgufLimits::default()
+        };
         for shard in shards.iter().skip(1) {
-            let other = read(shard)?;
-            file.tensors.extend(other.tensors);
+            tally.add_all(&read(shard, &limits)?.tensors);
         }
     }
-    profile_from_gguf(&file)
+    profile_with_tensors(&file, &tally)
+}
+
+/// What a profile needs of the tensors, summed without keeping them: bytes per block (for
+/// blocks up to [`MAX_LAYERS`]), per part of the model and per type, and the parameters.
+#[derive(Debug, Default)]
+struct TensorTally {
+    blocks: Vec<u64>,
+    input: u64,
+    output: u64,
+    output_head: u64,
+    embd: u64,
+    by_type: Vec<(GgmlType, u64)>,
+    parameters: u64,
+    total: u64,
+}
+
+impl TensorTally {
+    fn add_all(&mut self, tensors: &[TensorInfo]) {
+        for t in tensors {
+            self.add(t);
+        }
+    }
+
+    fn add(&mut self, t: &TensorInfo) {
+        let b = t.bytes();
+        self.total = self.total.saturating_add(b);
+        self.parameters = self.parameters.saturating_add(t.elements());
+        match self.by_type.iter_mut().find(|(ty, _)| *ty == t.ggml_type) {
+            Some((_, n)) => *n = n.saturating_add(b),
+            None => self.by_type.push((t.ggml_type, b)),
+        }
+        match t.block_index().map(|i| i as usize) {
+            Some(i) if (i as u64) < MAX_LAYERS => {
+                if self.blocks.len() <= i {
+                    self.blocks.resize(i + 1, 0);
+                }
+                self.blocks[i] = self.blocks[i].saturating_add(b);
+            }
+            _ => {
+                let base = t.name.split('.').next().unwrap_or("");
+                match base {
+                    "token_embd" => {
+                        self.embd = self.embd.saturating_add(b);
+                        self.input = self.input.saturating_add(b);
+                    }
+                    "position_embd" | "token_types" | "token_embd_norm" => {
+                        self.input = self.input.saturating_add(b)
+                    }
+                    "output" => {
+                        self.output_head = self.output_head.saturating_add(b);
+                        self.output = self.output.saturating_add(b);
+                    }
+                    // output_norm, rope_freqs, extra (e.g. next-token) blocks: with the output.
+                    _ => self.output = self.output.saturating_add(b),
+                }
+            }
+        }
+    }
 }
 
 /// `NAME-00001-of-00003.gguf` → the paths of all three shards.
@@ -1055,6 +1175,13 @@ fn swa_pattern(arch: &str) -> Option<u32> {
 
 /// Builds a profile from a parsed GGUF header; it passes [`ModelProfile::validate`].
 pub fn profile_from_gguf(g: &GgufFile) -> Result<ModelProfile, ProfileError> {
+    let mut tally = TensorTally::default();
+    tally.add_all(&g.tensors);
+    profile_with_tensors(g, &tally)
+}
+
+/// A profile from a header's metadata and the tensors of all its shards.
+fn profile_with_tensors(g: &GgufFile, tally: &TensorTally) -> Result<ModelProfile, ProfileError> {
     let arch = g
         .architecture()
         .ok_or_else(|| ProfileError::Missing("general.architecture".into()))?
@@ -1194,45 +1321,25 @@ pub fn profile_from_gguf(g: &GgufFile) -> Result<ModelProfile, ProfileError> {
             .unwrap_or(0),
     };
 
-    // Weights, split the way llama.cpp places them.
-    let mut layer_bytes = vec![0u64; n_layers as usize];
-    let (mut input, mut output, mut output_head, mut embd) = (0u64, 0u64, 0u64, 0u64);
-    let mut by_type: Vec<(GgmlType, u64)> = Vec::new();
-    for t in &g.tensors {
-        let b = t.bytes();
-        match by_type.iter_mut().find(|(ty, _)| *ty == t.ggml_type) {
-            Some((_, n)) => *n = n.saturating_add(b),
-            None => by_type.push((t.ggml_type, b)),
-        }
-        match t.block_index() {
-            Some(i) if (i as usize) < layer_bytes.len() => {
-                layer_bytes[i as usize] = layer_bytes[i as usize].saturating_add(b)
-            }
-            _ => {
-                let base = t.name.split('.').next().unwrap_or("");
-                match base {
-                    "token_embd" => {
-                        embd = embd.saturating_add(b);
-                        input = input.saturating_add(b);
-                    }
-                    "position_embd" | "token_types" | "token_embd_norm" => {
-                        input = input.saturating_add(b)
-                    }
-                    "output" => {
-                        output_head = output_head.saturating_add(b);
-                        output = output.saturating_add(b);
-                    }
-                    // output_norm, rope_freqs, extra (e.g. next-token) blocks: with the output.
-                    _ => output = output.saturating_add(b),
-                }
-            }
-        }
-    }
-    if output_head == 0 {
+    // Weights, split the way llama.cpp places them: blocks past the last layer go with the
+    // output.
+    let n = n_layers as usize;
+    let mut layer_bytes = tally.blocks.get(..n).unwrap_or(&tally.blocks).to_vec();
+    layer_bytes.resize(n, 0);
+    let beyond = tally
+        .blocks
+        .get(n..)
+        .unwrap_or(&[])
+        .iter()
+        .fold(0u64, |a, &b| a.saturating_add(b));
+    let mut output = tally.output.saturating_add(beyond);
+    if tally.output_head == 0 {
         // Tied embeddings: llama.cpp duplicates token_embd as the output head.
-        output = output.saturating_add(embd);
+        output = output.saturating_add(tally.embd);
     }
-    let weight_dtype = by_type
+    let input = tally.input;
+    let weight_dtype = tally
+        .by_type
         .iter()
         .max_by_key(|(_, n)| *n)
         .map(|(t, _)| t.name().to_owned())
@@ -1243,9 +1350,9 @@ pub fn profile_from_gguf(g: &GgufFile) -> Result<ModelProfile, ProfileError> {
         name: g.get_str("general.name").ok().flatten().map(str::to_owned),
         architecture: arch,
         weight_dtype,
-        parameters: g.parameter_count(),
+        parameters: tally.parameters,
         weights: WeightBytes {
-            total: g.tensor_bytes(),
+            total: tally.total,
             input,
             output,
             layers: layer_bytes,
@@ -2138,10 +2245,54 @@ mod profile_tests {
         std::fs::write(&second, b).unwrap();
         let p = profile_from_path(&first).unwrap();
         assert_eq!(p.weights.layers, vec![256, 256]);
+        // A shard under the first one's name that leaves the model root is refused like any
+        // file outside it.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::rename(&second, outside.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("real"), &second).unwrap();
+        assert_eq!(
+            profile_from_path(&first).unwrap().weights.layers,
+            vec![256, 256]
+        );
+        let roots = crate::ModelRoots::new([dir.path()]).unwrap();
+        let access = crate::ModelAccess::new(roots, crate::ReadCancel::new());
+        let e = crate::read_profile(&first, &access).unwrap_err();
+        assert!(
+            matches!(&e, ProfileError::Refused(crate::OpenError::NotUnderRoot(_))),
+            "{e:?}"
+        );
         std::fs::remove_file(&second).unwrap();
         assert!(matches!(
             profile_from_path(&first),
-            Err(ProfileError::Gguf { .. })
+            Err(ProfileError::Refused(crate::OpenError::Io { .. }))
         ));
+    }
+
+    #[test]
+    fn many_tiny_kept_values_are_bounded_in_memory() {
+        // 60k one-byte values in short arrays: 60 KiB of file, ~2 MiB of MetaValues kept.
+        let arrays: Vec<(String, MetaValue)> = (0..15_000)
+            .map(|i| {
+                (
+                    format!("k{i}"),
+                    MetaValue::Array {
+                        elem: ValueType::U8,
+                        items: vec![MetaValue::U8(1); 4],
+                    },
+                )
+            })
+            .collect();
+        let kvs: Vec<(&str, MetaValue)> = arrays
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        let bytes = file(3, &kvs, &[]);
+        let limits = GgufLimits {
+            max_kept_bytes: 1 << 20,
+            ..GgufLimits::default()
+        };
+        let e = parse_gguf(&bytes[..], &limits).unwrap_err();
+        assert!(e.to_string().contains("kept in memory"), "{e}");
+        parse_gguf(&bytes[..], &GgufLimits::default()).unwrap();
     }
 }

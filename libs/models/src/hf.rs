@@ -2,16 +2,15 @@
 //! `model.safetensors.index.json`) for exact weight bytes.
 
 use crate::read::ProfileError;
+use crate::roots::ModelAccess;
+pub use crate::safetensors::{MAX_SAFETENSORS_HEADER, weights_from_safetensors};
 use berth_options::{
     Attention, Experts, MAX_LAYERS, ModelProfile, ProfileFormat, WeightBytes, pattern_layers,
 };
-use serde_json::{Map, Value};
-use std::fs::File;
+use serde_json::Value;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-/// safetensors refuses headers over 100 MB (`MAX_HEADER_SIZE`); so do we.
-pub const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
 /// config.json and the index are small; anything larger is not one.
 const MAX_JSON_FILE: u64 = 64 << 20;
 /// More shards than any published model.
@@ -32,20 +31,26 @@ pub struct HfWeights {
     pub has_lm_head: bool,
 }
 
-/// Profiles a Hugging Face model directory.
-pub fn profile_from_dir(dir: &Path) -> Result<ModelProfile, ProfileError> {
+/// Profiles a Hugging Face model directory (`dir` canonical, already checked by `access`),
+/// opening each of its files through `access`.
+pub fn profile_from_dir(dir: &Path, access: &ModelAccess) -> Result<ModelProfile, ProfileError> {
     let config_path = dir.join("config.json");
-    if !config_path.is_file() {
+    // Inside a checked directory, whether config.json exists may be told.
+    if std::fs::symlink_metadata(&config_path).is_err() {
         return Err(ProfileError::NotAModel(dir.to_owned()));
     }
-    let config = read_json(&config_path)?;
+    let config = read_json(&config_path, access)?;
     let shards = safetensors_files(dir)?;
     let weights = if !shards.is_empty() {
-        Some(weights_from_safetensors(&shards, layer_count(&config))?)
+        Some(weights_from_safetensors(
+            &shards,
+            layer_count(&config),
+            access,
+        )?)
     } else {
         let index = dir.join("model.safetensors.index.json");
-        if index.is_file() {
-            Some(weights_from_index(&index)?)
+        if std::fs::symlink_metadata(&index).is_ok() {
+            Some(weights_from_index(&index, access)?)
         } else {
             None
         }
@@ -53,14 +58,15 @@ pub fn profile_from_dir(dir: &Path) -> Result<ModelProfile, ProfileError> {
     profile_from_config(&config, weights.as_ref())
 }
 
-fn read_json(path: &Path) -> Result<Value, ProfileError> {
+fn read_json(path: &Path, access: &ModelAccess) -> Result<Value, ProfileError> {
     let io_err = |source| ProfileError::Io {
         path: path.to_owned(),
         source,
     };
+    let (_, _, f) = access.open_file(path)?;
     let mut buf = Vec::new();
-    File::open(path)
-        .and_then(|f| f.take(MAX_JSON_FILE + 1).read_to_end(&mut buf))
+    f.take(MAX_JSON_FILE + 1)
+        .read_to_end(&mut buf)
         .map_err(io_err)?;
     if buf.len() as u64 > MAX_JSON_FILE {
         return Err(ProfileError::invalid(
@@ -74,6 +80,7 @@ fn read_json(path: &Path) -> Result<Value, ProfileError> {
     })
 }
 
+/// The `*.safetensors` entries of `dir` (files or links; each is checked when opened).
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ProfileError> {
     let io_err = |source| ProfileError::Io {
         path: dir.to_owned(),
@@ -81,8 +88,10 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ProfileError> {
     };
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err)? {
-        let path = entry.map_err(io_err)?.path();
-        if path.extension().is_some_and(|e| e == "safetensors") && path.is_file() {
+        let entry = entry.map_err(io_err)?;
+        let path = entry.path();
+        let ty = entry.file_type().map_err(io_err)?;
+        if path.extension().is_some_and(|e| e == "safetensors") && !ty.is_dir() {
             out.push(path);
             if out.len() > MAX_SHARDS {
                 return Err(ProfileError::invalid(
@@ -116,128 +125,9 @@ fn first_u64(v: &Value, keys: &[&str]) -> Option<u64> {
     keys.iter().find_map(|k| v.get(*k).and_then(Value::as_u64))
 }
 
-/// Reads the header of every safetensors file: `u64 LE length`, then that many bytes of JSON
-/// mapping tensor names to `{dtype, shape, data_offsets}`.
-pub fn weights_from_safetensors(
-    files: &[PathBuf],
-    layers: Option<u64>,
-) -> Result<HfWeights, ProfileError> {
-    let n_layers = layers.unwrap_or(0) as usize;
-    let mut w = HfWeights {
-        layers: vec![0; n_layers],
-        ..HfWeights::default()
-    };
-    let mut params = 0u64;
-    let mut by_dtype: Vec<(String, u64)> = Vec::new();
-    for path in files {
-        let bad = |reason: String| ProfileError::Safetensors {
-            path: path.clone(),
-            reason,
-        };
-        let io_err = |source| ProfileError::Io {
-            path: path.clone(),
-            source,
-        };
-        let mut f = File::open(path).map_err(io_err)?;
-        let file_len = f.metadata().map_err(io_err)?.len();
-        let mut len = [0u8; 8];
-        f.read_exact(&mut len)
-            .map_err(|_| bad("shorter than its 8-byte header length".into()))?;
-        let n = u64::from_le_bytes(len);
-        if n > MAX_SAFETENSORS_HEADER {
-            return Err(bad(format!(
-                "header of {n} bytes exceeds {MAX_SAFETENSORS_HEADER}"
-            )));
-        }
-        if n.saturating_add(8) > file_len {
-            return Err(bad(format!(
-                "header of {n} bytes does not fit in {file_len}"
-            )));
-        }
-        let mut buf = vec![0u8; n as usize];
-        f.read_exact(&mut buf).map_err(io_err)?;
-        let header: Map<String, Value> = serde_json::from_slice(&buf)
-            .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
-        let data_len = file_len - 8 - n;
-        for (name, t) in &header {
-            if name == "__metadata__" {
-                continue;
-            }
-            let offsets = t
-                .get("data_offsets")
-                .and_then(Value::as_array)
-                .filter(|a| a.len() == 2)
-                .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
-                .ok_or_else(|| bad(format!("tensor {name:?} has no data_offsets")))?;
-            if offsets.1 < offsets.0 || offsets.1 > data_len {
-                return Err(bad(format!(
-                    "tensor {name:?} spans {}..{} of {data_len} data bytes",
-                    offsets.0, offsets.1
-                )));
-            }
-            let bytes = offsets.1 - offsets.0;
-            let elements = t
-                .get("shape")
-                .and_then(Value::as_array)
-                .and_then(|s| {
-                    s.iter()
-                        .try_fold(1u64, |acc, d| acc.checked_mul(d.as_u64()?))
-                })
-                .ok_or_else(|| bad(format!("tensor {name:?} has no valid shape")))?;
-            params = params.saturating_add(elements);
-            w.total = w.total.saturating_add(bytes);
-            let dtype = t.get("dtype").and_then(Value::as_str).unwrap_or("?");
-            match by_dtype.iter_mut().find(|(d, _)| d == dtype) {
-                Some((_, b)) => *b = b.saturating_add(bytes),
-                None => by_dtype.push((dtype.to_owned(), bytes)),
-            }
-            match classify(name) {
-                Part::Layer(i) if i < n_layers => w.layers[i] = w.layers[i].saturating_add(bytes),
-                Part::Input => w.input = w.input.saturating_add(bytes),
-                Part::LmHead => {
-                    w.has_lm_head = true;
-                    w.output = w.output.saturating_add(bytes);
-                }
-                Part::Layer(_) | Part::Other => w.output = w.output.saturating_add(bytes),
-            }
-        }
-    }
-    w.parameters = Some(params);
-    w.dtype = by_dtype.into_iter().max_by_key(|(_, b)| *b).map(|(d, _)| d);
-    Ok(w)
-}
-
-enum Part {
-    Layer(usize),
-    Input,
-    LmHead,
-    Other,
-}
-
-fn classify(name: &str) -> Part {
-    let segs: Vec<&str> = name.split('.').collect();
-    for pair in segs.windows(2) {
-        if matches!(pair[0], "layers" | "h" | "blocks" | "layer")
-            && let Ok(i) = pair[1].parse::<usize>()
-        {
-            return Part::Layer(i);
-        }
-    }
-    if name.contains("lm_head") {
-        Part::LmHead
-    } else if name.contains("embed_tokens")
-        || name.contains("wte")
-        || name.contains("word_embeddings")
-    {
-        Part::Input
-    } else {
-        Part::Other
-    }
-}
-
 /// `model.safetensors.index.json`: `metadata.total_size` is the exact weight bytes.
-pub fn weights_from_index(path: &Path) -> Result<HfWeights, ProfileError> {
-    let v = read_json(path)?;
+pub fn weights_from_index(path: &Path, access: &ModelAccess) -> Result<HfWeights, ProfileError> {
+    let v = read_json(path, access)?;
     let meta = v.get("metadata");
     let total = meta
         .and_then(|m| m.get("total_size"))
@@ -666,7 +556,8 @@ pub fn profile_from_config(
 pub(crate) mod tests {
     use super::*;
     use crate::read::profile_from_path;
-    use serde_json::json;
+    use serde_json::{Map, json};
+    use std::fs::File;
 
     /// Llama-3-8B's config.json (the keys that matter).
     pub(crate) fn llama3_8b_config() -> Value {
@@ -1072,10 +963,10 @@ pub(crate) mod tests {
             let dir = tempfile::tempdir().unwrap();
             let f = dir.path().join("x.safetensors");
             std::fs::write(&f, &raw).unwrap();
-            let _ = weights_from_safetensors(std::slice::from_ref(&f), Some(4));
+            let _ = weights_from_safetensors(std::slice::from_ref(&f), Some(4), &crate::ModelAccess::anywhere());
             let h = json_like.as_bytes();
             std::fs::write(&f, [&(h.len() as u64).to_le_bytes()[..], h].concat()).unwrap();
-            let _ = weights_from_safetensors(std::slice::from_ref(&f), Some(4));
+            let _ = weights_from_safetensors(std::slice::from_ref(&f), Some(4), &crate::ModelAccess::anywhere());
         }
 
         /// Arbitrary JSON values in the config's keys never panic.

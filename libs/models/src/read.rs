@@ -1,9 +1,11 @@
 //! From what a command names ([`ModelRef`]) or a path to a [`ModelProfile`]: a GGUF file or a
-//! Hugging Face directory is read by [`gguf`] or [`hf`]; every profile, read or given, passes
-//! [`ModelProfile::validate`].
+//! Hugging Face directory is read by [`gguf`] or [`hf`], every file opened through a
+//! [`ModelAccess`] (where model files may be read, and the reads' cancellation); every
+//! profile, read or given, passes [`ModelProfile::validate`].
 
 use crate::gguf::{self, GgufError};
 use crate::hf;
+use crate::roots::{ModelAccess, OpenError};
 use berth_options::{InvalidProfile, ModelProfile, ModelRef};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,12 @@ pub enum ProfileError {
     NotAModel(PathBuf),
     #[error("the model does not say {0}")]
     Missing(String),
+    /// A file outside the model roots, missing there, or not a regular file.
+    #[error(transparent)]
+    Refused(#[from] OpenError),
+    /// The reads were cancelled (or ran past their deadline) before the profile was read.
+    #[error("reading the model's headers was cancelled or took too long")]
+    Cancelled,
     /// A value out of range, or a profile that fails [`ModelProfile::validate`].
     #[error(transparent)]
     Invalid(#[from] InvalidProfile),
@@ -49,35 +57,50 @@ impl ProfileError {
 
 /// Profiles the model at `path`: a GGUF file (the first shard of a split model brings the
 /// others in), or a Hugging Face directory (`config.json` plus safetensors headers or the
-/// index). Reads headers only.
+/// index). Reads headers only, from anywhere this process can read (regular files and
+/// directories only): for a user's own process, such as `berth estimate`.
 pub fn profile_from_path(path: &Path) -> Result<ModelProfile, ProfileError> {
-    let io_err = |source| ProfileError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let meta = std::fs::metadata(path).map_err(io_err)?;
-    if meta.is_dir() {
-        return hf::profile_from_dir(path);
+    read_profile(path, &ModelAccess::anywhere())
+}
+
+/// [`profile_from_path`], opening every file through `access`: only under its roots, and
+/// ending in [`ProfileError::Cancelled`] once its reads are cancelled.
+pub fn read_profile(path: &Path, access: &ModelAccess) -> Result<ModelProfile, ProfileError> {
+    let read = read_uncancelled(path, access);
+    if read.is_err() && access.cancel.is_cancelled() {
+        return Err(ProfileError::Cancelled);
     }
-    if path.file_name().is_some_and(|n| n == "config.json") {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        return hf::profile_from_dir(dir);
+    read
+}
+
+fn read_uncancelled(path: &Path, access: &ModelAccess) -> Result<ModelProfile, ProfileError> {
+    let opened = access.roots.open(path)?;
+    if opened.meta.is_dir() {
+        return hf::profile_from_dir(&opened.path, access);
+    }
+    if opened.path.file_name().is_some_and(|n| n == "config.json") {
+        let dir = opened.path.parent().unwrap_or(Path::new("/"));
+        return hf::profile_from_dir(dir, access);
     }
     let mut magic = [0u8; 4];
-    let n = std::fs::File::open(path)
-        .and_then(|f| f.take(4).read(&mut magic))
-        .map_err(io_err)?;
+    let n = crate::cancel::Guarded::new(opened.file, access.cancel.clone())
+        .take(4)
+        .read(&mut magic)
+        .map_err(|source| ProfileError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
     if n == 4 && magic == gguf::GGUF_MAGIC {
-        return gguf::profile_from_gguf_path(path);
+        return gguf::profile_from_gguf_path_in(&opened.path, access);
     }
     Err(ProfileError::NotAModel(path.to_owned()))
 }
 
-/// The profile a command names: read from the files for a path (headers only), checked for a
-/// profile or numbers given inline.
-pub fn resolve(model: &ModelRef) -> Result<ModelProfile, ProfileError> {
+/// The profile a command names: read from the files for a path (headers only, through
+/// `access`), checked for a profile or numbers given inline.
+pub fn resolve(model: &ModelRef, access: &ModelAccess) -> Result<ModelProfile, ProfileError> {
     match model {
-        ModelRef::Path(p) => profile_from_path(p),
+        ModelRef::Path(p) => read_profile(p, access),
         ModelRef::Profile(p) => {
             p.validate()?;
             Ok((**p).clone())
@@ -129,14 +152,18 @@ mod tests {
             weight_bytes: None,
             name: None,
         };
-        let from_explicit = resolve(&ModelRef::Explicit(explicit.clone())).unwrap_err();
-        let mut inline = resolve(&ModelRef::Explicit(ExplicitProfile {
-            heads: None,
-            ..explicit
-        }))
+        let any = ModelAccess::anywhere();
+        let from_explicit = resolve(&ModelRef::Explicit(explicit.clone()), &any).unwrap_err();
+        let mut inline = resolve(
+            &ModelRef::Explicit(ExplicitProfile {
+                heads: None,
+                ..explicit
+            }),
+            &any,
+        )
         .unwrap();
         inline.attention.heads = heads;
-        let from_inline = resolve(&ModelRef::Profile(Box::new(inline))).unwrap_err();
+        let from_inline = resolve(&ModelRef::Profile(Box::new(inline)), &any).unwrap_err();
         for e in [from_gguf, from_hf, from_explicit, from_inline] {
             assert!(matches!(&e, ProfileError::Invalid(_)), "{e:?}");
             assert_eq!(e.to_string(), want);
@@ -148,19 +175,23 @@ mod tests {
         let j = r#"{"explicit": {"parameters": 1000, "dtype": "f16", "layers": 2,
                     "kv_heads": 1, "head_dim": 8, "context_length": 64}}"#;
         let r: ModelRef = serde_json::from_str(j).unwrap();
-        let p = resolve(&r).unwrap();
+        let any = ModelAccess::anywhere();
+        let p = resolve(&r, &any).unwrap();
         assert_eq!(p.weights.total, 2000);
         let back = ModelRef::Profile(Box::new(p.clone()));
         let j = serde_json::to_string(&back).unwrap();
         assert_eq!(
-            resolve(&serde_json::from_str::<ModelRef>(&j).unwrap()).unwrap(),
+            resolve(&serde_json::from_str::<ModelRef>(&j).unwrap(), &any).unwrap(),
             p
         );
         let mut bad = p;
         bad.layers = 0;
-        assert!(resolve(&ModelRef::Profile(Box::new(bad))).is_err());
+        assert!(resolve(&ModelRef::Profile(Box::new(bad)), &any).is_err());
         let r: ModelRef = serde_json::from_str(r#"{"path": "/nonexistent/model.gguf"}"#).unwrap();
-        assert!(matches!(resolve(&r), Err(ProfileError::Io { .. })));
+        assert!(matches!(
+            resolve(&r, &any),
+            Err(ProfileError::Refused(OpenError::Io { .. }))
+        ));
     }
 
     #[test]
@@ -174,7 +205,7 @@ mod tests {
         ));
         assert!(matches!(
             profile_from_path(&dir.path().join("missing")),
-            Err(ProfileError::Io { .. })
+            Err(ProfileError::Refused(OpenError::Io { .. }))
         ));
         // A directory without config.json.
         assert!(profile_from_path(dir.path()).is_err());

@@ -118,6 +118,11 @@ struct Args {
     /// of stopping them. An agent always adopts what a previous one left running.
     #[arg(long, env = "BERTH_AGENT_KEEP_SERVERS_ON_EXIT")]
     keep_servers_on_exit: bool,
+    /// A directory model servers may be started on files under (repeatable; the environment
+    /// variable takes a colon-separated list). Without one, a start naming a model file ends
+    /// in `error` instead of running (process runtime).
+    #[arg(long = "model-root", env = "BERTH_MODEL_ROOTS", value_delimiter = ':')]
+    model_roots: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -170,6 +175,8 @@ fn runtime(args: &Args) -> anyhow::Result<Runtime> {
     config.unhealthy_after = args.unhealthy_after;
     config.grace = args.stop_grace;
     config.keep_servers_on_exit = args.keep_servers_on_exit;
+    config.model_roots =
+        berth_models::ModelRoots::new(&args.model_roots).context("checking --model-root")?;
     config.log_max_bytes = args.log_max_bytes;
     config.logs_kept = usize::try_from(args.logs_kept)?;
     config.restarts = RestartLimits {

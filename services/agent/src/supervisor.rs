@@ -94,6 +94,11 @@ pub struct ProcessConfig {
     /// [`Supervisor::shutdown`] leaves the servers running, with their records, for the next
     /// agent to adopt (a rolling upgrade of the agent) instead of stopping them.
     pub keep_servers_on_exit: bool,
+    /// Where the model files of starts may be: a start naming a model outside them (or with
+    /// no root at all, the default) ends in `error` before any server is spawned.
+    /// [`ModelRoots::Anywhere`](berth_models::ModelRoots::Anywhere) checks nothing: the
+    /// server gets the path as the start gives it.
+    pub model_roots: berth_models::ModelRoots,
 }
 
 impl ProcessConfig {
@@ -116,6 +121,7 @@ impl ProcessConfig {
             log_max_bytes: 16 << 20,
             log_check_every: Duration::from_secs(1),
             keep_servers_on_exit: false,
+            model_roots: berth_models::ModelRoots::none(),
         }
     }
 
@@ -700,6 +706,29 @@ impl Shared {
         }
     }
 
+    /// Whether the model file `spec` names (if any) is a file or directory under the model
+    /// roots: checked before a server is spawned on it, which would read it with the agent's
+    /// rights.
+    async fn model_allowed(&self, spec: &StartSpec) -> Result<(), String> {
+        let Some(berth_options::ModelRef::Path(path)) = spec.model_ref.as_deref() else {
+            return Ok(());
+        };
+        if self.config.model_roots == berth_models::ModelRoots::Anywhere {
+            return Ok(());
+        }
+        let roots = self.config.model_roots.clone();
+        let path = path.clone();
+        // Canonicalizing touches the file system: off the runtime's threads.
+        tokio::task::spawn_blocking(move || {
+            roots
+                .open(&path)
+                .map(drop)
+                .map_err(|e| format!("model {}: {e}", path.display()))
+        })
+        .await
+        .map_err(|e| format!("model check failed: {e}"))?
+    }
+
     fn error(&self, p: &Placement, reason: String, restarts: u32) {
         tracing::warn!(instance_id = p.instance_id, version = %p.version, reason, "placement failed");
         self.report(
@@ -758,6 +787,9 @@ impl Shared {
             shared: p.shared(),
             ..Report::default()
         };
+        if let Err(reason) = self.model_allowed(&p.spec).await {
+            return self.error(&p, reason, 0);
+        }
         let backend = match backend::plan(&p.spec, &self.config.binaries, p.stage) {
             Ok(Plan::Run(b)) => b,
             Ok(Plan::Reserve) => {

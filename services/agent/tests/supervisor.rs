@@ -88,6 +88,8 @@ fn rig_at(dir: tempfile::TempDir, tweak: impl FnOnce(&mut ProcessConfig)) -> Rig
 fn rig_of(id: &str, dir: tempfile::TempDir, tweak: impl FnOnce(&mut ProcessConfig)) -> Rig {
     let mut config = ProcessConfig::new(dir.path().to_path_buf());
     config.ports = ports();
+    // Stand-in servers get made-up model paths: no model root to check them against.
+    config.model_roots = berth_models::ModelRoots::Anywhere;
     config.startup_timeout = Duration::from_secs(20);
     config.startup_probe_every = Duration::from_millis(50);
     config.probe_every = Duration::from_millis(200);

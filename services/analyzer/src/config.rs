@@ -42,6 +42,11 @@ pub struct AnalyzerConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// A worker without heartbeats this long loses its instances: they are placed elsewhere.
     pub gone_after: Duration,
+    /// Where the model files a start names may be read from. None (the default) refuses
+    /// every model path, with a reason that names `--model-root`.
+    pub model_roots: berth_models::ModelRoots,
+    /// A model's headers not read within this long end the start in `error`.
+    pub model_read_timeout: Duration,
 }
 
 impl AnalyzerConfig {
@@ -65,6 +70,8 @@ impl AnalyzerConfig {
             unreachable_after: Duration::from_secs(15),
             gone_after: Duration::from_secs(60),
             heartbeat_every: Duration::from_millis(500),
+            model_roots: berth_models::ModelRoots::none(),
+            model_read_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -104,6 +104,8 @@ impl Analyzer {
         let intents = crate::intents::Intents::spawn(store.clone(), stats.clone());
         let forwards = status::spawn_forwards(store.clone());
         let commits = crate::placing::spawn_commits(store.clone());
+        let profiles =
+            crate::needs::ProfileCache::new(config.model_roots.clone(), config.model_read_timeout);
         let ctx = Arc::new(Ctx {
             config,
             store,
@@ -122,7 +124,7 @@ impl Analyzer {
             commits,
             snapshot,
             peers,
-            profiles: Default::default(),
+            profiles,
         });
         ctx.snapshot.refresh(&ctx.store).await?;
         let shutdown = CancellationToken::new();

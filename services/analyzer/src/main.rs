@@ -51,6 +51,14 @@ struct Args {
     /// A worker silent this long loses its instances to other workers.
     #[arg(long, env = "BERTH_GONE_AFTER", default_value = "60s", value_parser = berth_telemetry::args::duration)]
     gone_after: Duration,
+    /// A directory the model files that starts name may be read from (repeatable; the
+    /// environment variable takes a colon-separated list). Without one, every start that
+    /// names a model file ends in `error`.
+    #[arg(long = "model-root", env = "BERTH_MODEL_ROOTS", value_delimiter = ':')]
+    model_roots: Vec<std::path::PathBuf>,
+    /// A model's headers not read within this long end the start in `error`.
+    #[arg(long, env = "BERTH_MODEL_READ_TIMEOUT", default_value = "10s", value_parser = berth_telemetry::args::duration)]
+    model_read_timeout: Duration,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "BERTH_LOG_JSON")]
     log_json: bool,
@@ -76,6 +84,12 @@ async fn main() -> anyhow::Result<()> {
     config.stuck_after = args.stuck_after;
     config.unreachable_after = args.unreachable_after;
     config.gone_after = args.gone_after;
+    config.model_roots =
+        berth_models::ModelRoots::new(&args.model_roots).context("checking --model-root")?;
+    if args.model_roots.is_empty() {
+        tracing::warn!("no --model-root: starts that name a model file will be refused");
+    }
+    config.model_read_timeout = args.model_read_timeout;
     config.policy = match args.policy.as_str() {
         "spread" => berth_fit::Policy::Spread,
         _ => berth_fit::Policy::Binpack,

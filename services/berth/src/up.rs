@@ -57,6 +57,11 @@ pub struct UpArgs {
     /// parts trust that CA). Needs NATS roles.
     #[arg(long, conflicts_with = "no_nats_auth")]
     nats_tls: bool,
+    /// A directory whose model files starts may name, besides <dir>/models (repeatable):
+    /// the analyzers read their headers and the agents run servers on them; any other model
+    /// path is refused.
+    #[arg(long = "model-root")]
+    model_roots: Vec<PathBuf>,
 }
 
 /// The name of the admin key `berth up` makes for its local fleet.
@@ -194,6 +199,7 @@ async fn start(args: UpArgs) -> Result<Fleet> {
     let applied = berth_store::migrate(&pg.url()).await?;
     tracing::info!(applied, "migrations done");
 
+    let model_roots = model_roots(&berth_dir, &args.model_roots)?;
     let mut fleet = Fleet {
         gateway: Children::default(),
         gateway_addr: args.gateway_listen,
@@ -212,7 +218,8 @@ async fn start(args: UpArgs) -> Result<Fleet> {
         // The URL holds the password: in the environment, not on a command line anyone can read.
         cmd.args(["--nats-url", &fleet.nats.url()])
             .env("BERTH_DATABASE_URL", fleet.pg.url())
-            .args(["--name", &name]);
+            .args(["--name", &name])
+            .env("BERTH_MODEL_ROOTS", &model_roots);
         fleet.creds(&mut cmd, "analyzer");
         fleet.analyzers.spawn(name, cmd)?;
     }
@@ -228,7 +235,8 @@ async fn start(args: UpArgs) -> Result<Fleet> {
             .arg(&fleet.inventory)
             .args(["--runtime", "process", "--port-range", &ports])
             .arg("--state-dir")
-            .arg(dir.join("agents").join(worker));
+            .arg(dir.join("agents").join(worker))
+            .env("BERTH_MODEL_ROOTS", &model_roots);
         fleet.creds(&mut cmd, &format!("agent-{worker}"));
         fleet.agents.spawn(format!("agent-{worker}"), cmd)?;
     }
@@ -252,6 +260,26 @@ async fn start(args: UpArgs) -> Result<Fleet> {
     fleet.gateway.spawn("gateway".into(), cmd)?;
     wait_listening(&mut fleet.gateway, args.gateway_listen).await?;
     Ok(fleet)
+}
+
+/// The model roots of the fleet, as `BERTH_MODEL_ROOTS` lists them: `<dir>/models` (made
+/// if missing, where `ops/fetch-models.sh` puts the demo model) and the `--model-root`s,
+/// each checked here so a wrong one fails before anything starts.
+fn model_roots(berth_dir: &Path, extra: &[PathBuf]) -> Result<std::ffi::OsString> {
+    let models = berth_dir.join("models");
+    std::fs::create_dir_all(&models).with_context(|| format!("creating {}", models.display()))?;
+    let roots = berth_models::ModelRoots::new(std::iter::once(&models).chain(extra))?;
+    let dirs = roots.roots().unwrap_or_default();
+    if let Some(bad) = dirs
+        .iter()
+        .find(|d| d.as_os_str().as_encoded_bytes().contains(&b':'))
+    {
+        bail!(
+            "model root {} holds a ':', which BERTH_MODEL_ROOTS cannot carry",
+            bad.display()
+        );
+    }
+    Ok(std::env::join_paths(dirs)?)
 }
 
 /// The admin key of this fleet, in `<dir>/admin.key` (readable by its owner only): the one
