@@ -219,10 +219,11 @@ async fn a_restarted_agent_adopts_the_server_its_killed_predecessor_left() {
 async fn a_crashed_server_is_restarted_and_the_books_and_events_follow() {
     let state = tempfile::tempdir().unwrap();
     let (fleet, _reports) = process_fleet(state.path(), 42200..=42299).await;
-    // Two seconds from its start: ready well before then, even on a busy machine.
+    // Three seconds after its first healthy answer: time for the agent's `running` report to
+    // be applied first, even on a machine busy with other builds.
     fleet
         .bus
-        .publish_command("flaky", &fake(&["--exit-after-healthy", "2"]))
+        .publish_command("flaky", &fake(&["--exit-after-healthy", "3"]))
         .await
         .unwrap();
     // One restart allowed (see `process_runtime`): running, crash, running again, crash, error.
