@@ -1,9 +1,10 @@
 //! Stream and consumer definitions, created or updated idempotently.
 
-use crate::BusError;
+use crate::{BusError, Replicas};
 use async_nats::jetstream::{
     self,
     consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
+    context::{CreateStreamError, CreateStreamErrorKind},
     stream::{Config, DiscardPolicy, RetentionPolicy, StorageType},
 };
 use berth_proto::subjects;
@@ -22,8 +23,13 @@ pub const STATUS_CONSUMER: &str = "status-intake";
 /// caller says otherwise. Long fits keep their message alive with progress acks.
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 
-fn streams() -> Vec<Config> {
-    vec![
+/// How long provisioning waits for a cluster that has no JetStream leader yet (just
+/// started, or electing one after a server was lost).
+const LEADER_WAIT: Duration = Duration::from_secs(30);
+
+/// berth's streams, each kept on `replicas` servers.
+fn streams(replicas: usize) -> Vec<Config> {
+    let mut configs = vec![
         Config {
             name: CMD_STREAM.into(),
             subjects: vec![format!("{}.*", subjects::CMD_PREFIX)],
@@ -67,20 +73,85 @@ fn streams() -> Vec<Config> {
             storage: StorageType::File,
             ..Default::default()
         },
-    ]
+    ];
+    for c in &mut configs {
+        c.num_replicas = replicas;
+    }
+    configs
 }
 
-pub(crate) async fn provision(js: &jetstream::Context) -> Result<(), BusError> {
-    for config in streams() {
+/// Creates berth's streams, or updates them to this configuration, each on `replicas`
+/// servers. A stream that exists with another replica count is moved to `replicas` (NATS
+/// copies it over, also to a node that is down for now once it is back). When the cluster
+/// cannot place that many copies (fewer servers than that), an existing stream keeps the
+/// count it has, and with [`Replicas::Auto`] a new one gets a single copy, with a warning
+/// each time: a replica count out of reach never keeps a process from starting. Asked for
+/// explicitly, it is an error for a new stream.
+pub(crate) async fn provision(
+    js: &jetstream::Context,
+    wanted: Replicas,
+    clustered: bool,
+) -> Result<(), BusError> {
+    let replicas = wanted.resolve(clustered);
+    for config in streams(replicas) {
         let name = config.name.clone();
-        js.create_or_update_stream(config)
-            .await
-            .map_err(|e| BusError::Provision {
-                what: format!("stream {name}"),
-                source: e.into(),
-            })?;
+        let failed = |e: CreateStreamError| BusError::Provision {
+            what: format!("stream {name} (R{replicas})"),
+            source: e.into(),
+        };
+        let Err(e) = create_or_update(js, config.clone()).await else {
+            continue;
+        };
+        let existing = match js.get_stream(&name).await {
+            Ok(mut stream) => stream.info().await.ok().map(|i| i.config.num_replicas),
+            Err(_) => None,
+        };
+        let fallback = match existing {
+            Some(kept) if kept != replicas => kept,
+            None if wanted == Replicas::Auto && replicas > 1 => 1,
+            _ => return Err(failed(e)),
+        };
+        tracing::warn!(
+            stream = %name,
+            replicas = fallback,
+            wanted = replicas,
+            error = %e,
+            "the cluster cannot keep that many copies of the stream; the next start tries again"
+        );
+        create_or_update(
+            js,
+            Config {
+                num_replicas: fallback,
+                ..config
+            },
+        )
+        .await
+        .map_err(failed)?;
     }
     Ok(())
+}
+
+/// `create_or_update_stream`, waiting (up to [`LEADER_WAIT`]) while the cluster has no
+/// JetStream leader to answer.
+async fn create_or_update(
+    js: &jetstream::Context,
+    config: Config,
+) -> Result<(), CreateStreamError> {
+    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    loop {
+        match js.create_or_update_stream(config.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable
+                ) && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn shared_pull(durable: &str, ack_wait: Duration) -> pull::Config {
@@ -131,4 +202,16 @@ pub(crate) async fn agent_consumer(
     let mut config = shared_pull(&format!("agent-{worker_id}"), DEFAULT_ACK_WAIT);
     config.filter_subject = subjects::agent_subject(worker_id)?;
     consumer(js, AGENT_STREAM, config).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_stream_gets_the_replica_count() {
+        for n in [1, 3] {
+            let configs = super::streams(n);
+            assert_eq!(configs.len(), 5);
+            assert!(configs.iter().all(|c| c.num_replicas == n));
+        }
+    }
 }

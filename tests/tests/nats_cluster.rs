@@ -1,0 +1,204 @@
+//! berth on a 3-node NATS JetStream cluster: its streams are kept on every node (R3, or as
+//! configured), a replica count the cluster cannot reach now is no error, and commands keep
+//! flowing when the node a client is connected to is SIGKILLed.
+
+use berth_agent::{Agent, AgentConfig, Runtime};
+use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks};
+use berth_bus::{Access, Bus, BusError, CMD_STREAM, EVENTS_STREAM, Replicas, STATUS_STREAM};
+use berth_harness::{ClusterServers, TestServers};
+use berth_proto::{CmdSeq, Command, InstanceState, StartSpec};
+use berth_store::Store;
+use berth_tests::{GIB, init_logs, wait_until, worker};
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn cluster(nodes: usize) -> ClusterServers {
+    init_logs();
+    tokio::task::spawn_blocking(move || ClusterServers::start(nodes, None))
+        .await
+        .expect("harness task")
+        .expect("start a 3-node NATS cluster and PostgreSQL (run ops/setup.sh first)")
+}
+
+/// The replica count of `stream` and how many of its copies are on other nodes.
+async fn replicas(bus: &Bus, stream: &str) -> (usize, usize) {
+    let mut s = bus.jetstream().get_stream(stream).await.expect("stream");
+    let info = s.info().await.expect("stream info");
+    let peers = info.cluster.as_ref().map_or(0, |c| c.replicas.len());
+    (info.config.num_replicas, peers)
+}
+
+/// Waits until every copy of `stream` is current (copied over after a change of replicas).
+async fn wait_current(bus: &Bus, stream: &str, copies: usize) {
+    wait_until(&format!("{stream} on {copies} nodes"), LIMIT, || async {
+        let mut s = bus.jetstream().get_stream(stream).await.ok()?;
+        let info = s.info().await.ok()?;
+        let cluster = info.cluster.as_ref()?;
+        let current = cluster.replicas.iter().filter(|p| p.current).count();
+        (info.config.num_replicas == copies && current + 1 == copies).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_kept_on_three_nodes_of_a_cluster_and_one_alone() {
+    let servers = cluster(3).await;
+    let bus = Bus::connect(&servers.nats.urls(), "test").await.unwrap();
+    for stream in [CMD_STREAM, STATUS_STREAM, EVENTS_STREAM] {
+        assert_eq!(replicas(&bus, stream).await, (3, 2), "{stream}");
+    }
+
+    let single = tokio::task::spawn_blocking(TestServers::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let alone = Bus::connect(&single.nats.url(), "test").await.unwrap();
+    assert_eq!(replicas(&alone, CMD_STREAM).await, (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_move_from_one_copy_to_three_even_with_a_node_down() {
+    let mut servers = cluster(3).await;
+    let urls = servers.nats.urls();
+    let one = Access {
+        replicas: Replicas::Fixed(1),
+        ..Access::default()
+    };
+    let bus = Bus::connect_as(&urls, "r1", &one).await.unwrap();
+    assert_eq!(replicas(&bus, CMD_STREAM).await, (1, 0));
+    bus.publish_command("kept", &start_spec()).await.unwrap();
+
+    let down = 2;
+    servers.nats.kill(down);
+    let bus = tokio::time::timeout(LIMIT, Bus::connect(&urls, "auto"))
+        .await
+        .expect("connect in time")
+        .expect("connect with a node down");
+    assert_eq!(replicas(&bus, CMD_STREAM).await.0, 3);
+
+    // The node that was down gets its copy once it is back.
+    tokio::task::block_in_place(|| servers.nats.restart(down)).unwrap();
+    wait_current(&bus, CMD_STREAM, 3).await;
+    assert!(bus.last_command("kept").await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_count_the_cluster_cannot_place_keeps_no_process_from_starting() {
+    let servers = cluster(2).await;
+    let urls = servers.nats.urls();
+    // Auto on two nodes: three copies cannot be placed, so one.
+    let bus = Bus::connect(&urls, "auto").await.expect("auto connects");
+    assert_eq!(replicas(&bus, CMD_STREAM).await.0, 1);
+    // Three asked for explicitly: the streams that exist keep their count.
+    let three = Access {
+        replicas: Replicas::Fixed(3),
+        ..Access::default()
+    };
+    let bus = Bus::connect_as(&urls, "r3", &three)
+        .await
+        .expect("existing streams keep their count");
+    assert_eq!(replicas(&bus, EVENTS_STREAM).await.0, 1);
+}
+
+fn start_spec() -> Command {
+    Command::Start(StartSpec {
+        model: "m".into(),
+        ..StartSpec::claim(GIB, 1)
+    })
+}
+
+/// Publishes, trying again while the cluster moves a stream's leader (a node just died).
+async fn publish(bus: &Bus, id: &str) -> CmdSeq {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        match bus.publish_command(id, &start_spec()).await {
+            Ok(seq) => return seq,
+            Err(e) if e.is_transient() && Instant::now() < deadline => {
+                tracing::info!("publish {id}: {e}; again");
+            }
+            Err(e) => panic!("publish {id}: {e}"),
+        }
+    }
+}
+
+async fn wait_running(store: &Store, ids: &[String]) {
+    wait_until("every instance running", LIMIT, || async {
+        let rows = store.instances().await.ok()?;
+        ids.iter()
+            .all(|id| {
+                rows.iter()
+                    .any(|r| &r.id == id && r.state == InstanceState::Running.as_str())
+            })
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_keep_flowing_when_the_node_a_client_is_on_dies() {
+    let mut servers = cluster(3).await;
+    let urls = servers.nats.urls();
+    let db = servers.pg.url();
+    berth_store::migrate(&db).await.unwrap();
+    let store = Store::connect(&db, 4).unwrap();
+    let mut config = AnalyzerConfig::new(urls.clone(), db.clone());
+    config.ack_wait = Duration::from_secs(2);
+    config.sweep_every = Duration::from_millis(250);
+    let analyzer = Analyzer::start(config, Hooks::default()).await.unwrap();
+    let agent = Agent::start_with(
+        AgentConfig {
+            nats_url: urls.clone(),
+            nats_access: Access::default(),
+            worker: worker("w1", 4, 80, &[]),
+            heartbeat: Duration::from_millis(300),
+            stats: Default::default(),
+        },
+        Runtime::Simulated,
+    )
+    .await
+    .unwrap();
+    let publisher = Bus::connect(&urls, "publisher").await.unwrap();
+
+    let first: Vec<String> = (0..5).map(|i| format!("before-{i}")).collect();
+    for id in &first {
+        publish(&publisher, id).await;
+    }
+    wait_running(&store, &first).await;
+
+    // SIGKILL the node the publisher is connected to: it moves to another, and the
+    // analyzer and agent (wherever they were) carry on.
+    let port = publisher.client().server_info().port;
+    let node = servers
+        .nats
+        .node_on_port(port)
+        .expect("the publisher's node");
+    servers.nats.kill(node);
+    let after: Vec<String> = (0..5).map(|i| format!("after-{i}")).collect();
+    for id in &after {
+        publish(&publisher, id).await;
+    }
+    wait_running(&store, &after).await;
+    let moved_to = publisher.client().server_info().port;
+    assert_ne!(moved_to, port, "the publisher is on another node now");
+
+    // The node comes back and catches up; the cluster takes commands as before.
+    tokio::task::block_in_place(|| servers.nats.restart(node)).unwrap();
+    let last: Vec<String> = (0..5).map(|i| format!("back-{i}")).collect();
+    for id in &last {
+        publish(&publisher, id).await;
+    }
+    wait_running(&store, &last).await;
+    let rows = store.instances().await.unwrap();
+    assert_eq!(rows.len(), 15, "{rows:#?}");
+    agent.shutdown().await;
+    analyzer.shutdown().await;
+    drop(servers);
+}
+
+#[test]
+fn a_bad_url_in_the_list_is_refused_before_connecting() {
+    let e = berth_bus::server_addrs("nats://127.0.0.1:4222,http://x").unwrap_err();
+    assert!(matches!(e, BusError::Url { .. }), "{e}");
+    assert!(!e.is_transient());
+}
