@@ -6,6 +6,7 @@
 //! run as the `postgres` user (`ops/setup.sh` makes sure it exists).
 
 mod binaries;
+pub mod compose;
 mod http;
 mod nats;
 mod nats_cluster;
