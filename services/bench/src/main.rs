@@ -8,6 +8,7 @@ mod cluster;
 mod gateway;
 mod place;
 mod procs;
+mod servers;
 mod stats;
 mod storm;
 
