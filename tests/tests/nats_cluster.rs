@@ -202,3 +202,114 @@ fn a_bad_url_in_the_list_is_refused_before_connecting() {
     assert!(matches!(e, BusError::Url { .. }), "{e}");
     assert!(!e.is_transient());
 }
+
+/// Three consecutive loopback ports that were free a moment ago, the first returned.
+fn three_free_ports() -> u16 {
+    for _ in 0..50 {
+        let first = berth_harness::free_port().expect("a free port");
+        let held: Vec<_> = (0..3u16)
+            .map_while(|i| std::net::TcpListener::bind(("127.0.0.1", first.checked_add(i)?)).ok())
+            .collect();
+        if held.len() == 3 {
+            return first;
+        }
+    }
+    panic!("no three consecutive free ports");
+}
+
+/// `berth up` as a child, stopped (SIGTERM, then waited for) when dropped.
+struct Up(std::process::Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        berth_harness::stop_children(
+            std::slice::from_mut(&mut self.0),
+            berth_harness::Signal::SIGTERM,
+            Duration::from_secs(30),
+        );
+    }
+}
+
+#[test]
+fn berth_up_runs_a_three_node_cluster_that_takes_commands_on_any_node() {
+    use std::io::BufRead;
+    let bins = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap()
+        .to_path_buf();
+    assert!(
+        bins.join("berth-analyzer").is_file(),
+        "run `cargo build --bins` first"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("berth-test-up-")
+        .tempdir()
+        .unwrap();
+    // As root, PostgreSQL runs as `postgres`, which must reach the data under it.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let nats = three_free_ports();
+    let pg = berth_harness::free_port().unwrap();
+    let gateway = format!("127.0.0.1:{}", berth_harness::free_port().unwrap());
+    let mut child = std::process::Command::new(bins.join("berth"))
+        .args(["up", "--nats-cluster", "3", "--dir"])
+        .arg(dir.path())
+        .args([
+            "--nats-port",
+            &nats.to_string(),
+            "--pg-port",
+            &pg.to_string(),
+        ])
+        .args(["--gateway-listen", &gateway])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("up.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let up = Up(child);
+    let ready = std::io::BufReader::new(out)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("berth is up"))
+        .unwrap_or_else(|| {
+            panic!(
+                "berth up ended:\n{}",
+                std::fs::read_to_string(dir.path().join("up.stderr")).unwrap_or_default()
+            )
+        });
+    let urls: Vec<String> = (0..3)
+        .map(|i| format!("nats://127.0.0.1:{}", nats + i))
+        .collect();
+    assert!(ready.contains(&urls.join(",")), "{ready}");
+
+    // A command through the third node, as the publisher, runs.
+    let db = std::fs::read_to_string(dir.path().join("database-url")).unwrap();
+    let creds = dir.path().join("auth/publisher.nk");
+    let start = std::process::Command::new(bins.join("berth"))
+        .args([
+            "start",
+            "on-three",
+            "--vram",
+            "1GiB",
+            "--wait",
+            "--timeout",
+            "60",
+        ])
+        .env("BERTH_NATS_URL", &urls[2])
+        .env("BERTH_NATS_CREDS", &creds)
+        .env("BERTH_DATABASE_URL", db.trim())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&start.stdout);
+    assert!(
+        start.status.success() && said.contains("running"),
+        "{said}{}",
+        String::from_utf8_lossy(&start.stderr)
+    );
+    drop(up);
+}
