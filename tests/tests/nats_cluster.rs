@@ -253,12 +253,21 @@ fn berth_up_runs_a_three_node_cluster_that_takes_commands_on_any_node() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
+    // One worker and one analyzer: the cluster is what is under test.
+    let inventory = dir.path().join("inventory.toml");
+    std::fs::write(
+        &inventory,
+        "[[workers]]\nid = \"solo\"\n\n[[workers.gpus]]\nname = \"Simulated\"\nvram = \"80GiB\"\n",
+    )
+    .unwrap();
     let nats = three_free_ports();
     let pg = berth_harness::free_port().unwrap();
     let gateway = format!("127.0.0.1:{}", berth_harness::free_port().unwrap());
     let mut child = std::process::Command::new(bins.join("berth"))
-        .args(["up", "--nats-cluster", "3", "--dir"])
+        .args(["up", "--nats-cluster", "3", "--analyzers", "1", "--dir"])
         .arg(dir.path())
+        .arg("--inventory")
+        .arg(&inventory)
         .args([
             "--nats-port",
             &nats.to_string(),
