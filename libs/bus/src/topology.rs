@@ -26,6 +26,10 @@ pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 /// How long provisioning waits for a cluster that has no JetStream leader yet (just
 /// started, or electing one after a server was lost).
 const LEADER_WAIT: Duration = Duration::from_secs(30);
+/// How long a create or update waits for its answer before the stream is looked for.
+const FIRST_ANSWER: Duration = Duration::from_secs(2);
+/// How long a stream whose request timed out is waited for before it is asked for again.
+const IN_FLIGHT: Duration = Duration::from_secs(10);
 
 /// berth's streams, each kept on `replicas` servers.
 fn streams(replicas: usize) -> Vec<Config> {
@@ -93,64 +97,100 @@ pub(crate) async fn provision(
     clustered: bool,
 ) -> Result<(), BusError> {
     let replicas = wanted.resolve(clustered);
-    for config in streams(replicas) {
-        let name = config.name.clone();
-        let failed = |e: CreateStreamError| BusError::Provision {
-            what: format!("stream {name} (R{replicas})"),
-            source: e.into(),
-        };
-        let Err(e) = create_or_update(js, config.clone()).await else {
-            continue;
-        };
-        let existing = match js.get_stream(&name).await {
-            Ok(mut stream) => stream.info().await.ok().map(|i| i.config.num_replicas),
-            Err(_) => None,
-        };
-        let fallback = match existing {
-            Some(kept) if kept != replicas => kept,
-            None if wanted == Replicas::Auto && replicas > 1 => 1,
-            _ => return Err(failed(e)),
-        };
-        tracing::warn!(
-            stream = %name,
-            replicas = fallback,
-            wanted = replicas,
-            error = %e,
-            "the cluster cannot keep that many copies of the stream; the next start tries again"
-        );
-        create_or_update(
-            js,
-            Config {
-                num_replicas: fallback,
-                ..config
-            },
-        )
-        .await
-        .map_err(failed)?;
-    }
+    // All at once: two processes that start together then meet (see `create_or_update`)
+    // once, not once per stream.
+    futures::future::try_join_all(
+        streams(replicas)
+            .into_iter()
+            .map(|config| provision_stream(js, config, wanted, replicas)),
+    )
+    .await?;
     Ok(())
+}
+
+/// One stream of [`provision`].
+async fn provision_stream(
+    js: &jetstream::Context,
+    config: Config,
+    wanted: Replicas,
+    replicas: usize,
+) -> Result<(), BusError> {
+    let name = config.name.clone();
+    let failed = |e: CreateStreamError| BusError::Provision {
+        what: format!("stream {name} (R{replicas})"),
+        source: e.into(),
+    };
+    let Err(e) = create_or_update(js, config.clone()).await else {
+        return Ok(());
+    };
+    let existing = match js.get_stream(&name).await {
+        Ok(mut stream) => stream.info().await.ok().map(|i| i.config.num_replicas),
+        Err(_) => None,
+    };
+    let fallback = match existing {
+        Some(kept) if kept != replicas => kept,
+        None if wanted == Replicas::Auto && replicas > 1 => 1,
+        _ => return Err(failed(e)),
+    };
+    tracing::warn!(
+        stream = %name,
+        replicas = fallback,
+        wanted = replicas,
+        error = %e,
+        "the cluster cannot keep that many copies of the stream; the next start tries again"
+    );
+    create_or_update(
+        js,
+        Config {
+            num_replicas: fallback,
+            ..config
+        },
+    )
+    .await
+    .map_err(failed)
 }
 
 /// `create_or_update_stream`, waiting (up to [`LEADER_WAIT`]) while the cluster has no
 /// JetStream leader to answer.
+///
+/// When two processes create the same stream on a cluster at the same moment (two analyzers
+/// starting), neither request is answered: both time out, and the stream is there. So a
+/// request gets a short answer time ([`FIRST_ANSWER`]); on a timeout the stream is waited
+/// for (it may still be on its way) rather than asked for again at once, which would race
+/// with the request still in flight.
 async fn create_or_update(
     js: &jetstream::Context,
     config: Config,
 ) -> Result<(), CreateStreamError> {
+    let mut quick = js.clone();
+    quick.set_timeout(FIRST_ANSWER);
     let deadline = tokio::time::Instant::now() + LEADER_WAIT;
     loop {
-        match js.create_or_update_stream(config.clone()).await {
+        match quick.create_or_update_stream(config.clone()).await {
             Ok(_) => return Ok(()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable
-                ) && tokio::time::Instant::now() < deadline =>
-            {
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(e) if e.kind() == CreateStreamErrorKind::TimedOut => {
+                let _ = tokio::time::timeout(IN_FLIGHT, arrived(js, &config)).await;
+            }
+            Err(e) if e.kind() == CreateStreamErrorKind::JetStreamUnavailable => {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Returns once `config`'s stream exists with its replica count (a request that timed out
+/// went through after all).
+async fn arrived(js: &jetstream::Context, config: &Config) {
+    loop {
+        if let Ok(mut stream) = js.get_stream(&config.name).await
+            && let Ok(info) = stream.info().await
+            && info.config.num_replicas == config.num_replicas
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
