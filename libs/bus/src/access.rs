@@ -1,8 +1,9 @@
 //! How a process proves who it is to NATS, and how it reaches it: an nkey seed file (the
 //! role's credentials, made by `berth auth`), TLS with a trusted CA, and whether it sets up
-//! the streams (only analyzers may, once NATS permissions are on).
+//! the streams (only analyzers may, once NATS permissions are on), with how many copies.
 
 use crate::BusError;
+use async_nats::ServerAddr;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
@@ -17,18 +18,82 @@ pub struct Access {
     pub provision: bool,
     /// Reply subjects start with this (an agent's permissions allow only its own).
     pub inbox_prefix: Option<String>,
+    /// How many copies of each stream JetStream keeps, when this process sets them up.
+    pub replicas: Replicas,
 }
 
 impl Default for Access {
-    /// No credentials, no TLS, and the streams set up.
+    /// No credentials, no TLS, and the streams set up with replicas for the server found.
     fn default() -> Access {
         Access {
             creds: None,
             tls_ca: None,
             provision: true,
             inbox_prefix: None,
+            replicas: Replicas::Auto,
         }
     }
+}
+
+/// How many servers keep a copy of each of berth's streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Replicas {
+    /// Three on a cluster (the server says it is in one), one on a single server.
+    #[default]
+    Auto,
+    /// This many (1 to 5; a cluster needs at least as many JetStream servers).
+    Fixed(usize),
+}
+
+/// The replicas [`Replicas::Auto`] chooses on a cluster: any one server may be lost.
+pub const CLUSTER_REPLICAS: usize = 3;
+
+impl Replicas {
+    /// The number for a server that says whether it is in a cluster.
+    pub fn resolve(self, clustered: bool) -> usize {
+        match self {
+            Replicas::Fixed(n) => n,
+            Replicas::Auto if clustered => CLUSTER_REPLICAS,
+            Replicas::Auto => 1,
+        }
+    }
+}
+
+impl std::str::FromStr for Replicas {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Replicas, String> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(Replicas::Auto);
+        }
+        match s.parse::<usize>() {
+            // JetStream's own bounds.
+            Ok(n @ 1..=5) => Ok(Replicas::Fixed(n)),
+            _ => Err(format!("{s:?}: expected `auto` or 1 to 5")),
+        }
+    }
+}
+
+/// The servers of a comma-separated list of NATS URLs (`nats://a:4222,nats://b:4222`): a
+/// client connects to any of them and moves to another when its server goes away.
+pub fn server_addrs(urls: &str) -> Result<Vec<ServerAddr>, BusError> {
+    let bad = |detail: String| BusError::Url {
+        urls: urls.to_owned(),
+        detail,
+    };
+    let addrs = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<ServerAddr>()
+                .map_err(|e| bad(format!("{u:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() {
+        return Err(bad("no server URL".into()));
+    }
+    Ok(addrs)
 }
 
 impl Access {
@@ -38,7 +103,7 @@ impl Access {
             creds,
             tls_ca,
             provision: false,
-            inbox_prefix: None,
+            ..Access::default()
         }
     }
 
@@ -100,6 +165,16 @@ pub struct NatsArgs {
     /// CA certificate (PEM) to trust for a `tls://` NATS URL; TLS is then required.
     #[arg(long, global = true, env = "BERTH_NATS_CA", value_name = "FILE")]
     pub nats_ca: Option<PathBuf>,
+    /// Copies of each stream when this process sets them up: `auto` (3 on a NATS cluster,
+    /// 1 on a single server) or 1 to 5.
+    #[arg(
+        long,
+        global = true,
+        env = "BERTH_NATS_REPLICAS",
+        value_name = "N",
+        default_value = "auto"
+    )]
+    pub nats_replicas: Replicas,
 }
 
 impl NatsArgs {
@@ -111,6 +186,38 @@ impl NatsArgs {
             tls_ca: self.nats_ca.clone(),
             provision: self.nats_creds.is_none(),
             inbox_prefix: None,
+            replicas: self.nats_replicas,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_list_of_urls_is_every_server_in_it() {
+        let addrs = server_addrs("nats://a:4222, nats://b:4223,nats://c:4224").unwrap();
+        let hosts: Vec<(String, u16)> = addrs
+            .iter()
+            .map(|a| (a.host().to_owned(), a.port()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [("a".into(), 4222), ("b".into(), 4223), ("c".into(), 4224)]
+        );
+        assert_eq!(server_addrs("nats://127.0.0.1:4222").unwrap().len(), 1);
+        assert!(server_addrs(" , ").is_err());
+        assert!(server_addrs("nats://a:4222,http://b").is_err());
+    }
+
+    #[test]
+    fn auto_replicas_are_three_on_a_cluster_and_one_alone() {
+        assert_eq!(Replicas::Auto.resolve(true), 3);
+        assert_eq!(Replicas::Auto.resolve(false), 1);
+        assert_eq!("2".parse::<Replicas>().unwrap().resolve(true), 2);
+        assert_eq!("auto".parse::<Replicas>().unwrap(), Replicas::Auto);
+        assert!("0".parse::<Replicas>().is_err());
+        assert!("6".parse::<Replicas>().is_err());
     }
 }

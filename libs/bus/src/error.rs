@@ -14,6 +14,8 @@ pub enum BusError {
         #[source]
         source: async_nats::ConnectError,
     },
+    #[error("bad NATS URL list {urls:?}: {detail}")]
+    Url { urls: String, detail: String },
     #[error("NATS credentials {path}: {detail}")]
     Credentials {
         path: std::path::PathBuf,
@@ -86,7 +88,8 @@ impl BusError {
             BusError::Superseded
             | BusError::InvalidId(_)
             | BusError::Codec(_)
-            | BusError::Credentials { .. } => false,
+            | BusError::Credentials { .. }
+            | BusError::Url { .. } => false,
         }
     }
 }

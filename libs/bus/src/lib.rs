@@ -18,7 +18,7 @@ mod newest;
 pub mod settle;
 mod topology;
 
-pub use access::{Access, NatsArgs};
+pub use access::{Access, CLUSTER_REPLICAS, NatsArgs, Replicas, server_addrs};
 pub use error::{BusError, Source};
 pub use topology::{
     AGENT_STREAM, CMD_CONSUMER, CMD_STREAM, DEFAULT_ACK_WAIT, DLQ_STREAM, EVENTS_STREAM,
@@ -88,6 +88,9 @@ impl Bus {
     }
 
     /// Connects with `access`'s credentials and TLS; sets the streams up if it says so.
+    /// `url` may list several servers of a cluster, comma separated: the client connects to
+    /// one of them and, when that one goes away, to another (also to those the cluster
+    /// advertises).
     pub async fn connect_as(url: &str, name: &str, access: &Access) -> Result<Bus, BusError> {
         // Boxed: connecting holds several option sets and handshakes, which would otherwise
         // make every caller's future that much larger.
@@ -99,22 +102,29 @@ impl Bus {
             url: url.to_owned(),
             source,
         };
+        let servers = server_addrs(url)?;
         // One attempt first: credentials or TLS the server refuses are an error at once,
         // not a retry forever. A server not up yet is waited for.
-        let client = match access.connect_options(name).await?.connect(url).await {
+        let client = match access
+            .connect_options(name)
+            .await?
+            .connect(servers.clone())
+            .await
+        {
             Ok(client) => client,
             Err(e) if refused_for_good(&e) => return Err(refused(e)),
             Err(_) => access
                 .connect_options(name)
                 .await?
                 .retry_on_initial_connect()
-                .connect(url)
+                .connect(servers)
                 .await
                 .map_err(refused)?,
         };
         let js = jetstream::new(client.clone());
         if access.provision {
-            topology::provision(&js).await?;
+            let clustered = client.server_info().cluster.is_some();
+            topology::provision(&js, access.replicas, clustered).await?;
         }
         let cmd_stream =
             js.get_stream_no_info(CMD_STREAM)

@@ -6,8 +6,10 @@
 //! run as the `postgres` user (`ops/setup.sh` makes sure it exists).
 
 mod binaries;
+pub mod compose;
 mod http;
 mod nats;
+mod nats_cluster;
 mod pg_pair;
 mod postgres;
 mod process;
@@ -17,6 +19,7 @@ pub use binaries::{
 };
 pub use http::{http, parse_response};
 pub use nats::NatsServer;
+pub use nats_cluster::{AUTH_INCLUDE, CLUSTER_CONFIGS, NatsCluster};
 /// The signals [`stop_children`] sends.
 pub use nix::sys::signal::Signal;
 pub use pg_pair::{FailoverServers, PgPair};
@@ -44,6 +47,38 @@ impl HarnessError {
             path: path.into(),
             source,
         }
+    }
+}
+
+/// A NATS cluster and a PostgreSQL server in one temporary directory, removed on drop.
+#[derive(Debug)]
+pub struct ClusterServers {
+    pub nats: NatsCluster,
+    pub pg: PgServer,
+    // Dropped last: the servers stop before their files go.
+    dir: tempfile::TempDir,
+}
+
+impl ClusterServers {
+    /// Starts `nodes` NATS nodes (with the roles of `nats_auth`, `berth auth`'s
+    /// `nats-auth.conf`, when given) and PostgreSQL under a fresh `/tmp/berth-test-*`.
+    pub fn start(
+        nodes: usize,
+        nats_auth: Option<&std::path::Path>,
+    ) -> Result<ClusterServers, HarnessError> {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-test-")
+            .tempdir()
+            .map_err(|e| HarnessError::io(std::env::temp_dir(), e))?;
+        postgres::open_for_service_user(dir.path())?;
+        let nats = NatsCluster::start(&dir.path().join("nats"), nodes, nats_auth)?;
+        let pg = PgServer::start(&dir.path().join("pg"), postgres::Durability::Fast)?;
+        Ok(ClusterServers { nats, pg, dir })
+    }
+
+    /// The directory the servers live in (other processes of a test may keep files there).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 }
 

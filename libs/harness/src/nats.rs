@@ -19,7 +19,14 @@ pub struct NatsServer {
     port: u16,
     /// A configuration file for the server (berth's NATS roles: `berth auth`).
     config: Option<PathBuf>,
+    /// `--server_name`.
+    name: String,
+    /// Flags after the usual ones: a cluster node's ports and routes.
+    extra: Vec<String>,
 }
+
+/// The server name of a server that is not in a cluster.
+const SINGLE_NAME: &str = "berth-local";
 
 impl NatsServer {
     /// Starts `nats-server` with JetStream storing under `dir`, on a free loopback port.
@@ -37,6 +44,8 @@ impl NatsServer {
             dir: dir.to_path_buf(),
             port: 0,
             config: config.map(Path::to_path_buf),
+            name: SINGLE_NAME.into(),
+            extra: Vec::new(),
         };
         let mut last = None;
         // A free port can be taken by someone else before we bind it: try a few.
@@ -60,12 +69,26 @@ impl NatsServer {
         port: u16,
         config: Option<&Path>,
     ) -> Result<NatsServer, HarnessError> {
+        NatsServer::start_node(dir, port, config, SINGLE_NAME, Vec::new())
+    }
+
+    /// Starts `nats-server` on `port` as `name`, with `extra` flags after the usual ones
+    /// (a cluster node's: they override what its configuration file says).
+    pub(crate) fn start_node(
+        dir: &Path,
+        port: u16,
+        config: Option<&Path>,
+        name: &str,
+        extra: Vec<String>,
+    ) -> Result<NatsServer, HarnessError> {
         std::fs::create_dir_all(dir).map_err(|e| HarnessError::io(dir, e))?;
         let mut server = NatsServer {
             child: None,
             dir: dir.to_path_buf(),
             port,
             config: config.map(Path::to_path_buf),
+            name: name.into(),
+            extra,
         };
         server.spawn()?;
         Ok(server)
@@ -74,7 +97,12 @@ impl NatsServer {
     fn spawn(&mut self) -> Result<(), HarnessError> {
         let bin = binaries::find_nats_server()?;
         let log_path = self.dir.join("nats.log");
-        let log = File::create(&log_path).map_err(|e| HarnessError::io(&log_path, e))?;
+        // Appended to: a restarted server's log follows the one before it.
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| HarnessError::io(&log_path, e))?;
         let log2 = log
             .try_clone()
             .map_err(|e| HarnessError::io(&log_path, e))?;
@@ -92,7 +120,8 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(self.dir.join("jetstream"))
-            .args(["--server_name", "berth-local"])
+            .args(["--server_name", &self.name])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -103,7 +132,7 @@ impl NatsServer {
             port_open(port)
         }) {
             stop_child(&mut child, Signal::SIGKILL, Duration::ZERO);
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let log = self.log();
             return Err(HarnessError::Failed {
                 what: "nats-server".into(),
                 detail: format!("{e}; log:\n{log}"),
@@ -124,6 +153,29 @@ impl NatsServer {
     /// The server's process id while it runs (benchmarks read its CPU time).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(std::process::Child::id)
+    }
+
+    /// The server's name (`--server_name`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The server's log (every run of it, one after the other).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("nats.log")).unwrap_or_default()
+    }
+
+    /// Kills the server with SIGKILL, as a crash or a lost machine would: nothing is flushed
+    /// or said to the cluster. Its data stays on disk for [`NatsServer::restart`].
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, Signal::SIGKILL, Duration::from_secs(10));
+        }
+    }
+
+    /// Whether the server runs (it was started and not stopped or killed).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Stops the server (its JetStream data stays on disk).

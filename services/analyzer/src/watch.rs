@@ -29,7 +29,7 @@ pub async fn subscribe(ctx: &Ctx) -> anyhow::Result<Watch> {
         .connect_options(&format!("{}-watch", ctx.config.name))
         .await?
         .retry_on_initial_connect()
-        .connect(ctx.config.nats_url.as_str())
+        .connect(berth_bus::server_addrs(&ctx.config.nats_url)?)
         .await?;
     let commands = client.subscribe(format!("{CMD_PREFIX}.*")).await?;
     // Make sure the server has the subscription before the first command is handled.

@@ -9,6 +9,7 @@ mod cpus;
 mod gateway;
 mod place;
 mod procs;
+mod servers;
 mod stats;
 mod storm;
 

@@ -3,12 +3,12 @@
 use super::{
     cluster::{self, GIB},
     procs,
+    servers::Servers,
     stats::{cpu_seconds, micros_to_ms, ms, peak_rss_mib, summary, unix_ms_now},
 };
 use anyhow::{Context, Result, bail};
 use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks};
 use berth_bus::Bus;
-use berth_harness::TestServers;
 use berth_proto::{CmdSeq, Command, InstanceEvent, InstanceState, StartSpec, Version};
 use berth_store::{Store, placement::CommitOutcome};
 use clap::Args;
@@ -35,6 +35,10 @@ pub struct PlaceArgs {
     /// Analyzer counts to run, one fresh run each: "1,2,4".
     #[arg(long, default_value = "2", value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=16))]
     analyzers: Vec<u32>,
+    /// NATS servers, one fresh run each (with every analyzer count): 1, or a JetStream
+    /// cluster of 3 whose streams are kept on every node; "1,3" runs both, side by side.
+    #[arg(long, default_value = "1", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..=3))]
+    nats_cluster: Vec<u16>,
     /// Placement policy.
     #[arg(long, default_value = "spread", value_parser = ["spread", "binpack"])]
     policy: String,
@@ -107,12 +111,14 @@ fn spec(i: u32, selectors: bool, fill: f64) -> StartSpec {
 
 pub async fn run(args: PlaceArgs) -> Result<Value> {
     let mut runs = Vec::new();
-    for k in args.analyzers.clone() {
-        runs.push(
-            run_one(&args, k)
-                .await
-                .with_context(|| format!("run with {k} analyzers"))?,
-        );
+    for nodes in args.nats_cluster.clone() {
+        for k in args.analyzers.clone() {
+            runs.push(
+                run_one(&args, k, nodes)
+                    .await
+                    .with_context(|| format!("run with {k} analyzers, {nodes} NATS servers"))?,
+            );
+        }
     }
     Ok(json!({
         "scenario": "place",
@@ -125,6 +131,7 @@ pub async fn run(args: PlaceArgs) -> Result<Value> {
         "rate": args.rate,
         "concurrency_per_analyzer": args.concurrency,
         "pool_per_analyzer": args.pool,
+        "nats_servers": args.nats_cluster,
         "runs": runs,
     }))
 }
@@ -193,7 +200,7 @@ struct Published {
     unix_ms: f64,
 }
 
-async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
+async fn run_one(args: &PlaceArgs, k: u32, nats_nodes: u16) -> Result<Value> {
     // Opened first, so a path that cannot be written fails before the run, not after it.
     let mut latency_log = args
         .latency_log
@@ -204,8 +211,9 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
                 .map(|f| (path.clone(), std::io::BufWriter::new(f)))
         })
         .transpose()?;
-    let servers = tokio::task::spawn_blocking(TestServers::start).await??;
-    let db = servers.pg.url();
+    let servers = Servers::start(nats_nodes).await?;
+    let nats_url = servers.nats_url();
+    let db = servers.pg().url();
     berth_store::migrate(&db).await?;
     let store = Store::connect(&db, 16)?;
     cluster::register(
@@ -218,7 +226,15 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
     let ceiling_rounds = ceiling(&db, k * args.pool).await?;
     let ceiling = ceiling_rounds.first().copied().unwrap_or(f64::NAN);
 
-    let bus = Bus::connect(&servers.nats.url(), "bench").await?;
+    let bus = Bus::connect(&nats_url, "bench").await?;
+    let stream_replicas = bus
+        .jetstream()
+        .get_stream(berth_bus::CMD_STREAM)
+        .await?
+        .info()
+        .await?
+        .config
+        .num_replicas;
     let shutdown = CancellationToken::new();
     let agent = cluster::bulk_agent(bus.clone(), shutdown.clone()).await?;
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -261,7 +277,7 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
         let name = format!("bench-{i}");
         if args.processes {
             let settings = procs::Settings {
-                nats_url: servers.nats.url(),
+                nats_url: nats_url.clone(),
                 database_url: db.clone(),
                 concurrency: args.concurrency,
                 pool: args.pool,
@@ -270,7 +286,7 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
             procs.push(procs::AnalyzerProc::start(&name, &settings).await?);
             continue;
         }
-        let mut c = AnalyzerConfig::new(servers.nats.url(), db.clone());
+        let mut c = AnalyzerConfig::new(nats_url.clone(), db.clone());
         c.name = name;
         c.concurrency = args.concurrency as usize;
         c.pool_size = args.pool as usize;
@@ -286,10 +302,10 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
     let cpu_roots = [
         (
             "postgres",
-            servers.pg.pid().into_iter().collect::<Vec<_>>(),
+            servers.pg().pid().into_iter().collect::<Vec<_>>(),
             true,
         ),
-        ("nats", servers.nats.pid().into_iter().collect(), true),
+        ("nats", servers.nats_pids(), true),
         ("bench_process", vec![std::process::id()], false),
         ("analyzer_processes", analyzer_pids, true),
     ];
@@ -442,6 +458,8 @@ async fn run_one(args: &PlaceArgs, k: u32) -> Result<Value> {
                 / 10.0;
         let doc = json!({
             "analyzers": k,
+            "nats_servers": nats_nodes,
+            "stream_replicas": stream_replicas,
             "placed": placed,
             "pending": pending,
             "errors": errors,

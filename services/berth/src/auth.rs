@@ -22,6 +22,10 @@ enum AuthCmd {
         /// the server serve TLS (clients then take --nats-ca DIR/nats-ca.pem).
         #[arg(long = "tls-host", value_name = "HOST")]
         tls_hosts: Vec<String>,
+        /// Also add the agent of this worker (repeatable): one command makes every
+        /// credential a fleet needs (`docker-compose.yml`: `--agent gpu-a --agent gpu-b`).
+        #[arg(long = "agent", value_name = "WORKER")]
+        agents: Vec<String>,
     },
     /// Add the agent of WORKER: it may use only that worker's subjects.
     AddAgent { worker: String },
@@ -34,8 +38,17 @@ enum AuthCmd {
 pub fn run(args: &AuthArgs) -> Result<()> {
     let auth = AuthDir::new(&args.dir);
     let added = match &args.command {
-        AuthCmd::Init { tls_hosts } => {
+        AuthCmd::Init { tls_hosts, agents } => {
             auth.init()?;
+            for worker in agents {
+                let seed = auth.add(
+                    Role::Agent {
+                        worker: worker.clone(),
+                    },
+                    "",
+                )?;
+                println!("credentials: {} (agent of {worker})", seed.display());
+            }
             if !tls_hosts.is_empty() {
                 auth.enable_tls(tls_hosts)?;
                 if let Some(ca) = auth.ca() {

@@ -7,7 +7,9 @@
 //! then SIGKILL after a grace), then the servers.
 
 use anyhow::{Context, Result, bail};
-use berth_harness::{Durability, NatsServer, PgServer, Signal, sibling_binary, workspace_root};
+use berth_harness::{
+    Durability, NatsCluster, NatsServer, PgServer, Signal, sibling_binary, workspace_root,
+};
 use berth_store::Store;
 use chrono::Utc;
 use clap::Args;
@@ -31,9 +33,13 @@ pub struct UpArgs {
     /// Where the servers keep their data (kept across runs).
     #[arg(long, default_value = ".berth")]
     dir: PathBuf,
-    /// NATS client port on 127.0.0.1.
+    /// NATS client port on 127.0.0.1 (a cluster's nodes take this one and the next ones).
     #[arg(long, default_value_t = 4222)]
     nats_port: u16,
+    /// NATS servers to run: 1, or a JetStream cluster of 3 (ops/nats/cluster-N.conf) whose
+    /// streams are kept on every node; the parts get every node's URL.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=3))]
+    nats_cluster: u16,
     /// PostgreSQL port on 127.0.0.1.
     #[arg(long, default_value_t = 5433)]
     pg_port: u16,
@@ -140,9 +146,25 @@ struct Fleet {
     nats_auth: Option<berth_bus::auth::AuthDir>,
     agents: Children,
     analyzers: Children,
-    nats: NatsServer,
+    nats: Nats,
     pg: PgServer,
     inventory: PathBuf,
+}
+
+/// One NATS server, or a cluster.
+enum Nats {
+    Single(NatsServer),
+    Cluster(NatsCluster),
+}
+
+impl Nats {
+    /// What the parts take as `--nats-url`: the server's URL, or every node's.
+    fn url(&self) -> String {
+        match self {
+            Nats::Single(s) => s.url(),
+            Nats::Cluster(c) => c.urls(),
+        }
+    }
 }
 
 /// Starts the servers, the analyzers and the agents, and waits until every worker has
@@ -164,6 +186,7 @@ async fn start(args: UpArgs) -> Result<Fleet> {
     let dir = berth_dir.join("run");
     let (nats_dir, pg_dir) = (dir.join("nats"), dir.join("pg"));
     let (nats_port, pg_port) = (args.nats_port, args.pg_port);
+    let nodes = args.nats_cluster;
     let nats_auth = if args.no_nats_auth {
         None
     } else {
@@ -181,10 +204,17 @@ async fn start(args: UpArgs) -> Result<Fleet> {
         .as_ref()
         .map(berth_bus::auth::AuthDir::server_config);
     let nats = tokio::task::spawn_blocking(move || {
-        NatsServer::start_on(&nats_dir, nats_port, nats_config.as_deref())
+        if nodes == 1 {
+            return NatsServer::start_on(&nats_dir, nats_port, nats_config.as_deref())
+                .map(Nats::Single);
+        }
+        // A cluster keeps its data apart from the single server's: their streams differ.
+        let ports: Vec<u16> = (0..nodes).map(|i| nats_port.saturating_add(i)).collect();
+        NatsCluster::start_on(&dir_of_cluster(&nats_dir), &ports, nats_config.as_deref())
+            .map(Nats::Cluster)
     })
     .await?
-    .with_context(|| format!("starting NATS on port {nats_port}"))?;
+    .with_context(|| format!("starting {nodes} NATS server(s) from port {nats_port}"))?;
     let password = pg_password(&dir)?;
     let pg = tokio::task::spawn_blocking(move || {
         let mut pg = PgServer::start_on(&pg_dir, pg_port, Durability::Safe)?;
@@ -280,6 +310,11 @@ fn model_roots(berth_dir: &Path, extra: &[PathBuf]) -> Result<std::ffi::OsString
         );
     }
     Ok(std::env::join_paths(dirs)?)
+}
+
+/// Where a cluster's nodes keep their data, beside the single server's.
+fn dir_of_cluster(nats_dir: &Path) -> PathBuf {
+    nats_dir.with_file_name("nats-cluster")
 }
 
 /// The admin key of this fleet, in `<dir>/admin.key` (readable by its owner only): the one
