@@ -67,10 +67,7 @@ fn placement(c: &mut Criterion) {
             shapes: [(90, 1), (85, 2), (81, 4), (30, 2)]
                 .into_iter()
                 .map(|(gib, tp)| Shape {
-                    claim: (gib == 30).then_some(Claim {
-                        fraction: 0.4,
-                        extra_bytes: 0,
-                    }),
+                    claim: (gib == 30).then_some(Claim::new(0.4, 0)),
                     label: format!("tp={tp}"),
                     ..Shape::new(gib * GIB, tp)
                 })

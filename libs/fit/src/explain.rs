@@ -92,6 +92,10 @@ fn amount(s: &Shape, total: Option<u64>) -> String {
             Some(n) => gib(n),
             None => format!("{} inside its share", gib(s.vram_per_gpu)),
         },
+        (Some(c), None) if !c.leave.is_empty() => format!(
+            "a share by the GPU's size (holding {})",
+            gib(s.vram_per_gpu)
+        ),
         (Some(c), None) => format!(
             "{:.0}% of the GPU (holding {})",
             c.fraction * 100.0,

@@ -242,24 +242,121 @@ pub enum FitError {
 }
 
 /// The share of each GPU a backend takes regardless of need (vLLM's
-/// `gpu_memory_utilization`): `fraction × GPU total + extra_bytes`.
+/// `gpu_memory_utilization`, SGLang's `mem_fraction_static`):
+/// `before_bytes + ⌈fraction × (GPU total − before_bytes)⌉ + extra_bytes`.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Claim {
     pub fraction: f64,
     /// Allocated outside the fraction (CUDA graphs in vLLM before it profiled them).
     pub extra_bytes: u64,
+    /// Taken before the backend measures the memory it takes its fraction of (SGLang takes
+    /// its fraction of the memory free after its CUDA context and NCCL exist); 0 when the
+    /// fraction is of the GPU's total (vLLM).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub before_bytes: u64,
+    /// When not empty, the fraction depends on the GPU's size instead of being `fraction`
+    /// (SGLang without `--mem-fraction-static`): see [`LeaveTiers`].
+    #[serde(default, skip_serializing_if = "LeaveTiers::is_empty")]
+    pub leave: LeaveTiers,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Most size classes a [`LeaveTiers`] holds.
+pub const MAX_TIERS: usize = 8;
+
+/// A fraction that depends on the GPU's size: a GPU of `total` bytes takes
+/// `round((total − leave) / total, 3)`, where `leave` is that of the first tier whose
+/// `below_bytes` is above `total` (the last tier covers every larger GPU). This is how
+/// SGLang picks its default `mem_fraction_static` (`ServerArgs._handle_gpu_memory_settings`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(from = "Vec<LeaveTier>", into = "Vec<LeaveTier>")]
+pub struct LeaveTiers {
+    tiers: [LeaveTier; MAX_TIERS],
+    len: usize,
+}
+
+/// GPUs with less memory than `below_bytes` (and not in an earlier tier) leave `leave_bytes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaveTier {
+    pub below_bytes: u64,
+    pub leave_bytes: u64,
+}
+
+impl From<Vec<LeaveTier>> for LeaveTiers {
+    /// Keeps the first [`MAX_TIERS`] tiers.
+    fn from(list: Vec<LeaveTier>) -> Self {
+        let mut t = LeaveTiers::default();
+        for tier in list.into_iter().take(MAX_TIERS) {
+            t.tiers[t.len] = tier;
+            t.len += 1;
+        }
+        t
+    }
+}
+
+impl From<LeaveTiers> for Vec<LeaveTier> {
+    fn from(t: LeaveTiers) -> Self {
+        t.as_slice().to_vec()
+    }
+}
+
+impl LeaveTiers {
+    pub fn as_slice(&self) -> &[LeaveTier] {
+        &self.tiers[..self.len.min(MAX_TIERS)]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The fraction a GPU of `total_bytes` takes; `None` without tiers.
+    pub fn fraction_of(&self, total_bytes: u64) -> Option<f64> {
+        let tiers = self.as_slice();
+        let tier = tiers
+            .iter()
+            .find(|t| total_bytes < t.below_bytes)
+            .or(tiers.last())?;
+        if total_bytes == 0 {
+            return Some(0.0);
+        }
+        #[expect(clippy::cast_precision_loss, reason = "GPU sizes stay below 2^53")]
+        let f = total_bytes.saturating_sub(tier.leave_bytes) as f64 / total_bytes as f64;
+        Some((f * 1000.0).round() / 1000.0)
+    }
 }
 
 impl Claim {
-    /// The bytes claimed on a GPU of `total_bytes`: `⌈fraction × total⌉ + extra`.
+    /// A share of `fraction` of each GPU's total, with `extra_bytes` outside it.
+    pub fn new(fraction: f64, extra_bytes: u64) -> Claim {
+        Claim {
+            fraction,
+            extra_bytes,
+            before_bytes: 0,
+            leave: LeaveTiers::default(),
+        }
+    }
+
+    /// The fraction taken of a GPU of `total_bytes`: by its size when tiers are set.
+    pub fn fraction_on(&self, total_bytes: u64) -> f64 {
+        self.leave.fraction_of(total_bytes).unwrap_or(self.fraction)
+    }
+
+    /// The bytes claimed on a GPU of `total_bytes`:
+    /// `before + ⌈fraction × (total − before)⌉ + extra`.
     pub fn share_of(&self, total_bytes: u64) -> u64 {
-        let share = (total_bytes as f64 * self.fraction).ceil();
+        let of = total_bytes.saturating_sub(self.before_bytes);
+        let share = (of as f64 * self.fraction_on(total_bytes)).ceil();
         let share = if share.is_finite() && share >= 0.0 {
             share.min(u64::MAX as f64) as u64
         } else {
             0
         };
-        share.saturating_add(self.extra_bytes)
+        share
+            .saturating_add(self.extra_bytes)
+            .saturating_add(self.before_bytes.min(total_bytes))
     }
 }
 
@@ -296,6 +393,48 @@ pub fn gib(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_share_can_depend_on_the_gpu_size_and_start_after_a_context() {
+        const GIB: u64 = 1 << 30;
+        // vLLM: a fraction of the total.
+        assert_eq!(Claim::new(0.5, GIB).share_of(80 * GIB), 41 * GIB);
+        // SGLang: the fraction of what is free after its context, the context itself on top.
+        let c = Claim {
+            before_bytes: 2 * GIB,
+            ..Claim::new(0.5, GIB)
+        };
+        assert_eq!(c.share_of(82 * GIB), 2 * GIB + 40 * GIB + GIB);
+        // By size: small GPUs leave 4 GiB, larger ones 10 GiB, rounded to a thousandth.
+        let c = Claim {
+            leave: vec![
+                LeaveTier {
+                    below_bytes: 60 * GIB,
+                    leave_bytes: 4 * GIB,
+                },
+                LeaveTier {
+                    below_bytes: u64::MAX,
+                    leave_bytes: 10 * GIB,
+                },
+            ]
+            .into(),
+            ..Claim::new(0.88, 0)
+        };
+        assert_eq!(c.fraction_on(40 * GIB), 0.9);
+        assert_eq!(c.fraction_on(80 * GIB), 0.875);
+        assert_eq!(c.fraction_on(u64::MAX), 1.0);
+        assert_eq!(c.share_of(40 * GIB), 36 * GIB);
+        // The wire form: tiers as a list, absent when empty.
+        let j = serde_json::to_value(c).unwrap();
+        assert_eq!(j["leave"][1]["leave_bytes"], serde_json::json!(10 * GIB));
+        assert_eq!(serde_json::from_value::<Claim>(j).unwrap(), c);
+        let plain = serde_json::to_value(Claim::new(0.9, 0)).unwrap();
+        assert!(plain.get("leave").is_none() && plain.get("before_bytes").is_none());
+        assert_eq!(
+            serde_json::from_str::<Claim>(r#"{"fraction": 0.9, "extra_bytes": 0}"#).unwrap(),
+            Claim::new(0.9, 0)
+        );
+    }
 
     #[test]
     fn replica_counts_go_up_and_down_per_group() {

@@ -477,21 +477,14 @@ mod tests {
         small.gpus[0].total_bytes = 24 * GIB;
         let ws = [small, worker("big", "x", &[70])];
         let mut r = req(16, 1);
-        r.shapes[0].claim = Some(Claim {
-            fraction: 0.9,
-            extra_bytes: 0,
-        });
+        r.shapes[0].claim = Some(Claim::new(0.9, 0));
         // 0.9 × 24.0 GiB holds the 16 GiB need and is free, so binpack takes the small card,
         // reserving the share, not the need.
         let p = place(&ws, &r, Policy::Binpack, &never()).unwrap();
         assert_eq!(p.worker_id(), "small");
         assert_eq!(
             p.parts[0].gpus[0].bytes,
-            Claim {
-                fraction: 0.9,
-                extra_bytes: 0
-            }
-            .share_of(24 * GIB)
+            Claim::new(0.9, 0).share_of(24 * GIB)
         );
         // 0.9 × 80.0 GiB = 72 GiB is more than the 70 free on the big card.
         let ws = [worker("big", "x", &[70])];

@@ -2,7 +2,7 @@
 //! the search scale, the [`Shape`]s the placement search tries, most preferred first.
 //!
 //! - On one worker: the backend's own GPU count, or with [`Scaling::max_gpus`] every count
-//!   up to it the backend can split the model over (vLLM: tensor-parallel sizes the
+//!   up to it the backend can split the model over (vLLM, SGLang: tensor-parallel sizes the
 //!   attention and KV heads divide over; llama.cpp: layer splits).
 //! - On several workers, when [`Scaling::max_workers`] allows: one pipeline stage per
 //!   worker, llama.cpp only (its RPC servers on the followers hold their layers). berth's
@@ -60,6 +60,18 @@ pub fn shapes(
                 });
             }
         }
+        EstimateOptions::Sglang(o) => {
+            let tps = match scaling.max_gpus {
+                Some(max) => tensor_parallel_sizes(profile, max),
+                None => vec![o.tensor_parallel],
+            };
+            for &tp in &tps {
+                let mut s = o.clone();
+                s.tensor_parallel = tp;
+                let e = estimate(profile, &EstimateOptions::Sglang(s))?;
+                out.push(e.shape(format!("tp={tp}")));
+            }
+        }
         EstimateOptions::LlamaCpp(o) => {
             let counts: Vec<u32> = match scaling.max_gpus {
                 Some(max) => (1..=max.min(profile.layers.max(1))).collect(),
@@ -114,6 +126,7 @@ pub fn workers_note(options: &EstimateOptions, scaling: &Scaling) -> Option<Stri
         _ if scaling.workers() <= 1 => return None,
         EstimateOptions::LlamaCpp(_) => return None,
         EstimateOptions::Vllm(_) => "vLLM",
+        EstimateOptions::Sglang(_) => "SGLang",
         EstimateOptions::Custom(_) => "a custom backend",
     };
     Some(format!(

@@ -9,7 +9,7 @@
 use berth_models::hf::profile_from_config;
 use berth_models::{
     Estimate, EstimateOptions, ExplicitProfile, FlashAttention, LlamaCppOptions, ModelProfile,
-    VllmOptions, VllmVersion, WeightDtype, estimate,
+    SglangOptions, VllmOptions, VllmVersion, WeightDtype, estimate,
 };
 use std::path::Path;
 
@@ -295,6 +295,31 @@ fn rows() -> Vec<Row> {
             tolerance: Some(0.10),
         });
     }
+    // S1. Qwen3-235B-A22B-FP8, tp=4 on 4 × H100 (81559 MiB each), SGLang of July 2025,
+    // --mem-fraction-static 0.93. SGLang printed: "KV Cache is allocated. #tokens: 367404,
+    // K size: 8.23 GB, V size: 8.23 GB" (GiB: SGLang divides by 2^30). Its pool is the
+    // fraction of the memory free after the CUDA context and NCCL, less the weights
+    // (ModelRunner.profile_max_num_token). Source:
+    // https://github.com/vllm-project/vllm/issues/21348 (the description).
+    let e = estimate(
+        &qwen3,
+        &EstimateOptions::Sglang(SglangOptions {
+            tensor_parallel: 4,
+            mem_fraction_static: Some(0.93),
+            ..SglangOptions::default()
+        }),
+    )
+    .expect("estimate");
+    let h100 = 81_559 * (1 << 20);
+    // 94 layers × one of 4 KV heads per GPU × (128 + 128) × 2 bytes.
+    let cell = 94.0 * 256.0 * 2.0;
+    rows.push(Row {
+        case: "SGLang (2025-07) Qwen3-235B-A22B-FP8 tp=4, mfs 0.93",
+        term: "KV pool",
+        measured: 367_404.0 * cell,
+        estimated: e.kv_room_on(h100).expect("the share holds the model") as f64,
+        tolerance: Some(0.05),
+    });
     rows
 }
 

@@ -24,6 +24,7 @@ pub enum EstimateError {
 
 /// Which backend will run the model, with its options. Serialized with a `backend` tag:
 /// `{"backend": "llama_cpp", "context": 8192}`, `{"backend": "vllm", "tensor_parallel": 2}`,
+/// `{"backend": "sglang", "tensor_parallel": 2}`,
 /// `{"backend": "custom", "bytes_per_gpu": 1073741824, "gpus": 1}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -31,6 +32,7 @@ pub enum EstimateError {
 pub enum EstimateOptions {
     LlamaCpp(LlamaCppOptions),
     Vllm(VllmOptions),
+    Sglang(SglangOptions),
     /// An explicit claim: no estimate, the caller says what to reserve.
     Custom(CustomClaim),
 }
@@ -198,6 +200,7 @@ impl EstimateOptions {
         match self {
             Self::LlamaCpp(o) => o.validate(),
             Self::Vllm(o) => o.validate(),
+            Self::Sglang(o) => o.validate(),
             Self::Custom(c) => c.validate(),
         }
     }
@@ -575,6 +578,245 @@ impl VllmOptions {
     }
 }
 
+impl VllmOptions {
+    /// What vLLM allocates per GPU outside its `gpu_memory_utilization` share: the CUDA
+    /// context (created before its baseline snapshot) and, where graphs are not profiled in
+    /// the share (V0, or before vLLM 0.21), the CUDA graphs.
+    pub fn outside_share_bytes(&self) -> u64 {
+        let graphs_in_share = self.cuda_graphs_in_share && self.vllm_version == VllmVersion::V1;
+        let graphs = if self.enforce_eager || graphs_in_share {
+            0
+        } else {
+            self.cuda_graph_bytes
+        };
+        self.non_torch_bytes
+            .min(VLLM_CUDA_CONTEXT)
+            .saturating_add(graphs)
+    }
+}
+
+/// SGLang's `--kv-cache-dtype`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum SglangKvDtype {
+    /// The model's activation dtype: 16-bit.
+    #[default]
+    Auto,
+    Fp8E4m3,
+    Fp8E5m2,
+}
+
+impl SglangKvDtype {
+    pub fn bytes(self) -> u64 {
+        match self {
+            Self::Auto => 2,
+            Self::Fp8E4m3 | Self::Fp8E5m2 => 1,
+        }
+    }
+
+    /// The `--kv-cache-dtype` argument.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Fp8E4m3 => "fp8_e4m3",
+            Self::Fp8E5m2 => "fp8_e5m2",
+        }
+    }
+}
+
+/// SGLang server arguments (`python -m sglang.launch_server`) that change memory use.
+/// Missing JSON fields take the defaults; `None` means what SGLang itself does without the
+/// flag, which for the memory settings depends on the GPU (see docs/estimation.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(default)]
+pub struct SglangOptions {
+    /// `--tp-size`.
+    pub tensor_parallel: u32,
+    /// `--context-length`; `None` is the model's context length.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<u64>,
+    /// Full-length sequences the KV pool must hold at once for the instance to be useful.
+    pub concurrent_sequences: u32,
+    /// `--mem-fraction-static`: weights and KV pool as a share of the memory free once the
+    /// CUDA context and NCCL exist. `None`: SGLang's own default, which it picks by the
+    /// GPU's memory and the TP size (`ServerArgs._handle_gpu_memory_settings`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mem_fraction_static: Option<f64>,
+    /// `--chunked-prefill-size`. `None`: SGLang's, by GPU memory (2048 below 35 GiB, 4096
+    /// below 60 GiB, 8192 below 160 GiB, else 16384).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunked_prefill_size: Option<u32>,
+    /// `--cuda-graph-max-bs`. `None`: SGLang's, by GPU memory and TP size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cuda_graph_max_bs: Option<u32>,
+    pub kv_cache_dtype: SglangKvDtype,
+    /// `--disable-cuda-graph`.
+    pub disable_cuda_graph: bool,
+    /// The CUDA context, created before SGLang measures the memory it takes its share of.
+    pub cuda_context_bytes: u64,
+    /// Added per GPU when more than one (NCCL communicators and custom all-reduce buffers,
+    /// also in place before SGLang measures).
+    pub multi_gpu_bytes: u64,
+}
+
+impl Default for SglangOptions {
+    fn default() -> Self {
+        Self {
+            tensor_parallel: 1,
+            context_length: None,
+            concurrent_sequences: 1,
+            mem_fraction_static: None,
+            chunked_prefill_size: None,
+            cuda_graph_max_bs: None,
+            kv_cache_dtype: SglangKvDtype::Auto,
+            disable_cuda_graph: false,
+            cuda_context_bytes: 512 * MIB,
+            multi_gpu_bytes: GIB + GIB / 2,
+        }
+    }
+}
+
+/// SGLang's defaults for one size class of GPU: below `below_mib` of memory (MiB, as
+/// `get_device_memory_capacity` reports it), the chunked-prefill size and the largest CUDA
+/// graph batch for TP below 4 and from 4 on (`ServerArgs._handle_gpu_memory_settings`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SglangGpuClass {
+    pub below_mib: u64,
+    pub chunked_prefill_size: u32,
+    pub cuda_graph_max_bs: [u32; 2],
+}
+
+/// The size classes, smallest first; the last covers every larger GPU.
+pub const SGLANG_GPU_CLASSES: [SglangGpuClass; 6] = [
+    // T4, 4080.
+    SglangGpuClass {
+        below_mib: 20 * 1024,
+        chunked_prefill_size: 2048,
+        cuda_graph_max_bs: [8, 8],
+    },
+    // A10, 4090, 5090.
+    SglangGpuClass {
+        below_mib: 35 * 1024,
+        chunked_prefill_size: 2048,
+        cuda_graph_max_bs: [24, 80],
+    },
+    // A100 40GB, L40.
+    SglangGpuClass {
+        below_mib: 60 * 1024,
+        chunked_prefill_size: 4096,
+        cuda_graph_max_bs: [32, 160],
+    },
+    // H100, A100 80GB.
+    SglangGpuClass {
+        below_mib: 90 * 1024,
+        chunked_prefill_size: 8192,
+        cuda_graph_max_bs: [256, 512],
+    },
+    // H20, H200.
+    SglangGpuClass {
+        below_mib: 160 * 1024,
+        chunked_prefill_size: 8192,
+        cuda_graph_max_bs: [256, 512],
+    },
+    // B200, MI300.
+    SglangGpuClass {
+        below_mib: u64::MAX,
+        chunked_prefill_size: 16384,
+        cuda_graph_max_bs: [512, 512],
+    },
+];
+
+/// The class an 80 GiB GPU falls in: what an estimate that knows no GPU assumes.
+const SGLANG_LARGE_GPU_MIB: u64 = 80 * 1024;
+
+impl SglangOptions {
+    pub fn validate(&self) -> Result<(), EstimateError> {
+        let bad = |what: String| Err(EstimateError::InvalidOptions(what));
+        if self.tensor_parallel == 0 || self.tensor_parallel > MAX_GPUS {
+            return bad(format!("tensor_parallel must be 1..={MAX_GPUS}"));
+        }
+        if self
+            .context_length
+            .is_some_and(|l| l == 0 || l > MAX_CONTEXT)
+        {
+            return bad(format!("context_length must be 1..={MAX_CONTEXT}"));
+        }
+        for (what, v) in [
+            ("chunked_prefill_size", self.chunked_prefill_size),
+            ("cuda_graph_max_bs", self.cuda_graph_max_bs),
+        ] {
+            if v.is_some_and(|v| v == 0 || v > MAX_BATCH) {
+                return bad(format!("{what} must be 1..={MAX_BATCH}"));
+            }
+        }
+        if let Some(f) = self.mem_fraction_static
+            && !(f > 0.0 && f < 1.0)
+        {
+            return bad(format!("mem_fraction_static {f} is not in (0, 1)"));
+        }
+        Ok(())
+    }
+
+    /// The size class of a GPU with `gpu_mib` MiB.
+    pub fn class(gpu_mib: u64) -> SglangGpuClass {
+        SGLANG_GPU_CLASSES
+            .iter()
+            .copied()
+            .find(|c| gpu_mib < c.below_mib)
+            .unwrap_or(SGLANG_GPU_CLASSES[SGLANG_GPU_CLASSES.len() - 1])
+    }
+
+    /// `--chunked-prefill-size` as SGLang runs it on a GPU of `gpu_mib` MiB (an 80 GiB one
+    /// when `None`).
+    pub fn resolved_chunked_prefill_size(&self, gpu_mib: Option<u64>) -> u32 {
+        self.chunked_prefill_size.unwrap_or_else(|| {
+            Self::class(gpu_mib.unwrap_or(SGLANG_LARGE_GPU_MIB)).chunked_prefill_size
+        })
+    }
+
+    /// `--cuda-graph-max-bs` as SGLang runs it on a GPU of `gpu_mib` MiB (an 80 GiB one
+    /// when `None`).
+    pub fn resolved_cuda_graph_max_bs(&self, gpu_mib: Option<u64>) -> u32 {
+        self.cuda_graph_max_bs.unwrap_or_else(|| {
+            let c = Self::class(gpu_mib.unwrap_or(SGLANG_LARGE_GPU_MIB));
+            c.cuda_graph_max_bs[usize::from(self.tensor_parallel >= 4)]
+        })
+    }
+
+    /// What SGLang leaves out of its static share on a GPU of `gpu_mib` MiB when it picks
+    /// `mem_fraction_static` itself, in MiB: 512 for constant metadata, 1.5 per token of the
+    /// largest prefill chunk (at least 2048), 2 per CUDA graph batch size, 128 per GPU of
+    /// the instance, and at least 10 GiB on GPUs over 60 GiB.
+    pub fn default_reserve_mib(&self, gpu_mib: u64) -> f64 {
+        let chunk = f64::from(self.resolved_chunked_prefill_size(Some(gpu_mib)).max(2048));
+        let graphs = f64::from(self.resolved_cuda_graph_max_bs(Some(gpu_mib)));
+        let reserve =
+            512.0 + chunk * 1.5 + graphs * 2.0 + f64::from(self.tensor_parallel) / 8.0 * 1024.0;
+        if gpu_mib > 60 * 1024 {
+            reserve.max(10.0 * 1024.0)
+        } else {
+            reserve
+        }
+    }
+
+    /// `mem_fraction_static` as SGLang runs it on a GPU of `gpu_total_bytes`: the one set,
+    /// else `round((gpu − reserve) / gpu, 3)` (`_handle_gpu_memory_settings`).
+    pub fn resolved_mem_fraction_static(&self, gpu_total_bytes: u64) -> f64 {
+        if let Some(f) = self.mem_fraction_static {
+            return f;
+        }
+        #[expect(clippy::cast_precision_loss, reason = "GPU sizes stay below 2^53")]
+        let mib = gpu_total_bytes as f64 / MIB as f64;
+        if mib <= 0.0 {
+            return 0.0;
+        }
+        let f = (mib - self.default_reserve_mib(gpu_total_bytes / MIB)) / mib;
+        ((f * 1000.0).round() / 1000.0).clamp(0.0, 1.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -685,6 +927,64 @@ mod tests {
             }
             .validate()
             .is_err()
+        );
+    }
+
+    #[test]
+    fn sglang_picks_its_share_by_gpu_size_as_sglang_does() {
+        let o = SglangOptions::default();
+        // L40S (46068 MiB), TP 1: 512 + 4096 × 1.5 + 32 × 2 + 128 = 6848 MiB left, 0.851
+        // (what SGLang printed for Llama-3.1-8B there, sgl-project/sglang PR 13023).
+        assert_eq!(o.resolved_mem_fraction_static(46_068 * MIB), 0.851);
+        // H100 (81559 MiB): 512 + 12288 + 512 + 128 = 13440 MiB left, 0.835; at TP 4 the
+        // graphs go to 512 and the parallel term to 512: 14336 MiB, 0.824.
+        assert_eq!(o.resolved_mem_fraction_static(81_559 * MIB), 0.835);
+        let tp4 = SglangOptions {
+            tensor_parallel: 4,
+            ..SglangOptions::default()
+        };
+        assert_eq!(tp4.resolved_mem_fraction_static(81_559 * MIB), 0.824);
+        assert_eq!(tp4.resolved_cuda_graph_max_bs(Some(81_559)), 512);
+        // RTX 4090 (24564 MiB): 512 + 3072 + 48 + 128 = 3760, 0.847; T4 (15360): 0.757.
+        assert_eq!(o.resolved_mem_fraction_static(24_564 * MIB), 0.847);
+        assert_eq!(o.resolved_mem_fraction_static(15_360 * MIB), 0.757);
+        // H200 (143771 MiB): the 10 GiB floor does not bind, 13440 left, 0.907.
+        assert_eq!(o.resolved_mem_fraction_static(143_771 * MIB), 0.907);
+        assert_eq!(o.resolved_chunked_prefill_size(None), 8192);
+        assert_eq!(o.resolved_chunked_prefill_size(Some(200 * 1024)), 16384);
+        let set = SglangOptions {
+            mem_fraction_static: Some(0.93),
+            ..SglangOptions::default()
+        };
+        assert_eq!(set.resolved_mem_fraction_static(46_068 * MIB), 0.93);
+        for bad in [
+            SglangOptions {
+                mem_fraction_static: Some(1.0),
+                ..SglangOptions::default()
+            },
+            SglangOptions {
+                tensor_parallel: 0,
+                ..SglangOptions::default()
+            },
+            SglangOptions {
+                chunked_prefill_size: Some(0),
+                ..SglangOptions::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        // Unset fields stay off the wire, so SGLang's own defaults apply.
+        let j = serde_json::to_value(EstimateOptions::Sglang(SglangOptions::default())).unwrap();
+        assert_eq!(j["backend"], serde_json::json!("sglang"));
+        assert!(j.get("mem_fraction_static").is_none(), "{j}");
+        let back: EstimateOptions =
+            serde_json::from_str(r#"{"backend": "sglang", "tensor_parallel": 2}"#).unwrap();
+        assert_eq!(
+            back,
+            EstimateOptions::Sglang(SglangOptions {
+                tensor_parallel: 2,
+                ..SglangOptions::default()
+            })
         );
     }
 

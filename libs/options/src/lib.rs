@@ -7,7 +7,8 @@
 //! `berth-models` reads model files into profiles and estimates from them.
 //!
 //! - [`profile`]: [`ModelProfile`] and its one validator, [`ModelProfile::validate`].
-//! - [`backend`]: [`EstimateOptions`], [`LlamaCppOptions`], [`VllmOptions`].
+//! - [`backend`]: [`EstimateOptions`], [`LlamaCppOptions`], [`VllmOptions`],
+//!   [`SglangOptions`].
 //! - [`scaling`]: [`Scaling`] and its limits.
 
 pub mod backend;
@@ -17,8 +18,9 @@ pub mod scaling;
 pub use backend::{
     CustomClaim, DEFAULT_OVERHEAD, EstimateError, EstimateOptions, FlashAttention, GIB,
     KvCacheType, LLAMA_SERVER_AUTO_PARALLEL, LlamaCppOptions, MAX_ARG_BYTES, MAX_ARGV, MAX_BATCH,
-    MAX_CONTEXT, MAX_GPUS, MIB, Placeholder, TemplatePiece, VLLM_CUDA_CONTEXT, VllmKvDtype,
-    VllmOptions, VllmVersion, template_pieces,
+    MAX_CONTEXT, MAX_GPUS, MIB, Placeholder, SGLANG_GPU_CLASSES, SglangGpuClass, SglangKvDtype,
+    SglangOptions, TemplatePiece, VLLM_CUDA_CONTEXT, VllmKvDtype, VllmOptions, VllmVersion,
+    template_pieces,
 };
 pub use profile::{
     Attention, Experts, ExplicitProfile, InvalidProfile, MAX_HEADS, MAX_LAYERS, ModelProfile,

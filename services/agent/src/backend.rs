@@ -1,10 +1,12 @@
 //! What to run for an assignment: the command line, environment and readiness probe of each
-//! model server berth knows (llama.cpp's `llama-server`, vLLM, a custom argv template). Pure:
+//! model server berth knows (llama.cpp's `llama-server`, vLLM, SGLang, a custom argv
+//! template). Pure:
 //! no process is started here (that is [`crate::supervisor`]), nothing is async.
 //!
 //! Which backend an assignment gets is [`plan`]'s decision:
 //! - a start whose backend is `custom` with an `argv` template runs that template;
-//! - a start with `model_ref = {"path": …}` runs llama.cpp (the default) or vLLM on that path;
+//! - a start with `model_ref = {"path": …}` runs llama.cpp (the default), vLLM or SGLang on
+//!   that path;
 //! - anything else — no `model_ref` (only `vram_bytes`), a model given as a profile or as
 //!   numbers, a custom claim without `argv` — is a plain **reservation**: the GPUs are held
 //!   and the instance reports `running` at once, with no process and no endpoint.
@@ -16,7 +18,7 @@
 
 use berth_options::{
     CustomClaim, EstimateOptions, KvCacheType, LlamaCppOptions, ModelRef, Placeholder,
-    TemplatePiece, VllmOptions, template_pieces,
+    SglangOptions, TemplatePiece, VllmOptions, template_pieces,
 };
 use berth_proto::StartSpec;
 use std::path::{Path, PathBuf};
@@ -92,6 +94,8 @@ pub struct Binaries {
     /// llama.cpp's `ggml-rpc-server`, for the followers of an instance over several workers.
     pub rpc_server: Option<PathBuf>,
     pub vllm: Option<PathBuf>,
+    /// The Python that has SGLang installed (else `python3` on PATH).
+    pub sglang_python: Option<PathBuf>,
 }
 
 /// Which part of an instance an assignment is.
@@ -170,6 +174,11 @@ fn plan_alone(spec: &StartSpec, bins: &Binaries) -> Result<Plan, BackendError> {
             options: o.clone(),
             model: path,
         }))),
+        Some(EstimateOptions::Sglang(o)) => Ok(Plan::Run(Box::new(Sglang {
+            python: find_sglang_python(bins)?,
+            options: o.clone(),
+            model: path,
+        }))),
         Some(EstimateOptions::LlamaCpp(o)) => Ok(Plan::Run(Box::new(LlamaCpp {
             binary: find_llama_server(bins)?,
             options: o.clone(),
@@ -223,6 +232,15 @@ fn find_vllm(bins: &Binaries) -> Result<PathBuf, BackendError> {
         bins.vllm.as_deref(),
         "vllm",
         "set --vllm or install vLLM on PATH",
+        || None,
+    )
+}
+
+fn find_sglang_python(bins: &Binaries) -> Result<PathBuf, BackendError> {
+    find(
+        bins.sglang_python.as_deref(),
+        "python3",
+        "set --sglang-python to the Python that has SGLang installed",
         || None,
     )
 }
@@ -445,8 +463,12 @@ impl Backend for Vllm {
             opt("--pipeline-parallel-size", o.pipeline_parallel.to_string());
         }
         // With no share (berth reserved only the estimate), vLLM must not take its default
-        // 0.9 of each GPU: it gets the share berth reserved, rounded up to 0.001.
-        if let Some(u) = o.gpu_memory_utilization.or_else(|| reserved_share(l.gpus)) {
+        // 0.9 of each GPU: it gets the share berth reserved, less what vLLM allocates
+        // outside its share (the CUDA context), so that its whole footprint stays within.
+        if let Some(u) = o
+            .gpu_memory_utilization
+            .or_else(|| reserved_share(l.gpus, o.outside_share_bytes()))
+        {
             opt("--gpu-memory-utilization", u.to_string());
         }
         if let Some(len) = o.max_model_len {
@@ -474,6 +496,67 @@ impl Backend for Vllm {
         }
         Ok(CommandLine {
             program: self.binary.clone(),
+            args,
+            env: Vec::new(),
+        })
+    }
+
+    fn probe(&self) -> Probe {
+        Probe::Http(vec!["/health".into(), "/v1/models".into()])
+    }
+}
+
+/// SGLang's server, `python -m sglang.launch_server`.
+#[derive(Debug, Clone)]
+pub struct Sglang {
+    pub python: PathBuf,
+    pub options: SglangOptions,
+    pub model: PathBuf,
+}
+
+impl Backend for Sglang {
+    fn name(&self) -> &'static str {
+        "SGLang"
+    }
+
+    fn command(&self, l: &Launch<'_>) -> Result<CommandLine, BackendError> {
+        let o = &self.options;
+        let mut args = vec![
+            "-m".to_owned(),
+            "sglang.launch_server".to_owned(),
+            "--model-path".to_owned(),
+            self.model.display().to_string(),
+            "--host".to_owned(),
+            l.host.to_owned(),
+            "--port".to_owned(),
+            l.port.to_string(),
+            "--served-model-name".to_owned(),
+            l.name.to_owned(),
+            "--tp-size".to_owned(),
+            o.tensor_parallel.to_string(),
+        ];
+        let mut opt = |flag: &str, value: String| args.extend([flag.to_owned(), value]);
+        // Unset: SGLang's own defaults for the GPU it finds, which berth's claim follows.
+        if let Some(f) = o.mem_fraction_static {
+            opt("--mem-fraction-static", f.to_string());
+        }
+        if let Some(len) = o.context_length {
+            opt("--context-length", len.to_string());
+        }
+        if let Some(n) = o.chunked_prefill_size {
+            opt("--chunked-prefill-size", n.to_string());
+        }
+        if let Some(n) = o.cuda_graph_max_bs {
+            opt("--cuda-graph-max-bs", n.to_string());
+        }
+        if o.kv_cache_dtype != berth_options::SglangKvDtype::Auto {
+            opt("--kv-cache-dtype", o.kv_cache_dtype.as_arg().to_owned());
+        }
+        if o.disable_cuda_graph {
+            args.push("--disable-cuda-graph".to_owned());
+        }
+        Ok(CommandLine {
+            program: self.python.clone(),
             args,
             env: Vec::new(),
         })
@@ -552,22 +635,30 @@ impl Custom {
     }
 }
 
-/// The largest share of its GPU the placement reserved on any of `gpus`, rounded up to a
-/// thousandth (what vLLM's `--gpu-memory-utilization` takes); `None` when no total is known.
-fn reserved_share(gpus: &[AssignedGpu]) -> Option<f64> {
+/// The share of its GPU to give vLLM so that its whole footprint stays within what the
+/// placement reserved on each of `gpus`: vLLM sizes everything to `total ×
+/// gpu_memory_utilization` and allocates `outside` bytes (its CUDA context) besides, so the
+/// share is `(reserved − outside) / total`, the least over the GPUs, rounded down to a
+/// millionth (at most a few hundred KiB under the reservation). `None` when no GPU's total
+/// is known.
+fn reserved_share(gpus: &[AssignedGpu], outside: u64) -> Option<f64> {
     gpus.iter()
         .filter(|g| g.total_bytes > 0 && g.bytes > 0)
         .map(|g| {
+            let inside = u64::try_from(g.bytes)
+                .unwrap_or(0)
+                .saturating_sub(outside)
+                .max(1);
             // Byte counts are far below 2^53: exact as f64.
             #[expect(
                 clippy::cast_precision_loss,
                 reason = "GPU byte counts stay below 2^53"
             )]
-            let share = g.bytes as f64 / g.total_bytes as f64;
-            ((share * 1000.0).ceil() / 1000.0).min(1.0)
+            let share = inside as f64 / g.total_bytes as f64;
+            ((share * 1e6).floor() / 1e6).clamp(1e-6, 1.0)
         })
-        .fold(None, |max: Option<f64>, s| {
-            Some(max.map_or(s, |m| m.max(s)))
+        .fold(None, |least: Option<f64>, s| {
+            Some(least.map_or(s, |m| m.min(s)))
         })
 }
 
@@ -590,10 +681,21 @@ mod tests {
     }
 
     #[test]
-    fn vllm_without_a_share_claims_what_berth_reserved() {
+    fn vllm_without_a_share_stays_within_what_berth_reserved() {
         let g = gpus(&[30 << 30, 41 << 30]);
-        assert_eq!(reserved_share(&g), Some(0.513));
-        assert_eq!(reserved_share(&[]), None);
+        let ctx = berth_options::VLLM_CUDA_CONTEXT;
+        // vLLM takes total × share inside its accounting and its CUDA context besides, so
+        // the share leaves the context out of the smaller reservation.
+        let share = reserved_share(&g, ctx).unwrap();
+        assert_eq!(share, 0.368_75);
+        let total = 80u64 << 30;
+        let used = (total as f64 * share).ceil() as u64 + ctx;
+        assert!(used <= 30 << 30, "{used}");
+        assert!(
+            (30u64 << 30) - used < 100 << 10,
+            "within 100 KiB of the reservation"
+        );
+        assert_eq!(reserved_share(&[], ctx), None);
         let b = Vllm {
             options: VllmOptions {
                 gpu_memory_utilization: None,
@@ -608,7 +710,7 @@ mod tests {
             .iter()
             .position(|a| a == "--gpu-memory-utilization")
             .unwrap();
-        assert_eq!(c.args[at + 1], "0.513");
+        assert_eq!(c.args[at + 1], "0.36875");
     }
 
     fn launch<'a>(gpus: &'a [AssignedGpu], cuda: bool) -> Launch<'a> {
@@ -702,6 +804,44 @@ mod tests {
         );
     }
 
+    #[test]
+    fn sglang_launches_with_the_options_set_and_its_own_defaults_otherwise() {
+        let b = Sglang {
+            python: "/opt/venv/bin/python".into(),
+            options: SglangOptions {
+                tensor_parallel: 2,
+                context_length: Some(32768),
+                mem_fraction_static: Some(0.8),
+                cuda_graph_max_bs: Some(64),
+                kv_cache_dtype: berth_options::SglangKvDtype::Fp8E4m3,
+                ..SglangOptions::default()
+            },
+            model: "/m/llama".into(),
+        };
+        let two = gpus(&[70 << 30, 70 << 30]);
+        let c = b.command(&launch(&two, true)).unwrap();
+        assert_eq!(c.program, PathBuf::from("/opt/venv/bin/python"));
+        assert_eq!(
+            args(&c),
+            "-m sglang.launch_server --model-path /m/llama --host 127.0.0.1 --port 40001 \
+             --served-model-name smol --tp-size 2 --mem-fraction-static 0.8 \
+             --context-length 32768 --cuda-graph-max-bs 64 --kv-cache-dtype fp8_e4m3"
+        );
+        let plain = Sglang {
+            options: SglangOptions::default(),
+            ..b
+        };
+        assert_eq!(
+            args(&plain.command(&launch(&two, true)).unwrap()),
+            "-m sglang.launch_server --model-path /m/llama --host 127.0.0.1 --port 40001 \
+             --served-model-name smol --tp-size 1"
+        );
+        assert_eq!(
+            plain.probe(),
+            Probe::Http(vec!["/health".into(), "/v1/models".into()])
+        );
+    }
+
     fn custom(argv: &[&str]) -> Custom {
         Custom {
             claim: CustomClaim {
@@ -788,6 +928,7 @@ mod tests {
             llama_server: Some("/nonexistent/llama-server".into()),
             rpc_server: Some("/nonexistent/ggml-rpc-server".into()),
             vllm: Some("/nonexistent/vllm".into()),
+            sglang_python: Some("/nonexistent/python3".into()),
         };
         let spec = StartSpec {
             model_ref: Some(Box::new(ModelRef::Path("/m/x.gguf".into()))),
@@ -862,6 +1003,7 @@ mod tests {
             llama_server: Some(dir.path().join("llama-server")),
             rpc_server: Some(dir.path().join("ggml-rpc-server")),
             vllm: Some(dir.path().join("vllm")),
+            sglang_python: None,
         };
         for exe in ["llama-server", "ggml-rpc-server", "vllm"] {
             executable(&dir.path().join(exe));
@@ -897,6 +1039,7 @@ mod tests {
         );
         for other in [
             EstimateOptions::Vllm(VllmOptions::default()),
+            EstimateOptions::Sglang(SglangOptions::default()),
             EstimateOptions::Custom(CustomClaim {
                 argv: vec!["srv".into()],
                 ..CustomClaim::default()

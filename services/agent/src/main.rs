@@ -71,6 +71,10 @@ struct Args {
     /// vLLM's binary (else `vllm` on PATH).
     #[arg(long, env = "BERTH_VLLM")]
     vllm: Option<PathBuf>,
+    /// The Python that has SGLang installed, run as `python -m sglang.launch_server` (else
+    /// `python3` on PATH).
+    #[arg(long, env = "BERTH_SGLANG_PYTHON")]
+    sglang_python: Option<PathBuf>,
     /// Host in the endpoints the agent reports.
     #[arg(long, env = "BERTH_ADVERTISE_HOST", default_value = "127.0.0.1")]
     advertise_host: String,
@@ -169,6 +173,7 @@ fn runtime(args: &Args) -> anyhow::Result<Runtime> {
         llama_server: args.llama_server.clone(),
         rpc_server: args.rpc_server.clone(),
         vllm: args.vllm.clone(),
+        sglang_python: args.sglang_python.clone(),
     };
     config.startup_timeout = args.startup_timeout;
     config.probe_every = args.probe_every;

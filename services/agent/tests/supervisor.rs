@@ -523,6 +523,7 @@ async fn a_missing_server_binary_is_an_error_not_a_hang() {
             llama_server: Some("/nonexistent/llama-server".into()),
             rpc_server: None,
             vllm: None,
+            sglang_python: None,
         }
     });
     let spec = StartSpec {
@@ -937,6 +938,7 @@ fn fake_llama_binaries(dir: &Path, crash_after: Option<u32>) -> Binaries {
         llama_server: Some(write("llama-server", script("--host", "--port", "set --"))),
         rpc_server: Some(write("ggml-rpc-server", script("-H", "-p", &crash))),
         vllm: None,
+        sglang_python: None,
     }
 }
 

@@ -1,10 +1,12 @@
 //! `berth estimate`: what a model needs on the GPUs, from its own files.
 
 use anyhow::{Context, Result, bail};
+use berth_fit::Request;
 use berth_fit::Shape;
 use berth_models::{
-    EstimateOptions, FlashAttention, KvCacheType, LlamaCppOptions, Scaling, VllmOptions,
-    VllmVersion, context_that_fits, estimate, profile_from_path, shapes, workers_note,
+    EstimateOptions, FlashAttention, KvCacheType, LlamaCppOptions, Scaling, SglangKvDtype,
+    SglangOptions, VllmOptions, VllmVersion, context_that_fits, estimate, profile_from_path,
+    shapes, workers_note,
 };
 use clap::Args;
 use std::path::PathBuf;
@@ -13,10 +15,10 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, Args)]
 pub struct BackendArgs {
     /// The backend that will run the model.
-    #[arg(long, default_value = "llama-cpp", value_parser = ["llama-cpp", "vllm"])]
+    #[arg(long, default_value = "llama-cpp", value_parser = ["llama-cpp", "vllm", "sglang"])]
     backend: String,
-    /// Context length in tokens (llama.cpp `--ctx-size`, vLLM `--max-model-len`); default:
-    /// the model's own.
+    /// Context length in tokens (llama.cpp `--ctx-size`, vLLM `--max-model-len`, SGLang
+    /// `--context-length`); default: the model's own.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=berth_models::MAX_CONTEXT))]
     ctx: Option<u64>,
     /// llama.cpp: layers to offload to the GPUs (default: all).
@@ -25,9 +27,22 @@ pub struct BackendArgs {
     /// llama.cpp: KV cache type for keys and values.
     #[arg(long, default_value = "f16", value_parser = ["f16", "q8_0", "q4_0"])]
     cache_type: String,
-    /// vLLM: tensor-parallel size.
+    /// vLLM, SGLang: tensor-parallel size.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     tp: Option<u32>,
+    /// SGLang: `--mem-fraction-static`, weights and KV pool as a share of the memory free at
+    /// start (0 < f < 1). Absent: SGLang's own default for each GPU's size and the TP size.
+    #[arg(long, value_parser = parse_fraction)]
+    mem_fraction_static: Option<f64>,
+    /// SGLang: `--chunked-prefill-size` (default: SGLang's, by GPU size).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(berth_models::MAX_BATCH)))]
+    chunked_prefill_size: Option<u32>,
+    /// SGLang: `--cuda-graph-max-bs` (default: SGLang's, by GPU size and TP size).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(berth_models::MAX_BATCH)))]
+    cuda_graph_max_bs: Option<u32>,
+    /// SGLang: no CUDA graphs.
+    #[arg(long)]
+    disable_cuda_graph: bool,
     /// vLLM: fraction of each GPU the instance claims (0 < f <= 1). Absent: vLLM's own
     /// default, 0.9, as vLLM itself would take it. `none`: reserve only the estimate, and
     /// the agent makes vLLM claim exactly that.
@@ -75,6 +90,14 @@ enum Share {
     EstimateOnly,
 }
 
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let f: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if !(f > 0.0 && f < 1.0) {
+        return Err(format!("{f} is not in (0, 1)"));
+    }
+    Ok(f)
+}
+
 fn parse_share(s: &str) -> Result<Share, String> {
     if s == "none" {
         return Ok(Share::EstimateOnly);
@@ -91,7 +114,43 @@ fn parse_share(s: &str) -> Result<Share, String> {
 impl BackendArgs {
     /// Estimator options for `gpus` GPUs (llama.cpp split; vLLM uses --tp).
     pub fn options(&self, gpus: u32) -> Result<EstimateOptions> {
+        let sglang_flags = self.mem_fraction_static.is_some()
+            || self.chunked_prefill_size.is_some()
+            || self.cuda_graph_max_bs.is_some()
+            || self.disable_cuda_graph;
+        if sglang_flags && self.backend != "sglang" {
+            bail!(
+                "--mem-fraction-static, --chunked-prefill-size, --cuda-graph-max-bs and \
+                 --disable-cuda-graph are SGLang options; add --backend sglang"
+            );
+        }
         Ok(match self.backend.as_str() {
+            "sglang" => {
+                if self.flash_attn.is_some()
+                    || self.parallel.is_some()
+                    || self.ubatch_size.is_some()
+                    || self.gpu_memory_utilization.is_some()
+                    || self.vllm_version.is_some()
+                    || self.max_num_seqs.is_some()
+                    || self.max_num_batched_tokens.is_some()
+                    || self.enforce_eager
+                {
+                    bail!(
+                        "--backend sglang takes --tp, --ctx, --mem-fraction-static, \
+                         --chunked-prefill-size, --cuda-graph-max-bs and --disable-cuda-graph"
+                    );
+                }
+                EstimateOptions::Sglang(SglangOptions {
+                    tensor_parallel: self.tp.unwrap_or(gpus),
+                    context_length: self.ctx,
+                    mem_fraction_static: self.mem_fraction_static,
+                    chunked_prefill_size: self.chunked_prefill_size,
+                    cuda_graph_max_bs: self.cuda_graph_max_bs,
+                    kv_cache_dtype: SglangKvDtype::Auto,
+                    disable_cuda_graph: self.disable_cuda_graph,
+                    ..SglangOptions::default()
+                })
+            }
             "vllm" => {
                 if self.flash_attn.is_some()
                     || self.parallel.is_some()
@@ -195,6 +254,19 @@ pub struct EstimateArgs {
     /// fits GPUs of this size ("80GiB"), with these options and GPU count.
     #[arg(long, value_parser = parse_size)]
     fit_context: Option<u64>,
+    /// Does it fit on these GPUs? One worker's GPUs per value, as comma-separated groups of
+    /// COUNTxSIZE (2x80GiB) or NAME[:COUNT] (H100:4); repeat for several workers. Answers
+    /// with the shape and GPUs berth would choose, or why nothing fits.
+    #[arg(long, value_name = "GPUS")]
+    on: Vec<String>,
+    /// With --on: look GPU names up in this agent inventory (ops/inventory/*.toml format)
+    /// instead of berth's table of common GPUs.
+    #[arg(long, value_name = "FILE", requires = "on")]
+    inventory: Option<PathBuf>,
+    /// Does it fit on the live cluster now? Reads the workers and their free GPU memory
+    /// from PostgreSQL (--database-url / BERTH_DATABASE_URL).
+    #[arg(long, conflicts_with = "on")]
+    cluster: bool,
     /// Print JSON (profile and estimate) instead of a table.
     #[arg(long)]
     json: bool,
@@ -208,7 +280,16 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} must be positive"))
 }
 
-pub fn run(args: &EstimateArgs) -> Result<()> {
+pub async fn run(args: &EstimateArgs, database_url: &str) -> Result<()> {
+    let names = match &args.inventory {
+        Some(path) => crate::fit_here::GpuNames::from_inventory(path)?,
+        None => crate::fit_here::GpuNames::default(),
+    };
+    let on = args
+        .on
+        .iter()
+        .map(|spec| crate::fit_here::parse_worker(spec, &names).map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
     let profile = profile_from_path(&args.path)
         .with_context(|| format!("reading model {}", args.path.display()))?;
     let options = args.backend.options(args.gpus)?;
@@ -218,7 +299,28 @@ pub fn run(args: &EstimateArgs) -> Result<()> {
         .as_ref()
         .map(|s| shapes(&profile, &options, s))
         .transpose()?;
-    let note = scaling.and_then(|s| workers_note(&options, &s));
+    let note = scaling.as_ref().and_then(|s| workers_note(&options, s));
+    // The request an analyzer builds for a start with these options (needs.rs), placed on
+    // the GPUs asked about.
+    let workers = if args.cluster {
+        Some(crate::fit_here::workers_in_cluster(database_url).await?)
+    } else if on.is_empty() {
+        None
+    } else {
+        Some(crate::fit_here::workers_on(&on))
+    };
+    let placed = match workers {
+        Some(workers) => {
+            let scaling = scaling.clone().unwrap_or_default();
+            let request = Request {
+                shapes: berth_models::shapes(&profile, &options, &scaling)?,
+                note: workers_note(&options, &scaling),
+                ..Request::default()
+            };
+            Some(crate::fit_here::answer(&workers, &request))
+        }
+        None => None,
+    };
     let fit = args
         .fit_context
         .map(|gpu| context_that_fits(&profile, &options, gpu).map(|ctx| (gpu, ctx)))
@@ -234,6 +336,9 @@ pub fn run(args: &EstimateArgs) -> Result<()> {
         }
         if let Some((gpu, ctx)) = fit {
             doc["context_that_fits"] = serde_json::json!({ "gpu_bytes": gpu, "context": ctx });
+        }
+        if let Some(placed) = &placed {
+            doc["placement"] = serde_json::to_value(placed)?;
         }
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
@@ -264,6 +369,9 @@ pub fn run(args: &EstimateArgs) -> Result<()> {
             None => println!("no context fits GPUs of {gpu}"),
         }
     }
+    if let Some(placed) = placed {
+        print!("\n{}", placed.to_text());
+    }
     Ok(())
 }
 
@@ -281,6 +389,7 @@ fn shapes_table(shapes: &[Shape]) -> String {
             .iec()
             .to_string();
         let need = match s.claim {
+            Some(c) if !c.leave.is_empty() => format!("a share by GPU size (≥ {need})"),
             Some(c) => format!("{:.0}% of the GPU (≥ {need})", c.fraction * 100.0),
             None => need,
         };
@@ -372,8 +481,39 @@ mod tests {
             panic!("not llama.cpp")
         };
         assert_eq!(l, LlamaCppOptions::default());
+        let EstimateOptions::Sglang(sg) = options(&[
+            "--backend",
+            "sglang",
+            "--tp",
+            "2",
+            "--mem-fraction-static",
+            "0.8",
+            "--chunked-prefill-size",
+            "4096",
+        ])
+        .unwrap() else {
+            panic!("not SGLang")
+        };
+        assert_eq!(
+            (
+                sg.tensor_parallel,
+                sg.mem_fraction_static,
+                sg.chunked_prefill_size,
+                sg.cuda_graph_max_bs
+            ),
+            (2, Some(0.8), Some(4096), None)
+        );
+        // Unset: what SGLang does itself.
+        let EstimateOptions::Sglang(sg) = options(&["--backend", "sglang"]).unwrap() else {
+            panic!("not SGLang")
+        };
+        assert_eq!(sg, SglangOptions::default());
         for bad in [
-            &["--max-num-seqs", "64"][..],
+            &["--mem-fraction-static", "0.8"][..],
+            &["--backend", "sglang", "--mem-fraction-static", "1"],
+            &["--backend", "sglang", "--gpu-memory-utilization", "0.9"],
+            &["--backend", "vllm", "--disable-cuda-graph"],
+            &["--max-num-seqs", "64"],
             &["--backend", "vllm", "--flash-attn", "on"],
             &["--backend", "vllm", "--vllm-version", "v2"],
             &["--flash-attn", "maybe"],

@@ -3,6 +3,7 @@
 mod auth;
 mod bench;
 mod estimate;
+mod fit_here;
 mod keys;
 mod logs;
 mod ps;
@@ -30,7 +31,7 @@ struct Cli {
     nats_url: String,
     #[command(flatten)]
     nats: berth_bus::NatsArgs,
-    /// PostgreSQL URL (for ps, keys, logs, ready and migrate). Default: the one `berth up`
+    /// PostgreSQL URL (for ps, keys, logs, ready, migrate and estimate --cluster). Default: the one `berth up`
     /// wrote to .berth/database-url when it is there, else
     /// postgres://postgres@127.0.0.1:5433/postgres.
     #[arg(long, global = true, env = "BERTH_DATABASE_URL")]
@@ -96,7 +97,7 @@ async fn main() -> Result<()> {
         Cmd::Auth(args) => auth::run(&args),
         Cmd::Keys(args) => keys::run(cli_database_url, args).await,
         Cmd::Bench { args } => bench::run(&args),
-        Cmd::Estimate(args) => estimate::run(&args),
+        Cmd::Estimate(args) => estimate::run(&args, cli_database_url).await,
         Cmd::Migrate => {
             let applied = berth_store::migrate(cli_database_url).await?;
             println!("migrations applied: {applied}");

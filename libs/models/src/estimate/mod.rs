@@ -4,11 +4,13 @@
 //! functions of a [`ModelProfile`] and the backend's options.
 
 mod llama_cpp;
+mod sglang;
 mod vllm;
 
 use berth_fit::{Claim, Shape, gib};
 use berth_options::{
-    EstimateError, EstimateOptions, LlamaCppOptions, MAX_CONTEXT, ModelProfile, VllmOptions,
+    EstimateError, EstimateOptions, LlamaCppOptions, MAX_CONTEXT, ModelProfile, SglangOptions,
+    VllmOptions,
 };
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
@@ -18,6 +20,7 @@ use std::fmt::Write;
 pub enum Backend {
     LlamaCpp,
     Vllm,
+    Sglang,
     Custom,
 }
 
@@ -76,6 +79,7 @@ pub fn estimate(profile: &ModelProfile, opts: &EstimateOptions) -> Result<Estima
     Ok(match opts {
         EstimateOptions::LlamaCpp(o) => llama_cpp::estimate(profile, o),
         EstimateOptions::Vllm(o) => vllm::estimate(profile, o),
+        EstimateOptions::Sglang(o) => sglang::estimate(profile, o),
         EstimateOptions::Custom(c) => Estimate {
             backend: Backend::Custom,
             context: profile.context_length,
@@ -137,6 +141,10 @@ fn with_context(options: &EstimateOptions, ctx: u64) -> Option<EstimateOptions> 
         EstimateOptions::Vllm(v) => Some(EstimateOptions::Vllm(VllmOptions {
             max_model_len: Some(ctx),
             ..v.clone()
+        })),
+        EstimateOptions::Sglang(s) => Some(EstimateOptions::Sglang(SglangOptions {
+            context_length: Some(ctx),
+            ..s.clone()
         })),
         EstimateOptions::Custom(_) => None,
     }
@@ -263,6 +271,7 @@ impl Estimate {
         let backend = match self.backend {
             Backend::LlamaCpp => "llama.cpp",
             Backend::Vllm => "vLLM",
+            Backend::Sglang => "SGLang",
             Backend::Custom => "custom",
         };
         let _ = writeln!(out, "backend {backend}, context {} tokens", self.context);
@@ -270,7 +279,18 @@ impl Estimate {
             let _ = writeln!(out, "host memory: {}", gib(self.host_bytes));
         }
         if let Some(c) = self.claim {
-            let _ = write!(out, "claims {:.0}% of each GPU", c.fraction * 100.0);
+            if !c.leave.is_empty() {
+                let _ = write!(out, "claims a share of each GPU by its size");
+            } else if c.before_bytes > 0 {
+                let _ = write!(
+                    out,
+                    "claims {} + {:.1}% of the rest of each GPU",
+                    gib(c.before_bytes),
+                    c.fraction * 100.0
+                );
+            } else {
+                let _ = write!(out, "claims {:.0}% of each GPU", c.fraction * 100.0);
+            }
             if c.extra_bytes > 0 {
                 let _ = write!(out, " + {}", gib(c.extra_bytes));
             }
@@ -371,10 +391,7 @@ mod tests {
         .unwrap();
         assert!(e.fits_gpu(80 * GIB, 20 * GIB));
         assert!(!e.fits_gpu(80 * GIB, 20 * GIB - 1));
-        e.claim = Some(Claim {
-            fraction: 0.5,
-            extra_bytes: GIB,
-        });
+        e.claim = Some(Claim::new(0.5, GIB));
         assert_eq!(e.claim_on(80 * GIB), 41 * GIB);
         // Never below the need, but then it does not fit inside the share.
         assert_eq!(e.claim_on(24 * GIB), 20 * GIB);

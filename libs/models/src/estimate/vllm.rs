@@ -4,7 +4,7 @@
 //! follows is in docs/estimation.md.
 
 use super::{Backend, Claim, Estimate, GpuMemory};
-use berth_options::{ModelProfile, VLLM_CUDA_CONTEXT, VllmOptions, VllmVersion};
+use berth_options::{ModelProfile, VllmOptions, VllmVersion};
 
 /// fused_moe works through at most this many tokens at once (`VLLM_FUSED_MOE_CHUNK_SIZE`:
 /// 16384 in current releases, 32768 in the V0 era).
@@ -183,16 +183,12 @@ pub(super) fn estimate(p: &ModelProfile, o: &VllmOptions) -> Estimate {
     } else {
         o.cuda_graph_bytes
     };
-    let graphs_in_share = o.cuda_graphs_in_share && o.vllm_version == VllmVersion::V1;
     let nccl = if n_gpus > 1 { o.multi_gpu_bytes } else { 0 };
     let overhead = o
         .non_torch_bytes
         .saturating_add(nccl)
         .saturating_add(graphs);
-    let outside = o
-        .non_torch_bytes
-        .min(VLLM_CUDA_CONTEXT)
-        .saturating_add(if graphs_in_share { 0 } else { graphs });
+    let outside = o.outside_share_bytes();
 
     let gpus = (0..n_gpus)
         .map(|g| {
@@ -207,10 +203,7 @@ pub(super) fn estimate(p: &ModelProfile, o: &VllmOptions) -> Estimate {
     let claim = o
         .gpu_memory_utilization
         .filter(|u| u.is_finite() && *u > 0.0)
-        .map(|u| Claim {
-            fraction: u.min(1.0),
-            extra_bytes: outside,
-        });
+        .map(|u| Claim::new(u.min(1.0), outside));
     if claim.is_some() {
         notes.push(
             "the KV cache grows to fill the claimed share; the totals are the minimum to start"
