@@ -7,7 +7,7 @@ pub mod serving;
 use berth_agent::{Agent, AgentConfig, AgentStats, Runtime, WorkerSpec};
 use berth_analyzer::{Analyzer, AnalyzerConfig, Hooks, Stats};
 use berth_bus::Bus;
-use berth_harness::{FailoverServers, TestServers};
+use berth_harness::{FailoverServers, ReplicatedServers, TestServers};
 use berth_proto::{CmdSeq, Command, GpuInfo, InstanceState, StartSpec, StopSpec};
 use berth_store::{InstanceRow, Store};
 use std::{
@@ -39,6 +39,16 @@ impl Servers for FailoverServers {
         self.nats.url()
     }
     /// Both nodes, `target_session_attrs=read-write`: it follows a promotion.
+    fn database_url(&self) -> String {
+        self.pg.url()
+    }
+}
+
+impl Servers for ReplicatedServers {
+    /// Every node, comma separated: a client moves to another when one is lost.
+    fn nats_url(&self) -> String {
+        self.nats.urls()
+    }
     fn database_url(&self) -> String {
         self.pg.url()
     }
@@ -95,6 +105,19 @@ impl Fleet<FailoverServers> {
             .await
             .expect("harness task")
             .expect("start NATS and a PostgreSQL pair (run ops/setup.sh first)");
+        Fleet::on(servers, None).await
+    }
+}
+
+impl Fleet<ReplicatedServers> {
+    /// Like [`Fleet::start`] on a 3-node NATS cluster (streams with three copies) and a
+    /// PostgreSQL primary with a synchronous standby.
+    pub async fn start_replicated() -> Fleet<ReplicatedServers> {
+        init_logs();
+        let servers = tokio::task::spawn_blocking(ReplicatedServers::start)
+            .await
+            .expect("harness task")
+            .expect("start a NATS cluster and a PostgreSQL pair (run ops/setup.sh first)");
         Fleet::on(servers, None).await
     }
 }

@@ -1,15 +1,19 @@
 //! Chaos: three analyzers and two agents as real processes, 1,000 random start/stop commands
-//! over 100 instances from four concurrent publishers, one analyzer SIGKILLed and restarted
-//! and PostgreSQL restarted in the middle of it. At the end, within a bound, every instance
-//! is in the terminal state of its newest command, every command JetStream accepted was
-//! applied or superseded, and the books balance.
+//! over 100 instances from four concurrent publishers, and faults in the middle of it: on one
+//! NATS server and one PostgreSQL, an analyzer SIGKILLed and restarted, then PostgreSQL
+//! restarted; on a 3-node NATS cluster and a PostgreSQL primary with a synchronous standby, a
+//! NATS node SIGKILLed (and started again later), then the primary SIGKILLed and the standby
+//! promoted. At the end, within a bound, every instance is in the terminal state of its
+//! newest command, every command JetStream accepted was applied or superseded, and the books
+//! balance; no GPU is overcommitted at any moment. How long placements paused at each fault
+//! is printed (from the commit times of the `scheduled` events).
 //!
 //! The analyzer and agent binaries must be built (`cargo build --workspace`; `cargo nextest
 //! run --workspace` builds them).
 
-use berth_proto::{CmdSeq, Command, StartSpec, StopSpec};
+use berth_proto::{CmdSeq, Command, InstanceState, StartSpec, StopSpec};
 use berth_store::{InstanceRow, Store};
-use berth_tests::{Fleet, GIB, wait_until};
+use berth_tests::{Fleet, GIB, Servers, wait_until};
 use std::{
     collections::{BTreeMap, HashMap},
     fs::File,
@@ -30,8 +34,9 @@ const GPUS_PER_WORKER: usize = 4;
 const INSTANCES: usize = 100;
 const COMMANDS: usize = 1000;
 const PUBLISHERS: usize = 4;
-const KILL_ANALYZER_AT: usize = 300;
-const RESTART_PG_AT: usize = 600;
+/// When each fault strikes, in commands published.
+const FIRST_FAULT_AT: usize = 300;
+const SECOND_FAULT_AT: usize = 600;
 const SEED: u64 = 0xbe47_c4a0_5eed_0001;
 /// Bound for everything to settle once the last command is published.
 const SETTLE: Duration = Duration::from_secs(90);
@@ -326,6 +331,7 @@ async fn publish(
     publisher: u64,
     next: Arc<AtomicUsize>,
     done: Arc<AtomicUsize>,
+    pace_ms: u64,
 ) -> Vec<Published> {
     let mut rng = Rng(SEED ^ publisher.wrapping_mul(0x1000_0000_01b3));
     let mut out = Vec::new();
@@ -345,14 +351,24 @@ async fn publish(
             }),
             Op::Stop => Command::Stop(StopSpec::default()),
         };
-        let seq = bus
-            .publish_command(&instance, &cmd)
-            .await
-            .expect("JetStream accepts the command");
+        // While a NATS node or the stream's leader is lost, a publish may time out: a command
+        // is sent again until JetStream acknowledges it. A copy stored without the
+        // acknowledgement is older than the one acknowledged, so it is superseded.
+        let mut tries = 0;
+        let seq = loop {
+            match bus.publish_command(&instance, &cmd).await {
+                Ok(seq) => break seq,
+                Err(e) => {
+                    tries += 1;
+                    assert!(tries < 100, "JetStream never accepted a command: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
         out.push(Published { instance, seq, op });
         done.fetch_add(1, Ordering::SeqCst);
         // Pace the publishers so the chaos lands in the middle of the traffic.
-        tokio::time::sleep(Duration::from_millis(rng.below(12))).await;
+        tokio::time::sleep(Duration::from_millis(rng.below(pace_ms))).await;
     }
     out
 }
@@ -509,12 +525,128 @@ async fn scrape(addr: SocketAddr) -> Option<String> {
     Some(body)
 }
 
+/// A fault the run inflicts while commands flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// SIGKILL an analyzer process and start another.
+    KillAnalyzer,
+    /// Stop PostgreSQL and start it again.
+    RestartPostgres,
+    /// SIGKILL the NATS node that leads JetStream; it is started again
+    /// [`NATS_NODE_DOWN_FOR`] commands later.
+    KillNatsNode,
+    /// SIGKILL the PostgreSQL primary, then promote its standby.
+    FailOverPostgres,
+}
+
+/// Commands published while the killed NATS node is down.
+const NATS_NODE_DOWN_FOR: usize = 150;
+
+/// Servers that can suffer the faults a run asks of them.
+trait ChaosServers: Servers {
+    /// Inflicts a server fault (blocking), and says what was done.
+    fn inflict(&mut self, fault: Fault) -> String;
+    /// Starts again what [`ChaosServers::inflict`] left down (a killed NATS node), without
+    /// waiting for it to be taken back.
+    fn recover(&mut self) -> Option<String> {
+        None
+    }
+    /// Waits until what was started again is whole (blocking), and says how long that took.
+    fn wait_whole(&mut self) -> Option<String> {
+        None
+    }
+    /// Most milliseconds a publisher waits between two commands: the chaos must land while
+    /// commands still flow, and recovering some servers takes seconds.
+    fn pace_ms(&self) -> u64 {
+        12
+    }
+}
+
+impl ChaosServers for berth_harness::TestServers {
+    fn inflict(&mut self, fault: Fault) -> String {
+        assert_eq!(
+            fault,
+            Fault::RestartPostgres,
+            "one server of each cannot do that"
+        );
+        let down = Instant::now();
+        self.pg.restart().expect("restart PostgreSQL");
+        format!("PostgreSQL restarted, down {:?}", down.elapsed())
+    }
+}
+
+impl ChaosServers for berth_harness::ReplicatedServers {
+    fn inflict(&mut self, fault: Fault) -> String {
+        match fault {
+            Fault::KillNatsNode => {
+                let leader = self.nats.leader().expect("a JetStream leader");
+                let node = (0..self.nats.size())
+                    .find(|&i| self.nats.name(i) == leader)
+                    .expect("the leader is a node of the cluster");
+                self.nats.kill(node);
+                format!("NATS node {leader} (the JetStream leader) SIGKILLed")
+            }
+            Fault::FailOverPostgres => {
+                let down = Instant::now();
+                self.pg.kill_primary();
+                self.pg.promote_standby().expect("promote the standby");
+                format!(
+                    "PostgreSQL primary SIGKILLed, standby promoted and writable after {:?}",
+                    down.elapsed()
+                )
+            }
+            other => panic!("the replicated servers do not do {other:?}"),
+        }
+    }
+
+    fn recover(&mut self) -> Option<String> {
+        let node = (0..self.nats.size()).find(|&i| !self.nats.is_running(i))?;
+        self.nats
+            .start_again(node)
+            .expect("start the NATS node again");
+        Some(format!("NATS node {} started again", self.nats.name(node)))
+    }
+
+    fn wait_whole(&mut self) -> Option<String> {
+        let began = Instant::now();
+        self.nats
+            .wait_ready()
+            .expect("the NATS cluster whole again");
+        Some(format!(
+            "the NATS cluster was whole (one leader, every node current) {:?} after the \
+             publishers ended",
+            began.elapsed()
+        ))
+    }
+
+    fn pace_ms(&self) -> u64 {
+        60
+    }
+}
+
+/// Milliseconds since the Unix epoch, the clock of the events' `at_ms` (same machine).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_commands_survive_a_killed_analyzer_and_a_postgres_restart() {
+    let fleet = Fleet::start().await;
+    run(fleet, [Fault::KillAnalyzer, Fault::RestartPostgres]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_commands_survive_a_lost_nats_node_and_a_postgres_failover() {
+    let fleet = Fleet::start_replicated().await;
+    run(fleet, [Fault::KillNatsNode, Fault::FailOverPostgres]).await;
+}
+
+async fn run<S: ChaosServers>(mut fleet: Fleet<S>, faults: [Fault; 2]) {
     let began = Instant::now();
-    let mut fleet = Fleet::start().await;
-    let nats = fleet.servers.nats.url();
-    let pg = fleet.servers.pg.url();
+    let nats = fleet.servers.nats_url();
+    let pg = fleet.servers.database_url();
     let mut procs = Procs::new();
 
     for i in 0..ANALYZERS {
@@ -560,28 +692,44 @@ async fn chaos_commands_survive_a_killed_analyzer_and_a_postgres_restart() {
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let publishers: Vec<_> = (0..PUBLISHERS as u64)
-        .map(|p| tokio::spawn(publish(fleet.bus.clone(), p, next.clone(), done.clone())))
+        .map(|p| {
+            let pace = fleet.servers.pace_ms();
+            tokio::spawn(publish(
+                fleet.bus.clone(),
+                p,
+                next.clone(),
+                done.clone(),
+                pace,
+            ))
+        })
         .collect();
     let traffic = Instant::now();
 
     // Chaos, while the publishers go on.
-    wait_published(&done, KILL_ANALYZER_AT).await;
-    procs.sigkill("analyzer-0");
-    procs.spawn_analyzer("analyzer-0-again", &nats, &pg).await;
-    eprintln!(
-        "chaos: analyzer-0 restarted after {} commands",
-        done.load(Ordering::SeqCst)
-    );
-
-    wait_published(&done, RESTART_PG_AT).await;
-    let at = done.load(Ordering::SeqCst);
-    let pg_down = Instant::now();
-    tokio::task::block_in_place(|| fleet.servers.pg.restart()).expect("restart PostgreSQL");
-    eprintln!(
-        "chaos: PostgreSQL restarted at {at} commands, down {:?}; {} published meanwhile",
-        pg_down.elapsed(),
-        done.load(Ordering::SeqCst) - at
-    );
+    let mut struck = Vec::new();
+    for (fault, at) in faults.into_iter().zip([FIRST_FAULT_AT, SECOND_FAULT_AT]) {
+        wait_published(&done, at).await;
+        let (when, published_then) = (now_ms(), done.load(Ordering::SeqCst));
+        let what = match fault {
+            Fault::KillAnalyzer => {
+                procs.sigkill("analyzer-0");
+                procs.spawn_analyzer("analyzer-0-again", &nats, &pg).await;
+                "analyzer-0 SIGKILLed and another started".to_owned()
+            }
+            server_fault => tokio::task::block_in_place(|| fleet.servers.inflict(server_fault)),
+        };
+        eprintln!(
+            "chaos: {what} at {published_then} commands; {} published meanwhile",
+            done.load(Ordering::SeqCst) - published_then
+        );
+        struck.push((fault, when));
+        if fault == Fault::KillNatsNode {
+            wait_published(&done, at + NATS_NODE_DOWN_FOR).await;
+            if let Some(what) = fleet.servers.recover() {
+                eprintln!("chaos: {what} at {} commands", done.load(Ordering::SeqCst));
+            }
+        }
+    }
 
     let mut published = Vec::new();
     for p in publishers {
@@ -589,6 +737,9 @@ async fn chaos_commands_survive_a_killed_analyzer_and_a_postgres_restart() {
     }
     let published_in = traffic.elapsed();
     assert_eq!(published.len(), COMMANDS);
+    if let Some(what) = tokio::task::block_in_place(|| fleet.servers.wait_whole()) {
+        eprintln!("chaos: {what}");
+    }
 
     // The newest command of each instance, by stream sequence.
     let mut newest: BTreeMap<String, Published> = BTreeMap::new();
@@ -635,6 +786,37 @@ async fn chaos_commands_survive_a_killed_analyzer_and_a_postgres_restart() {
     assert!(violations.is_empty(), "GPU books broken: {violations:#?}");
     fleet.assert_books_balanced().await;
     procs.assert_all_alive();
+
+    // How long placements paused at each fault: from the fault to the next placement
+    // committed (the `scheduled` events' commit times).
+    let mut placed_at = Vec::new();
+    for id in newest.keys() {
+        // A stream whose leader moved may answer a moment later.
+        let history = wait_until("an instance's history", STARTUP, || async {
+            fleet.bus.history(id, 1024).await.ok()
+        })
+        .await;
+        placed_at.extend(
+            history
+                .iter()
+                .filter(|e| e.state == InstanceState::Scheduled)
+                .map(|e| e.at_ms),
+        );
+    }
+    placed_at.sort_unstable();
+    for (fault, when) in &struck {
+        let before = placed_at.iter().rev().find(|&&t| t < *when);
+        let after = placed_at.iter().find(|&&t| t >= *when);
+        match after {
+            Some(after) => println!(
+                "chaos: {fault:?}: first placement {} ms after the fault ({} ms since the \
+                 one before it)",
+                after - when,
+                before.map_or(0, |b| after - b)
+            ),
+            None => println!("chaos: {fault:?}: no placement after the fault"),
+        }
+    }
 
     // What happened, in numbers.
     let mut states: BTreeMap<&str, usize> = BTreeMap::new();

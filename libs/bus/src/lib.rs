@@ -46,6 +46,29 @@ pub const DLQ_ORIGINAL_BYTES: &str = "Berth-Original-Bytes";
 /// headers, and the reason is never lost to a copy that cannot be stored.
 pub const DLQ_MAX_BODY: usize = berth_proto::command::MAX_COMMAND_BYTES;
 
+/// How often the server says a pull is alive while it has nothing to deliver. A pull whose
+/// server went away (a lost NATS node, a stream leader that moved) is noticed after two
+/// missed heartbeats and made again on another node: this bounds how long a consumer
+/// stalls at a node loss.
+pub const PULL_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long one pull request lives on the server before it is renewed.
+pub const PULL_EXPIRES: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A continuous pull from `consumer` of at most `batch` messages at a time, with
+/// [`PULL_HEARTBEAT`] and [`PULL_EXPIRES`].
+pub async fn pull(
+    consumer: &jetstream::consumer::PullConsumer,
+    batch: usize,
+) -> Result<jetstream::consumer::pull::Stream, jetstream::consumer::StreamError> {
+    consumer
+        .stream()
+        .max_messages_per_batch(batch)
+        .heartbeat(PULL_HEARTBEAT)
+        .expires(PULL_EXPIRES)
+        .messages()
+        .await
+}
+
 /// JetStream's answer to an event sent with [`Bus::send_event`].
 pub type EventAck = std::pin::Pin<Box<dyn Future<Output = Result<(), BusError>> + Send>>;
 

@@ -82,6 +82,33 @@ impl ClusterServers {
     }
 }
 
+/// A 3-node NATS cluster and a PostgreSQL primary with a synchronous standby under a fresh
+/// `/tmp/berth-test-*`: no server whose loss stops the fleet.
+#[derive(Debug)]
+pub struct ReplicatedServers {
+    pub nats: NatsCluster,
+    pub pg: PgPair,
+    // Dropped last: the servers stop before their files go.
+    _dir: tempfile::TempDir,
+}
+
+impl ReplicatedServers {
+    pub fn start() -> Result<ReplicatedServers, HarnessError> {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-test-")
+            .tempdir()
+            .map_err(|e| HarnessError::io(std::env::temp_dir(), e))?;
+        postgres::open_for_service_user(dir.path())?;
+        let nats = NatsCluster::start(&dir.path().join("nats"), CLUSTER_CONFIGS, None)?;
+        let pg = PgPair::start(&dir.path().join("pg"))?;
+        Ok(ReplicatedServers {
+            nats,
+            pg,
+            _dir: dir,
+        })
+    }
+}
+
 /// A NATS server and a PostgreSQL cluster in one temporary directory, removed on drop.
 #[derive(Debug)]
 pub struct TestServers {

@@ -154,6 +154,11 @@ impl NatsCluster {
         self.nodes[node].log()
     }
 
+    /// Whether node `node`'s process runs.
+    pub fn is_running(&self, node: usize) -> bool {
+        self.nodes[node].is_running()
+    }
+
     /// SIGKILLs node `node`, as a lost machine: no goodbye to the cluster or its clients.
     pub fn kill(&mut self, node: usize) {
         self.nodes[node].kill();
@@ -162,8 +167,14 @@ impl NatsCluster {
     /// Starts node `node` again on its ports and data (after [`NatsCluster::kill`]) and waits
     /// until the cluster is ready again: a leader, and every node's streams caught up.
     pub fn restart(&mut self, node: usize) -> Result<(), HarnessError> {
-        self.nodes[node].restart()?;
+        self.start_again(node)?;
         self.wait_ready()
+    }
+
+    /// Starts node `node` again (after [`NatsCluster::kill`]) without waiting for the cluster
+    /// to take it back: the caller goes on, and [`NatsCluster::wait_ready`] says when it has.
+    pub fn start_again(&mut self, node: usize) -> Result<(), HarnessError> {
+        self.nodes[node].restart()
     }
 
     /// Makes every running node read its configuration again (new users from `berth auth`).

@@ -296,7 +296,8 @@ async fn assignments(
 ) {
     let mut backends = Backends::default();
     'outer: while !shutdown.is_cancelled() {
-        let mut messages = match consumer.messages().await {
+        // Batches as async-nats' own default pull takes them (applied one by one, in order).
+        let mut messages = match berth_bus::pull(&consumer, 200).await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(%e, "cannot pull assignments; retrying");

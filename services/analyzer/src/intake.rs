@@ -67,14 +67,7 @@ pub async fn pull_loop<H, Fut>(
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut running = JoinSet::new();
     'outer: while !shutdown.is_cancelled() {
-        let mut messages = match consumer
-            .stream()
-            .max_messages_per_batch(concurrency.clamp(1, 256))
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-        {
+        let mut messages = match berth_bus::pull(&consumer, concurrency.clamp(1, 256)).await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(%e, "{what}: cannot pull; retrying");
