@@ -274,3 +274,43 @@ async fn a_backend_running_a_stale_placement_is_told_to_stop() {
     assert_eq!(x.version, row.version);
     fleet.assert_books_balanced().await;
 }
+
+/// A database outage longer than `--gone-after` evicts nothing: heartbeats could not be
+/// recorded while it lasted, so the silence it leaves proves nothing. Workers are judged
+/// again only once the database has answered for a whole `--unreachable-after`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_evicts_nothing() {
+    let mut fleet = Fleet::start().await;
+    let stats = fleet.add_analyzer(Default::default()).await;
+    fleet.add_agent(worker("w1", 1, 80, &[])).await;
+    fleet.start_instance("m", 40 * GIB, 1).await;
+    let running = fleet.wait_state("m", InstanceState::Running, LIMIT).await;
+
+    // The fault: PostgreSQL away for longer than gone_after (2 s in the test fleet).
+    tokio::task::block_in_place(|| fleet.servers.pg.stop());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::task::block_in_place(|| fleet.servers.pg.restart()).expect("start PostgreSQL");
+    let back = stats.sweeps_without_silence.get();
+
+    // Sweeps after the outage first leave workers alone, then judge them on heartbeats
+    // recorded since: two sweeps that judged workers, after the window.
+    let judged = stats.sweeps.get() - stats.sweeps_without_silence.get();
+    berth_tests::wait_until("two sweeps that judged workers", LIMIT, || async {
+        (stats.sweeps.get() - stats.sweeps_without_silence.get() >= judged + 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        (stats.workers_unreachable.get(), stats.evictions.get()),
+        (0, 0)
+    );
+    assert!(
+        stats.sweeps_without_silence.get() > back,
+        "the sweeps right after the outage must not judge silence"
+    );
+    let row = fleet.store.instance("m").await.unwrap().expect("row");
+    assert_eq!(
+        (row.state.as_str(), row.version),
+        ("running", running.version)
+    );
+    fleet.assert_books_balanced().await;
+}

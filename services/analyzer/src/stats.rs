@@ -86,6 +86,10 @@ pub struct Stats {
     pub republished: Counter,
     pub workers_unreachable: Counter,
     pub evictions: Counter,
+    /// Full sweeps finished, and those that left workers alone because the database had
+    /// failed lately (silence then proves nothing).
+    pub sweeps: Counter,
+    pub sweeps_without_silence: Counter,
     /// Statements that recorded start intents, and the intents they carried.
     pub start_groups: Counter,
     pub starts_grouped: Counter,
@@ -197,7 +201,7 @@ impl Stats {
         );
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, &Counter); 24] {
+    fn counters(&self) -> [(&'static str, &'static str, &Counter); 26] {
         [
             (
                 "commands_applied",
@@ -292,8 +296,14 @@ impl Stats {
             ),
             (
                 "evictions",
-                "Instances taken off a worker that went away",
+                "Instances taken off a worker that went away or shrank",
                 &self.evictions,
+            ),
+            ("sweeps", "Full sweeps finished", &self.sweeps),
+            (
+                "sweeps_without_silence",
+                "Sweeps that judged no worker silent: the database failed within unreachable-after",
+                &self.sweeps_without_silence,
             ),
             (
                 "start_groups",

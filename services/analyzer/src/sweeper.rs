@@ -108,7 +108,10 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
     let cfg = &ctx.config;
     if !ctx.store_health.reachable_for(cfg.unreachable_after) {
         // Heartbeats of the last while may not be recorded yet: nobody is silent for sure.
-        return sweep_instances(ctx).await;
+        sweep_instances(ctx).await?;
+        ctx.stats.sweeps_without_silence.inc();
+        ctx.stats.sweeps.inc();
+        return Ok(());
     }
     for worker in ctx.store.mark_unreachable(cfg.unreachable_after).await? {
         tracing::warn!(
@@ -130,7 +133,9 @@ pub async fn sweep(ctx: &Ctx) -> Result<(), StoreError> {
             }
         }
     }
-    sweep_instances(ctx).await
+    sweep_instances(ctx).await?;
+    ctx.stats.sweeps.inc();
+    Ok(())
 }
 
 /// The instances' part of a sweep: stuck analyses and stops, stranded stages, pending ones.
