@@ -362,7 +362,12 @@ fn start_ps_stop_against_berth_up() {
     );
 
     let out = berth(&["start", "demo", "--vram", "20GiB", "--wait"], &env);
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "{}\n--- the fleet's logs, last lines ---\n{}",
+        stderr(&out),
+        tail_lines(&read(&log), 80)
+    );
     assert!(stdout(&out).contains("demo running"), "{}", stdout(&out));
 
     let out = berth(&["ps"], &env);
@@ -742,4 +747,10 @@ fn ready_without_a_fleet_fails_with_a_clear_message() {
         "{}",
         stderr(&out)
     );
+}
+
+/// The last `n` lines of `text`.
+fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
