@@ -74,6 +74,22 @@ pub fn check_all(value: &Value) -> Result<(), BadText> {
     walk(value, &mut String::new())
 }
 
+/// An error with its causes, on one line (`outer: cause: root`), leaving out a cause whose
+/// words the text already holds (many errors repeat their source in their own message).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// A reason as berth stores and publishes it: control characters become spaces and the text
 /// is cut at a character boundary to at most [`MAX_REASON_BYTES`], ending with `…` when cut.
 pub fn reason(text: &str) -> String {
@@ -98,6 +114,29 @@ pub fn reason(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        #[derive(Debug)]
+        struct E(&'static str, Option<Box<E>>);
+        impl std::fmt::Display for E {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for E {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let root = E("connection refused", None);
+        let repeats = E("connect: connection refused", Some(Box::new(root)));
+        let outer = E("upstream failed", Some(Box::new(repeats)));
+        assert_eq!(
+            error_chain(&outer),
+            "upstream failed: connect: connection refused"
+        );
+    }
 
     #[test]
     fn control_characters_and_long_text_are_refused() {

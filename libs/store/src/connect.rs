@@ -132,20 +132,7 @@ pub fn redacted(url: &str) -> String {
         .join(" ")
 }
 
-/// An error with its causes, on one line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
-}
+pub(crate) use berth_proto::text::error_chain as chain;
 
 #[cfg(test)]
 mod tests {

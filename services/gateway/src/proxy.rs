@@ -9,6 +9,7 @@ use axum::{
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
+use berth_proto::text::error_chain;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
@@ -117,16 +118,21 @@ async fn forward_inner(app: &App, req: Request) -> Result<Response, ApiError> {
                 return Ok(respond(resp, flight));
             }
             Ok(Err(e)) if retryable(&e) => {
-                tracing::info!(instance_id = %route.instance_id, endpoint = %route.endpoint, error = %chain(&e), "upstream refused or reset before answering; trying another instance");
+                tracing::info!(instance_id = %route.instance_id, endpoint = %route.endpoint, error = %error_chain(&e), "upstream refused or reset before answering; trying another instance");
                 app.metrics.retried();
-                last_failure = format!("{} ({}): {}", route.instance_id, route.endpoint, chain(&e));
+                last_failure = format!(
+                    "{} ({}): {}",
+                    route.instance_id,
+                    route.endpoint,
+                    error_chain(&e)
+                );
                 tried.push(route.instance_id.clone());
             }
             Ok(Err(e)) => {
                 return Err(ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     "upstream_error",
-                    format!("instance {} failed: {}", route.instance_id, chain(&e)),
+                    format!("instance {} failed: {}", route.instance_id, error_chain(&e)),
                 ));
             }
             Err(_) => {
@@ -254,18 +260,6 @@ fn retryable(e: &hyper_util::client::legacy::Error) -> bool {
         source = s.source();
     }
     false
-}
-
-/// An error with its causes, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(c) = source {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        source = c.source();
-    }
-    s
 }
 
 /// Why nothing serves `name`: 404 with what is served when no instance was ever started
