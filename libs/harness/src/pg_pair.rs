@@ -2,8 +2,8 @@
 //! primary, promote the standby, and see what berth does in between.
 
 use crate::{
-    HarnessError, NatsServer,
-    postgres::{Durability, PgServer, open_for_service_user},
+    HarnessError,
+    postgres::{Durability, PgServer},
 };
 use std::{
     path::Path,
@@ -176,39 +176,10 @@ fn wait_for(
     }
 }
 
-/// A NATS server and a [`PgPair`] in one temporary directory, removed on drop: the servers
-/// of a fleet whose database can fail over.
-#[derive(Debug)]
-pub struct FailoverServers {
-    pub nats: NatsServer,
-    pub pg: PgPair,
-    // Dropped last: the servers stop before their files go.
-    _dir: tempfile::TempDir,
-}
-
-impl FailoverServers {
-    /// Starts NATS and the pair under a fresh `/tmp/berth-test-failover-*` directory (where
-    /// `ops/test.sh` looks for servers a crashed test left behind).
-    pub fn start() -> Result<FailoverServers, HarnessError> {
-        let dir = tempfile::Builder::new()
-            .prefix("berth-test-failover-")
-            .tempdir()
-            .map_err(|e| HarnessError::io(std::env::temp_dir(), e))?;
-        open_for_service_user(dir.path())?;
-        let nats = NatsServer::start(&dir.path().join("nats"))?;
-        let pg = PgPair::start(&dir.path().join("pg"))?;
-        Ok(FailoverServers {
-            nats,
-            pg,
-            _dir: dir,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::postgres::children_of;
+    use crate::postgres::{children_of, open_for_service_user};
 
     fn pair() -> (tempfile::TempDir, PgPair) {
         let dir = tempfile::Builder::new()
