@@ -218,9 +218,10 @@ async fn a_restarted_agent_adopts_the_server_its_killed_predecessor_left() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_server_is_restarted_and_the_books_and_events_follow() {
     let state = tempfile::tempdir().unwrap();
-    let (fleet, _reports) = process_fleet(state.path(), 42200..=42299).await;
-    // Three seconds after its first healthy answer: time for the agent's `running` report to
-    // be applied first, even on a machine busy with other builds.
+    // Ports of its own: a test running beside it must not take the port its server binds
+    // (the server would die at start, and the first `running` never come).
+    let (fleet, _reports) = process_fleet(state.path(), 42400..=42499).await;
+    // It exits 3 s after its first healthy answer: the agent has reported `running` by then.
     fleet
         .bus
         .publish_command("flaky", &fake(&["--exit-after-healthy", "3"]))
