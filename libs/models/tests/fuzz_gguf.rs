@@ -1,28 +1,16 @@
 //! Fuzzing the GGUF reader (`parse_gguf` with `GgufLimits`) and the profile built from what
-//! it accepts: arbitrary bytes and mutations of valid headers must never panic; a header is
-//! accepted only within its limits (counts, alignment, unique tensor names), and a profile
-//! is returned only if it passes `ModelProfile::validate`.
+//! it accepts: arbitrary bytes and mutations of valid headers (`berth_proto::fuzzing`) must
+//! never panic; a header is accepted only within its limits (counts, alignment, unique tensor
+//! names), and a profile is returned only if it passes `ModelProfile::validate`.
 //!
 //! A few seconds by default; `BERTH_FUZZ_CASES=1000000 cargo test --release -p berth-models
 //! --test fuzz_gguf` runs as long as you like. (The command and report decoders' fuzz test
 //! is `libs/proto/tests/fuzz_decoders.rs`.)
 
 use berth_models::gguf::{GgufLimits, parse_gguf, profile_from_gguf};
+use berth_proto::fuzzing::{apply, mutation};
 use proptest::prelude::*;
-use proptest::test_runner::Config;
 use std::collections::HashSet;
-
-fn config() -> Config {
-    let cases = std::env::var("BERTH_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3000);
-    Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    }
-}
 
 /// Metadata values the seeds use.
 #[derive(Debug, Clone)]
@@ -150,55 +138,6 @@ fn seed() -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
-#[derive(Debug, Clone)]
-enum Mutation {
-    Flip { at: usize, bit: u8 },
-    Set { at: usize, byte: u8 },
-    Insert { at: usize, bytes: Vec<u8> },
-    Remove { at: usize, len: usize },
-    Truncate { at: usize },
-}
-
-fn mutation() -> impl Strategy<Value = Mutation> {
-    let at = any::<usize>();
-    prop_oneof![
-        (at, 0u8..8).prop_map(|(at, bit)| Mutation::Flip { at, bit }),
-        (at, any::<u8>()).prop_map(|(at, byte)| Mutation::Set { at, byte }),
-        (at, proptest::collection::vec(any::<u8>(), 1..9))
-            .prop_map(|(at, bytes)| Mutation::Insert { at, bytes }),
-        (at, 1usize..16).prop_map(|(at, len)| Mutation::Remove { at, len }),
-        at.prop_map(|at| Mutation::Truncate { at }),
-    ]
-}
-
-fn apply(bytes: &mut Vec<u8>, m: &Mutation) {
-    let n = bytes.len().max(1);
-    match m {
-        Mutation::Flip { at, bit } => {
-            if let Some(b) = bytes.get_mut(at % n) {
-                *b ^= 1 << bit;
-            }
-        }
-        Mutation::Set { at, byte } => {
-            if let Some(b) = bytes.get_mut(at % n) {
-                *b = *byte;
-            }
-        }
-        Mutation::Insert { at, bytes: new } => {
-            let at = at % (bytes.len() + 1);
-            bytes.splice(at..at, new.iter().copied());
-        }
-        Mutation::Remove { at, len } => {
-            let at = at % n;
-            let end = (at + len).min(bytes.len());
-            if at < end {
-                bytes.drain(at..end);
-            }
-        }
-        Mutation::Truncate { at } => bytes.truncate(at % n),
-    }
-}
-
 /// Limits small enough that mutated lengths reach them.
 fn tight() -> GgufLimits {
     GgufLimits {
@@ -237,7 +176,7 @@ fn check(bytes: &[u8], limits: &GgufLimits) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(berth_proto::fuzzing::config(3000))]
 
     #[test]
     fn gguf_from_arbitrary_bytes(

@@ -9,6 +9,8 @@ pub mod agent;
 pub mod codec;
 pub mod command;
 pub mod event;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod ids;
 pub mod lifecycle;
 pub mod logs;

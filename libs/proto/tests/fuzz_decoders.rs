@@ -8,85 +8,11 @@
 //! --test fuzz_decoders` runs as long as you like. (The GGUF reader's fuzz test is
 //! `libs/models/tests/fuzz_gguf.rs`, run the same way.)
 
+use berth_proto::fuzzing::{apply, mutation};
 use berth_proto::status::ReportedState;
 use berth_proto::{Command, GpuInfo, GpuUsage, StartSpec, StatusMsg, StopSpec, Version};
 use proptest::prelude::*;
-use proptest::test_runner::Config;
 use std::collections::BTreeMap;
-
-/// Cases per property: `BERTH_FUZZ_CASES`, else a number that runs in a few seconds.
-fn config() -> Config {
-    let cases = std::env::var("BERTH_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8000);
-    Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    }
-}
-
-/// One change to a valid encoding.
-#[derive(Debug, Clone)]
-enum Mutation {
-    Flip { at: usize, bit: u8 },
-    Set { at: usize, byte: u8 },
-    Insert { at: usize, bytes: Vec<u8> },
-    Remove { at: usize, len: usize },
-    Truncate { at: usize },
-    Repeat { at: usize, len: usize },
-}
-
-fn mutation() -> impl Strategy<Value = Mutation> {
-    // Positions are taken modulo the length when applied.
-    let at = any::<usize>();
-    prop_oneof![
-        (at, 0u8..8).prop_map(|(at, bit)| Mutation::Flip { at, bit }),
-        (at, any::<u8>()).prop_map(|(at, byte)| Mutation::Set { at, byte }),
-        (at, proptest::collection::vec(any::<u8>(), 1..9))
-            .prop_map(|(at, bytes)| Mutation::Insert { at, bytes }),
-        (at, 1usize..16).prop_map(|(at, len)| Mutation::Remove { at, len }),
-        at.prop_map(|at| Mutation::Truncate { at }),
-        (at, 1usize..64).prop_map(|(at, len)| Mutation::Repeat { at, len }),
-    ]
-}
-
-fn apply(bytes: &mut Vec<u8>, m: &Mutation) {
-    let n = bytes.len().max(1);
-    match m {
-        Mutation::Flip { at, bit } => {
-            if let Some(b) = bytes.get_mut(at % n) {
-                *b ^= 1 << bit;
-            }
-        }
-        Mutation::Set { at, byte } => {
-            if let Some(b) = bytes.get_mut(at % n) {
-                *b = *byte;
-            }
-        }
-        Mutation::Insert { at, bytes: new } => {
-            let at = at % (bytes.len() + 1);
-            bytes.splice(at..at, new.iter().copied());
-        }
-        Mutation::Remove { at, len } => {
-            let at = at % n;
-            let end = (at + len).min(bytes.len());
-            if at < end {
-                bytes.drain(at..end);
-            }
-        }
-        Mutation::Truncate { at } => bytes.truncate(at % n),
-        Mutation::Repeat { at, len } => {
-            let at = at % n;
-            let end = (at + len).min(bytes.len());
-            if at < end {
-                let copy = bytes[at..end].to_vec();
-                bytes.splice(end..end, copy);
-            }
-        }
-    }
-}
 
 /// Text with now and then a control character or a long run, which validation refuses.
 fn text() -> impl Strategy<Value = String> {
@@ -214,7 +140,7 @@ fn check_status(bytes: &[u8]) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(berth_proto::fuzzing::config(8000))]
 
     #[test]
     fn commands_from_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
