@@ -17,6 +17,27 @@ use std::{
 
 pub const GIB: i64 = 1 << 30;
 
+/// Where the workspace's binaries are: `target/<profile>/`, above the test executable in
+/// `target/<profile>/deps/`.
+pub fn binaries_dir() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(std::path::Path::parent)
+        .expect("test executable is in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// The workspace binary `name` (`berth`, `berth-analyzer`, …), which must be built.
+pub fn built_binary(name: &str) -> std::path::PathBuf {
+    let path = binaries_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --bins` first (`ops/test.sh` does)",
+        path.display()
+    );
+    path
+}
+
 /// What a fleet runs on: one PostgreSQL ([`TestServers`], the default) or a primary with a
 /// synchronous standby ([`FailoverServers`], see [`Fleet::start_failover`]).
 pub trait Servers: Send + Sync + 'static {

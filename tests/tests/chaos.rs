@@ -95,23 +95,6 @@ fn instance_id(n: u64) -> String {
     format!("c-{n:03}")
 }
 
-/// The binary `name` next to the test executable (`target/<profile>/deps/chaos-*`).
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable is in target/<profile>/deps");
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} not found: run `cargo build --workspace` first (`cargo nextest run --workspace` \
-         builds it too)",
-        path.display()
-    );
-    path
-}
-
 /// A loopback address that was free a moment ago.
 fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
@@ -175,7 +158,7 @@ impl Procs {
     /// Starts an analyzer process and waits until its metrics endpoint answers (it binds it
     /// once connected to NATS and PostgreSQL). A port taken in between is retried.
     async fn spawn_analyzer(&mut self, name: &str, nats: &str, pg: &str) {
-        let bin = binary("berth-analyzer");
+        let bin = berth_tests::built_binary("berth-analyzer");
         for _attempt in 0..3 {
             let addr = free_addr();
             let mut args: Vec<String> = [
@@ -222,7 +205,7 @@ impl Procs {
     }
 
     fn spawn_agent(&mut self, worker: &str, nats: &str, inventory: &Path) {
-        let bin = binary("berth-agent");
+        let bin = berth_tests::built_binary("berth-agent");
         let args: Vec<String> = [
             "--nats-url",
             nats,

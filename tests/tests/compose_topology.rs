@@ -197,23 +197,8 @@ fn the_image_builds_every_binary_with_the_pinned_toolchain() {
     }
 }
 
-/// The binaries next to the test executable (`target/<profile>/deps/…`).
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test executable");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .to_path_buf();
-    assert!(
-        dir.join("berth-analyzer").is_file(),
-        "run `cargo build --bins` first"
-    );
-    dir
-}
-
 fn berth(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let out = std::process::Command::new(bin_dir().join("berth"))
+    let out = std::process::Command::new(berth_tests::built_binary("berth"))
         .args(args)
         .envs(env.iter().copied())
         .output()
@@ -240,7 +225,7 @@ async fn the_compose_topology_runs_and_places_an_instance() {
         &[],
     );
     let fleet = {
-        let (bins, auth) = (bin_dir(), auth_dir.clone());
+        let (bins, auth) = (berth_tests::binaries_dir(), auth_dir.clone());
         tokio::task::spawn_blocking(move || ComposeFleet::start(&bins, &auth))
             .await
             .unwrap()

@@ -21,22 +21,6 @@ const LIMIT: Duration = Duration::from_secs(30);
 /// Peak resident memory `berth estimate` may reach on a 100 MB safetensors header.
 const PEAK_RSS_LIMIT: u64 = 300 << 20;
 
-/// A berth binary built next to the test executable (`target/<profile>/`).
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable is in target/<profile>/deps")
-        .join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --bins` first",
-        path.display()
-    );
-    path
-}
-
 /// A child process, killed and reaped when dropped.
 struct Running(Child);
 
@@ -55,7 +39,7 @@ async fn spawn_analyzer(fleet: &Fleet, roots: &[&Path], log: &Path) -> Running {
         .expect("a free port");
     let out = std::fs::File::create(log).expect("analyzer log");
     let err = out.try_clone().expect("analyzer log");
-    let mut cmd = std::process::Command::new(binary("berth-analyzer"));
+    let mut cmd = std::process::Command::new(berth_tests::built_binary("berth-analyzer"));
     cmd.args(["--nats-url", &fleet.servers.nats.url()])
         .args(["--name", "confined", "--metrics-addr", &addr.to_string()])
         .args(["--sweep-every", "250ms", "--ack-wait", "2s"])
@@ -266,7 +250,7 @@ fn wait_output(child: Child, limit: Duration) -> std::process::Output {
 fn estimate_of_a_100_mb_safetensors_header_stays_under_300_mb() {
     let dir = tempfile::tempdir().expect("dir");
     write_big_header_model(dir.path());
-    let child = std::process::Command::new(binary("berth"))
+    let child = std::process::Command::new(berth_tests::built_binary("berth"))
         .arg("estimate")
         .arg(dir.path())
         .arg("--json")
@@ -302,7 +286,7 @@ fn estimate_refuses_a_fifo_at_once() {
     let fifo = dir.path().join("model.gguf");
     mkfifo(&fifo);
     let began = Instant::now();
-    let child = std::process::Command::new(binary("berth"))
+    let child = std::process::Command::new(berth_tests::built_binary("berth"))
         .arg("estimate")
         .arg(&fifo)
         .stdout(Stdio::piped())

@@ -7,25 +7,9 @@ use berth_proto::GpuInfo;
 use berth_store::Store;
 use berth_tests::{GIB, write_llama_8b_config};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
-
-/// A berth binary built next to the test executable (`target/<profile>/`).
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable is in target/<profile>/deps")
-        .join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --bins` first",
-        path.display()
-    );
-    path
-}
 
 fn gpus(name: &str, total: i64, count: u32) -> Vec<GpuInfo> {
     (0..count)
@@ -41,7 +25,7 @@ fn gpus(name: &str, total: i64, count: u32) -> Vec<GpuInfo> {
 
 /// Runs `berth estimate MODEL --cluster --json ARGS` against `url`, within a deadline.
 fn estimate_on_cluster(model: &Path, url: &str, args: &[&str]) -> serde_json::Value {
-    let child = std::process::Command::new(binary("berth"))
+    let child = std::process::Command::new(berth_tests::built_binary("berth"))
         .arg("estimate")
         .arg(model)
         .args(["--cluster", "--json", "--database-url", url])

@@ -233,16 +233,7 @@ impl Drop for Up {
 #[test]
 fn berth_up_runs_a_three_node_cluster_that_takes_commands_on_any_node() {
     use std::io::BufRead;
-    let bins = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .and_then(std::path::Path::parent)
-        .unwrap()
-        .to_path_buf();
-    assert!(
-        bins.join("berth-analyzer").is_file(),
-        "run `cargo build --bins` first"
-    );
+    let berth = berth_tests::built_binary("berth");
     let dir = tempfile::Builder::new()
         .prefix("berth-test-up-")
         .tempdir()
@@ -263,7 +254,7 @@ fn berth_up_runs_a_three_node_cluster_that_takes_commands_on_any_node() {
     let nats = three_free_ports();
     let pg = berth_harness::free_port().unwrap();
     let gateway = format!("127.0.0.1:{}", berth_harness::free_port().unwrap());
-    let mut child = std::process::Command::new(bins.join("berth"))
+    let mut child = std::process::Command::new(&berth)
         .args(["up", "--nats-cluster", "3", "--analyzers", "1", "--dir"])
         .arg(dir.path())
         .arg("--inventory")
@@ -299,7 +290,7 @@ fn berth_up_runs_a_three_node_cluster_that_takes_commands_on_any_node() {
     // A command through the third node, as the publisher, runs.
     let db = std::fs::read_to_string(dir.path().join("database-url")).unwrap();
     let creds = dir.path().join("auth/publisher.nk");
-    let start = std::process::Command::new(bins.join("berth"))
+    let start = std::process::Command::new(&berth)
         .args([
             "start",
             "on-three",
