@@ -8,6 +8,9 @@
 //! balance; no GPU is overcommitted at any moment. How long placements paused at each fault
 //! is printed (from the commit times of the `scheduled` events).
 //!
+//! The processes log at `warn` into files that a failure prints the end of; `CHAOS_LOG=info`
+//! (any `RUST_LOG` filter) makes them say more.
+//!
 //! The analyzer and agent binaries must be built (`cargo build --workspace`; `cargo nextest
 //! run --workspace` builds them).
 
@@ -140,7 +143,10 @@ impl Procs {
         let err = out.try_clone().expect("clone the log file");
         let child = std::process::Command::new(bin)
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("CHAOS_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out)
