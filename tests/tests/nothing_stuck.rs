@@ -314,3 +314,97 @@ async fn a_database_outage_evicts_nothing() {
     );
     fleet.assert_books_balanced().await;
 }
+
+/// An assignment its agent never acted on (lost with a NATS node, or never sent because the
+/// command ran out of deliveries first) is sent again while the instance stays `scheduled`,
+/// with the same version, until the agent answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assignment_no_agent_answered_is_sent_again() {
+    use berth_proto::{AgentMsg, GpuInfo, StatusMsg, status::ReportedState};
+    use futures::StreamExt;
+
+    let mut fleet = Fleet::start().await;
+    let stats = fleet.add_analyzer(Default::default()).await;
+    // A worker with no agent behind it: the test registers it, keeps it alive and reads
+    // what is sent to it.
+    let bus = fleet.bus.clone();
+    bus.publish_status(
+        "mute",
+        &StatusMsg::Register {
+            worker_id: "mute".into(),
+            labels: Default::default(),
+            gpus: vec![GpuInfo {
+                index: 0,
+                name: "Simulated H100".into(),
+                uuid: "GPU-mute-0".into(),
+                total_bytes: 80 * GIB,
+                system_reserved_bytes: 0,
+            }],
+        },
+    )
+    .await
+    .expect("register");
+    let beats = tokio::spawn(async move {
+        loop {
+            let beat = StatusMsg::Heartbeat {
+                worker_id: "mute".into(),
+                usage: Vec::new(),
+            };
+            let _ = bus.publish_status("mute", &beat).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let consumer = fleet.bus.agent_consumer("mute").await.expect("consumer");
+    let mut assignments = consumer.messages().await.expect("pull");
+    let mut next_assign = async || {
+        let msg = tokio::time::timeout(LIMIT, assignments.next())
+            .await
+            .expect("an assignment within the limit")
+            .expect("stream open")
+            .expect("message");
+        msg.ack().await.expect("ack");
+        match berth_proto::decode::<AgentMsg>(&msg.payload).expect("decodes") {
+            AgentMsg::Assign {
+                instance_id,
+                version,
+                gpus,
+                ..
+            } => (instance_id, version, gpus),
+            other => panic!("expected an assignment, got {other:?}"),
+        }
+    };
+
+    fleet.start_instance("x", 10 * GIB, 1).await;
+    let first = next_assign().await;
+    let row = fleet.wait_state("x", InstanceState::Scheduled, LIMIT).await;
+    assert_eq!(first, ("x".to_owned(), row.version, vec![0]));
+    assert_eq!(stats.assignments_resent.get(), 0);
+
+    // The agent "lost" it: after `stuck_after`, the same assignment comes again.
+    let again = next_assign().await;
+    assert_eq!(again, first);
+    assert!(stats.assignments_resent.get() >= 1);
+    let still = fleet.wait_state("x", InstanceState::Scheduled, LIMIT).await;
+    assert_eq!(still.version, row.version);
+
+    fleet
+        .bus
+        .publish_status(
+            "mute",
+            &StatusMsg::Instance {
+                worker_id: "mute".into(),
+                instance_id: "x".into(),
+                version: row.version,
+                state: ReportedState::Running,
+                reason: None,
+                shared: false,
+                endpoint: None,
+                restarts: 0,
+            },
+        )
+        .await
+        .expect("report");
+    fleet.wait_state("x", InstanceState::Running, LIMIT).await;
+    beats.abort();
+    fleet.assert_books_balanced().await;
+}

@@ -3,7 +3,7 @@
 
 use crate::{
     Store, StoreError, Transition,
-    models::{AllocationRow, InstanceRow},
+    models::InstanceRow,
     schema::{allocations, instances},
 };
 use berth_proto::{CmdSeq, InstanceState, Version, lifecycle};
@@ -470,26 +470,12 @@ async fn already_placed(
     conn: &mut AsyncPgConnection,
     row: &InstanceRow,
 ) -> Result<StartApplied, StoreError> {
-    let allocs: Vec<AllocationRow> = allocations::table
-        .filter(allocations::instance_id.eq(&row.id))
-        .filter(allocations::version.eq(row.version))
-        .select(AllocationRow::as_select())
-        .order((allocations::worker_id, allocations::gpu_idx))
-        .load(conn)
-        .await?;
     let worker_id = row.worker_id.clone().ok_or_else(|| {
         StoreError::Corrupt(format!("scheduled instance {} has no worker", row.id))
     })?;
     Ok(StartApplied::AlreadyPlaced {
         version: row.version,
         worker_id,
-        claims: allocs
-            .iter()
-            .map(|a| crate::placement::GpuClaim {
-                worker_id: a.worker_id.clone(),
-                idx: a.gpu_idx.unsigned_abs(),
-                bytes: a.bytes,
-            })
-            .collect(),
+        claims: crate::placement::claims_at(conn, &row.id, row.version).await?,
     })
 }

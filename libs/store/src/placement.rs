@@ -2,7 +2,8 @@
 
 use crate::{
     GpuRow, Store, StoreError, Transition, WorkerRow,
-    schema::{gpus, instances, workers},
+    models::AllocationRow,
+    schema::{allocations, gpus, instances, workers},
 };
 use berth_proto::{CmdSeq, InstanceState, Version};
 use diesel::{
@@ -10,7 +11,7 @@ use diesel::{
     prelude::*,
     sql_types::{BigInt, Bool, Nullable, Text},
 };
-use diesel_async::RunQueryDsl;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use std::collections::{BTreeMap, HashMap, btree_map::Entry};
 
 /// Workers and GPUs read in one snapshot; see [`Store::capacity_since`].
@@ -544,6 +545,29 @@ pub struct GpuClaim {
     pub worker_id: String,
     pub idx: u32,
     pub bytes: i64,
+}
+
+/// The GPUs `id`'s placement at `version` holds, ordered by worker and index.
+pub(crate) async fn claims_at(
+    conn: &mut AsyncPgConnection,
+    id: &str,
+    version: Version,
+) -> Result<Vec<GpuClaim>, StoreError> {
+    let allocs: Vec<AllocationRow> = allocations::table
+        .filter(allocations::instance_id.eq(id))
+        .filter(allocations::version.eq(version))
+        .select(AllocationRow::as_select())
+        .order((allocations::worker_id, allocations::gpu_idx))
+        .load(conn)
+        .await?;
+    Ok(allocs
+        .into_iter()
+        .map(|a| GpuClaim {
+            worker_id: a.worker_id,
+            idx: a.gpu_idx.unsigned_abs(),
+            bytes: a.bytes,
+        })
+        .collect())
 }
 
 /// The placement commit, one statement and so one atomic step without a transaction

@@ -52,6 +52,16 @@ impl Store {
             .await?)
     }
 
+    /// The GPUs `id`'s placement at `version` holds, ordered by worker and index.
+    pub async fn claims(
+        &self,
+        id: &str,
+        version: berth_proto::Version,
+    ) -> Result<Vec<crate::placement::GpuClaim>, StoreError> {
+        let mut conn = self.conn().await?;
+        crate::placement::claims_at(&mut conn, id, version).await
+    }
+
     /// Workers still holding GPUs for `id`.
     pub async fn holders(&self, id: &str) -> Result<Vec<String>, StoreError> {
         let mut conn = self.conn().await?;

@@ -31,7 +31,7 @@ pub struct AnalyzerConfig {
     pub full_refresh_every: Duration,
     /// How often the sweeper looks for pending, stuck and orphaned instances.
     pub sweep_every: Duration,
-    /// An instance `analyzing` or `stopping` longer than this is handled again.
+    /// An instance `analyzing`, `scheduled` or `stopping` longer than this is handled again.
     pub stuck_after: Duration,
     /// A worker without heartbeats this long is no longer chosen.
     pub unreachable_after: Duration,

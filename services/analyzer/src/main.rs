@@ -42,7 +42,7 @@ struct Args {
     /// How often to sweep for pending, stuck and orphaned instances.
     #[arg(long, env = "BERTH_SWEEP_EVERY", default_value = "5s", value_parser = berth_telemetry::args::duration)]
     sweep_every: Duration,
-    /// An instance analyzing or stopping for longer than this is handled again.
+    /// An instance analyzing, scheduled or stopping for longer than this is handled again.
     #[arg(long, env = "BERTH_STUCK_AFTER", default_value = "60s", value_parser = berth_telemetry::args::duration)]
     stuck_after: Duration,
     /// A worker silent this long is no longer chosen.

@@ -84,6 +84,8 @@ pub struct Stats {
     pub fits_timed_out: Counter,
     pub commands_watched: Counter,
     pub republished: Counter,
+    /// Assignments sent again for instances left `scheduled` with no agent answering.
+    pub assignments_resent: Counter,
     pub workers_unreachable: Counter,
     pub evictions: Counter,
     /// Full sweeps finished, and those that left workers alone because the database had
@@ -201,7 +203,7 @@ impl Stats {
         );
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, &Counter); 26] {
+    fn counters(&self) -> [(&'static str, &'static str, &Counter); 27] {
         [
             (
                 "commands_applied",
@@ -288,6 +290,11 @@ impl Stats {
                 "republished",
                 "Commands republished to re-evaluate an instance",
                 &self.republished,
+            ),
+            (
+                "assignments_resent",
+                "Assignments sent again to agents that had not answered",
+                &self.assignments_resent,
             ),
             (
                 "workers_unreachable",

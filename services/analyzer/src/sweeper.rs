@@ -1,10 +1,10 @@
 //! Nothing stuck: pending instances are re-evaluated when capacity appears, and a periodic
 //! sweep handles what a lost wake-up, a dead analyzer or a silent worker left behind.
 
-use crate::context::Ctx;
+use crate::{agent_link::placement_of, context::Ctx};
 use berth_fit::place;
 use berth_proto::{CmdSeq, InstanceState, StartSpec, Version};
-use berth_store::StoreError;
+use berth_store::{InstanceRow, StoreError};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -153,6 +153,13 @@ async fn sweep_instances(ctx: &Ctx) -> Result<(), StoreError> {
     }
     for row in ctx
         .store
+        .stuck(&[InstanceState::Scheduled], cfg.stuck_after, BATCH)
+        .await?
+    {
+        resend_assignment(ctx, &row).await?;
+    }
+    for row in ctx
+        .store
         .stuck(&[InstanceState::Stopping], cfg.stuck_after, BATCH)
         .await?
     {
@@ -161,4 +168,42 @@ async fn sweep_instances(ctx: &Ctx) -> Result<(), StoreError> {
         let _ = ctx.agents.unassign(&row.id, row.version, &holders).await;
     }
     wake_pending(ctx).await
+}
+
+/// Sends the assignments of an instance that stays `scheduled` again: its agents never
+/// answered, so they may never have got them (a publish lost with a NATS node, a command
+/// that ran out of deliveries before the assignment went out). Agents ignore an assignment
+/// of a version they already run, so a duplicate is harmless.
+async fn resend_assignment(ctx: &Ctx, row: &InstanceRow) -> Result<(), StoreError> {
+    let (Some(leader), Some(spec)) = (
+        row.worker_id.as_deref(),
+        row.spec
+            .clone()
+            .and_then(|s| serde_json::from_value::<StartSpec>(s).ok()),
+    ) else {
+        return Ok(());
+    };
+    let claims = ctx.store.claims(&row.id, row.version).await?;
+    if claims.is_empty() {
+        return Ok(());
+    }
+    let placement = placement_of(leader, &claims);
+    match ctx
+        .agents
+        .assign(&row.id, row.version, &spec, &placement)
+        .await
+    {
+        Ok(()) => {
+            tracing::info!(
+                instance_id = row.id,
+                version = %row.version,
+                cmd_seq = %row.cmd_seq,
+                "assignment sent again: no agent answered"
+            );
+            ctx.stats.assignments_resent.inc();
+        }
+        // The next sweep sends again.
+        Err(e) => tracing::warn!(instance_id = row.id, %e, "cannot send the assignment again"),
+    }
+    Ok(())
 }
