@@ -9,7 +9,8 @@
 //! is printed (from the commit times of the `scheduled` events).
 //!
 //! The processes log at `warn` into files that a failure prints the end of; `CHAOS_LOG=info`
-//! (any `RUST_LOG` filter) makes them say more.
+//! (any `RUST_LOG` filter) makes them say more, and `CHAOS_KEEP_LOGS=1` keeps the logs of a
+//! run that passed.
 //!
 //! The analyzer and agent binaries must be built (`cargo build --workspace`; `cargo nextest
 //! run --workspace` builds them).
@@ -280,6 +281,8 @@ impl Drop for Procs {
                 eprintln!("---- {} ({}) ----", p.name, p.log.display());
                 eprintln!("{}", tail(&p.log, 40));
             }
+            eprintln!("logs kept in {}", self.dir.display());
+        } else if std::env::var_os("CHAOS_KEEP_LOGS").is_some() {
             eprintln!("logs kept in {}", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
