@@ -86,9 +86,23 @@ fn descendants_and_self() -> Result<Vec<u32>> {
     Ok(found)
 }
 
+/// The first process below this one whose command line has `arg` as one of its arguments.
+pub fn descendant_with_arg(arg: &str) -> Result<Option<u32>> {
+    Ok(descendants_and_self()?.into_iter().skip(1).find(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+    }))
+}
+
 /// A child process, killed when dropped.
 #[derive(Debug)]
 pub struct Killed(Child);
+
+impl Killed {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
 
 impl Drop for Killed {
     fn drop(&mut self) {

@@ -1,17 +1,19 @@
 //! `berth bench gateway`: what the gateway costs in front of a model server.
 //!
 //! A real fleet on private servers: an analyzer, a process agent that runs `berth-bench
-//! fake-backend` (a tiny OpenAI-compatible server answering at once) through the custom
-//! backend, and a gateway with an API key. At each concurrency, closed-loop clients send chat
-//! completions for a fixed time straight to the backend, then through the gateway:
-//! requests per second, latency percentiles, and what the gateway adds. Then, for a few fresh
+//! fake-backend` (a tiny OpenAI-compatible server answering at once, or after
+//! `--backend-delay` as a model server whose GPU does the work) through the custom backend,
+//! and a gateway with an API key. At each concurrency, closed-loop clients send chat
+//! completions for a fixed time straight to the backend, then through a `berth-gateway`
+//! process: requests per second, latency percentiles, what the gateway adds, and the CPU time
+//! each party (clients, gateway, backend) spends per request. Then, for a few fresh
 //! instances, the time from the `running` event to the first request the gateway routes.
 //!
 //! Each run is made with the CPUs `shared` (clients, gateway and backend compete for every
-//! core, as when the gateway runs on the model's own host) and `split` (the gateway as its own
-//! process on the last CPU, the clients and the backend on the others, as when it runs on a
-//! host of its own): on a machine with few cores, the first mostly measures how the parties
-//! share the CPUs, the second what the gateway itself can carry.
+//! core, as when the gateway runs on the model's own host) and `split` (the gateway on the
+//! last CPU, the clients and the backend on the others, as when it runs on a host of its
+//! own): on a machine with few cores, the first mostly measures how the parties share the
+//! CPUs, the second what the gateway itself can carry.
 
 use crate::stats::{ms, summary};
 use anyhow::{Context, Result, bail};
@@ -46,6 +48,10 @@ pub struct GatewayArgs {
         default_value = "shared,split"
     )]
     cpus: Vec<Cpus>,
+    /// How long the fake backend takes to answer each request, without using the CPU (as a
+    /// model server does while its GPU works); without it, the backend answers at once.
+    #[arg(long, value_parser = berth_telemetry::args::duration)]
+    backend_delay: Option<Duration>,
     /// Fresh instances whose running event → first routed request is timed.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     route_trials: u32,
@@ -121,7 +127,9 @@ pub async fn run(args: GatewayArgs) -> Result<Value> {
 
     // One instance for the load runs.
     let mut events = bus.client().subscribe(subjects::ALL_EVENTS).await?;
-    let endpoint = start_and_wait(&bus, &mut events, "load").await?.1;
+    let endpoint = start_and_wait(&bus, &mut events, "load", args.backend_delay)
+        .await?
+        .1;
     let direct = format!("http://{endpoint}/v1/chat/completions");
     let routed = format!("http://{}/v1/chat/completions", gateway.addr);
     // The gateway may learn of the instance a moment after the event: wait for a route.
@@ -132,24 +140,30 @@ pub async fn run(args: GatewayArgs) -> Result<Value> {
         }
     }
 
+    let backend = crate::cpus::descendant_with_arg("fake-backend")?
+        .context("the fake backend's process is not below this one")?;
     let mut runs = Vec::new();
-    if args.cpus.contains(&Cpus::Shared) {
-        for &c in &args.concurrency {
-            let straight = load(&client, &direct, None, c, args.duration).await;
-            let through = load(&client, &routed, Some(&key.secret), c, args.duration).await;
-            runs.push(compared("shared", c, &straight, &through));
-        }
-    }
-    if args.cpus.contains(&Cpus::Split) {
-        let split = split_runs(&args, &client, &direct, &nats, &pg, &key.secret).await?;
-        runs.extend(split);
+    for &mode in &args.cpus {
+        runs.extend(
+            load_runs(
+                mode,
+                &args,
+                &client,
+                &direct,
+                &nats,
+                &pg,
+                &key.secret,
+                backend,
+            )
+            .await?,
+        );
     }
 
     // Running event → first routed request, on fresh instances of a model of their own.
     let mut to_route = Vec::new();
     for i in 0..args.route_trials {
         let id = format!("route-{i}");
-        let (at_event, _) = start_and_wait(&bus, &mut events, &id).await?;
+        let (at_event, _) = start_and_wait(&bus, &mut events, &id, None).await?;
         let body = BODY.replace("\"bench\"", &format!("\"{id}\""));
         let deadline = at_event + Duration::from_secs(30);
         loop {
@@ -167,14 +181,19 @@ pub async fn run(args: GatewayArgs) -> Result<Value> {
     Ok(json!({
         "scenario": "gateway",
         "duration_s": args.duration.as_secs_f64(),
-        "backend": "berth-bench fake-backend (answers at once)",
+        "backend": "berth-bench fake-backend",
+        "backend_delay_ms": args.backend_delay.map(ms),
         "runs": runs,
         "running_event_to_first_routed_ms": summary(&mut to_route),
     }))
 }
 
 /// One run's figures, direct and through the gateway side by side.
-fn compared(cpus: &str, clients: usize, straight: &Load, through: &Load) -> Value {
+fn compared(cpus: Cpus, clients: usize, straight: &Load, through: &Load) -> Value {
+    let cpus = match cpus {
+        Cpus::Shared => "shared",
+        Cpus::Split => "split",
+    };
     let added = |p: &str| {
         let a = through.latency[p].as_f64().unwrap_or(0.0);
         let b = straight.latency[p].as_f64().unwrap_or(0.0);
@@ -190,66 +209,84 @@ fn compared(cpus: &str, clients: usize, straight: &Load, through: &Load) -> Valu
     })
 }
 
-/// The load runs with the gateway as a process of its own on the last CPU, and this process
-/// (clients, analyzer, agent) and the backend it started on the others. Every thread goes
-/// back to all CPUs afterwards.
-async fn split_runs(
+/// The load runs of one CPU arrangement, each with the gateway as a process of its own (the
+/// `berth-gateway` binary next to this one): on every CPU (`shared`), or on the last CPU with
+/// this process (clients, analyzer, agent) and the backend it started on the others
+/// (`split`). Every thread goes back to all CPUs afterwards.
+#[allow(clippy::too_many_arguments)]
+async fn load_runs(
+    mode: Cpus,
     args: &GatewayArgs,
     client: &Client,
     direct: &str,
     nats: &str,
     pg: &str,
     key: &str,
+    backend: u32,
 ) -> Result<Vec<Value>> {
     let all = crate::cpus::usable()?;
-    let Some((&last, rest)) = all.split_last().filter(|(_, rest)| !rest.is_empty()) else {
-        tracing::warn!("one CPU only: no split runs");
-        return Ok(Vec::new());
+    let gateway_cpus = match mode {
+        Cpus::Shared => all.clone(),
+        Cpus::Split => match all.split_last().filter(|(_, rest)| !rest.is_empty()) {
+            Some((&last, rest)) => {
+                crate::cpus::pin_process(rest)?;
+                vec![last]
+            }
+            None => {
+                tracing::warn!("one CPU only: no split runs");
+                return Ok(Vec::new());
+            }
+        },
     };
-    let program = std::env::current_exe()?.with_file_name("berth-gateway");
-    if !program.is_file() {
-        bail!(
-            "{} not found: the split runs start the gateway binary (cargo build --bins)",
-            program.display()
-        );
-    }
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let argv: Vec<String> = [
-        "--nats-url",
-        nats,
-        "--database-url",
-        pg,
-        "--listen",
-        &listen.to_string(),
-        "--name",
-        "bench-split",
-        "--metrics-addr",
-        "off",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    crate::cpus::pin_process(rest)?;
     let runs = async {
-        let _gateway = crate::cpus::spawn_on(&[last], &program, &argv)?;
+        let program = std::env::current_exe()?.with_file_name("berth-gateway");
+        if !program.is_file() {
+            bail!(
+                "{} not found: the load runs start the gateway binary (cargo build --bins)",
+                program.display()
+            );
+        }
+        let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let argv: Vec<String> = [
+            "--nats-url",
+            nats,
+            "--database-url",
+            pg,
+            "--listen",
+            &listen.to_string(),
+            "--name",
+            "bench-load",
+            "--metrics-addr",
+            "off",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let gateway = crate::cpus::spawn_on(&gateway_cpus, &program, &argv)?;
         let routed = format!("http://{listen}/v1/chat/completions");
         let deadline = Instant::now() + Duration::from_secs(30);
         while send(client, &routed, Some(key)).await != Some(200) {
             if Instant::now() > deadline {
-                bail!("the split gateway never routed to the instance");
+                bail!("the gateway process never routed to the instance");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let parties = Parties {
+            gateway: gateway.pid(),
+            backend,
+        };
         let mut runs = Vec::new();
         for &c in &args.concurrency {
-            let straight = load(client, direct, None, c, args.duration).await;
-            let through = load(client, &routed, Some(key), c, args.duration).await;
-            runs.push(compared("split", c, &straight, &through));
+            let straight = load(client, direct, None, c, args.duration, &parties).await;
+            let through = load(client, &routed, Some(key), c, args.duration, &parties).await;
+            runs.push(compared(mode, c, &straight, &through));
         }
         Ok(runs)
     }
     .await;
-    crate::cpus::pin_process(&all)?;
+    if mode == Cpus::Split {
+        crate::cpus::pin_process(&all)?;
+    }
     runs
 }
 
@@ -267,9 +304,10 @@ async fn start_and_wait(
     bus: &Bus,
     events: &mut async_nats::Subscriber,
     id: &str,
+    delay: Option<Duration>,
 ) -> Result<(Instant, String)> {
     let server = std::env::current_exe()?;
-    let argv = vec![
+    let mut argv = vec![
         server.display().to_string(),
         "fake-backend".into(),
         "--host".into(),
@@ -277,6 +315,9 @@ async fn start_and_wait(
         "--port".into(),
         "{port}".into(),
     ];
+    if let Some(d) = delay {
+        argv.extend(["--delay".into(), format!("{}us", d.as_micros())]);
+    }
     let model = if id == "load" { "bench" } else { id };
     let spec = StartSpec {
         model: model.into(),
@@ -335,6 +376,8 @@ struct Load {
     rate: f64,
     errors: u64,
     latency: Value,
+    /// CPU time each party spent per request answered, in microseconds.
+    cpu_us: Value,
 }
 
 impl Load {
@@ -343,7 +386,22 @@ impl Load {
             "requests_per_s": (self.rate * 10.0).round() / 10.0,
             "errors": self.errors,
             "latency_ms": self.latency,
+            "cpu_us_per_request": self.cpu_us,
         })
+    }
+}
+
+/// The processes whose CPU time a load run reads, besides this one (the clients).
+struct Parties {
+    gateway: u32,
+    backend: u32,
+}
+
+impl Parties {
+    /// CPU seconds so far: clients, gateway, backend.
+    fn cpu(&self) -> [f64; 3] {
+        let of = |pid: u32| crate::stats::cpu_seconds(&[pid], false).unwrap_or(f64::NAN);
+        [of(std::process::id()), of(self.gateway), of(self.backend)]
     }
 }
 
@@ -354,7 +412,9 @@ async fn load(
     key: Option<&str>,
     clients: usize,
     duration: Duration,
+    parties: &Parties,
 ) -> Load {
+    let cpu_before = parties.cpu();
     let start = Instant::now();
     let end = start + duration;
     let mut tasks = Vec::new();
@@ -382,10 +442,18 @@ async fn load(
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let cpu_after = parties.cpu();
+    let answered = all.len().max(1) as f64;
+    let per_request = |i: usize| ((cpu_after[i] - cpu_before[i]) * 1e6 / answered).round();
     Load {
         rate: all.len() as f64 / elapsed,
         errors,
         latency: summary(&mut all),
+        cpu_us: json!({
+            "clients": per_request(0),
+            "gateway": per_request(1),
+            "backend": per_request(2),
+        }),
     }
 }
 
@@ -397,6 +465,9 @@ pub struct FakeBackendArgs {
     host: String,
     #[arg(long)]
     port: u16,
+    /// Time taken before each answer, sleeping.
+    #[arg(long, value_parser = berth_telemetry::args::duration)]
+    delay: Option<Duration>,
 }
 
 pub async fn fake_backend(args: FakeBackendArgs) -> Result<()> {
@@ -405,11 +476,17 @@ pub async fn fake_backend(args: FakeBackendArgs) -> Result<()> {
         routing::{get, post},
     };
     const REPLY: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":0,"model":"bench","choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":"Hi!"}}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+    let delay = args.delay;
     let app = Router::new()
         .route("/health", get(|| async { r#"{"status":"ok"}"# }))
         .route(
             "/v1/chat/completions",
-            post(|_body: Bytes| async { ([("content-type", "application/json")], REPLY) }),
+            post(move |_body: Bytes| async move {
+                if let Some(d) = delay {
+                    tokio::time::sleep(d).await;
+                }
+                ([("content-type", "application/json")], REPLY)
+            }),
         );
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
     axum::serve(listener, app).await?;

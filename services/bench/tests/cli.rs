@@ -162,7 +162,8 @@ fn bench_scenarios_run_at_a_tiny_size() {
 }
 
 /// Both paths are measured, with the CPUs shared and split (the machines that run this have
-/// at least two), and the first route after a `running` event is timed.
+/// at least two), with each party's CPU time per request and a backend that takes the time
+/// asked for; the first route after a `running` event is timed.
 #[test]
 fn the_gateway_benchmark_compares_both_paths_and_times_the_first_route() {
     let out = berth_bench(
@@ -174,6 +175,8 @@ fn the_gateway_benchmark_compares_both_paths_and_times_the_first_route() {
             "300ms",
             "--route-trials",
             "1",
+            "--backend-delay",
+            "1ms",
         ],
         &[],
     );
@@ -187,14 +190,33 @@ fn the_gateway_benchmark_compares_both_paths_and_times_the_first_route() {
         for path in ["direct", "gateway"] {
             assert!(run[path]["requests_per_s"].as_f64().unwrap() > 0.0, "{doc}");
             assert_eq!(run[path]["errors"], 0, "{doc}");
-            assert!(run[path]["latency_ms"]["p99"].as_f64().is_some(), "{doc}");
+            // Every answer waited for the backend's delay.
+            assert!(run[path]["latency_ms"]["p50"].as_f64().unwrap() >= 1.0, "{doc}");
+            let cpu = &run[path]["cpu_us_per_request"];
+            assert!(cpu["clients"].as_f64().unwrap() > 0.0, "{doc}");
+            assert!(cpu["backend"].as_f64().unwrap() > 0.0, "{doc}");
         }
+        assert!(
+            run["gateway"]["cpu_us_per_request"]["gateway"]
+                .as_f64()
+                .unwrap()
+                > 0.0,
+            "{doc}"
+        );
+        assert_eq!(run["direct"]["cpu_us_per_request"]["gateway"], 0.0, "{doc}");
         assert!(run["throughput_ratio"].as_f64().unwrap() > 0.0, "{doc}");
     }
+    assert_eq!(doc["backend_delay_ms"], 1.0, "{doc}");
     assert_eq!(doc["running_event_to_first_routed_ms"]["n"], 1, "{doc}");
-    let bad = berth_bench(&["gateway", "--concurrency", "0"], &[]);
-    assert!(!bad.status.success());
-    assert!(stderr(&bad).contains("1..=4096"), "{}", stderr(&bad));
+    for (bad, why) in [
+        (&["gateway", "--concurrency", "0"][..], "1..=4096"),
+        (&["gateway", "--backend-delay", "0s"][..], "longer than zero"),
+        (&["gateway", "--backend-delay", "soon"][..], "not a duration"),
+    ] {
+        let out = berth_bench(bad, &[]);
+        assert!(!out.status.success(), "{bad:?}");
+        assert!(stderr(&out).contains(why), "{bad:?}: {}", stderr(&out));
+    }
 }
 
 /// A server setting PostgreSQL does not know, passed through `BERTH_PG_SETTINGS`, stops the
