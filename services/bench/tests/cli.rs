@@ -191,7 +191,10 @@ fn the_gateway_benchmark_compares_both_paths_and_times_the_first_route() {
             assert!(run[path]["requests_per_s"].as_f64().unwrap() > 0.0, "{doc}");
             assert_eq!(run[path]["errors"], 0, "{doc}");
             // Every answer waited for the backend's delay.
-            assert!(run[path]["latency_ms"]["p50"].as_f64().unwrap() >= 1.0, "{doc}");
+            assert!(
+                run[path]["latency_ms"]["p50"].as_f64().unwrap() >= 1.0,
+                "{doc}"
+            );
             let cpu = &run[path]["cpu_us_per_request"];
             assert!(cpu["clients"].as_f64().unwrap() > 0.0, "{doc}");
             assert!(cpu["backend"].as_f64().unwrap() > 0.0, "{doc}");
@@ -210,8 +213,14 @@ fn the_gateway_benchmark_compares_both_paths_and_times_the_first_route() {
     assert_eq!(doc["running_event_to_first_routed_ms"]["n"], 1, "{doc}");
     for (bad, why) in [
         (&["gateway", "--concurrency", "0"][..], "1..=4096"),
-        (&["gateway", "--backend-delay", "0s"][..], "longer than zero"),
-        (&["gateway", "--backend-delay", "soon"][..], "not a duration"),
+        (
+            &["gateway", "--backend-delay", "0s"][..],
+            "longer than zero",
+        ),
+        (
+            &["gateway", "--backend-delay", "soon"][..],
+            "not a duration",
+        ),
     ] {
         let out = berth_bench(bad, &[]);
         assert!(!out.status.success(), "{bad:?}");
