@@ -779,14 +779,44 @@ async fn run<S: ChaosServers>(mut fleet: Fleet<S>, faults: [Fault; 2]) {
     fleet.assert_books_balanced().await;
     procs.assert_all_alive();
 
-    // How long placements paused at each fault: from the fault to the next placement
+    // Automation follows the events: each instance's newest event is its final state. Then,
+    // how long placements paused at each fault: from the fault to the next placement
     // committed (the `scheduled` events' commit times).
+    let events_began = Instant::now();
     let mut placed_at = Vec::new();
     for id in newest.keys() {
-        // A stream whose leader moved may answer a moment later.
-        let history = wait_until("an instance's history", STARTUP, || async {
-            fleet.bus.history(id, 1024).await.ok()
-        })
+        let row = rows.iter().find(|r| &r.id == id).expect("settled row");
+        // A stream whose leader moved may answer a moment later, and the relay may still be
+        // sending the last events.
+        let history = wait_until(
+            "an instance's newest event to be its state",
+            SETTLE,
+            || async {
+                let history = fleet.bus.history(id, 1024).await.ok()?;
+                let last = history.last()?;
+                if last.state.as_str() == row.state && last.version == row.version {
+                    return Some(history);
+                }
+                let events: Vec<String> = history
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "  {} v{} cmd_seq {} worker {:?} at {} ({:?})",
+                            e.state, e.version, e.cmd_seq, e.worker_id, e.at_ms, e.reason
+                        )
+                    })
+                    .collect();
+                procs.note(format!(
+                    "{id}: row {} v{} cmd_seq {} ({:?}); its events:\n{}",
+                    row.state,
+                    row.version,
+                    row.cmd_seq,
+                    row.reason,
+                    events.join("\n")
+                ));
+                None
+            },
+        )
         .await;
         placed_at.extend(
             history
@@ -796,6 +826,10 @@ async fn run<S: ChaosServers>(mut fleet: Fleet<S>, faults: [Fault; 2]) {
         );
     }
     placed_at.sort_unstable();
+    println!(
+        "chaos: every instance's newest event matched its row {:?} after it settled",
+        events_began.elapsed()
+    );
     for (fault, when) in &struck {
         let before = placed_at.iter().rev().find(|&&t| t < *when);
         let after = placed_at.iter().find(|&&t| t >= *when);

@@ -317,14 +317,29 @@ async fn a_database_outage_evicts_nothing() {
 
 /// An assignment its agent never acted on (lost with a NATS node, or never sent because the
 /// command ran out of deliveries first) is sent again while the instance stays `scheduled`,
-/// with the same version, until the agent answers.
+/// with the same version, until the agent answers; of two analyzers, only the one whose lane
+/// holds the worker sends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_assignment_no_agent_answered_is_sent_again() {
     use berth_proto::{AgentMsg, GpuInfo, StatusMsg, status::ReportedState};
     use futures::StreamExt;
 
     let mut fleet = Fleet::start().await;
-    let stats = fleet.add_analyzer(Default::default()).await;
+    let both = [
+        fleet.add_analyzer(Default::default()).await,
+        fleet.add_analyzer(Default::default()).await,
+    ];
+    let peers: Vec<_> = fleet.analyzers.iter().map(|a| a.peers.clone()).collect();
+    wait_until("two lanes", LIMIT, || async {
+        peers.iter().all(|p| p.lane().count() == 2).then_some(())
+    })
+    .await;
+    let mine = peers
+        .iter()
+        .position(|p| p.lane().holds("mute"))
+        .expect("one lane holds the worker");
+    let stats = both[mine].clone();
+    let resent_by_other = || both[1 - mine].assignments_resent.get();
     // A worker with no agent behind it: the test registers it, keeps it alive and reads
     // what is sent to it.
     let bus = fleet.bus.clone();
@@ -386,6 +401,13 @@ async fn an_assignment_no_agent_answered_is_sent_again() {
     assert!(stats.assignments_resent.get() >= 1);
     let still = fleet.wait_state("x", InstanceState::Scheduled, LIMIT).await;
     assert_eq!(still.version, row.version);
+    // Sent on every sweep while nobody answers, and by one analyzer only: the other has
+    // swept several times meanwhile.
+    wait_until("three resends", LIMIT, || async {
+        (stats.assignments_resent.get() >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(resent_by_other(), 0);
 
     fleet
         .bus
@@ -406,5 +428,6 @@ async fn an_assignment_no_agent_answered_is_sent_again() {
         .expect("report");
     fleet.wait_state("x", InstanceState::Running, LIMIT).await;
     beats.abort();
+    assert_eq!(resent_by_other(), 0);
     fleet.assert_books_balanced().await;
 }

@@ -1,6 +1,6 @@
 //! The event relay. Every committed state change is written to the outbox by the transaction
-//! that made it (a trigger on `instances`); this task publishes the outbox to BERTH_EVENTS in
-//! commit order and removes what NATS stored. One analyzer relays at a time (the others find
+//! that made it (a trigger on `instances`); this task publishes the outbox to BERTH_EVENTS,
+//! each instance's events in commit order, and removes what NATS stored. One analyzer relays at a time (the others find
 //! the turn taken), each event carries a `Nats-Msg-Id` so a batch re-sent after a crash is
 //! dropped by the server as a duplicate: no event is lost, none is published twice.
 
@@ -10,7 +10,7 @@ use berth_store::{
     Transition,
     outbox::{OutboxEvent, RelayError, Relayed},
 };
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -111,14 +111,79 @@ async fn drain(ctx: &Ctx) -> bool {
     }
 }
 
-/// Sends every event, then waits for all of JetStream's acks.
+/// Sends the events in waves of at most one event per instance, waiting for every ack of a
+/// wave before the next. Sent all at once, a publish refused while a stream changes leader
+/// could be followed by a later event of the same instance that the new leader stores: the
+/// round's retry would then store the refused one after it, and the instance's newest event
+/// would no longer be its state.
 async fn publish_all(bus: &Bus, events: Vec<OutboxEvent>) -> Result<(), BusError> {
-    let mut acks = Vec::with_capacity(events.len());
-    for e in &events {
-        acks.push(bus.send_event(&e.event, &e.msg_id).await?);
-    }
-    for ack in acks {
-        ack.await?;
+    for wave in waves(&events) {
+        let mut acks = Vec::with_capacity(wave.len());
+        for e in wave {
+            acks.push(bus.send_event(&e.event, &e.msg_id).await?);
+        }
+        for ack in acks {
+            ack.await?;
+        }
     }
     Ok(())
+}
+
+/// `events` (in outbox order) in waves: the k-th wave holds each instance's k-th event.
+fn waves(events: &[OutboxEvent]) -> Vec<Vec<&OutboxEvent>> {
+    let mut next: HashMap<&str, usize> = HashMap::new();
+    let mut waves: Vec<Vec<&OutboxEvent>> = Vec::new();
+    for e in events {
+        let k = next.entry(e.event.instance_id.as_str()).or_insert(0);
+        if waves.len() <= *k {
+            waves.push(Vec::new());
+        }
+        waves[*k].push(e);
+        *k += 1;
+    }
+    waves
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_proto::{CmdSeq, InstanceEvent, InstanceState, Version};
+
+    fn event(id: &str, version: i64) -> OutboxEvent {
+        OutboxEvent {
+            msg_id: format!("{id}:{version}"),
+            event: InstanceEvent {
+                instance_id: id.into(),
+                state: InstanceState::Analyzing,
+                version: Version::new(version),
+                cmd_seq: CmdSeq::new(1),
+                worker_id: None,
+                gpus: Vec::new(),
+                reason: None,
+                endpoint: None,
+                restarts: 0,
+                at_ms: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn each_wave_holds_one_event_per_instance_in_outbox_order() {
+        let events = [
+            event("a", 1),
+            event("b", 1),
+            event("a", 2),
+            event("a", 3),
+            event("c", 1),
+            event("b", 2),
+        ];
+        let ids =
+            |w: &Vec<&OutboxEvent>| -> Vec<String> { w.iter().map(|e| e.msg_id.clone()).collect() };
+        let waves: Vec<Vec<String>> = waves(&events).iter().map(ids).collect();
+        assert_eq!(
+            waves,
+            [vec!["a:1", "b:1", "c:1"], vec!["a:2", "b:2"], vec!["a:3"],]
+        );
+        assert!(super::waves(&[]).is_empty());
+    }
 }

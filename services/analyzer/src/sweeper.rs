@@ -155,19 +155,33 @@ async fn sweep_instances(ctx: &Ctx) -> Result<(), StoreError> {
         .store
         .stuck(&[InstanceState::Scheduled], cfg.stuck_after, BATCH)
         .await?
+        .iter()
+        .filter(|r| in_my_lane(ctx, r))
     {
-        resend_assignment(ctx, &row).await?;
+        resend_assignment(ctx, row).await?;
     }
     for row in ctx
         .store
         .stuck(&[InstanceState::Stopping], cfg.stuck_after, BATCH)
         .await?
+        .iter()
+        .filter(|r| in_my_lane(ctx, r))
     {
         let holders = ctx.store.holders(&row.id).await?;
         // A failure is logged there; the next sweep sends again.
         let _ = ctx.agents.unassign(&row.id, row.version, &holders).await;
     }
     wake_pending(ctx).await
+}
+
+/// Whether this analyzer resends what `row`'s agents have not answered: the one whose lane
+/// holds the instance's (leading) worker, so that one message goes out per sweep rather
+/// than one per analyzer. While the analyzers disagree about the lanes (one joined or went
+/// silent a moment ago), a resend may be doubled or wait for a later sweep.
+fn in_my_lane(ctx: &Ctx, row: &InstanceRow) -> bool {
+    row.worker_id
+        .as_deref()
+        .is_none_or(|w| ctx.peers.lane().holds(w))
 }
 
 /// Sends the assignments of an instance that stays `scheduled` again: its agents never
