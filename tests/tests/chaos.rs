@@ -4,8 +4,9 @@
 //! restarted; on a 3-node NATS cluster and a PostgreSQL primary with a synchronous standby, a
 //! NATS node SIGKILLed (and started again later), then the primary SIGKILLed and the standby
 //! promoted. At the end, within a bound, every instance is in the terminal state of its
-//! newest command, every command JetStream accepted was applied or superseded, and the books
-//! balance; no GPU is overcommitted at any moment. How long placements paused at each fault
+//! newest command, every command JetStream accepted was applied or superseded, each
+//! instance's newest event is its final state, and the books balance; no GPU is
+//! overcommitted at any moment. How long placements paused at each fault
 //! is printed (from the commit times of the `scheduled` events).
 //!
 //! The processes log at `warn` into files that a failure prints the end of; `CHAOS_LOG=info`
