@@ -151,25 +151,22 @@ async fn sweep_instances(ctx: &Ctx) -> Result<(), StoreError> {
     for (id, version) in ctx.store.stranded(BATCH).await? {
         stop_stranded(ctx, &id, version).await;
     }
+    // Agents that have not answered: assignments and unassigns are sent again.
+    let unanswered = [InstanceState::Scheduled, InstanceState::Stopping];
     for row in ctx
         .store
-        .stuck(&[InstanceState::Scheduled], cfg.stuck_after, BATCH)
+        .stuck(&unanswered, cfg.stuck_after, BATCH)
         .await?
         .iter()
         .filter(|r| in_my_lane(ctx, r))
     {
-        resend_assignment(ctx, row).await?;
-    }
-    for row in ctx
-        .store
-        .stuck(&[InstanceState::Stopping], cfg.stuck_after, BATCH)
-        .await?
-        .iter()
-        .filter(|r| in_my_lane(ctx, r))
-    {
-        let holders = ctx.store.holders(&row.id).await?;
-        // A failure is logged there; the next sweep sends again.
-        let _ = ctx.agents.unassign(&row.id, row.version, &holders).await;
+        if row.state == InstanceState::Scheduled.as_str() {
+            resend_assignment(ctx, row).await?;
+        } else {
+            let holders = ctx.store.holders(&row.id).await?;
+            // A failure is logged there; the next sweep sends again.
+            let _ = ctx.agents.unassign(&row.id, row.version, &holders).await;
+        }
     }
     wake_pending(ctx).await
 }
