@@ -145,6 +145,9 @@ async fn commands_keep_flowing_when_the_node_a_client_is_on_dies() {
     let mut config = AnalyzerConfig::new(urls.clone(), db.clone());
     config.ack_wait = Duration::from_secs(2);
     config.sweep_every = Duration::from_millis(250);
+    // An assignment lost while a stream had no leader is sent again after this, not after the
+    // default minute (one run under the full suite's load took 76 s, about that long).
+    config.stuck_after = Duration::from_secs(5);
     let analyzer = Analyzer::start(config, Hooks::default()).await.unwrap();
     let agent = Agent::start_with(
         AgentConfig {
