@@ -786,14 +786,15 @@ async fn run<S: ChaosServers>(mut fleet: Fleet<S>, faults: [Fault; 2]) {
     let events_began = Instant::now();
     let mut placed_at = Vec::new();
     for id in newest.keys() {
-        let row = rows.iter().find(|r| &r.id == id).expect("settled row");
         // A stream whose leader moved may answer a moment later, and the relay may still be
-        // sending the last events.
+        // sending the last events. The row is read again each time: a pending instance may
+        // still be placed, now that the stops have freed room.
         let history = wait_until(
             "an instance's newest event to be its state",
             SETTLE,
             || async {
                 let history = fleet.bus.history(id, 1024).await.ok()?;
+                let row = fleet.store.instance(id).await.ok()??;
                 let last = history.last()?;
                 if last.state.as_str() == row.state && last.version == row.version {
                     return Some(history);

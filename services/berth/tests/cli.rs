@@ -368,7 +368,12 @@ fn start_ps_stop_against_berth_up() {
         stderr(&out),
         tail_lines(&read(&log), 80)
     );
-    assert!(stdout(&out).contains("demo running"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("demo running"),
+        "{}\n--- the fleet's logs, last lines ---\n{}",
+        stdout(&out),
+        tail_lines(&read(&log), 120)
+    );
 
     let out = berth(&["ps"], &env);
     let table = stdout(&out);
