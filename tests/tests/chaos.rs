@@ -418,10 +418,7 @@ async fn settled(
                 }
             }
             Op::Start { vram_gib, gpus } => {
-                let spec = row
-                    .spec
-                    .clone()
-                    .and_then(|s| serde_json::from_value::<StartSpec>(s).ok());
+                let spec = row.start_spec();
                 if spec.as_ref().map(|s| (s.vram_bytes, s.gpus)) != Some((vram_gib * GIB, gpus)) {
                     problems.push(format!(
                         "{id}: spec {spec:?}, newest start wants {vram_gib} GiB x {gpus}"

@@ -107,7 +107,7 @@ async fn three_analyzers_never_overcommit() {
         })
         .collect();
     for r in &pending {
-        let spec: berth_proto::StartSpec = serde_json::from_value(r.spec.clone().unwrap()).unwrap();
+        let spec = r.start_spec().unwrap();
         let req = Request::simple(
             spec.vram_per_gpu(),
             u32::try_from(spec.gpu_count()).unwrap(),

@@ -29,6 +29,14 @@ impl InstanceRow {
     pub fn lifecycle_state(&self) -> Result<InstanceState, crate::StoreError> {
         parse_state(&self.state)
     }
+
+    /// The start spec it was placed for, decoded; `None` for an instance never started or
+    /// a stored spec this version cannot read.
+    pub fn start_spec(&self) -> Option<berth_proto::StartSpec> {
+        self.spec
+            .clone()
+            .and_then(|s| serde_json::from_value(s).ok())
+    }
 }
 
 /// Decodes a stored state.

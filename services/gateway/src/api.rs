@@ -213,10 +213,7 @@ pub async fn get_instance(
         .history(&id, HISTORY)
         .await
         .map_err(|e| ApiError::internal("cannot read the instance's events", &e))?;
-    let spec = row
-        .spec
-        .clone()
-        .and_then(|s| serde_json::from_value::<StartSpec>(s).ok());
+    let spec = row.start_spec();
     Ok(Json(InstanceDetail {
         instance: instance_view(&row, &allocs)?,
         spec,
