@@ -2,8 +2,8 @@
 //! sweep handles what a lost wake-up, a dead analyzer or a silent worker left behind.
 
 use crate::{agent_link::placement_of, context::Ctx};
-use berth_fit::place;
-use berth_proto::{CmdSeq, InstanceState, StartSpec, Version};
+use berth_fit::{Lane, place};
+use berth_proto::{CmdSeq, InstanceState, Version};
 use berth_store::{InstanceRow, StoreError};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -52,10 +52,7 @@ pub async fn wake_pending(ctx: &Ctx) -> Result<(), StoreError> {
     ctx.snapshot.refresh(&ctx.store).await?;
     let mut workers = ctx.snapshot.workers();
     for row in pending {
-        let Some(spec) = row
-            .spec
-            .and_then(|s| serde_json::from_value::<StartSpec>(s).ok())
-        else {
+        let Some(spec) = row.start_spec() else {
             continue;
         };
         let Ok(request) = ctx.profiles.request(&spec).await else {
@@ -153,12 +150,13 @@ async fn sweep_instances(ctx: &Ctx) -> Result<(), StoreError> {
     }
     // Agents that have not answered: assignments and unassigns are sent again.
     let unanswered = [InstanceState::Scheduled, InstanceState::Stopping];
+    let lane = ctx.peers.lane();
     for row in ctx
         .store
         .stuck(&unanswered, cfg.stuck_after, BATCH)
         .await?
         .iter()
-        .filter(|r| in_my_lane(ctx, r))
+        .filter(|r| in_lane(lane, r))
     {
         if row.state == InstanceState::Scheduled.as_str() {
             resend_assignment(ctx, row).await?;
@@ -171,14 +169,12 @@ async fn sweep_instances(ctx: &Ctx) -> Result<(), StoreError> {
     wake_pending(ctx).await
 }
 
-/// Whether this analyzer resends what `row`'s agents have not answered: the one whose lane
-/// holds the instance's (leading) worker, so that one message goes out per sweep rather
-/// than one per analyzer. While the analyzers disagree about the lanes (one joined or went
-/// silent a moment ago), a resend may be doubled or wait for a later sweep.
-fn in_my_lane(ctx: &Ctx, row: &InstanceRow) -> bool {
-    row.worker_id
-        .as_deref()
-        .is_none_or(|w| ctx.peers.lane().holds(w))
+/// Whether the analyzer of `lane` resends what `row`'s agents have not answered: only the
+/// one whose lane holds the instance's (leading) worker does, so that one message goes out
+/// per sweep rather than one per analyzer. While the analyzers disagree about the lanes (one
+/// joined or went silent a moment ago), a resend may be doubled or wait for a later sweep.
+fn in_lane(lane: Lane, row: &InstanceRow) -> bool {
+    row.worker_id.as_deref().is_none_or(|w| lane.holds(w))
 }
 
 /// Sends the assignments of an instance that stays `scheduled` again: its agents never
@@ -186,12 +182,7 @@ fn in_my_lane(ctx: &Ctx, row: &InstanceRow) -> bool {
 /// that ran out of deliveries before the assignment went out). Agents ignore an assignment
 /// of a version they already run, so a duplicate is harmless.
 async fn resend_assignment(ctx: &Ctx, row: &InstanceRow) -> Result<(), StoreError> {
-    let (Some(leader), Some(spec)) = (
-        row.worker_id.as_deref(),
-        row.spec
-            .clone()
-            .and_then(|s| serde_json::from_value::<StartSpec>(s).ok()),
-    ) else {
+    let (Some(leader), Some(spec)) = (row.worker_id.as_deref(), row.start_spec()) else {
         return Ok(());
     };
     let claims = ctx.store.claims(&row.id, row.version).await?;
