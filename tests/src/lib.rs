@@ -105,14 +105,13 @@ impl Fleet {
     /// Like [`Fleet::start`] with NATS enforcing the roles of `auth` (which must list every
     /// worker's agent already); `bus` is then the analyzer role.
     pub async fn start_with(auth: Option<berth_bus::auth::AuthDir>) -> Fleet {
-        init_logs();
         let config = auth.as_ref().map(berth_bus::auth::AuthDir::server_config);
-        let servers =
-            tokio::task::spawn_blocking(move || TestServers::start_with(config.as_deref()))
-                .await
-                .expect("harness task")
-                .expect("start NATS and PostgreSQL (run ops/setup.sh first)");
-        Fleet::on(servers, auth).await
+        Fleet::started(
+            move || TestServers::start_with(config.as_deref()),
+            "NATS and PostgreSQL",
+            auth,
+        )
+        .await
     }
 }
 
@@ -121,12 +120,7 @@ impl Fleet<FailoverServers> {
     /// part of the fleet connects with the pair's two-host URL, so
     /// `servers.pg.kill_primary()` then `servers.pg.promote_standby()` is a failover.
     pub async fn start_failover() -> Fleet<FailoverServers> {
-        init_logs();
-        let servers = tokio::task::spawn_blocking(FailoverServers::start)
-            .await
-            .expect("harness task")
-            .expect("start NATS and a PostgreSQL pair (run ops/setup.sh first)");
-        Fleet::on(servers, None).await
+        Fleet::started(FailoverServers::start, "NATS and a PostgreSQL pair", None).await
     }
 }
 
@@ -134,16 +128,31 @@ impl Fleet<ReplicatedServers> {
     /// Like [`Fleet::start`] on a 3-node NATS cluster (streams with three copies) and a
     /// PostgreSQL primary with a synchronous standby.
     pub async fn start_replicated() -> Fleet<ReplicatedServers> {
-        init_logs();
-        let servers = tokio::task::spawn_blocking(ReplicatedServers::start)
-            .await
-            .expect("harness task")
-            .expect("start a NATS cluster and a PostgreSQL pair (run ops/setup.sh first)");
-        Fleet::on(servers, None).await
+        Fleet::started(
+            ReplicatedServers::start,
+            "a NATS cluster and a PostgreSQL pair",
+            None,
+        )
+        .await
     }
 }
 
 impl<S: Servers> Fleet<S> {
+    /// Starts `what` with `start` (off the async threads: it waits on processes), then
+    /// [`Fleet::on`] them.
+    async fn started<F>(start: F, what: &str, auth: Option<berth_bus::auth::AuthDir>) -> Fleet<S>
+    where
+        F: FnOnce() -> Result<S, berth_harness::HarnessError> + Send + 'static,
+        S: Send + 'static,
+    {
+        init_logs();
+        let servers = tokio::task::spawn_blocking(start)
+            .await
+            .expect("harness task")
+            .unwrap_or_else(|e| panic!("start {what} (run ops/setup.sh first): {e:?}"));
+        Fleet::on(servers, auth).await
+    }
+
     /// The schema and streams in place on `servers`; no analyzer, no agent yet.
     async fn on(servers: S, auth: Option<berth_bus::auth::AuthDir>) -> Fleet<S> {
         let url = servers.database_url();
